@@ -1,0 +1,20 @@
+"""Choosing an implementation: one rule for every kernel's `implementation=` switch."""
+
+from collections.abc import Sequence
+
+import jax
+
+IMPLEMENTATIONS = ("xla", "pallas")
+
+
+def resolve_implementation(implementation: str | None, available: Sequence[str] = IMPLEMENTATIONS) -> str:
+  """Returns the implementation to run.
+
+  None picks "pallas" on a GPU backend when the kernel exists, "xla" elsewhere. An explicit name must be
+  one of `available`.
+  """
+  if implementation is None:
+    return "pallas" if jax.default_backend() == "gpu" and "pallas" in available else "xla"
+  if implementation not in available:
+    raise ValueError(f"implementation={implementation!r} is not available here; allowed: {tuple(available)} or None.")
+  return implementation

@@ -1,0 +1,1 @@
+"""Grouped matrix multiplication for routed MoE experts (rows sorted by expert)."""

@@ -1,0 +1,1 @@
+"""Exact top-k key selection per query row for DeepSeek Sparse Attention."""

@@ -1,0 +1,1 @@
+"""Checkpoint formats: HuggingFace safetensors import/export (Orbax state checkpoints live in training)."""

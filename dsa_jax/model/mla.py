@@ -1,0 +1,148 @@
+"""Multi-head latent attention with the DSA indexer (DeepSeek-V2 section 2.1; V3.2 paper section 2).
+
+Official `MLA.forward` / HF `DeepseekV32Attention`. Two modes compute the same function (spec section 1):
+  * "mha": expand the latent c into per-head k_nope and v with wkv_b; q/k heads are [nope | rope] (192 dims);
+  * "mqa": absorb W_UK into the query (q_nope' = q_nope . W_UK[h], 512 dims) so every token's key is one
+    shared 576-dim entry [c | k_rope] and its value is c; the output is projected by W_UV[h] afterwards.
+Dense attention runs either mode; sparse attention (DSA) runs MQA mode over the indexer's top-k entries,
+gathered by `pallas_kernels.sparse_mla.api` (never a [T, S] mask).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsa_jax.model import rope
+from dsa_jax.model.attention import dense_attention
+from dsa_jax.model.config import IndexerConfig, MLAConfig
+from dsa_jax.model.indexer import Indexer, IndexerInputs, select
+from dsa_jax.model.layers import RMSNorm, param
+from pallas_kernels.sparse_mla import api as sparse_mla_api
+from pallas_kernels.visibility import visible
+
+ATTENTION_KINDS = ("dense", "sparse")
+MLA_MODES = ("mha", "mqa")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+  """Where the tokens of a forward pass sit: positions and document ids of queries and keys, RoPE tables."""
+  q_positions: jax.Array  # [B, T]
+  kv_positions: jax.Array  # [B, S]
+  q_segment_ids: jax.Array  # [B, T]
+  kv_segment_ids: jax.Array  # [B, S]
+  cos: jax.Array  # [B, T, R/2]
+  sin: jax.Array  # [B, T, R/2]
+
+
+jax.tree_util.register_dataclass(
+    TokenLayout, data_fields=["q_positions", "kv_positions", "q_segment_ids", "kv_segment_ids", "cos", "sin"],
+    meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+  """How to run attention: dense or sparse (DSA), MLA mode, kernel implementation."""
+  kind: str = "sparse"
+  mode: str | None = None  # None: "mha" for dense, "mqa" for sparse
+  implementation: str | None = None
+
+  def __post_init__(self):
+    if self.kind not in ATTENTION_KINDS:
+      raise ValueError(f"attention={self.kind!r} is invalid; allowed: {ATTENTION_KINDS}.")
+    if self.mode is not None and self.mode not in MLA_MODES:
+      raise ValueError(f"mla_mode={self.mode!r} is invalid; allowed: {MLA_MODES} or None.")
+    if self.kind == "sparse" and self.mode == "mha":
+      raise ValueError("mla_mode='mha' is invalid with attention='sparse'; allowed: 'mqa' (DSA gathers the "
+                       "shared latent entries).")
+
+  @property
+  def resolved_mode(self) -> str:
+    return self.mode or ("mha" if self.kind == "dense" else "mqa")
+
+
+class MLA(nnx.Module):
+  """MLA parameters (HF names in comments) and the attention of one layer."""
+
+  def __init__(self, cfg: MLAConfig, indexer: IndexerConfig | None, *, hidden: int, softmax_scale: float,
+               rngs: nnx.Rngs, dtype: str, param_dtype: str, std: float, eps: float, indexer_fp8: bool = False):
+    n, c = cfg.num_heads, cfg.kv_lora_rank
+    self.cfg = cfg
+    self.dtype = dtype
+    self.softmax_scale = softmax_scale
+    self.wq_a = param(rngs, (hidden, cfg.q_lora_rank), ("embed", "q_lora"), param_dtype, std)  # q_a_proj
+    self.q_norm = RMSNorm(cfg.q_lora_rank, "q_lora", eps=eps, param_dtype=param_dtype)  # q_a_layernorm
+    self.wq_b = param(rngs, (cfg.q_lora_rank, n, cfg.qk_head_dim), ("q_lora", "heads", "head_dim"), param_dtype,
+                      std)  # q_b_proj
+    self.wkv_a = param(rngs, (hidden, cfg.latent_dim), ("embed", "kv_lora"), param_dtype, std)  # kv_a_proj_with_mqa
+    self.kv_norm = RMSNorm(c, "kv_lora", eps=eps, param_dtype=param_dtype)  # kv_a_layernorm
+    self.wkv_b = param(rngs, (c, n, cfg.qk_nope_head_dim + cfg.v_head_dim), ("kv_lora", "heads", "head_dim"),
+                       param_dtype, std)  # kv_b_proj
+    self.wo = param(rngs, (n, cfg.v_head_dim, hidden), ("heads", "head_dim", "embed"), param_dtype, std)  # o_proj
+    self.indexer = None if indexer is None else Indexer(
+        indexer, hidden=hidden, q_lora_rank=cfg.q_lora_rank, rope_dim=cfg.qk_rope_head_dim, rngs=rngs, dtype=dtype,
+        param_dtype=param_dtype, std=std, fp8_numerics=indexer_fp8)
+    self.topk = None if indexer is None else indexer.topk
+
+  def _w(self, p: nnx.Param) -> jax.Array:
+    return p[...].astype(self.dtype)
+
+  def queries(self, x: jax.Array, layout: TokenLayout) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """-> q_latent [B, T, Cq], q_nope [B, T, N, P], q_rope [B, T, N, R] (RoPE applied)."""
+    q_latent = self.q_norm(jnp.einsum("btd,dc->btc", x, self._w(self.wq_a)))
+    q = jnp.einsum("btc,cnh->btnh", q_latent, self._w(self.wq_b))
+    p = self.cfg.qk_nope_head_dim
+    return q_latent, q[..., :p], rope.apply_interleaved(q[..., p:], layout.cos, layout.sin)
+
+  def latents(self, x: jax.Array, layout: TokenLayout) -> tuple[jax.Array, jax.Array]:
+    """-> c [B, S, C] (normalised latent), k_rope [B, S, R] (RoPE applied); the MQA entry is [c | k_rope]."""
+    kv = jnp.einsum("btd,dc->btc", x, self._w(self.wkv_a))
+    c = self.kv_norm(kv[..., :self.cfg.kv_lora_rank])
+    return c, rope.apply_interleaved(kv[..., self.cfg.kv_lora_rank:], layout.cos, layout.sin)
+
+  def __call__(self, x: jax.Array, layout: TokenLayout, options: AttentionOptions) -> tuple[jax.Array, dict]:
+    """x [B, T, D] (normed) -> (out [B, T, D], aux with "topk_indices" and "indexer" inputs when DSA runs)."""
+    x = x.astype(self.dtype)
+    q_latent, q_nope, q_rope = self.queries(x, layout)
+    c, k_rope = self.latents(x, layout)
+    aux = {}
+    if self.indexer is not None:
+      aux["indexer"] = self.indexer.project(x, q_latent, layout.cos, layout.sin)
+    if options.kind == "sparse":
+      if self.indexer is None:
+        raise ValueError("attention='sparse' needs an indexer, but this model has none (a dense DeepSeek-V3 "
+                         "config); allowed: attention='dense'.")
+      aux["topk_indices"] = select(aux["indexer"], self.topk, q_positions=layout.q_positions,
+                                   kv_positions=layout.kv_positions, q_segment_ids=layout.q_segment_ids,
+                                   kv_segment_ids=layout.kv_segment_ids, implementation=options.implementation)
+    w_uk = self._w(self.wkv_b)[..., :self.cfg.qk_nope_head_dim]  # [C, N, P]
+    w_uv = self._w(self.wkv_b)[..., self.cfg.qk_nope_head_dim:]  # [C, N, V]
+    if options.resolved_mode == "mha":
+      out, lse = self._mha(q_nope, q_rope, c, k_rope, w_uk, w_uv, layout)
+    else:
+      out, lse, aux["mqa"] = self._mqa(q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options, aux)
+    aux["lse"] = lse
+    return jnp.einsum("btnv,nvd->btd", out, self._w(self.wo)), aux
+
+  def _mask(self, layout: TokenLayout) -> jax.Array:
+    return visible(layout.q_positions, layout.kv_positions, layout.q_segment_ids, layout.kv_segment_ids)
+
+  def _mha(self, q_nope, q_rope, c, k_rope, w_uk, w_uv, layout):
+    k_nope = jnp.einsum("bsc,cnp->bsnp", c, w_uk)
+    v = jnp.einsum("bsc,cnv->bsnv", c, w_uv)
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3] + k_rope.shape[-1:])], -1)
+    q = jnp.concatenate([q_nope, q_rope], axis=-1)
+    return dense_attention(q, k, v, self._mask(layout), scale=self.softmax_scale)
+
+  def _mqa(self, q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options, aux):
+    q = jnp.concatenate([jnp.einsum("btnp,cnp->btnc", q_nope, w_uk), q_rope], axis=-1)  # [B, T, N, C + R]
+    kv = jnp.concatenate([c, k_rope], axis=-1)  # [B, S, C + R]
+    c_dim = self.cfg.kv_lora_rank
+    if options.kind == "sparse":
+      out_latent, lse = sparse_mla_api.sparse_mla(q, kv, aux["topk_indices"], scale=self.softmax_scale, v_dim=c_dim,
+                                                  implementation=options.implementation)
+    else:
+      out_latent, lse = dense_attention(q, kv, c, self._mask(layout), scale=self.softmax_scale)
+    return jnp.einsum("btnc,cnv->btnv", out_latent, w_uv), lse, {"q": q, "kv": kv}

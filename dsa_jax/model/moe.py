@@ -1,0 +1,90 @@
+"""DeepSeekMoE with sigmoid routing (DeepSeek-V3 paper section 2.1.2; official `Gate` and `MoE`, HF
+`DeepseekV32TopkRouter`).
+
+Routing: s = sigmoid(x . W_gate) in float32; selection uses s + e_score_correction_bias (the
+aux-loss-free balancing bias), restricted to the `topk_groups` groups with the largest sum of their two
+best biased scores; gates are the UNBIASED scores of the chosen experts, normalised to sum 1 and multiplied
+by the routed scaling factor. Shared experts see every token.
+
+Keep Routing (V3.2 paper section 3.1): `forced_experts` replays recorded choices verbatim; gates are
+still computed from the live scores so the router keeps its gradient.
+Experts run dropless: assignments sorted by expert, then a grouped matmul
+(`pallas_kernels.moe_gmm.api`).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsa_jax.model.config import MoEConfig
+from dsa_jax.model.layers import MLP, RouterBias, param
+from pallas_kernels.moe_gmm import api as gmm_api
+
+
+def route(scores: jax.Array, bias: jax.Array, cfg: MoEConfig) -> jax.Array:
+  """scores [M, E] (sigmoid), bias [E] -> chosen experts [M, k] (group-limited top-k of scores + bias)."""
+  m, e = scores.shape
+  biased = scores + bias
+  grouped = biased.reshape(m, cfg.num_groups, e // cfg.num_groups)
+  best_two = jax.lax.top_k(grouped, min(2, e // cfg.num_groups))[0].sum(-1)  # [M, G]
+  _, top_groups = jax.lax.top_k(best_two, cfg.topk_groups)
+  group_mask = jnp.zeros((m, cfg.num_groups), bool).at[jnp.arange(m)[:, None], top_groups].set(True)
+  allowed = jnp.repeat(group_mask, e // cfg.num_groups, axis=1)
+  _, experts = jax.lax.top_k(jnp.where(allowed, biased, -jnp.inf), cfg.experts_per_token)
+  return experts.astype(jnp.int32)
+
+
+def gates(scores: jax.Array, experts: jax.Array, cfg: MoEConfig) -> jax.Array:
+  """Unbiased scores of the chosen experts, normalised and scaled -> [M, k] float32."""
+  chosen = jnp.take_along_axis(scores, experts, axis=-1)
+  if cfg.norm_topk_prob:
+    chosen = chosen / (chosen.sum(-1, keepdims=True) + 1e-20)
+  return chosen * cfg.routed_scaling_factor
+
+
+class MoE(nnx.Module):
+  """Routed experts stacked as [E, D, F] / [E, F, D], a float32 router, shared experts."""
+
+  def __init__(self, cfg: MoEConfig, *, hidden: int, rngs: nnx.Rngs, dtype: str, param_dtype: str, std: float):
+    e, f = cfg.num_experts, cfg.expert_hidden
+    self.cfg = cfg
+    self.dtype = dtype
+    self.router = param(rngs, (hidden, e), ("embed", "experts"), "float32", std)  # gate.weight
+    self.bias = RouterBias(jnp.zeros((e,), jnp.float32), logical_axes=("experts",))  # e_score_correction_bias
+    self.w_gate = param(rngs, (e, hidden, f), ("experts", "embed", "expert_mlp"), param_dtype, std)
+    self.w_up = param(rngs, (e, hidden, f), ("experts", "embed", "expert_mlp"), param_dtype, std)
+    self.w_down = param(rngs, (e, f, hidden), ("experts", "expert_mlp", "embed"), param_dtype, std)
+    self.shared = None if cfg.num_shared_experts == 0 else MLP(
+        hidden, f * cfg.num_shared_experts, rngs=rngs, dtype=dtype, param_dtype=param_dtype, std=std)
+
+  def __call__(self, x: jax.Array, forced_experts: jax.Array | None = None,
+               implementation: str | None = None) -> tuple[jax.Array, dict]:
+    """x [B, T, D] -> (y [B, T, D], aux {"experts" [B, T, k], "scores" [B, T, E]})."""
+    b, t, d = x.shape
+    tokens = x.reshape(b * t, d)
+    scores = jax.nn.sigmoid(jnp.einsum("md,de->me", tokens.astype(jnp.float32), self.router[...]))
+    if forced_experts is None:
+      experts = route(scores, self.bias[...], self.cfg)
+    else:
+      experts = forced_experts.reshape(b * t, -1).astype(jnp.int32)
+    weights = gates(scores, experts, self.cfg)
+    y = self._experts(tokens.astype(self.dtype), experts, weights, implementation).reshape(b, t, d)
+    if self.shared is not None:
+      y = y + self.shared(x)
+    aux = {"experts": experts.reshape(b, t, -1), "scores": scores.reshape(b, t, -1)}
+    return y.astype(x.dtype), aux
+
+  def _experts(self, tokens: jax.Array, experts: jax.Array, weights: jax.Array, implementation: str | None):
+    """Dropless dispatch: sort the M*k assignments by expert, grouped matmuls, weighted scatter-add back."""
+    m, k = experts.shape
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token_of = order // k
+    group_sizes = jnp.bincount(flat, length=self.cfg.num_experts).astype(jnp.int32)
+    xs = tokens[token_of]
+    w = lambda p: p[...].astype(self.dtype)
+    gate = gmm_api.grouped_matmul(xs, w(self.w_gate), group_sizes, implementation=implementation)
+    up = gmm_api.grouped_matmul(xs, w(self.w_up), group_sizes, implementation=implementation)
+    out = gmm_api.grouped_matmul(jax.nn.silu(gate) * up, w(self.w_down), group_sizes, implementation=implementation)
+    out = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((m, tokens.shape[-1]), jnp.float32).at[token_of].add(out)

@@ -1,0 +1,126 @@
+"""The DeepSeek-V3.2 transformer: embedding, decoder blocks, final norm, LM head, and the MTP module.
+
+Official `Transformer` / HF `DeepseekV32ForCausalLM`. Block i: x += MLA(RMSNorm(x)); x += FFN(RMSNorm(x)),
+with a dense SwiGLU FFN for the first `first_k_dense` blocks and DeepSeekMoE after.
+MTP (DeepSeek-V3 paper section 2.2, depth 1, checkpoint layer 61): h' = eh_proj([enorm(Emb(t_{i+1})) ;
+hnorm(h_i)]), one more block, shared_head norm, and the shared LM head: position i predicts token i+2.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsa_jax.model import rope
+from dsa_jax.model.config import ModelConfig
+from dsa_jax.model.layers import MLP, RMSNorm, param
+from dsa_jax.model.mla import MLA, AttentionOptions, TokenLayout
+from dsa_jax.model.moe import MoE
+
+INIT_STD = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOutput:
+  """Logits and per-layer intermediates of one forward pass."""
+  logits: jax.Array  # [B, T, V] float32
+  hidden_states: tuple[jax.Array, ...]  # per layer [B, T, D], before the final norm
+  layer_aux: tuple[dict, ...]  # per layer: "topk_indices", "indexer", "lse", "experts", "scores", ...
+  mtp_logits: jax.Array | None = None  # [B, T, V]: position i predicts token i + 2
+
+
+jax.tree_util.register_dataclass(ModelOutput, data_fields=["logits", "hidden_states", "layer_aux", "mtp_logits"],
+                                 meta_fields=[])
+
+
+class Block(nnx.Module):
+  """One decoder layer."""
+
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, indexer_fp8: bool = False):
+    d, pdt = cfg.hidden_size, cfg.param_dtype
+    self.attn_norm = RMSNorm(d, "embed", eps=cfg.rms_norm_eps, param_dtype=pdt)
+    self.attn = MLA(cfg.mla, cfg.indexer, hidden=d, softmax_scale=cfg.softmax_scale, rngs=rngs, dtype=cfg.dtype,
+                    param_dtype=pdt, std=INIT_STD, eps=cfg.rms_norm_eps, indexer_fp8=indexer_fp8)
+    self.ffn_norm = RMSNorm(d, "embed", eps=cfg.rms_norm_eps, param_dtype=pdt)
+    if cfg.is_moe_layer(layer):
+      self.ffn = MoE(cfg.moe, hidden=d, rngs=rngs, dtype=cfg.dtype, param_dtype=pdt, std=INIT_STD)
+    else:
+      self.ffn = MLP(d, cfg.dense_hidden, rngs=rngs, dtype=cfg.dtype, param_dtype=pdt, std=INIT_STD)
+
+  def __call__(self, x: jax.Array, layout: TokenLayout, options: AttentionOptions,
+               forced_experts: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    attn_out, aux = self.attn(self.attn_norm(x), layout, options)
+    x = x + attn_out.astype(x.dtype)
+    if isinstance(self.ffn, MoE):
+      ffn_out, moe_aux = self.ffn(self.ffn_norm(x), forced_experts, implementation=options.implementation)
+      aux.update(moe_aux)
+    else:
+      ffn_out = self.ffn(self.ffn_norm(x))
+    return x + ffn_out.astype(x.dtype), aux
+
+
+class MTP(nnx.Module):
+  """Multi-token prediction module of depth 1 (checkpoint `model.layers.{num_layers}`)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, indexer_fp8: bool = False):
+    d, pdt = cfg.hidden_size, cfg.param_dtype
+    self.enorm = RMSNorm(d, "embed", eps=cfg.rms_norm_eps, param_dtype=pdt)
+    self.hnorm = RMSNorm(d, "embed", eps=cfg.rms_norm_eps, param_dtype=pdt)
+    self.eh_proj = param(rngs, (2 * d, d), ("embed2", "embed"), pdt, INIT_STD)
+    self.block = Block(cfg, cfg.num_layers, rngs=rngs, indexer_fp8=indexer_fp8)
+    self.head_norm = RMSNorm(d, "embed", eps=cfg.rms_norm_eps, param_dtype=pdt)  # shared_head.norm
+    self.dtype = cfg.dtype
+
+  def __call__(self, hidden: jax.Array, next_embeds: jax.Array, layout: TokenLayout,
+               options: AttentionOptions) -> tuple[jax.Array, dict]:
+    joined = jnp.concatenate([self.enorm(next_embeds), self.hnorm(hidden)], axis=-1).astype(self.dtype)
+    x = jnp.einsum("bte,ed->btd", joined, self.eh_proj[...].astype(self.dtype))
+    x, aux = self.block(x, layout, options)
+    return self.head_norm(x), aux
+
+
+class DeepseekV32(nnx.Module):
+  """The causal LM. Call it on token ids; see `dsa_jax.model.functional` for the pure-function form."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, indexer_fp8: bool = False):
+    d, pdt = cfg.hidden_size, cfg.param_dtype
+    self.cfg = cfg
+    self.embed = param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), pdt, INIT_STD)
+    self.layers = nnx.List([Block(cfg, i, rngs=rngs, indexer_fp8=indexer_fp8) for i in range(cfg.num_layers)])
+    self.norm = RMSNorm(d, "embed", eps=cfg.rms_norm_eps, param_dtype=pdt)
+    self.lm_head = param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), pdt, INIT_STD)
+    self.mtp = MTP(cfg, rngs=rngs, indexer_fp8=indexer_fp8) if cfg.num_mtp_layers else None
+
+  def layout(self, positions: jax.Array, segment_ids: jax.Array) -> TokenLayout:
+    cos, sin = rope.rope_tables(self.cfg.rope, self.cfg.mla.qk_rope_head_dim, positions)
+    return TokenLayout(positions, positions, segment_ids, segment_ids, cos, sin)
+
+  def logits(self, normed: jax.Array) -> jax.Array:
+    dt = self.cfg.dtype
+    return jnp.einsum("btd,dv->btv", normed.astype(dt), self.lm_head[...].astype(dt),
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, options: AttentionOptions = AttentionOptions(),
+               forced_experts: dict[int, jax.Array] | None = None, with_mtp: bool = False) -> ModelOutput:
+    """input_ids [B, T] -> ModelOutput. forced_experts maps a MoE layer index to its [B, T, k] choices."""
+    b, t = input_ids.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if positions is None else positions
+    segment_ids = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
+    layout = self.layout(positions, segment_ids)
+    x = self.embed[...].astype(self.cfg.dtype)[input_ids]
+    hidden, aux = [], []
+    forced_experts = forced_experts or {}
+    for i, block in enumerate(self.layers):
+      x, layer_aux = block(x, layout, options, forced_experts.get(i))
+      hidden.append(x)
+      aux.append(layer_aux)
+    mtp_logits = None
+    if with_mtp:
+      if self.mtp is None:
+        raise ValueError("with_mtp=True needs num_mtp_layers=1; this config has num_mtp_layers=0.")
+      next_ids = jnp.concatenate([input_ids[:, 1:], input_ids[:, -1:]], axis=1)
+      mtp_hidden, _ = self.mtp(x, self.embed[...].astype(self.cfg.dtype)[next_ids], layout, options)
+      mtp_logits = self.logits(mtp_hidden)
+    return ModelOutput(self.logits(self.norm(x)), tuple(hidden), tuple(aux), mtp_logits)

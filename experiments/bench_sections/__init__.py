@@ -1,0 +1,1 @@
+"""Sections of `experiments/bench_kernels.py`: each module exposes `run(flags_dict) -> list[dict]`."""

@@ -36,8 +36,9 @@ def quantize_e4m3(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
     raise ValueError(f"quantisation block={block} is invalid for last dim {h}; allowed: a divisor of {h}.")
   blocks = x.astype(jnp.float32).reshape(x.shape[:-1] + (h // block, block))
   amax = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-1), AMAX_FLOOR)
-  scale = jnp.exp2(jnp.ceil(jnp.log2(amax / E4M3_MAX)))
-  values = (blocks / scale[..., None]).astype(jnp.float8_e4m3fn)
+  exponent = jnp.ceil(jnp.log2(amax / E4M3_MAX)).astype(jnp.int32)
+  scale = jnp.ldexp(jnp.ones_like(amax), exponent)  # exactly 2^exponent (exp2 may be off by an ulp)
+  values = jnp.clip(blocks / scale[..., None], -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
   return values.reshape(x.shape), scale
 
 

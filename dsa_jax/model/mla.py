@@ -67,17 +67,18 @@ class MLA(nnx.Module):
   """MLA parameters (HF names in comments) and the attention of one layer."""
 
   def __init__(self, cfg: MLAConfig, indexer: IndexerConfig | None, *, hidden: int, softmax_scale: float,
-               rngs: nnx.Rngs, dtype: str, param_dtype: str, std: float, eps: float, indexer_fp8: bool = False):
+               rngs: nnx.Rngs, dtype: str, param_dtype: str, std: float, indexer_fp8: bool = False):
     n, c = cfg.num_heads, cfg.kv_lora_rank
     self.cfg = cfg
     self.dtype = dtype
     self.softmax_scale = softmax_scale
     self.wq_a = param(rngs, (hidden, cfg.q_lora_rank), ("embed", "q_lora"), param_dtype, std)  # q_a_proj
-    self.q_norm = RMSNorm(cfg.q_lora_rank, "q_lora", eps=eps, param_dtype=param_dtype)  # q_a_layernorm
+    # q/kv latent norms use eps 1e-6 whatever the config says (official `MLA.__init__`, HF q_a_layernorm).
+    self.q_norm = RMSNorm(cfg.q_lora_rank, "q_lora", eps=1e-6, param_dtype=param_dtype)  # q_a_layernorm
     self.wq_b = param(rngs, (cfg.q_lora_rank, n, cfg.qk_head_dim), ("q_lora", "heads", "head_dim"), param_dtype,
                       std)  # q_b_proj
     self.wkv_a = param(rngs, (hidden, cfg.latent_dim), ("embed", "kv_lora"), param_dtype, std)  # kv_a_proj_with_mqa
-    self.kv_norm = RMSNorm(c, "kv_lora", eps=eps, param_dtype=param_dtype)  # kv_a_layernorm
+    self.kv_norm = RMSNorm(c, "kv_lora", eps=1e-6, param_dtype=param_dtype)  # kv_a_layernorm
     self.wkv_b = param(rngs, (c, n, cfg.qk_nope_head_dim + cfg.v_head_dim), ("kv_lora", "heads", "head_dim"),
                        param_dtype, std)  # kv_b_proj
     self.wo = param(rngs, (n, cfg.v_head_dim, hidden), ("heads", "head_dim", "embed"), param_dtype, std)  # o_proj

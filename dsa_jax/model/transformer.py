@@ -41,7 +41,7 @@ class Block(nnx.Module):
     d, pdt = cfg.hidden_size, cfg.param_dtype
     self.attn_norm = RMSNorm(d, "embed", eps=cfg.rms_norm_eps, param_dtype=pdt)
     self.attn = MLA(cfg.mla, cfg.indexer, hidden=d, softmax_scale=cfg.softmax_scale, rngs=rngs, dtype=cfg.dtype,
-                    param_dtype=pdt, std=INIT_STD, eps=cfg.rms_norm_eps, indexer_fp8=indexer_fp8)
+                    param_dtype=pdt, std=INIT_STD, indexer_fp8=indexer_fp8)
     self.ffn_norm = RMSNorm(d, "embed", eps=cfg.rms_norm_eps, param_dtype=pdt)
     if cfg.is_moe_layer(layer):
       self.ffn = MoE(cfg.moe, hidden=d, rngs=rngs, dtype=cfg.dtype, param_dtype=pdt, std=INIT_STD)

@@ -1,0 +1,171 @@
+"""Tokenizers: a byte-level one with DeepSeek-V3.2 special tokens, and a wrapper for HF `tokenizer.json`.
+
+The special strings are those of DeepSeek-V3.2's chat format (`encoding_dsv32.py` in the DeepSeek-V3.2
+release; spec §4). `ByteTokenizer` maps UTF-8 bytes to ids 0..255 and every special string to one id after
+the bytes; text is split on special strings first, so `encode(a + b) == encode(a) + encode(b)` whenever no
+special string straddles the boundary. It is the tokenizer of the tests, the agent study and the training
+data pipeline. `HFTokenizer` wraps a HuggingFace `tokenizer.json` (for example DeepSeek-V3.2's own) through
+the `tokenizers` library.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from typing import Protocol, Sequence
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+PAD = "<｜▁pad▁｜>"
+DSML = "｜DSML｜"
+FUNCTION_CALLS_OPEN = f"<{DSML}function_calls>"
+FUNCTION_CALLS_CLOSE = f"</{DSML}function_calls>"
+INVOKE_OPEN = f"<{DSML}invoke"
+INVOKE_CLOSE = f"</{DSML}invoke>"
+PARAMETER_OPEN = f"<{DSML}parameter"
+PARAMETER_CLOSE = f"</{DSML}parameter>"
+
+DEEPSEEK_V32_SPECIAL_TOKENS: tuple[str, ...] = (
+    BOS, EOS, USER, ASSISTANT, THINK_START, THINK_END,
+    FUNCTION_CALLS_OPEN, FUNCTION_CALLS_CLOSE, INVOKE_OPEN, INVOKE_CLOSE, PARAMETER_OPEN, PARAMETER_CLOSE,
+    PAD,
+)
+
+
+class Tokenizer(Protocol):
+  """What the data pipeline and the agent need from a tokenizer."""
+
+  @property
+  def vocab_size(self) -> int: ...
+
+  @property
+  def bos_id(self) -> int: ...
+
+  @property
+  def eos_id(self) -> int: ...
+
+  @property
+  def pad_id(self) -> int: ...
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`; special strings inside it become their single ids. Adds no BOS."""
+    ...
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of `ids`, special tokens written out."""
+    ...
+
+  def token_id(self, special: str) -> int:
+    """The id of one special string."""
+    ...
+
+
+class ByteTokenizer:
+  """UTF-8 bytes are ids 0..255; `special_tokens[i]` is id 256 + i."""
+
+  def __init__(self, special_tokens: Sequence[str] = DEEPSEEK_V32_SPECIAL_TOKENS,
+               bos: str = BOS, eos: str = EOS, pad: str = PAD):
+    if len(set(special_tokens)) != len(special_tokens) or "" in special_tokens:
+      raise ValueError(f"special_tokens must be distinct and non-empty, got {list(special_tokens)}")
+    self._specials = tuple(special_tokens)
+    self._special_ids = {s: 256 + i for i, s in enumerate(self._specials)}
+    # Longest first, so a special string that contains another wins.
+    alternation = "|".join(re.escape(s) for s in sorted(self._specials, key=len, reverse=True))
+    self._split = re.compile(f"({alternation})")
+    self._bos, self._eos, self._pad = self.token_id(bos), self.token_id(eos), self.token_id(pad)
+
+  @property
+  def vocab_size(self) -> int:
+    return 256 + len(self._specials)
+
+  @property
+  def bos_id(self) -> int:
+    return self._bos
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad
+
+  @property
+  def special_tokens(self) -> tuple[str, ...]:
+    return self._specials
+
+  def token_id(self, special: str) -> int:
+    if special not in self._special_ids:
+      raise ValueError(f"special={special!r} is not a special token; allowed: {list(self._specials)}")
+    return self._special_ids[special]
+
+  def encode(self, text: str) -> list[int]:
+    ids: list[int] = []
+    for piece in self._split.split(text):
+      if piece in self._special_ids:
+        ids.append(self._special_ids[piece])
+      else:
+        ids.extend(piece.encode("utf-8"))
+    return ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    pieces: list[str] = []
+    pending = bytearray()
+    for i in ids:
+      i = int(i)
+      if 0 <= i < 256:
+        pending.append(i)
+        continue
+      if not 256 <= i < self.vocab_size:
+        raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+      pieces.append(pending.decode("utf-8", errors="replace"))
+      pending.clear()
+      pieces.append(self._specials[i - 256])
+    pieces.append(pending.decode("utf-8", errors="replace"))
+    return "".join(pieces)
+
+
+class HFTokenizer:
+  """A HuggingFace `tokenizer.json` behind the `Tokenizer` protocol.
+
+  `encode` adds no template tokens (the chat format writes BOS itself) and `decode` keeps special tokens,
+  so that the agent can parse them.
+  """
+
+  def __init__(self, path: str | pathlib.Path, bos: str = BOS, eos: str = EOS, pad: str = PAD):
+    import tokenizers  # Imported here: only this class needs the library.
+
+    self._tok = tokenizers.Tokenizer.from_file(str(path))
+    self._bos, self._eos, self._pad = self.token_id(bos), self.token_id(eos), self.token_id(pad)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def bos_id(self) -> int:
+    return self._bos
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad
+
+  def token_id(self, special: str) -> int:
+    i = self._tok.token_to_id(special)
+    if i is None:
+      raise ValueError(f"special={special!r} is not in the tokenizer's vocabulary")
+    return i
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -1,0 +1,99 @@
+"""Functional identities of the model: MHA = MQA, DSA = dense while T <= top-k, documents stay apart,
+Keep Routing replays choices verbatim."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import dsa_jax
+from dsa_jax.model import config, functional
+
+
+def tiny(**changes):
+  return config.tiny().replace(**changes)
+
+
+class EquivalenceTest(chex.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.cfg = tiny()
+    self.params = functional.init(self.cfg, seed=int(np.random.randint(1 << 30)))
+    self.ids = jnp.asarray(np.random.randint(0, self.cfg.vocab_size, (2, 20)))
+
+  def test_mha_equals_mqa(self):
+    mha = functional.apply(self.cfg, self.params, self.ids, attention="dense", mla_mode="mha")
+    mqa = functional.apply(self.cfg, self.params, self.ids, attention="dense", mla_mode="mqa")
+    chex.assert_trees_all_close(mha.logits, mqa.logits, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(mha.hidden_states, mqa.hidden_states, atol=1e-5, rtol=1e-5)
+
+  def test_dsa_equals_dense_when_t_le_topk(self):
+    cfg = tiny(indexer=config.IndexerConfig(num_heads=16, head_dim=16, topk=20))
+    params = functional.init(cfg, seed=1)
+    sparse = functional.forward(cfg, params, self.ids, attention="sparse")
+    dense = functional.forward(cfg, params, self.ids, attention="dense")
+    chex.assert_trees_all_close(sparse, dense, atol=1e-5, rtol=1e-5)
+
+  def test_dsa_differs_from_dense_beyond_topk(self):
+    sparse = functional.forward(self.cfg, self.params, self.ids, attention="sparse")
+    dense = functional.forward(self.cfg, self.params, self.ids, attention="dense")
+    topk = self.cfg.indexer.topk
+    chex.assert_trees_all_close(sparse[:, :topk], dense[:, :topk], atol=1e-5, rtol=1e-5)
+    self.assertGreater(float(jnp.abs(sparse[:, topk:] - dense[:, topk:]).max()), 1e-4)
+
+  def test_topk_is_causal_and_sized(self):
+    out = functional.apply(self.cfg, self.params, self.ids)
+    idx = np.asarray(out.layer_aux[0]["topk_indices"])
+    chex.assert_shape(idx, (2, 20, self.cfg.indexer.topk))
+    t = np.arange(20)[None, :, None]
+    self.assertTrue(np.all(idx < np.minimum(t + 1, 20)))
+    self.assertTrue(np.all((idx >= 0).sum(-1) == np.minimum(np.arange(20) + 1, self.cfg.indexer.topk)))
+
+  def test_packed_documents_equal_separate_runs(self):
+    for attention in ("dense", "sparse"):
+      ids = self.ids[:1]
+      split = 12
+      segment_ids = jnp.asarray([[0] * split + [1] * (20 - split)])
+      positions = jnp.asarray([list(range(split)) + list(range(20 - split))])
+      packed = functional.forward(self.cfg, self.params, ids, attention=attention, positions=positions,
+                                  segment_ids=segment_ids)
+      first = functional.forward(self.cfg, self.params, ids[:, :split], attention=attention)
+      second = functional.forward(self.cfg, self.params, ids[:, split:], attention=attention)
+      chex.assert_trees_all_close(packed, jnp.concatenate([first, second], axis=1), atol=1e-5, rtol=1e-5)
+
+  def test_keep_routing_replays_choices(self):
+    out = functional.apply(self.cfg, self.params, self.ids)
+    recorded = {i: aux["experts"] for i, aux in enumerate(out.layer_aux) if "experts" in aux}
+    self.assertTrue(recorded)
+    replayed = functional.apply(self.cfg, self.params, self.ids, forced_experts=recorded)
+    chex.assert_trees_all_close(replayed.logits, out.logits, atol=0, rtol=0)
+    layer = min(recorded)
+    other = {layer: (recorded[layer] + 1) % self.cfg.moe.num_experts}
+    forced = functional.apply(self.cfg, self.params, self.ids, forced_experts=other)
+    np.testing.assert_array_equal(forced.layer_aux[layer]["experts"], other[layer])
+    self.assertGreater(float(jnp.abs(forced.logits - out.logits).max()), 1e-4)
+
+    def loss(router):
+      params = jax.tree.map(lambda x: x, self.params)
+      params["layers"][layer]["ffn"]["router"].set_value(router)
+      return functional.forward(self.cfg, params, self.ids, forced_experts=other).sum()
+
+    grad = jax.grad(loss)(self.params["layers"][layer]["ffn"]["router"].get_value())
+    self.assertGreater(float(jnp.abs(grad).max()), 0.0)
+
+  def test_sparse_attention_needs_indexer(self):
+    cfg = tiny(indexer=None)
+    params = functional.init(cfg)
+    functional.forward(cfg, params, self.ids, attention="dense")
+    with self.assertRaisesRegex(ValueError, "attention='sparse' needs an indexer"):
+      functional.forward(cfg, params, self.ids, attention="sparse")
+
+  def test_mtp_logits(self):
+    out = functional.apply(self.cfg, self.params, self.ids, with_mtp=True)
+    chex.assert_shape(out.mtp_logits, (2, 20, self.cfg.vocab_size))
+    chex.assert_tree_all_finite(out.mtp_logits)
+
+  def test_bad_attention_kind(self):
+    with self.assertRaisesRegex(ValueError, r"attention='full' is invalid; allowed: \('dense', 'sparse'\)"):
+      dsa_jax.forward(self.cfg, self.params, self.ids, attention="full")

@@ -110,7 +110,10 @@ class MLA(nnx.Module):
     c, k_rope = self.latents(x, layout)
     aux = {}
     if self.indexer is not None:
-      aux["indexer"] = self.indexer.project(x, q_latent, layout.cos, layout.sin)
+      # The indexer's input is detached (paper section 2.1.1): it learns only from its KL loss, and that loss
+      # never reaches the main model. Its discrete selection gives the LM loss no path into the indexer.
+      aux["indexer"] = self.indexer.project(jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent),
+                                            layout.cos, layout.sin)
     if options.kind == "sparse":
       if self.indexer is None:
         raise ValueError("attention='sparse' needs an indexer, but this model has none (a dense DeepSeek-V3 "

@@ -1,0 +1,117 @@
+"""Indexer KL losses (DeepSeek-V3.2 paper section 2.1) without materialising [T, S] or [N, T, S].
+
+    dense_kl(attn_q [B, T, N, C], attn_k [B, S, C], attn_lse [B, T, N], attn_scale,
+             idx_q [B, T, I, H], idx_k [B, S, H], idx_w [B, T, I],
+             *, q_positions, kv_positions, q_segment_ids, kv_segment_ids, t_chunk, s_chunk) -> KL [B, T]
+    sparse_kl(... same ..., indices [B, T, K], *, ..., t_chunk) -> KL [B, T]
+
+attn_q / attn_k are the main attention's scaled-dot-product operands in MQA form (absorbed query, the
+576-dim latent key [c | k_rope] shared by all heads), attn_lse its natural-log logsumexp of
+attn_scale * q.k per head. They are a stop-gradient target: gradients reach only idx_q, idx_k, idx_w
+(spec section 2: the indexer learns only from its KL). Semantics are `reference.py`'s.
+
+Implementation ("xla", the first one; a Pallas version is future work): a loop over query chunks; the dense
+loss folds key chunks with an online logsumexp of the indexer scores and running sums of the target mass
+z = sum p, a = sum p I and c = sum p log p, so KL = c/z - log z - a/z + logsumexp(I). Each chunk is
+`jax.checkpoint`ed, so the backward pass recomputes a chunk instead of storing it: memory is
+O(t_chunk * N * s_chunk) plus O(T * S / s_chunk) floats of loop carries.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.dispatch import resolve_implementation
+from pallas_kernels.indexer_kl import reference
+
+AVAILABLE = ("xla",)
+_PAD_POSITION = jnp.iinfo(jnp.int32).max  # padded keys are later than every query
+
+
+def _pad_chunks(x: jax.Array, chunk: int, value=0) -> jax.Array:
+  """[B, L, ...] -> [L_pad // chunk, B, chunk, ...] (chunk-major, for lax.map / lax.scan)."""
+  pad = -x.shape[1] % chunk
+  x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+  return jnp.moveaxis(x.reshape(x.shape[0], -1, chunk, *x.shape[2:]), 1, 0)
+
+
+def _unchunk(x: jax.Array, length: int) -> jax.Array:
+  return jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1)[:, :length]
+
+
+def _chunk_scores(q_chunk, k_chunk, attn_scale, idx_q, idx_k, idx_w):
+  """Attention logits [B, t, N, s] and indexer scores [B, t, s] of one (query, key) chunk pair."""
+  attn_logits = jnp.einsum("btnc,bsc->btns", q_chunk, k_chunk, preferred_element_type=jnp.float32) * attn_scale
+  logits = jnp.einsum("btih,bsh->btis", idx_q, idx_k, preferred_element_type=jnp.float32)
+  return attn_logits, jnp.einsum("btis,bti->bts", jax.nn.relu(logits), idx_w.astype(jnp.float32))
+
+
+def _dense_query_chunk(args, *, attn_scale, kv_chunks):
+  attn_q, attn_lse, idx_q, idx_w, q_pos, q_seg = args
+  batch, rows = q_pos.shape
+
+  @jax.checkpoint
+  def fold(carry, kv):
+    m, l, z, a, c = carry
+    attn_k, idx_k, kv_pos, kv_seg = kv
+    attn_logits, scores = _chunk_scores(attn_q, attn_k, attn_scale, idx_q, idx_k, idx_w)
+    keep = (kv_pos[:, None, :] <= q_pos[:, :, None]) & (kv_seg[:, None, :] == q_seg[:, :, None])
+    probs = jnp.where(keep, jnp.exp(attn_logits - attn_lse[..., None]).sum(axis=2), 0.0)
+    m_new = jnp.maximum(m, jnp.where(keep, scores, -jnp.inf).max(axis=-1))
+    m_ref = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    l = l * jnp.exp(jnp.where(jnp.isfinite(m), m - m_ref, -jnp.inf)) + jnp.where(
+        keep, jnp.exp(jnp.where(keep, scores, 0.0) - m_ref[..., None]), 0.0).sum(axis=-1)
+    log_probs = jnp.log(jnp.where(probs > 0, probs, 1.0))
+    z = z + probs.sum(axis=-1)
+    a = a + jnp.where(keep, probs * scores, 0.0).sum(axis=-1)
+    c = c + (probs * log_probs).sum(axis=-1)
+    return (m_new, l, z, a, c), None
+
+  zeros = jnp.zeros((batch, rows), jnp.float32)
+  (m, l, z, a, c), _ = jax.lax.scan(fold, (jnp.full_like(zeros, -jnp.inf), zeros, zeros, zeros, zeros), kv_chunks)
+  has_keys = z > 0
+  z_safe = jnp.where(has_keys, z, 1.0)
+  lse_scores = jnp.where(has_keys, m, 0.0) + jnp.log(jnp.where(has_keys, l, 1.0))
+  return jnp.where(has_keys, c / z_safe - jnp.log(z_safe) - a / z_safe + lse_scores, 0.0)
+
+
+def dense_kl(attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w, *, q_positions, kv_positions,
+             q_segment_ids, kv_segment_ids, t_chunk: int = 256, s_chunk: int = 1024,
+             implementation: str | None = None) -> jax.Array:
+  """Dense warm-up KL(p[t, :] || softmax(I[t, :])) per query, float32 [B, T]."""
+  resolve_implementation(implementation, AVAILABLE)
+  attn_q, attn_k, attn_lse = jax.tree.map(jax.lax.stop_gradient, (attn_q, attn_k, attn_lse))
+  T = attn_q.shape[1]  # noqa: N806
+  t_chunk, s_chunk = min(t_chunk, T), min(s_chunk, attn_k.shape[1])
+  kv_chunks = (_pad_chunks(attn_k, s_chunk), _pad_chunks(idx_k, s_chunk),
+               _pad_chunks(kv_positions, s_chunk, _PAD_POSITION), _pad_chunks(kv_segment_ids, s_chunk))
+  q_chunks = tuple(_pad_chunks(x, t_chunk) for x in (attn_q, attn_lse, idx_q, idx_w, q_positions, q_segment_ids))
+  kl = jax.lax.map(functools.partial(_dense_query_chunk, attn_scale=attn_scale, kv_chunks=kv_chunks), q_chunks)
+  return _unchunk(kl, T)
+
+
+def sparse_kl(attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w, indices, *, q_positions,
+              kv_positions, q_segment_ids, kv_segment_ids, t_chunk: int = 64,
+              implementation: str | None = None) -> jax.Array:
+  """Sparse-stage KL(p[t, S_t] || softmax(I[t, S_t])) per query over `indices` [B, T, K], float32 [B, T]."""
+  resolve_implementation(implementation, AVAILABLE)
+  attn_q, attn_k, attn_lse = jax.tree.map(jax.lax.stop_gradient, (attn_q, attn_k, attn_lse))
+  T = attn_q.shape[1]  # noqa: N806
+  take = jax.vmap(lambda x, i: x[i])  # per batch: [S, ...][t, K] -> [t, K, ...]
+
+  @jax.checkpoint
+  def query_chunk(args):
+    q_chunk, lse_chunk, idx_q_chunk, idx_w_chunk, q_pos, q_seg, sel = args
+    safe = jnp.where(sel >= 0, sel, 0)
+    keep = (sel >= 0) & (take(kv_positions, safe) <= q_pos[..., None]) & (take(kv_segment_ids, safe) == q_seg[..., None])
+    attn_logits = jnp.einsum("btnc,btkc->btnk", q_chunk, take(attn_k, safe),
+                             preferred_element_type=jnp.float32) * attn_scale
+    logits = jnp.einsum("btih,btkh->btik", idx_q_chunk, take(idx_k, safe), preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btik,bti->btk", jax.nn.relu(logits), idx_w_chunk.astype(jnp.float32))
+    return reference.kl_from_scores(attn_logits, lse_chunk, scores, keep)
+
+  t_chunk = min(t_chunk, T)
+  chunks = tuple(_pad_chunks(x, t_chunk) for x in (attn_q, attn_lse, idx_q, idx_w, q_positions, q_segment_ids,
+                                                    indices))
+  return _unchunk(jax.lax.map(query_chunk, chunks), T)

@@ -1,0 +1,124 @@
+"""Mosaic GPU kernel for lightning-indexer scores (DeepSeek-V3.2 paper section 2.1; official `Indexer.forward`
+computes the same I[t,s] = sum_j w[t,j] * ReLU(q[t,j] . k[s]) with DeepGEMM's `fp8_mqa_logits`).
+
+One CTA owns a [BLOCK_T, BLOCK_S] tile of scores. It loads the key tile once, then pipelines the index
+heads j: per head one wgmma q[t-tile, j] @ k[s-tile]^T (bf16, fp32 accumulate), and in the epilogue of
+that head ReLU, the row scale w[t, j] and the head sum, all in registers; the [T, I, S] logits never leave
+the chip. Causal + segment visibility is applied in the final epilogue from positions and segment ids
+(`pallas_kernels/visibility.py`); tiles that are certainly fully masked (all keys later than every query,
+or disjoint segment ranges) skip the matmuls and only write -inf.
+
+Consecutive CTAs share one query tile (the grid's fastest axis runs over key tiles), so the per-head q
+tiles, the large operand (16 KiB per token), are re-read from L2 rather than HBM.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+BLOCK_T = 64  # one warpgroup's wgmma M
+BLOCK_S = 128
+MAX_CONCURRENT_STEPS = 4
+
+
+def _tile_summaries(positions: jax.Array, segment_ids: jax.Array, block: int, reduce_position) -> jax.Array:
+  """[B, L] -> int32 [B, L // block, 3]: (reduced position, min segment, max segment) per tile."""
+  b, n = positions.shape
+  pos = reduce_position(positions.reshape(b, n // block, block), axis=-1)
+  seg = segment_ids.reshape(b, n // block, block)
+  return jnp.stack([pos, seg.min(axis=-1), seg.max(axis=-1)], axis=-1).astype(jnp.int32)
+
+
+def index_scores(q: jax.Array, k: jax.Array, w: jax.Array, *, q_positions: jax.Array, kv_positions: jax.Array,
+                 q_segment_ids: jax.Array, kv_segment_ids: jax.Array, interpret=None) -> jax.Array:
+  """q [B, T, I, H] bf16, k [B, S, H] bf16, w [B, T, I] -> float32 [B, T, S] (as `reference.index_scores`).
+
+  T must be a multiple of 64 and S of 128 (the API pads).
+  """
+  B, T, I, H = q.shape  # noqa: N806
+  S = k.shape[1]  # noqa: N806
+  if T % BLOCK_T or S % BLOCK_S:
+    raise ValueError(f"T={T} must be a multiple of {BLOCK_T} and S={S} of {BLOCK_S}.")
+  q_flat = q.astype(jnp.bfloat16).reshape(B, T, I * H)
+  w_heads = jnp.swapaxes(w.astype(jnp.float32), 1, 2)  # [B, I, T]: one contiguous row of w per head
+  q_summary = _tile_summaries(q_positions, q_segment_ids, BLOCK_T, jnp.max)
+  kv_summary = _tile_summaries(kv_positions, kv_segment_ids, BLOCK_S, jnp.min)
+  ints = [x.astype(jnp.int32) for x in (q_positions, q_segment_ids, kv_positions, kv_segment_ids)]
+
+  swizzle = plgpu.find_swizzle(H * 16)  # bf16 rows of H elements
+  transforms = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
+  body = functools.partial(_kernel, num_heads=I, head_dim=H, transforms=transforms)
+  scratch = dict(
+      k_smem=plgpu.SMEM((BLOCK_S, H), jnp.bfloat16, transforms=transforms),
+      w_smem=plgpu.SMEM((I, BLOCK_T), jnp.float32),
+      q_pos_smem=plgpu.SMEM((2, BLOCK_T), jnp.int32),
+      kv_pos_smem=plgpu.SMEM((2, BLOCK_S), jnp.int32),
+      out_smem=plgpu.SMEM((BLOCK_T, BLOCK_S), jnp.float32),
+      barriers=plgpu.Barrier(num_barriers=6),
+  )
+  return plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct((B, T, S), jnp.float32),
+      scratch_types=scratch,
+      grid=(S // BLOCK_S, T // BLOCK_T, B),
+      grid_names=("s", "t", "b"),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=interpret,
+  )(q_flat, k.astype(jnp.bfloat16), w_heads, *ints, q_summary, kv_summary)
+
+
+def _kernel(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_sum_ref, kv_sum_ref, out_ref,
+            *, k_smem, w_smem, q_pos_smem, kv_pos_smem, out_smem, barriers, num_heads, head_dim, transforms):
+  si, ti, b = lax.axis_index("s"), lax.axis_index("t"), lax.axis_index("b")
+  t_slice, s_slice = pl.ds(ti * BLOCK_T, BLOCK_T), pl.ds(si * BLOCK_S, BLOCK_S)
+  live = ((kv_sum_ref[b, si, 0] <= q_sum_ref[b, ti, 0]) & (kv_sum_ref[b, si, 1] <= q_sum_ref[b, ti, 2])
+          & (kv_sum_ref[b, si, 2] >= q_sum_ref[b, ti, 1]))
+  rows = plgpu.Layout.WGMMA.reduce(1)
+  cols = plgpu.Layout.WGMMA.reduce(0)
+
+  @pl.when(live)
+  def _compute():
+    copies = ((k_ref.at[b, s_slice], k_smem), (w_ref.at[b, :, t_slice], w_smem),
+              (q_pos_ref.at[b, t_slice], q_pos_smem.at[0]), (q_seg_ref.at[b, t_slice], q_pos_smem.at[1]),
+              (kv_pos_ref.at[b, s_slice], kv_pos_smem.at[0]), (kv_seg_ref.at[b, s_slice], kv_pos_smem.at[1]))
+    for i, (src, dst) in enumerate(copies):
+      plgpu.copy_gmem_to_smem(src, dst, barriers.at[i])
+    for i in range(len(copies)):
+      plgpu.barrier_wait(barriers.at[i])
+
+    def head_step(idx, q_smem, acc):
+      (j,) = idx
+
+      def logits_of(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_smem.transpose((1, 0)))
+        return acc_ref[...]
+
+      logits = pl.run_scoped(logits_of, plgpu.ACC((BLOCK_T, BLOCK_S), jnp.float32))
+      w_j = plgpu.load(w_smem.at[j], layout=rows)
+      return acc + jnp.maximum(logits, 0.0) * lax.broadcast_in_dim(w_j, logits.shape, [0])
+
+    zeros = plgpu.layout_cast(jnp.zeros((BLOCK_T, BLOCK_S), jnp.float32), plgpu.Layout.WGMMA)
+    scores = plgpu.emit_pipeline(
+        head_step, grid=(num_heads,),
+        in_specs=[plgpu.BlockSpec((BLOCK_T, head_dim), lambda j: (ti, j), transforms=transforms)],
+        max_concurrent_steps=min(MAX_CONCURRENT_STEPS, num_heads), init_carry=zeros,
+    )(q_ref.at[b])
+    shape = scores.shape
+    q_pos = lax.broadcast_in_dim(plgpu.load(q_pos_smem.at[0], layout=rows), shape, [0])
+    q_seg = lax.broadcast_in_dim(plgpu.load(q_pos_smem.at[1], layout=rows), shape, [0])
+    kv_pos = lax.broadcast_in_dim(plgpu.load(kv_pos_smem.at[0], layout=cols), shape, [1])
+    kv_seg = lax.broadcast_in_dim(plgpu.load(kv_pos_smem.at[1], layout=cols), shape, [1])
+    visible = (kv_pos <= q_pos) & (kv_seg == q_seg)
+    out_smem[...] = jnp.where(visible, scores, -jnp.inf)
+
+  @pl.when(jnp.logical_not(live))
+  def _skip():
+    out_smem[...] = jnp.full((BLOCK_T, BLOCK_S), -jnp.inf, jnp.float32)
+
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, t_slice, s_slice])
+  plgpu.wait_smem_to_gmem(0)

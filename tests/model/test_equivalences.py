@@ -97,3 +97,15 @@ class EquivalenceTest(chex.TestCase):
   def test_bad_attention_kind(self):
     with self.assertRaisesRegex(ValueError, r"attention='full' is invalid; allowed: \('dense', 'sparse'\)"):
       dsa_jax.forward(self.cfg, self.params, self.ids, attention="full")
+
+
+def test_bfloat16_compute_tracks_float32():
+  cfg32 = config.tiny()
+  params = functional.init(cfg32, seed=7)
+  ids = jnp.asarray(np.random.RandomState(0).randint(0, cfg32.vocab_size, (1, 16)))  # fixed: no routing flips
+  cfg16 = cfg32.replace(dtype="bfloat16")
+  out = functional.apply(cfg16, params, ids, attention="dense")
+  assert out.logits.dtype == jnp.float32
+  assert out.hidden_states[0].dtype == jnp.bfloat16
+  ref = functional.forward(cfg32, params, ids, attention="dense")
+  assert float(jnp.abs(out.logits - ref).max() / jnp.abs(ref).max()) < 3e-2

@@ -104,8 +104,8 @@ def test_bfloat16_compute_tracks_float32():
   params = functional.init(cfg32, seed=7)
   ids = jnp.asarray(np.random.RandomState(0).randint(0, cfg32.vocab_size, (1, 16)))  # fixed: no routing flips
   cfg16 = cfg32.replace(dtype="bfloat16")
-  out = functional.apply(cfg16, params, ids, attention="dense")
+  out = jax.jit(lambda p: functional.apply(cfg16, p, ids, attention="dense"))(params)
   assert out.logits.dtype == jnp.float32
   assert out.hidden_states[0].dtype == jnp.bfloat16
-  ref = functional.forward(cfg32, params, ids, attention="dense")
+  ref = jax.jit(lambda p: functional.forward(cfg32, p, ids, attention="dense"))(params)
   assert float(jnp.abs(out.logits - ref).max() / jnp.abs(ref).max()) < 3e-2

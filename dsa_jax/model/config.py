@@ -165,12 +165,13 @@ def v3_2_671b() -> ModelConfig:
 
 
 def small() -> ModelConfig:
-  """A few hundred million parameters (~0.5B total, ~0.2B active) for one GPU; top-k 512 at 8K context."""
+  """A few hundred million parameters for one GPU; top-k 512 at 8K context; entry widths the GPU kernels take
+  (latent 256 + rope 64, indexer 16 x 128)."""
   return ModelConfig(
       vocab_size=32768, hidden_size=1024, num_layers=12, first_k_dense=1, dense_hidden=2816, max_position=32768,
-      mla=MLAConfig(num_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+      mla=MLAConfig(num_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=64,
                     v_head_dim=64),
-      indexer=IndexerConfig(num_heads=16, head_dim=64, topk=512),
+      indexer=IndexerConfig(num_heads=16, head_dim=128, topk=512),
       moe=MoEConfig(num_experts=32, experts_per_token=4, num_shared_experts=1, expert_hidden=512, num_groups=4,
                     topk_groups=2),
       rope=RopeConfig(factor=4.0, original_max_position=8192))

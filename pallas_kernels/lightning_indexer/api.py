@@ -19,6 +19,11 @@ _PAD_POSITION = jnp.iinfo(jnp.int32).max  # a padded key is later than every que
 _SCORE_BLOCK_BYTES = 2**31  # index_topk materialises at most this many bytes of scores at a time
 
 
+def _kernel_supports(q: jax.Array) -> bool:
+  """The kernel computes in bf16 with 64-wide wgmma tiles: automatic choice only for bf16 and H % 64 == 0."""
+  return q.dtype == jnp.bfloat16 and q.shape[-1] % 64 == 0
+
+
 @jax.custom_vjp
 def _pallas_scores(q, k, w, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
   T, S = q.shape[1], k.shape[1]  # noqa: N806
@@ -49,7 +54,7 @@ def index_scores(q: jax.Array, k: jax.Array, w: jax.Array, *, q_positions: jax.A
                  q_segment_ids: jax.Array, kv_segment_ids: jax.Array, implementation: str | None = None) -> jax.Array:
   """q [B, T, I, H], k [B, S, H], w [B, T, I] -> float32 scores [B, T, S], -inf where not visible."""
   visibility = (q_positions, kv_positions, q_segment_ids, kv_segment_ids)
-  if resolve_implementation(implementation, AVAILABLE) == "pallas":
+  if resolve_implementation(implementation, AVAILABLE, _kernel_supports(q)) == "pallas":
     return _pallas_scores(q, k, w, *visibility)
   return reference.index_scores(q, k, w, q_positions=q_positions, kv_positions=kv_positions,
                                 q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
@@ -67,7 +72,7 @@ def index_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, q_positio
   lax.map on the H200 (see `topk/kernel.py`). "xla" is the reference path (materialises [B, T, S]).
   """
   q, k, w = jax.tree.map(jax.lax.stop_gradient, (q, k, w))  # indices are discrete: no gradient
-  if resolve_implementation(implementation, AVAILABLE) == "xla":
+  if resolve_implementation(implementation, AVAILABLE, _kernel_supports(q)) == "xla":
     scores = reference.index_scores(q, k, w, q_positions=q_positions, kv_positions=kv_positions,
                                     q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
     return topk_api.topk_indices(scores, topk, implementation="xla")

@@ -1,15 +1,60 @@
-"""Public entry point of sparse MLA attention."""
+"""Public entry point of sparse MLA attention.
+
+"pallas": the Mosaic GPU forward kernel (`kernel_fwd`) under a custom_vjp whose backward is the chunked
+XLA computation of `kernel_bwd` (recompute from the saved logsumexp). "xla": `reference`, differentiated
+by JAX. None picks by backend (`dispatch.resolve_implementation`).
+"""
+
+import functools
 
 import jax
+import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from pallas_kernels.dispatch import resolve_implementation
+from pallas_kernels.sparse_mla import kernel_bwd
+from pallas_kernels.sparse_mla import kernel_fwd
 from pallas_kernels.sparse_mla import reference
 
-AVAILABLE = ("xla",)
+AVAILABLE = ("xla", "pallas")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _pallas_sparse_mla(q, kv, indices, scale, v_dim, deterministic, interpret):
+  return _pallas_fwd(q, kv, indices, scale, v_dim, deterministic, interpret)[0]
+
+
+def _forward(q, kv, indices, scale, v_dim, interpret):
+  params = plgpu.InterpretGPUParams(detect_races=True) if interpret else False
+  return kernel_fwd.sparse_mla_fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=params)
+
+
+def _pallas_fwd(q, kv, indices, scale, v_dim, deterministic, interpret):
+  del deterministic
+  out, lse = _forward(q, kv, indices, scale, v_dim, interpret)
+  return (out, lse), (q, kv, indices, out, lse)
+
+
+def _pallas_bwd(scale, v_dim, deterministic, interpret, res, cotangents):
+  del interpret
+  q, kv, indices, out, lse = res
+  dout, dlse = cotangents
+  dq, dkv = kernel_bwd.sparse_mla_bwd(q, kv, indices, out, lse, dout, dlse, scale=scale, v_dim=v_dim,
+                                      deterministic=deterministic)
+  return dq, dkv, None
+
+
+_pallas_sparse_mla.defvjp(_pallas_fwd, _pallas_bwd)
 
 
 def sparse_mla(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: float, v_dim: int,
-               implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
-  """q [B, T, N, Dk], kv [B, S, Dk], indices [B, T, K] -> (out [B, T, N, v_dim], lse [B, T, N])."""
-  resolve_implementation(implementation, AVAILABLE)
+               implementation: str | None = None, deterministic: bool = False,
+               interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """q [B, T, N, Dk], kv [B, S, Dk], indices [B, T, K] -> (out [B, T, N, v_dim], lse [B, T, N]).
+
+  `deterministic` makes the Pallas path's dkv scatter-add order-independent; `interpret` runs the
+  Pallas kernel in GPU interpret mode (CPU tests).
+  """
+  supported = kernel_fwd.supports(q.shape[-1], v_dim, q.dtype)
+  if resolve_implementation(implementation, AVAILABLE, supported) == "pallas":
+    return _pallas_sparse_mla(q, kv, indices, float(scale), v_dim, deterministic, interpret)
   return reference.sparse_mla(q, kv, indices, scale=scale, v_dim=v_dim)

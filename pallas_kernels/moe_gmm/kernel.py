@@ -1,0 +1,78 @@
+"""Grouped matmul for routed experts on Hopper, built on the Mosaic GPU kernels shipped inside jax.
+
+Forward and dgrad use `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu.ragged_dot` (rows grouped by expert;
+dgrad multiplies by the transposed expert weights), wgrad uses
+`jax.experimental.pallas.ops.gpu.transposed_ragged_dot_mgpu.transposed_ragged_dot` (contraction over the
+grouped rows). This module only pads shapes to the kernels' tile constraints and chooses tiles.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """Tile sizes of the two imported kernels (block_k is the contraction tile). block_m=128 beat 64 on an
+  H200 at 256 experts x 128 rows on average (up 235 vs 196 TF/s, down 157 vs 117)."""
+  block_m: int = 128
+  block_n: int = 128
+  block_k: int = 64
+  max_concurrent_steps: int = 4
+  wgrad_block_m: int = 128
+  wgrad_block_n: int = 128
+  wgrad_block_k: int = 64
+  wgrad_max_concurrent_steps: int = 4
+
+
+def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+  pad = -x.shape[axis] % multiple
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
+
+
+def _grid_block_n(n: int, block_n: int) -> int:
+  """Largest panel width (in tiles) of the planar-snake schedule that divides the N tiles."""
+  tiles = n // block_n
+  return next(g for g in (8, 4, 2, 1) if tiles % g == 0)
+
+
+def _zero_unassigned_rows(out: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  """ragged_dot leaves rows past sum(group_sizes) unwritten; the reference defines them as zeros."""
+  rows = jax.lax.broadcasted_iota(jnp.int32, (out.shape[0], 1), 0)
+  return jnp.where(rows < jnp.sum(group_sizes), out, jnp.zeros((), out.dtype))
+
+
+def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_w: bool = False,
+        tiles: Tiles = Tiles()) -> jax.Array:
+  """x [M, D], w [E, D, F] (or [E, F, D] with transpose_w) -> [M, F]: rows of group e times w[e]."""
+  m = x.shape[0]
+  f = w.shape[1] if transpose_w else w.shape[2]
+  x = _pad_axis(x, 1, tiles.block_k)
+  w = _pad_axis(w, 2 if transpose_w else 1, tiles.block_k)
+  w = _pad_axis(w, 1 if transpose_w else 2, tiles.block_n)
+  n = w.shape[1] if transpose_w else w.shape[2]
+  out = ragged_dot_mgpu.ragged_dot(
+      x, w.astype(x.dtype), group_sizes=group_sizes.astype(jnp.int32), block_m=tiles.block_m,
+      block_n=tiles.block_n, block_k=tiles.block_k, max_concurrent_steps=tiles.max_concurrent_steps,
+      grid_block_n=_grid_block_n(n, tiles.block_n), transpose_rhs=transpose_w)
+  return _zero_unassigned_rows(out[:m, :f], group_sizes)
+
+
+def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *, tiles: Tiles = Tiles()) -> jax.Array:
+  """x [M, D], dy [M, F] -> [E, D, F]: per group e, x[rows of e].T @ dy[rows of e] (the weight gradient)."""
+  d, f = x.shape[1], dy.shape[1]
+  x = _pad_axis(x, 1, tiles.wgrad_block_m)
+  dy = _pad_axis(dy.astype(x.dtype), 1, tiles.wgrad_block_n)
+  out = transposed_ragged_dot_mgpu.transposed_ragged_dot(
+      x, dy, group_sizes=group_sizes.astype(jnp.int32), block_m=tiles.wgrad_block_m,
+      block_n=tiles.wgrad_block_n, block_k=tiles.wgrad_block_k,
+      max_concurrent_steps=tiles.wgrad_max_concurrent_steps,
+      grid_block_n=_grid_block_n(dy.shape[1], tiles.wgrad_block_n))
+  return out[:, :d, :f]

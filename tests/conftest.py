@@ -4,6 +4,7 @@ import os
 import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # tests/sharding: 8 devices
 
 import jax  # noqa: E402
 

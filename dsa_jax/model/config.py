@@ -12,15 +12,16 @@ from typing import Any
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
-def _check(condition: bool, field: str, value: Any, allowed: str) -> None:
+def check_field(condition: bool, field: str, value: Any, allowed: str) -> None:
+  """Raises ValueError naming the field, its value and what is allowed (every config validates this way)."""
   if not condition:
     raise ValueError(f"{field}={value!r} is invalid; allowed: {allowed}.")
 
 
-def _check_positive(obj: Any, *names: str) -> None:
+def check_positive(obj: Any, *names: str) -> None:
   for name in names:
     value = getattr(obj, name)
-    _check(isinstance(value, int) and value > 0, f"{type(obj).__name__}.{name}", value, "a positive integer")
+    check_field(isinstance(value, int) and value > 0, f"{type(obj).__name__}.{name}", value, "a positive integer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +36,9 @@ class RopeConfig:
   mscale_all_dim: float = 1.0
 
   def __post_init__(self):
-    _check(self.theta > 0, "RopeConfig.theta", self.theta, "> 0")
-    _check(self.factor >= 1, "RopeConfig.factor", self.factor, ">= 1 (1 disables YaRN)")
-    _check_positive(self, "original_max_position")
+    check_field(self.theta > 0, "RopeConfig.theta", self.theta, "> 0")
+    check_field(self.factor >= 1, "RopeConfig.factor", self.factor, ">= 1 (1 disables YaRN)")
+    check_positive(self, "original_max_position")
 
   @staticmethod
   def yarn_mscale(factor: float, mscale: float) -> float:
@@ -69,9 +70,9 @@ class MLAConfig:
   v_head_dim: int = 128
 
   def __post_init__(self):
-    _check_positive(self, "num_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+    check_positive(self, "num_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                     "v_head_dim")
-    _check(self.qk_rope_head_dim % 2 == 0, "MLAConfig.qk_rope_head_dim", self.qk_rope_head_dim, "an even number")
+    check_field(self.qk_rope_head_dim % 2 == 0, "MLAConfig.qk_rope_head_dim", self.qk_rope_head_dim, "an even number")
 
   @property
   def qk_head_dim(self) -> int:
@@ -91,7 +92,7 @@ class IndexerConfig:
   topk: int = 2048
 
   def __post_init__(self):
-    _check_positive(self, "num_heads", "head_dim", "topk")
+    check_positive(self, "num_heads", "head_dim", "topk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,14 +108,14 @@ class MoEConfig:
   norm_topk_prob: bool = True
 
   def __post_init__(self):
-    _check_positive(self, "num_experts", "experts_per_token", "expert_hidden", "num_groups", "topk_groups")
-    _check(self.num_shared_experts >= 0, "MoEConfig.num_shared_experts", self.num_shared_experts, ">= 0")
-    _check(self.num_experts % self.num_groups == 0, "MoEConfig.num_groups", self.num_groups,
+    check_positive(self, "num_experts", "experts_per_token", "expert_hidden", "num_groups", "topk_groups")
+    check_field(self.num_shared_experts >= 0, "MoEConfig.num_shared_experts", self.num_shared_experts, ">= 0")
+    check_field(self.num_experts % self.num_groups == 0, "MoEConfig.num_groups", self.num_groups,
            f"a divisor of num_experts={self.num_experts}")
-    _check(self.topk_groups <= self.num_groups, "MoEConfig.topk_groups", self.topk_groups,
+    check_field(self.topk_groups <= self.num_groups, "MoEConfig.topk_groups", self.topk_groups,
            f"<= num_groups={self.num_groups}")
     per_group = self.num_experts // self.num_groups
-    _check(self.experts_per_token <= self.topk_groups * per_group, "MoEConfig.experts_per_token",
+    check_field(self.experts_per_token <= self.topk_groups * per_group, "MoEConfig.experts_per_token",
            self.experts_per_token, f"<= topk_groups * experts per group = {self.topk_groups * per_group}")
 
 
@@ -137,14 +138,14 @@ class ModelConfig:
   param_dtype: str = "float32"
 
   def __post_init__(self):
-    _check_positive(self, "vocab_size", "hidden_size", "num_layers", "dense_hidden", "max_position")
-    _check(0 <= self.first_k_dense <= self.num_layers, "ModelConfig.first_k_dense", self.first_k_dense,
+    check_positive(self, "vocab_size", "hidden_size", "num_layers", "dense_hidden", "max_position")
+    check_field(0 <= self.first_k_dense <= self.num_layers, "ModelConfig.first_k_dense", self.first_k_dense,
            f"0..num_layers={self.num_layers}")
-    _check(self.num_mtp_layers in (0, 1), "ModelConfig.num_mtp_layers", self.num_mtp_layers, "0 or 1")
-    _check(self.dtype in COMPUTE_DTYPES, "ModelConfig.dtype", self.dtype, str(COMPUTE_DTYPES))
-    _check(self.param_dtype in COMPUTE_DTYPES, "ModelConfig.param_dtype", self.param_dtype, str(COMPUTE_DTYPES))
+    check_field(self.num_mtp_layers in (0, 1), "ModelConfig.num_mtp_layers", self.num_mtp_layers, "0 or 1")
+    check_field(self.dtype in COMPUTE_DTYPES, "ModelConfig.dtype", self.dtype, str(COMPUTE_DTYPES))
+    check_field(self.param_dtype in COMPUTE_DTYPES, "ModelConfig.param_dtype", self.param_dtype, str(COMPUTE_DTYPES))
     if self.indexer is not None:
-      _check(self.indexer.head_dim >= self.mla.qk_rope_head_dim, "IndexerConfig.head_dim", self.indexer.head_dim,
+      check_field(self.indexer.head_dim >= self.mla.qk_rope_head_dim, "IndexerConfig.head_dim", self.indexer.head_dim,
              f">= MLAConfig.qk_rope_head_dim={self.mla.qk_rope_head_dim} (the indexer's RoPE slice)")
 
   def is_moe_layer(self, layer: int) -> bool:

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsa_jax.model.config import ModelConfig
+from dsa_jax.model.kv_cache import KVCache
 from dsa_jax.model.mla import AttentionOptions
+from dsa_jax.model.moe import ExpertDispatch
 from dsa_jax.model.transformer import DeepseekV32, ModelOutput
 
 
@@ -40,12 +42,17 @@ def count_params(state: nnx.State) -> int:
 def apply(cfg: ModelConfig, state: nnx.State, input_ids: jax.Array, *, attention: str = "sparse",
           mla_mode: str | None = None, implementation: str | None = None, positions: jax.Array | None = None,
           segment_ids: jax.Array | None = None, forced_experts: dict[int, jax.Array] | None = None,
-          with_mtp: bool = False, indexer_fp8: bool = False) -> ModelOutput:
-  """Runs the model: input_ids [B, T] -> ModelOutput (logits, per-layer hidden states and aux)."""
+          with_mtp: bool = False, indexer_fp8: bool = False, cache: KVCache | None = None,
+          expert_dispatch: ExpertDispatch | None = None) -> ModelOutput:
+  """Runs the model: input_ids [B, T] -> ModelOutput (logits, per-layer hidden states and aux).
+
+  `cache` (`kv_cache.init_cache`) appends the tokens to a decode cache; see `DeepseekV32.__call__`.
+  `expert_dispatch` runs the routed experts elsewhere (`dsa_jax.sharding.expert_parallel`); None: on this device.
+  """
   model = nnx.merge(graphdef(cfg, indexer_fp8), state)
   options = AttentionOptions(kind=attention, mode=mla_mode, implementation=implementation)
   return model(jnp.asarray(input_ids), positions=positions, segment_ids=segment_ids, options=options,
-               forced_experts=forced_experts, with_mtp=with_mtp)
+               forced_experts=forced_experts, with_mtp=with_mtp, cache=cache, expert_dispatch=expert_dispatch)
 
 
 def forward(cfg: ModelConfig, state: nnx.State, input_ids: jax.Array, attention: str = "sparse",

@@ -7,10 +7,24 @@ those names to mesh axes, so the model itself makes no device assumptions.
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd
+from jax.sharding import PartitionSpec
 
 
 class RouterBias(nnx.Variable):
   """MoE `e_score_correction_bias`: state updated by the aux-loss-free rule, not by gradients."""
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+  """Sharding hint for an activation by logical axis names (`jax.lax.with_sharding_constraint`).
+
+  The names resolve through flax's `logical_axis_rules`, which `dsa_jax.sharding.rules.activate` sets
+  together with the mesh; without both this is the identity, so the model runs unchanged on one device.
+  """
+  rules = dict(spmd.get_logical_axis_rules())
+  if not rules or jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(*(rules.get(a) for a in axes)))
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: str, std: float) -> nnx.Param:

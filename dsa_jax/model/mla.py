@@ -18,12 +18,16 @@ from dsa_jax.model import rope
 from dsa_jax.model.attention import dense_attention
 from dsa_jax.model.config import IndexerConfig, MLAConfig
 from dsa_jax.model.indexer import Indexer, IndexerInputs, select
-from dsa_jax.model.layers import RMSNorm, param
+from dsa_jax.model.kv_cache import LayerCache
+from dsa_jax.model.layers import RMSNorm, constrain, param
 from pallas_kernels.sparse_mla import api as sparse_mla_api
 from pallas_kernels.visibility import visible
 
 ATTENTION_KINDS = ("dense", "sparse")
 MLA_MODES = ("mha", "mqa")
+# Logical axes of the per-token key entries shared by all heads ([c | k_rope], the indexer key): under
+# context parallelism they are gathered over the sequence shards while the queries stay local.
+KV_ENTRY_AXES = ("act_batch", "act_kv_length", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,17 +107,26 @@ class MLA(nnx.Module):
     c = self.kv_norm(kv[..., :self.cfg.kv_lora_rank])
     return c, rope.apply_interleaved(kv[..., self.cfg.kv_lora_rank:], layout.cos, layout.sin)
 
-  def __call__(self, x: jax.Array, layout: TokenLayout, options: AttentionOptions) -> tuple[jax.Array, dict]:
-    """x [B, T, D] (normed) -> (out [B, T, D], aux with "topk_indices" and "indexer" inputs when DSA runs)."""
+  def __call__(self, x: jax.Array, layout: TokenLayout, options: AttentionOptions,
+               cache: LayerCache | None = None) -> tuple[jax.Array, dict]:
+    """x [B, T, D] (normed) -> (out [B, T, D], aux with "topk_indices" and "indexer" inputs when DSA runs).
+
+    With `cache` (decoding, `kv_cache`): the T new latent entries and indexer keys are appended, the queries
+    attend over every cached slot (layout.kv_* describe the cache), and aux["cache"] is the updated cache.
+    """
     x = x.astype(self.dtype)
     q_latent, q_nope, q_rope = self.queries(x, layout)
     c, k_rope = self.latents(x, layout)
+    c, k_rope = constrain(c, KV_ENTRY_AXES), constrain(k_rope, KV_ENTRY_AXES)
     aux = {}
     if self.indexer is not None:
       # The indexer's input is detached (paper section 2.1.1): it learns only from its KL loss, and that loss
       # never reaches the main model. Its discrete selection gives the LM loss no path into the indexer.
-      aux["indexer"] = self.indexer.project(jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent),
-                                            layout.cos, layout.sin)
+      inputs = self.indexer.project(jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent), layout.cos,
+                                    layout.sin)
+      aux["indexer"] = IndexerInputs(q=inputs.q, k=constrain(inputs.k, KV_ENTRY_AXES), w=inputs.w)
+    if cache is not None:
+      c, k_rope, aux = self._read_through(cache, c, k_rope, aux)
     if options.kind == "sparse":
       if self.indexer is None:
         raise ValueError("attention='sparse' needs an indexer, but this model has none (a dense DeepSeek-V3 "
@@ -129,6 +142,16 @@ class MLA(nnx.Module):
       out, lse, aux["mqa"] = self._mqa(q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options, aux)
     aux["lse"] = lse
     return jnp.einsum("btnv,nvd->btd", out, self._w(self.wo)), aux
+
+  def _read_through(self, cache: LayerCache, c, k_rope, aux):
+    """Appends this step's entries to the cache and returns the whole cache as keys (MQA entries)."""
+    index_k = aux["indexer"].k if self.indexer is not None else None
+    cache = cache.append(jnp.concatenate([c, k_rope], axis=-1), index_k)
+    c_dim = self.cfg.kv_lora_rank
+    if self.indexer is not None:
+      aux["indexer"] = dataclasses.replace(aux["indexer"], k=cache.index_k)
+    aux["cache"] = cache
+    return cache.latent[..., :c_dim], cache.latent[..., c_dim:], aux
 
   def _mask(self, layout: TokenLayout) -> jax.Array:
     return visible(layout.q_positions, layout.kv_positions, layout.q_segment_ids, layout.kv_segment_ids)

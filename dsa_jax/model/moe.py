@@ -12,6 +12,8 @@ Experts run dropless: assignments sorted by expert, then a grouped matmul
 (`pallas_kernels.moe_gmm.api`).
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,6 +21,11 @@ from flax import nnx
 from dsa_jax.model.config import MoEConfig
 from dsa_jax.model.layers import MLP, RouterBias, param
 from pallas_kernels.moe_gmm import api as gmm_api
+
+
+# (tokens [M, D], experts [M, k], gates [M, k], (w_gate, w_up, w_down) in compute dtype, implementation)
+#   -> (routed output [M, D] float32, extra aux). `dsa_jax.sharding.expert_parallel` provides one.
+ExpertDispatch = Callable[..., tuple[jax.Array, dict]]
 
 
 def route(scores: jax.Array, bias: jax.Array, cfg: MoEConfig) -> jax.Array:
@@ -42,6 +49,15 @@ def gates(scores: jax.Array, experts: jax.Array, cfg: MoEConfig) -> jax.Array:
   return chosen * cfg.routed_scaling_factor
 
 
+def swiglu_experts(xs: jax.Array, weights: tuple[jax.Array, jax.Array, jax.Array], group_sizes: jax.Array,
+                   implementation: str | None) -> jax.Array:
+  """Rows xs [M, D] sorted by expert -> down(silu(gate(x)) * up(x)) [M, D]; rows past sum(group_sizes) give 0."""
+  w_gate, w_up, w_down = weights
+  gate = gmm_api.grouped_matmul(xs, w_gate, group_sizes, implementation=implementation)
+  up = gmm_api.grouped_matmul(xs, w_up, group_sizes, implementation=implementation)
+  return gmm_api.grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes, implementation=implementation)
+
+
 class MoE(nnx.Module):
   """Routed experts stacked as [E, D, F] / [E, F, D], a float32 router, shared experts."""
 
@@ -57,8 +73,8 @@ class MoE(nnx.Module):
     self.shared = None if cfg.num_shared_experts == 0 else MLP(
         hidden, f * cfg.num_shared_experts, rngs=rngs, dtype=dtype, param_dtype=param_dtype, std=std)
 
-  def __call__(self, x: jax.Array, forced_experts: jax.Array | None = None,
-               implementation: str | None = None) -> tuple[jax.Array, dict]:
+  def __call__(self, x: jax.Array, forced_experts: jax.Array | None = None, implementation: str | None = None,
+               dispatch: ExpertDispatch | None = None) -> tuple[jax.Array, dict]:
     """x [B, T, D] -> (y [B, T, D], aux {"experts" [B, T, k], "scores" [B, T, E]})."""
     b, t, d = x.shape
     tokens = x.reshape(b * t, d)
@@ -68,11 +84,20 @@ class MoE(nnx.Module):
     else:
       experts = forced_experts.reshape(b * t, -1).astype(jnp.int32)
     weights = gates(scores, experts, self.cfg)
-    y = self._experts(tokens.astype(self.dtype), experts, weights, implementation).reshape(b, t, d)
+    aux = {}
+    if dispatch is None:
+      y = self._experts(tokens.astype(self.dtype), experts, weights, implementation)
+    else:
+      y, aux = dispatch(tokens.astype(self.dtype), experts, weights, self.expert_weights(), implementation)
+    y = y.reshape(b, t, d)
     if self.shared is not None:
       y = y + self.shared(x)
-    aux = {"experts": experts.reshape(b, t, -1), "scores": scores.reshape(b, t, -1)}
+    aux.update(experts=experts.reshape(b, t, -1), scores=scores.reshape(b, t, -1))
     return y.astype(x.dtype), aux
+
+  def expert_weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(w_gate, w_up [E, D, F], w_down [E, F, D]) in the compute dtype."""
+    return tuple(p[...].astype(self.dtype) for p in (self.w_gate, self.w_up, self.w_down))
 
   def _experts(self, tokens: jax.Array, experts: jax.Array, weights: jax.Array, implementation: str | None):
     """Dropless dispatch: sort the M*k assignments by expert, grouped matmuls, weighted scatter-add back."""
@@ -81,10 +106,6 @@ class MoE(nnx.Module):
     order = jnp.argsort(flat, stable=True)
     token_of = order // k
     group_sizes = jnp.bincount(flat, length=self.cfg.num_experts).astype(jnp.int32)
-    xs = tokens[token_of]
-    w = lambda p: p[...].astype(self.dtype)
-    gate = gmm_api.grouped_matmul(xs, w(self.w_gate), group_sizes, implementation=implementation)
-    up = gmm_api.grouped_matmul(xs, w(self.w_up), group_sizes, implementation=implementation)
-    out = gmm_api.grouped_matmul(jax.nn.silu(gate) * up, w(self.w_down), group_sizes, implementation=implementation)
+    out = swiglu_experts(tokens[token_of], self.expert_weights(), group_sizes, implementation)
     out = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
     return jnp.zeros((m, tokens.shape[-1]), jnp.float32).at[token_of].add(out)

@@ -14,11 +14,13 @@ from flax import nnx
 
 from dsa_jax.model import rope
 from dsa_jax.model.config import ModelConfig
-from dsa_jax.model.layers import MLP, RMSNorm, param
+from dsa_jax.model.kv_cache import KVCache, LayerCache
+from dsa_jax.model.layers import MLP, RMSNorm, constrain, param
 from dsa_jax.model.mla import MLA, AttentionOptions, TokenLayout
-from dsa_jax.model.moe import MoE
+from dsa_jax.model.moe import ExpertDispatch, MoE
 
 INIT_STD = 0.02
+ACT_BTD = ("act_batch", "act_length", "act_embed")  # logical axes of the residual stream (sharding hints)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,10 +30,11 @@ class ModelOutput:
   hidden_states: tuple[jax.Array, ...]  # per layer [B, T, D], before the final norm
   layer_aux: tuple[dict, ...]  # per layer: "topk_indices", "indexer", "lse", "experts", "scores", ...
   mtp_logits: jax.Array | None = None  # [B, T, V]: position i predicts token i + 2
+  cache: KVCache | None = None  # the updated decode cache when one was passed in
 
 
-jax.tree_util.register_dataclass(ModelOutput, data_fields=["logits", "hidden_states", "layer_aux", "mtp_logits"],
-                                 meta_fields=[])
+jax.tree_util.register_dataclass(
+    ModelOutput, data_fields=["logits", "hidden_states", "layer_aux", "mtp_logits", "cache"], meta_fields=[])
 
 
 class Block(nnx.Module):
@@ -49,15 +52,17 @@ class Block(nnx.Module):
       self.ffn = MLP(d, cfg.dense_hidden, rngs=rngs, dtype=cfg.dtype, param_dtype=pdt, std=INIT_STD)
 
   def __call__(self, x: jax.Array, layout: TokenLayout, options: AttentionOptions,
-               forced_experts: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    attn_out, aux = self.attn(self.attn_norm(x), layout, options)
+               forced_experts: jax.Array | None = None, cache: LayerCache | None = None,
+               expert_dispatch: ExpertDispatch | None = None) -> tuple[jax.Array, dict]:
+    attn_out, aux = self.attn(self.attn_norm(x), layout, options, cache)
     x = x + attn_out.astype(x.dtype)
     if isinstance(self.ffn, MoE):
-      ffn_out, moe_aux = self.ffn(self.ffn_norm(x), forced_experts, implementation=options.implementation)
+      ffn_out, moe_aux = self.ffn(self.ffn_norm(x), forced_experts, implementation=options.implementation,
+                                  dispatch=expert_dispatch)
       aux.update(moe_aux)
     else:
       ffn_out = self.ffn(self.ffn_norm(x))
-    return x + ffn_out.astype(x.dtype), aux
+    return constrain(x + ffn_out.astype(x.dtype), ACT_BTD), aux
 
 
 class MTP(nnx.Module):
@@ -73,10 +78,10 @@ class MTP(nnx.Module):
     self.dtype = cfg.dtype
 
   def __call__(self, hidden: jax.Array, next_embeds: jax.Array, layout: TokenLayout,
-               options: AttentionOptions) -> tuple[jax.Array, dict]:
+               options: AttentionOptions, expert_dispatch: ExpertDispatch | None = None) -> tuple[jax.Array, dict]:
     joined = jnp.concatenate([self.enorm(next_embeds), self.hnorm(hidden)], axis=-1).astype(self.dtype)
     x = jnp.einsum("bte,ed->btd", joined, self.eh_proj[...].astype(self.dtype))
-    x, aux = self.block(x, layout, options)
+    x, aux = self.block(x, layout, options, expert_dispatch=expert_dispatch)
     return self.head_norm(x), aux
 
 
@@ -94,7 +99,9 @@ class DeepseekV32(nnx.Module):
 
   def layout(self, positions: jax.Array, segment_ids: jax.Array) -> TokenLayout:
     cos, sin = rope.rope_tables(self.cfg.rope, self.cfg.mla.qk_rope_head_dim, positions)
-    return TokenLayout(positions, positions, segment_ids, segment_ids, cos, sin)
+    kv_axes = ("act_batch", "act_kv_length")  # keys are gathered over the context shards; queries stay local
+    return TokenLayout(positions, constrain(positions, kv_axes), segment_ids, constrain(segment_ids, kv_axes), cos,
+                       sin)
 
   def logits(self, normed: jax.Array) -> jax.Array:
     dt = self.cfg.dtype
@@ -103,24 +110,37 @@ class DeepseekV32(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, options: AttentionOptions = AttentionOptions(),
-               forced_experts: dict[int, jax.Array] | None = None, with_mtp: bool = False) -> ModelOutput:
-    """input_ids [B, T] -> ModelOutput. forced_experts maps a MoE layer index to its [B, T, k] choices."""
+               forced_experts: dict[int, jax.Array] | None = None, with_mtp: bool = False,
+               cache: KVCache | None = None, expert_dispatch: ExpertDispatch | None = None) -> ModelOutput:
+    """input_ids [B, T] -> ModelOutput. forced_experts maps a MoE layer index to its [B, T, k] choices.
+
+    With `cache` the T tokens are appended to it (prefill or one decode step) and attend to everything
+    cached; the updated cache comes back in ModelOutput.cache (`kv_cache`).
+    expert_dispatch replaces the single-device expert computation (`dsa_jax.sharding.expert_parallel`).
+    """
     b, t = input_ids.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if positions is None else positions
     segment_ids = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
     layout = self.layout(positions, segment_ids)
-    x = self.embed[...].astype(self.cfg.dtype)[input_ids]
+    if cache is not None:
+      cache = cache.with_keys(positions, segment_ids)
+      layout = dataclasses.replace(layout, kv_positions=cache.positions, kv_segment_ids=cache.segment_ids)
+    x = constrain(self.embed[...].astype(self.cfg.dtype)[input_ids], ACT_BTD)
     hidden, aux = [], []
     forced_experts = forced_experts or {}
     for i, block in enumerate(self.layers):
-      x, layer_aux = block(x, layout, options, forced_experts.get(i))
+      x, layer_aux = block(x, layout, options, forced_experts.get(i), None if cache is None else cache.layers[i],
+                           expert_dispatch)
       hidden.append(x)
       aux.append(layer_aux)
+    if cache is not None:
+      cache = dataclasses.replace(cache, layers=tuple(a.pop("cache") for a in aux))
     mtp_logits = None
     if with_mtp:
       if self.mtp is None:
         raise ValueError("with_mtp=True needs num_mtp_layers=1; this config has num_mtp_layers=0.")
       next_ids = jnp.concatenate([input_ids[:, 1:], input_ids[:, -1:]], axis=1)
-      mtp_hidden, _ = self.mtp(x, self.embed[...].astype(self.cfg.dtype)[next_ids], layout, options)
+      mtp_hidden, _ = self.mtp(x, self.embed[...].astype(self.cfg.dtype)[next_ids], layout, options,
+                               expert_dispatch)
       mtp_logits = self.logits(mtp_hidden)
-    return ModelOutput(self.logits(self.norm(x)), tuple(hidden), tuple(aux), mtp_logits)
+    return ModelOutput(self.logits(self.norm(x)), tuple(hidden), tuple(aux), mtp_logits, cache)

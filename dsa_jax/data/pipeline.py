@@ -1,0 +1,88 @@
+"""The training input pipeline (Grain): documents -> token ids (+ retrieval examples mixed in at a set
+rate) -> packed rows of a fixed length with per-document segment ids and positions -> batches.
+
+Packing is Grain's concat-then-split: documents are concatenated and cut at `seq_len`; each row carries
+`segment_ids` (1, 2, ... per document piece in the row) and `positions` (restarting at 0 for each
+document), which the model's attention and indexer use to keep documents apart. The iterator is a Grain
+`DatasetIterator`: `get_state()` / `set_state()` make it part of a checkpoint.
+"""
+
+import dataclasses
+import pathlib
+
+import grain
+import numpy as np
+
+from dsa_jax.data import corpus
+from dsa_jax.data.retrieval import RetrievalConfig, make_example
+from dsa_jax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where text comes from and how it is cut. `files` empty: the embedded standard-library corpus."""
+  seq_len: int = 256
+  batch_size: int = 8
+  seed: int = 0
+  files: tuple[str, ...] = ()
+  tokenizer: str = "byte"  # "byte" or the path of an HF tokenizer.json
+  max_doc_tokens: int = 4096  # long files are cut to a random window of this many tokens
+  eval_fraction: float = 0.05
+  retrieval: RetrievalConfig = RetrievalConfig()
+
+  def __post_init__(self):
+    for name in ("seq_len", "batch_size", "max_doc_tokens"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"DataConfig.{name}={getattr(self, name)!r} is invalid; allowed: a positive integer.")
+    if not 0.0 < self.eval_fraction < 0.5:
+      raise ValueError(f"DataConfig.eval_fraction={self.eval_fraction!r} is invalid; allowed: 0 < x < 0.5.")
+    if self.tokenizer != "byte" and not self.tokenizer.endswith(".json"):
+      raise ValueError(f"DataConfig.tokenizer={self.tokenizer!r} is invalid; allowed: 'byte' or a tokenizer.json.")
+
+
+def build_tokenizer(cfg: DataConfig) -> Tokenizer:
+  return ByteTokenizer() if cfg.tokenizer == "byte" else HFTokenizer(pathlib.Path(cfg.tokenizer))
+
+
+def documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
+  """(train, eval) documents of the configured source."""
+  docs = corpus.read_documents(list(cfg.files) or corpus.stdlib_files())
+  return corpus.split_documents(docs, cfg.eval_fraction)
+
+
+class _ToTokens(grain.transforms.MapWithIndex):
+  """Document i -> {"tokens", "loss_mask"}; with probability `rate` a retrieval example built on it."""
+
+  def __init__(self, cfg: DataConfig, tokenizer: Tokenizer):
+    self.cfg, self.tokenizer = cfg, tokenizer
+
+  def map_with_index(self, index: int, doc: str) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([self.cfg.seed, index])
+    ids = self.tokenizer.encode(doc)
+    if len(ids) > self.cfg.max_doc_tokens:
+      start = int(rng.integers(len(ids) - self.cfg.max_doc_tokens))
+      ids = ids[start:start + self.cfg.max_doc_tokens]
+    if rng.random() < self.cfg.retrieval.rate:
+      ids = make_example(rng, ids, self.cfg.seq_len - 1, self.tokenizer, self.cfg.retrieval).ids.tolist()
+    tokens = np.asarray([self.tokenizer.bos_id] + ids, np.int32)
+    return {"tokens": tokens, "loss_mask": np.ones_like(tokens)}
+
+
+def _to_batch(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {"ids": row["tokens"], "loss_mask": row["loss_mask"], "segment_ids": row["tokens_segment_ids"],
+          "positions": row["tokens_positions"]}
+
+
+def train_dataset(cfg: DataConfig, docs: list[str], tokenizer: Tokenizer) -> grain.IterDataset:
+  """An endless, shuffled, packed and batched dataset: batches of [batch_size, seq_len] int32 arrays."""
+  ds = grain.MapDataset.source(docs).shuffle(seed=cfg.seed).repeat(None).map_with_index(_ToTokens(cfg, tokenizer))
+  packed = grain.experimental.ConcatThenSplitIterDataset(
+      ds.to_iter_dataset(), length_struct={"tokens": cfg.seq_len, "loss_mask": cfg.seq_len})
+  return packed.map(_to_batch).batch(cfg.batch_size, drop_remainder=True)
+
+
+def eval_batches(cfg: DataConfig, docs: list[str], tokenizer: Tokenizer, num_batches: int) -> list[dict]:
+  """A fixed list of held-out LM batches (no retrieval examples) for dense-vs-sparse comparisons."""
+  plain = dataclasses.replace(cfg, retrieval=dataclasses.replace(cfg.retrieval, rate=0.0), seed=cfg.seed + 1)
+  it = iter(train_dataset(plain, docs, tokenizer))
+  return [next(it) for _ in range(num_batches)]

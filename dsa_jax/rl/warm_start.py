@@ -1,0 +1,70 @@
+"""A short supervised warm start on a verifiable task, before GRPO (allowed by issue 7's demonstration).
+
+DeepSeek-V3.2 §3 starts RL from a fine-tuned model; on a tiny random model we do the same in miniature:
+teacher-forced cross-entropy on "prompt answer EOS" sequences, laid out exactly as the sampler lays out its
+rollouts (left padding, `sampling.train_layout`), with the loss on the answer and EOS only.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dsa_jax.data.tokenizer import Tokenizer
+from dsa_jax.model import functional
+from dsa_jax.model.config import IndexerConfig, ModelConfig, tiny
+from dsa_jax.rl.rewards import Task
+from dsa_jax.rl.rollout import draw_prompts
+from dsa_jax.sampling import left_pad, train_layout
+
+
+def demo_config(vocab_size: int) -> ModelConfig:
+  """The tiny MoE DSA model of the GRPO demonstrations: 3 layers (2 MoE, 8 experts, 2 active), indexer top-4
+  so that DSA is sparse from the fifth token on."""
+  return tiny().replace(vocab_size=vocab_size, num_mtp_layers=0, indexer=IndexerConfig(num_heads=4, head_dim=16, topk=4))
+
+
+def supervised_batch(task: Task, tokenizer: Tokenizer, rng: np.random.Generator, size: int, prompt_width: int,
+                     completion_width: int) -> dict[str, jax.Array]:
+  """tokens/positions/segment_ids/loss_mask [size, prompt_width + completion_width] of correct answers."""
+  prompts, answers = draw_prompts(task, rng, size)
+  prompt_ids, lengths = left_pad([tokenizer.encode(p) for p in prompts], prompt_width, tokenizer.pad_id)
+  completions = [tokenizer.encode(a) + [tokenizer.eos_id] for a in answers]
+  if max(len(c) for c in completions) > completion_width:
+    raise ValueError(f"completion_width={completion_width} is invalid; allowed: >= answer length + 1.")
+  pad = lambda c, v: c + [v] * (completion_width - len(c))
+  completion_ids = jnp.asarray([pad(c, tokenizer.pad_id) for c in completions], jnp.int32)
+  loss_mask = jnp.asarray([pad([1] * len(c), 0) for c in completions], jnp.int32)
+  positions, segments = train_layout(lengths, prompt_width, prompt_width + completion_width)
+  return {"tokens": jnp.concatenate([prompt_ids, completion_ids], 1), "positions": positions,
+          "segment_ids": segments, "loss_mask": jnp.concatenate([jnp.zeros_like(prompt_ids), loss_mask], 1)}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "optimizer"), donate_argnums=(1, 2))
+def _sft_step(cfg: ModelConfig, params: nnx.State, opt_state, batch, optimizer):
+  def loss_fn(p):
+    logits = functional.apply(cfg, p, batch["tokens"], positions=batch["positions"],
+                              segment_ids=batch["segment_ids"]).logits[:, :-1]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"][:, 1:])
+    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    return (nll * mask).sum() / mask.sum()
+
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, loss
+
+
+def warm_start(cfg: ModelConfig, params: nnx.State, task: Task, tokenizer: Tokenizer, *, steps: int,
+               batch_size: int, learning_rate: float, prompt_width: int, completion_width: int,
+               seed: int) -> tuple[nnx.State, list[float]]:
+  """`steps` Adam updates of teacher-forced cross-entropy -> (params, losses)."""
+  optimizer = optax.adam(learning_rate)
+  opt_state, rng, losses = optimizer.init(params), np.random.default_rng(seed), []
+  for _ in range(steps):
+    batch = supervised_batch(task, tokenizer, rng, batch_size, prompt_width, completion_width)
+    params, opt_state, loss = _sft_step(cfg, params, opt_state, batch, optimizer)
+    losses.append(float(loss))
+  return params, losses

@@ -1,0 +1,72 @@
+"""Held-out measurements of a DSA model: LM loss with dense or sparse attention, the indexer's dense KL,
+the share of dense attention mass that falls inside the indexer's top-k set (how much of the attention
+DSA keeps), and retrieval accuracy on the synthetic long-range examples (`dsa_jax.data.retrieval`)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsa_jax.data import retrieval
+from dsa_jax.model import functional
+from dsa_jax.model.config import ModelConfig
+from dsa_jax.model.indexer import select
+from dsa_jax.training import losses
+from dsa_jax.training.state import TrainState, model_state
+
+
+def _apply(cfg: ModelConfig, state: TrainState, batch: dict, attention: str, mla_mode: str | None,
+           implementation: str | None):
+  return functional.apply(cfg, model_state(cfg, state.params, state.model_state), batch["ids"],
+                          attention=attention, mla_mode=mla_mode, implementation=implementation,
+                          positions=batch["positions"], segment_ids=batch["segment_ids"])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attention", "implementation"))
+def lm_loss(cfg: ModelConfig, state: TrainState, batch: dict, attention: str,
+            implementation: str | None = None) -> jax.Array:
+  out = _apply(cfg, state, batch, attention, None, implementation)
+  return losses.lm_loss(out.logits, batch["ids"], batch["loss_mask"], batch["segment_ids"])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attention", "implementation"))
+def logits(cfg: ModelConfig, state: TrainState, ids: jax.Array, attention: str,
+           implementation: str | None = None) -> jax.Array:
+  """Logits [B, L, V] of unpacked rows (one document each)."""
+  return functional.apply(cfg, model_state(cfg, state.params, state.model_state), ids, attention=attention,
+                          implementation=implementation).logits
+
+
+def _topk_mass(cfg: ModelConfig, aux: dict, layout: dict, implementation: str | None) -> jax.Array:
+  """Mean over queries of sum_{s in top-k(t)} p[t, s], p the head-averaged dense attention of one layer."""
+  idx = select(aux["indexer"], cfg.indexer.topk, implementation=implementation, **layout)  # [B, T, K]
+  kv = jax.vmap(lambda kv_b, i_b: kv_b[jnp.maximum(i_b, 0)])(aux["mqa"]["kv"], idx)  # [B, T, K, C+R]
+  logits = jnp.einsum("btnc,btkc->btnk", aux["mqa"]["q"], kv, preferred_element_type=jnp.float32)
+  probs = jnp.exp(logits * cfg.softmax_scale - aux["lse"][..., None]).mean(axis=2)  # [B, T, K]
+  return jnp.where(idx >= 0, probs, 0.0).sum(-1).mean()
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "implementation"))
+def indexer_metrics(cfg: ModelConfig, state: TrainState, batch: dict,
+                    implementation: str | None = None) -> dict[str, jax.Array]:
+  """Dense KL (summed over layers) and top-k attention mass (mean over layers) on one batch."""
+  out = _apply(cfg, state, batch, "dense", "mqa", implementation)
+  layout = dict(q_positions=batch["positions"], kv_positions=batch["positions"],
+                q_segment_ids=batch["segment_ids"], kv_segment_ids=batch["segment_ids"])
+  kl = losses.indexer_kl(cfg, out.layer_aux, batch["positions"], batch["segment_ids"], losses.LossConfig(),
+                         sparse=False)
+  mass = jnp.stack([_topk_mass(cfg, aux, layout, implementation) for aux in out.layer_aux]).mean()
+  return {"dense_kl": kl, "topk_mass": mass}
+
+
+def evaluate(cfg: ModelConfig, state: TrainState, batches: list[dict], examples: list[retrieval.Example],
+             attention: str, batch_size: int, implementation: str | None = None) -> dict[str, float]:
+  """LM loss and retrieval accuracy with `attention`; indexer KL and top-k mass when the model has an indexer."""
+  result = {"lm_loss": float(np.mean([lm_loss(cfg, state, b, attention, implementation) for b in batches]))}
+  if cfg.indexer is not None:
+    metrics = [indexer_metrics(cfg, state, b, implementation) for b in batches]
+    result.update({k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]})
+  result.update(retrieval.accuracy(lambda ids: logits(cfg, state, ids, attention, implementation), examples,
+                                   batch_size))
+  return result

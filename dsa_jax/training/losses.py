@@ -1,0 +1,88 @@
+"""Losses of continued pre-training (spec section 2; DeepSeek-V3 sections 2.1.2, 2.2 and 4.2).
+
+Defaults and their sources:
+  mtp_weight 0.1       DeepSeek-V3 section 4.2: lambda = 0.3 for the first 10T tokens, 0.1 for the rest.
+  balance_weight 1e-4  DeepSeek-V3 section 4.2: alpha = 0.0001 ("an extremely small value").
+  kl_weight 1.0        the indexer's KL is its only loss and touches no other parameter, so its weight is
+                       just its learning-rate scale; the paper publishes none.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from dsa_jax.model.config import ModelConfig
+from pallas_kernels.indexer_kl import api as kl_api
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  mtp_weight: float = 0.1
+  balance_weight: float = 1e-4
+  kl_weight: float = 1.0
+  kl_t_chunk: int = 256
+  kl_s_chunk: int = 1024
+
+  def __post_init__(self):
+    for name in ("mtp_weight", "balance_weight", "kl_weight"):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"LossConfig.{name}={getattr(self, name)!r} is invalid; allowed: >= 0.")
+    for name in ("kl_t_chunk", "kl_s_chunk"):
+      if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+        raise ValueError(f"LossConfig.{name}={getattr(self, name)!r} is invalid; allowed: a positive integer.")
+
+
+def lm_loss(logits: jax.Array, ids: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array,
+            shift: int = 1) -> jax.Array:
+  """Mean cross-entropy of logits[:, t] against ids[:, t + shift] over targets in the same document.
+
+  A target counts when its loss_mask is set and it lies in the document of the predicting position, so
+  packed rows never learn to predict one document from the end of another. shift=2 is the MTP target.
+  """
+  logits = logits[:, :-shift].astype(jnp.float32)
+  targets = ids[:, shift:]
+  valid = (loss_mask[:, shift:] > 0) & (segment_ids[:, shift:] == segment_ids[:, :-shift])
+  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(valid.sum(), 1)
+
+
+def indexer_kl(cfg: ModelConfig, layer_aux: tuple[dict, ...], positions: jax.Array, segment_ids: jax.Array,
+               loss_cfg: LossConfig, sparse: bool) -> jax.Array:
+  """Sum over layers of the mean per-query KL(p || softmax(I)) (paper section 2.1; dense or sparse form).
+
+  Needs the forward pass in MQA mode (`aux["mqa"]`). Gradients reach only the indexer's q, k and w.
+  """
+  total = jnp.zeros((), jnp.float32)
+  for aux in layer_aux:
+    idx = aux["indexer"]
+    args = (aux["mqa"]["q"], aux["mqa"]["kv"], aux["lse"], cfg.softmax_scale, idx.q, idx.k, idx.w)
+    where = dict(q_positions=positions, kv_positions=positions, q_segment_ids=segment_ids,
+                 kv_segment_ids=segment_ids)
+    if sparse:
+      kl = kl_api.sparse_kl(*args, aux["topk_indices"], t_chunk=min(loss_cfg.kl_t_chunk, 64), **where)
+    else:
+      kl = kl_api.dense_kl(*args, t_chunk=loss_cfg.kl_t_chunk, s_chunk=loss_cfg.kl_s_chunk, **where)
+    total = total + kl.mean()
+  return total
+
+
+def sequence_balance_loss(scores: jax.Array, experts: jax.Array, num_experts: int) -> jax.Array:
+  """Sequence-wise balance loss of one MoE layer without its weight (DeepSeek-V3 eqs. 17-20), mean over rows.
+
+  scores [B, T, E] sigmoid affinities, experts [B, T, k]: f_i = E / (k T) * #{t: i chosen},
+  P_i = mean_t s_i,t / sum_j s_j,t, L = sum_i f_i P_i (1 when perfectly balanced). A packed row is the
+  "sequence".
+  """
+  _, t, k = experts.shape
+  counts = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32).sum(axis=(1, 2))  # [B, E]
+  f = counts * num_experts / (k * t)
+  p = (scores / scores.sum(axis=-1, keepdims=True)).mean(axis=1)  # [B, E]
+  return (f * p).sum(axis=-1).mean()
+
+
+def balance_loss(cfg: ModelConfig, layer_aux: tuple[dict, ...]) -> jax.Array:
+  """Sum over MoE layers of `sequence_balance_loss`."""
+  losses = [sequence_balance_loss(a["scores"], a["experts"], cfg.moe.num_experts) for a in layer_aux
+            if "experts" in a]
+  return sum(losses, jnp.zeros((), jnp.float32))

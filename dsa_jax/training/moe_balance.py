@@ -1,0 +1,38 @@
+"""Auxiliary-loss-free load balancing (DeepSeek-V3 section 2.1.2): after each step every MoE layer's
+routing bias moves by gamma against its expert's load, bias_i += gamma * sign(mean_j load_j - load_i).
+
+Default gamma 0.001: DeepSeek-V3 section 4.2 (the bias update speed for the first 14.3T tokens; 0 after).
+The bias only steers selection; gates use the unbiased scores (`dsa_jax.model.moe`).
+"""
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_GAMMA = 1e-3
+
+
+def expert_load(experts: jax.Array, num_experts: int) -> jax.Array:
+  """experts [B, T, k] -> tokens routed to each expert [E] (float32)."""
+  return jnp.bincount(experts.reshape(-1), length=num_experts).astype(jnp.float32)
+
+
+def update(model_state: dict, layer_aux: tuple[dict, ...], gamma: float) -> dict:
+  """New router biases of the decoder's MoE layers from this step's routing ("experts" in each layer's aux).
+
+  The MTP block's router is left as it is: its routing is not part of `ModelOutput`.
+  """
+  layers = dict(model_state["layers"])
+  for i, aux in enumerate(layer_aux):
+    if "experts" not in aux:
+      continue
+    bias = layers[i]["ffn"]["bias"]
+    load = expert_load(aux["experts"], bias.shape[0])
+    layers[i] = {**layers[i], "ffn": {**layers[i]["ffn"], "bias": bias + gamma * jnp.sign(load.mean() - load)}}
+  return {**model_state, "layers": layers}
+
+
+def imbalance(layer_aux: tuple[dict, ...]) -> jax.Array:
+  """Max over MoE layers of max load / mean load (1 = perfectly balanced): a metric."""
+  ratios = [jnp.max(l) / jnp.maximum(jnp.mean(l), 1.0) for l in
+            (expert_load(a["experts"], a["scores"].shape[-1]) for a in layer_aux if "experts" in a)]
+  return jnp.max(jnp.stack(ratios)) if ratios else jnp.ones((), jnp.float32)

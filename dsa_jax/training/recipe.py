@@ -1,0 +1,188 @@
+"""The DSA continued pre-training recipe (spec section 2), end to end:
+
+  dense        ordinary training from the starting weights (random, our Orbax checkpoint, or HF)
+  warmup       from `dense`: dense attention, only the indexer trains on the dense KL
+  sparse       from `warmup`: DSA; main model on the LM loss, indexer on the sparse KL
+  dense_cont   (with `compare_dense`) from `dense`, dense training for as many tokens as warmup + sparse:
+               the baseline the sparse model is compared with. It reads the same batches (same iterator
+               state at its start), so the two branches differ only in the attention.
+Each stage checkpoints into `run_dir/<stage>/checkpoints` and logs to `run_dir/<stage>/metrics.jsonl` and
+TensorBoard events; a rerun resumes each stage from its newest readable checkpoint and skips finished ones.
+"""
+
+import dataclasses
+import json
+import pathlib
+
+import numpy as np
+
+from dsa_jax.data import pipeline, retrieval
+from dsa_jax.model import functional
+from dsa_jax.model.config import ModelConfig
+from dsa_jax.training import checkpointing, evaluation, flops, loop, losses
+from dsa_jax.training import optimizer as optim
+from dsa_jax.training import state as state_lib
+from dsa_jax.training.train_step import StepConfig
+
+INITS = ("random", "orbax", "hf")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig:
+  model: ModelConfig
+  data: pipeline.DataConfig
+  run_dir: str
+  optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
+  loss: losses.LossConfig = losses.LossConfig()
+  dense_steps: int = 200
+  warmup_steps: int = 50
+  sparse_steps: int = 100
+  compare_dense: bool = True
+  init: str = "random"  # "random" | "orbax" (a stage checkpoint directory) | "hf" (an HF checkpoint directory)
+  init_path: str = ""
+  seed: int = 0
+  checkpoint_every: int = 50
+  keep: int = 2
+  log_every: int = 10
+  eval_every: int = 0  # > 0: top-k attention mass during warmup and sparse every this many steps
+  eval_batches: int = 2
+  eval_examples: int = 32
+  implementation: str | None = None
+
+  def __post_init__(self):
+    if self.init not in INITS:
+      raise ValueError(f"RecipeConfig.init={self.init!r} is invalid; allowed: {INITS}.")
+    if self.init != "random" and not self.init_path:
+      raise ValueError(f"RecipeConfig.init_path={self.init_path!r} is invalid with init={self.init!r}; "
+                       "allowed: the checkpoint directory.")
+    for name in ("dense_steps", "warmup_steps", "sparse_steps", "checkpoint_every", "eval_every"):
+      if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+        raise ValueError(f"RecipeConfig.{name}={getattr(self, name)!r} is invalid; allowed: an integer >= 0.")
+
+
+def initial_state(cfg: RecipeConfig) -> state_lib.TrainState:
+  """Step-0 state of the dense stage from random weights, our Orbax checkpoint or an HF checkpoint."""
+  if cfg.init == "hf":
+    from dsa_jax.checkpoint.hf_convert import load_hf  # only this start needs the converter
+    hf_cfg, model = load_hf(cfg.init_path, include_mtp=cfg.model.num_mtp_layers > 0)
+    if hf_cfg.replace(indexer=cfg.model.indexer, max_position=cfg.model.max_position) != cfg.model:
+      raise ValueError(f"RecipeConfig.model does not match the HF checkpoint {cfg.init_path}; allowed: its config "
+                       f"(top-k and max_position may differ): {hf_cfg}")
+  else:
+    model = functional.init(cfg.model, cfg.seed)
+  state = state_lib.create(cfg.model, model, optim.build(cfg.optimizer, "dense"), cfg.seed)
+  if cfg.init == "orbax":
+    restored = checkpointing.Checkpointer(cfg.init_path, every=1).restore_latest(state)
+    if restored is None:
+      raise FileNotFoundError(f"RecipeConfig.init_path={cfg.init_path!r} holds no readable checkpoint.")
+    state = state_lib.start_stage(restored[0], optim.build(cfg.optimizer, "dense"))
+  return state
+
+
+class Recipe:
+  """Runs the stages of one run directory and collects their evaluations."""
+
+  def __init__(self, cfg: RecipeConfig, stop: loop.StopRequest | None = None):
+    self.cfg, self.stop = cfg, stop
+    self.root = pathlib.Path(cfg.run_dir)
+    self.tokenizer = pipeline.build_tokenizer(cfg.data)
+    self.train_docs, eval_docs = pipeline.documents(cfg.data)
+    self.eval_batches = pipeline.eval_batches(cfg.data, eval_docs, self.tokenizer, cfg.eval_batches)
+    self.examples = retrieval.eval_examples(eval_docs, self.tokenizer, cfg.data.seq_len, cfg.eval_examples,
+                                            cfg.data.retrieval)
+    self.peak, self.peak_source = flops.peak_flops()
+    self.final: dict[str, tuple] = {}
+
+  def evaluate(self, state, attention: str) -> dict[str, float]:
+    return evaluation.evaluate(self.cfg.model, state, self.eval_batches, self.examples, attention,
+                               self.cfg.data.batch_size, self.cfg.implementation)
+
+  def run_stage(self, name: str, stage: str, steps: int, start: tuple | None) -> tuple | None:
+    """Trains one stage; returns (state, data iterator) at its end, or None when stopped by SIGTERM."""
+    cfg = self.cfg
+    step_cfg = StepConfig(model=cfg.model, stage=stage, optimizer=cfg.optimizer, loss=cfg.loss,
+                          implementation=cfg.implementation)
+    tx = optim.build(cfg.optimizer, stage)
+    data = iter(pipeline.train_dataset(cfg.data, self.train_docs, self.tokenizer))
+    if start is None:
+      state = state_lib.start_stage(initial_state(cfg), tx)
+    else:
+      state = state_lib.start_stage(start[0], tx)
+      data.set_state(start[1].get_state())
+    checkpointer = checkpointing.Checkpointer(self.root / name / "checkpoints", keep=cfg.keep,
+                                              every=cfg.checkpoint_every or steps or 1)
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+      state = restored[0]
+      data.set_state(restored[1])
+      print(f"[{name}] resumed at step {int(state.step)} from {checkpointer.directory}", flush=True)
+    log = loop.MetricsLog(self.root / name)
+    per_token = flops.per_token(cfg.model, cfg.data.seq_len, stage, step_cfg.with_mtp)
+    try:
+      for target in self._eval_points(stage, steps):
+        state, stopped = loop.run(step_cfg, state, data, steps=target, checkpointer=checkpointer, log=log,
+                                  flops_per_token=per_token, peak_flops=self.peak, log_every=cfg.log_every,
+                                  stop=self.stop, label=name)
+        if stopped:
+          return None
+        if stage != "dense" and cfg.eval_every:
+          mass = evaluation.indexer_metrics(cfg.model, state, self.eval_batches[0], cfg.implementation)
+          log.write(target, {f"eval_{k}": float(v) for k, v in mass.items()})
+    finally:
+      log.close()
+      checkpointer.close()
+    return state, data
+
+  def _eval_points(self, stage: str, steps: int) -> list[int]:
+    every = self.cfg.eval_every if stage != "dense" and self.cfg.eval_every else max(steps, 1)
+    return sorted(set(list(range(every, steps, every)) + [steps]))
+
+
+def _step_time(path: pathlib.Path) -> float:
+  """Median step time of a stage's log, without its first (compiling) step."""
+  times = [r["step_time_s"] for r in map(json.loads, path.read_text().splitlines()) if "step_time_s" in r]
+  return float(np.median(times[1:] or times)) if times else float("nan")
+
+
+def run(cfg: RecipeConfig, stop: loop.StopRequest | None = None) -> dict | None:
+  """All stages, evaluations after each; writes `run_dir/results.json`. None when stopped by SIGTERM."""
+  recipe = Recipe(cfg, stop)
+  results = {"run_dir": str(recipe.root.absolute()), "peak_flops": recipe.peak, "peak_source": recipe.peak_source,
+             "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len}
+  stages = [("dense", "dense", cfg.dense_steps, None, "dense"),
+            ("warmup", "warmup", cfg.warmup_steps, "dense", "sparse"),
+            ("sparse", "sparse", cfg.sparse_steps, "warmup", "sparse")]
+  if cfg.compare_dense:
+    stages.append(("dense_cont", "dense", cfg.warmup_steps + cfg.sparse_steps, "dense", "dense"))
+  ends = {}
+  for name, stage, steps, start, attention in stages:
+    ends[name] = recipe.run_stage(name, stage, steps, ends.get(start))
+    if ends[name] is None:
+      return None
+    results[name] = recipe.evaluate(ends[name][0], attention)
+    results[name]["step_time_s"] = _step_time(recipe.root / name / "metrics.jsonl") if steps else float("nan")
+    results[name]["steps"] = steps
+    print(f"[{name}] eval ({attention} attention): " + ", ".join(f"{k} {v:.4g}" for k, v in results[name].items()),
+          flush=True)
+    (recipe.root / "results.json").write_text(json.dumps(results, indent=1))
+  return results
+
+
+def table(results: dict) -> str:
+  """The main job's summary table (markdown): each measure for the dense baseline and for the DSA model."""
+  dense = results.get("dense_cont", results["dense"])
+  sparse, before, warm = results["sparse"], results["dense"], results["warmup"]
+  rows = [("held-out LM loss", "dense model, dense attention", dense["lm_loss"], "DSA model, sparse attention",
+           sparse["lm_loss"]),
+          ("indexer dense KL", "start of warm-up", before["dense_kl"], "end of warm-up", warm["dense_kl"]),
+          ("attention mass inside top-k", "start of warm-up", before["topk_mass"], "end of warm-up",
+           warm["topk_mass"]),
+          ("attention mass inside top-k", "end of warm-up", warm["topk_mass"], "end of sparse stage",
+           sparse["topk_mass"]),
+          ("retrieval exact match", "dense model", dense["retrieval_exact"], "DSA model", sparse["retrieval_exact"]),
+          ("retrieval per-token accuracy", "dense model", dense["retrieval_token"], "DSA model",
+           sparse["retrieval_token"]),
+          ("median step time (s)", "dense stage", dense["step_time_s"], "sparse stage", sparse["step_time_s"])]
+  lines = ["| measure | baseline | value | compared with | value |", "| --- | --- | --- | --- | --- |"]
+  lines += [f"| {m} | {a} | {va:.4f} | {b} | {vb:.4f} |" for m, a, va, b, vb in rows]
+  return "\n".join(lines)

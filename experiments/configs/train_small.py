@@ -1,0 +1,21 @@
+"""The GPU parity experiment (issue 5): the `small` model at 8K context with top-k 512 on one H200.
+
+From one dense checkpoint, (a) dense and (b) warm-up + sparse continue for the same number of tokens.
+Sized for a few minutes of one GPU: a short run, not a converged one.
+"""
+
+import ml_collections
+
+from experiments.configs import train_tiny
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = train_tiny.get_config()
+  config.model.update({"preset": "small", "topk": 512, "index_heads": 16, "index_dim": 64, "max_position": 32768})
+  config.model.vocab_size = 512  # the byte tokenizer's ids (256 bytes + specials) fit; an embedding of 32768 would idle
+  config.loss.mtp_weight = 0.0  # no MTP: its block's indexer gets no KL (its aux is not in ModelOutput)
+  config.data.update({"seq_len": 8192, "batch_size": 1})
+  config.optimizer.update({"lr_main": 1e-3, "lr_indexer": 1e-3, "lr_indexer_warmup": 1e-3})
+  config.train.update({"dense_steps": 100, "warmup_steps": 20, "sparse_steps": 60, "checkpoint_every": 0,
+                       "log_every": 10, "eval_every": 20, "eval_batches": 1, "eval_examples": 16})
+  return config

@@ -1,0 +1,21 @@
+"""The main job: the tiny model on the embedded corpus, CPU, a few minutes.
+
+Rows of 256 tokens with top-k 32 (the `tiny` preset's top-k 8 would be too few to matter), so DSA keeps
+an eighth of the keys at the end of a row.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "model": {"preset": "tiny", "topk": 32, "index_heads": 4, "index_dim": 16, "max_position": 512},
+      "data": {"seq_len": 256, "batch_size": 4, "seed": 0, "files": "", "tokenizer": "byte",
+               "retrieval_rate": 0.25, "retrieval_pairs": 2, "retrieval_digits": 3},
+      "optimizer": {"lr_main": 3e-3, "lr_indexer": 1e-3, "lr_indexer_warmup": 1e-3, "warmup_steps": 20},
+      "loss": {"mtp_weight": 0.1, "balance_weight": 1e-4},
+      "train": {"dense_steps": 160, "warmup_steps": 30, "sparse_steps": 70, "compare_dense": True,
+                "checkpoint_every": 50, "keep": 2, "log_every": 20, "eval_every": 0, "eval_batches": 2,
+                "eval_examples": 16},
+      "init": "random", "init_path": "", "seed": 0, "run_dir": "", "implementation": "",
+  })

@@ -1,0 +1,65 @@
+"""Plots a DSA run from its per-stage `metrics.jsonl` files: LM loss of the dense and sparse branches,
+the indexer KL, the top-k attention mass over training, and step times.
+
+  python -m experiments.plot_dsa_run --run_dir=benchmarks/results/dsa_parity_small_8k_20261129 --out=docs/x.png
+Files are `<stage>.jsonl` (as copied from a GPU run) or `<stage>/metrics.jsonl` (a run directory).
+"""
+
+import json
+import pathlib
+
+import matplotlib
+import numpy as np
+from absl import app, flags
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+_RUN_DIR = flags.DEFINE_string("run_dir", None, "Run directory or folder of <stage>.jsonl files.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output PNG.", required=True)
+STAGES = ("dense", "warmup", "sparse", "dense_cont")
+
+
+def load(run_dir: pathlib.Path) -> dict[str, list[dict]]:
+  found = {}
+  for stage in STAGES:
+    for path in (run_dir / f"{stage}.jsonl", run_dir / stage / "metrics.jsonl"):
+      if path.exists():
+        found[stage] = [json.loads(line) for line in path.read_text().splitlines()]
+  return found
+
+
+def main(argv):
+  del argv
+  runs = load(pathlib.Path(_RUN_DIR.value))
+  fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+  trained = lambda stage: len([r for r in runs.get(stage, []) if "loss" in r])
+  starts = {"dense": 0, "sparse": trained("dense") + trained("warmup"), "dense_cont": trained("dense")}
+  for stage, start in starts.items():
+    rows = [r for r in runs.get(stage, []) if "lm_loss" in r]
+    axes[0].plot([start + r["step"] for r in rows], [r["lm_loss"] for r in rows], label=stage)
+  axes[0].set(title="training LM loss", xlabel="step (all stages)")
+  axes[0].legend()
+  for stage in ("warmup", "sparse"):
+    rows = [r for r in runs.get(stage, []) if "kl" in r]
+    axes[1].plot([r["step"] for r in rows], [r["kl"] for r in rows], label=stage)
+  axes[1].set(title="indexer KL (sum over layers)", xlabel="stage step", yscale="log")
+  axes[1].legend()
+  results = pathlib.Path(_RUN_DIR.value) / "results.json"
+  before = [{"step": 0, "eval_topk_mass": json.loads(results.read_text())["dense"]["topk_mass"]}] if (
+      results.exists()) else []  # the dense model's, where the warm-up starts
+  for stage, first in (("warmup", before), ("sparse", [])):
+    rows = first + [r for r in runs.get(stage, []) if "eval_topk_mass" in r]
+    axes[2].plot([r["step"] for r in rows], [r["eval_topk_mass"] for r in rows], "o-", label=stage)
+  axes[2].set(title="dense attention mass in top-k", xlabel="stage step", ylim=(0, 1))
+  axes[2].legend()
+  names = [s for s in STAGES if s in runs]
+  times = [np.median([r["step_time_s"] for r in runs[s] if "step_time_s" in r][1:] or [np.nan]) for s in names]
+  axes[3].bar(names, times)
+  axes[3].set(title="median step time (s)")
+  fig.tight_layout()
+  fig.savefig(_OUT.value, dpi=110)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -22,7 +22,7 @@ set, ref_logp with `token_log_softmax` (full softmax). Rewards: `get_task`, `reg
 from dsa_jax.rl.advantages import group_advantages
 from dsa_jax.rl.grpo_loss import grpo_loss, k3_kl, off_policy_sequence_mask
 from dsa_jax.rl.rewards import DigitTask, Task, digit_reward, get_task, register_task, task_names
-from dsa_jax.rl.sampling_mask import (
+from dsa_jax.sampling.sampling_mask import (
     kept_log_softmax,
     kept_probability_mass,
     sample_from_kept,

@@ -25,7 +25,7 @@ from dsa_jax.model import functional, moe
 from dsa_jax.model.config import ModelConfig
 from dsa_jax.rl.grpo_loss import grpo_loss
 from dsa_jax.rl.rollout import RolloutBatch
-from dsa_jax.rl.sampling_mask import kept_log_softmax, kept_probability_mass, token_log_softmax
+from dsa_jax.sampling.sampling_mask import kept_log_softmax, kept_probability_mass, token_log_softmax
 
 
 @dataclasses.dataclass(frozen=True)

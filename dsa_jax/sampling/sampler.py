@@ -2,7 +2,7 @@
 
 DeepSeek-V3.2 §3.1 ("Keep Routing", "Keep Sampling Mask"): for every generated token the sampler returns
 the token, its log-probability under the sampler μ (over the truncated, renormalised distribution it drew
-from), the kept set of top-k/top-p as [B, N, K_max] ids padded with -1 (`rl.sampling_mask`), and the
+from), the kept set of top-k/top-p as [B, N, K_max] ids padded with -1 (`sampling.sampling_mask`), and the
 experts chosen at every MoE layer, for the prompt tokens as well, so the trainer can replay all of them.
 
 Padding convention: prompts are LEFT-padded to one width P. Padded slots get segment id -1 (invisible to
@@ -23,7 +23,7 @@ from flax import nnx
 
 from dsa_jax.model import functional, kv_cache
 from dsa_jax.model.config import ModelConfig
-from dsa_jax.rl.sampling_mask import kept_log_softmax, sample_from_kept, top_k_top_p_kept_ids
+from dsa_jax.sampling.sampling_mask import kept_log_softmax, sample_from_kept, top_k_top_p_kept_ids
 
 PAD_SEGMENT = -1
 

@@ -15,7 +15,7 @@ from dsa_jax.agent.tools import Tool, ToolRegistry
 from dsa_jax.data.tokenizer import ByteTokenizer
 from dsa_jax.model import functional
 from dsa_jax.model.config import tiny
-from dsa_jax.rl.sampling_mask import kept_log_softmax
+from dsa_jax.sampling.sampling_mask import kept_log_softmax
 from dsa_jax.sampling import SamplingConfig, train_layout
 from dsa_jax.sampling.agent_adapter import SamplerGenerateFn
 

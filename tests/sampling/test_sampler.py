@@ -10,7 +10,7 @@ import pytest
 
 from dsa_jax.model import functional
 from dsa_jax.model.config import tiny
-from dsa_jax.rl.sampling_mask import kept_log_softmax
+from dsa_jax.sampling.sampling_mask import kept_log_softmax
 from dsa_jax.sampling import SamplingConfig, full_tokens, generate, left_pad, train_layout
 
 CFG = tiny().replace(num_mtp_layers=0)

@@ -31,10 +31,12 @@ class ModelOutput:
   layer_aux: tuple[dict, ...]  # per layer: "topk_indices", "indexer", "lse", "experts", "scores", ...
   mtp_logits: jax.Array | None = None  # [B, T, V]: position i predicts token i + 2
   cache: KVCache | None = None  # the updated decode cache when one was passed in
+  mtp_aux: dict | None = None  # the MTP block's aux (like a layer's): its indexer's KL and its router's load
 
 
 jax.tree_util.register_dataclass(
-    ModelOutput, data_fields=["logits", "hidden_states", "layer_aux", "mtp_logits", "cache"], meta_fields=[])
+    ModelOutput, data_fields=["logits", "hidden_states", "layer_aux", "mtp_logits", "cache", "mtp_aux"],
+    meta_fields=[])
 
 
 class Block(nnx.Module):
@@ -111,12 +113,15 @@ class DeepseekV32(nnx.Module):
   def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, options: AttentionOptions = AttentionOptions(),
                forced_experts: dict[int, jax.Array] | None = None, with_mtp: bool = False,
-               cache: KVCache | None = None, expert_dispatch: ExpertDispatch | None = None) -> ModelOutput:
+               cache: KVCache | None = None, expert_dispatch: ExpertDispatch | None = None,
+               next_ids: jax.Array | None = None) -> ModelOutput:
     """input_ids [B, T] -> ModelOutput. forced_experts maps a MoE layer index to its [B, T, k] choices.
 
     With `cache` the T tokens are appended to it (prefill or one decode step) and attend to everything
     cached; the updated cache comes back in ModelOutput.cache (`kv_cache`).
     expert_dispatch replaces the single-device expert computation (`dsa_jax.sharding.expert_parallel`).
+    next_ids [B, T]: the token after each position in document order, the MTP block's input (default: the
+    ids shifted along the array, wrong once the sequence is permuted for context parallelism).
     """
     b, t = input_ids.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if positions is None else positions
@@ -135,12 +140,13 @@ class DeepseekV32(nnx.Module):
       aux.append(layer_aux)
     if cache is not None:
       cache = dataclasses.replace(cache, layers=tuple(a.pop("cache") for a in aux))
-    mtp_logits = None
+    mtp_logits = mtp_aux = None
     if with_mtp:
       if self.mtp is None:
         raise ValueError("with_mtp=True needs num_mtp_layers=1; this config has num_mtp_layers=0.")
-      next_ids = jnp.concatenate([input_ids[:, 1:], input_ids[:, -1:]], axis=1)
-      mtp_hidden, _ = self.mtp(x, self.embed[...].astype(self.cfg.dtype)[next_ids], layout, options,
-                               expert_dispatch)
+      if next_ids is None:
+        next_ids = jnp.concatenate([input_ids[:, 1:], input_ids[:, -1:]], axis=1)
+      mtp_hidden, mtp_aux = self.mtp(x, self.embed[...].astype(self.cfg.dtype)[next_ids], layout, options,
+                                     expert_dispatch)
       mtp_logits = self.logits(mtp_hidden)
-    return ModelOutput(self.logits(self.norm(x)), tuple(hidden), tuple(aux), mtp_logits, cache)
+    return ModelOutput(self.logits(self.norm(x)), tuple(hidden), tuple(aux), mtp_logits, cache, mtp_aux)

@@ -33,9 +33,8 @@ def load_balanced_order(seq_len: int, context: int) -> np.ndarray:
 def to_context_layout(batch: Mapping[str, jax.Array], context: int) -> dict[str, jax.Array]:
   """Permutes every [B, T, ...] field into the load-balanced order and adds explicit `positions`.
 
-  Labels and masks travel with their tokens, so a token-level loss is unchanged by the permutation; a
-  loss that finds targets by shifting along the array (`training.losses.lm_loss`) must instead get its
-  labels here, computed before the permutation.
+  Labels and masks travel with their tokens, so a token-level loss is unchanged by the permutation; labels
+  found by shifting along the array must be built before it (`training.train_step.with_labels` does).
   """
   some = next(iter(batch.values()))
   b, t = some.shape[:2]

@@ -33,25 +33,41 @@ class LossConfig:
         raise ValueError(f"LossConfig.{name}={getattr(self, name)!r} is invalid; allowed: a positive integer.")
 
 
-def lm_loss(logits: jax.Array, ids: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array,
-            shift: int = 1) -> jax.Array:
-  """Mean cross-entropy of logits[:, t] against ids[:, t + shift] over targets in the same document.
+def shifted_labels(ids: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array,
+                   shift: int = 1) -> tuple[jax.Array, jax.Array]:
+  """Target of each position, ids[:, t + shift], and whether it counts -> (labels, label_mask) [B, T].
 
   A target counts when its loss_mask is set and it lies in the document of the predicting position, so
   packed rows never learn to predict one document from the end of another. shift=2 is the MTP target.
+  Build them in document order: afterwards the sequence may be permuted (context parallelism) and the
+  labels travel with their positions. The last `shift` labels repeat the last id (as the model's default
+  MTP input does) and never count.
   """
-  logits = logits[:, :-shift].astype(jnp.float32)
-  targets = ids[:, shift:]
+  labels = jnp.pad(ids[:, shift:], ((0, 0), (0, shift)), mode="edge")
   valid = (loss_mask[:, shift:] > 0) & (segment_ids[:, shift:] == segment_ids[:, :-shift])
-  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(valid.sum(), 1)
+  return labels, jnp.pad(valid, ((0, 0), (0, shift)))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_mask: jax.Array) -> jax.Array:
+  """Mean cross-entropy of logits [B, T, V] against labels [B, T] where label_mask is set (any token order)."""
+  logits = logits.astype(jnp.float32)
+  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(label_mask, nll, 0.0)) / jnp.maximum(label_mask.sum(), 1)
+
+
+def lm_loss(logits: jax.Array, ids: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array,
+            shift: int = 1) -> jax.Array:
+  """`cross_entropy` against `shifted_labels`: for a sequence in document order (not context-permuted)."""
+  return cross_entropy(logits, *shifted_labels(ids, loss_mask, segment_ids, shift))
 
 
 def indexer_kl(cfg: ModelConfig, layer_aux: tuple[dict, ...], positions: jax.Array, segment_ids: jax.Array,
                loss_cfg: LossConfig, sparse: bool) -> jax.Array:
   """Sum over layers of the mean per-query KL(p || softmax(I)) (paper section 2.1; dense or sparse form).
 
+  layer_aux: the decoder layers' aux and, when it ran, the MTP block's (its indexer trains the same way).
   Needs the forward pass in MQA mode (`aux["mqa"]`). Gradients reach only the indexer's q, k and w.
+  Positions and segment ids decide visibility, so any token order (context parallelism) gives the same KL.
   """
   total = jnp.zeros((), jnp.float32)
   for aux in layer_aux:
@@ -82,7 +98,7 @@ def sequence_balance_loss(scores: jax.Array, experts: jax.Array, num_experts: in
 
 
 def balance_loss(cfg: ModelConfig, layer_aux: tuple[dict, ...]) -> jax.Array:
-  """Sum over MoE layers of `sequence_balance_loss`."""
+  """Sum over MoE layers (the MTP block's included when its aux is passed) of `sequence_balance_loss`."""
   losses = [sequence_balance_loss(a["scores"], a["experts"], cfg.moe.num_experts) for a in layer_aux
             if "experts" in a]
   return sum(losses, jnp.zeros((), jnp.float32))

@@ -16,19 +16,26 @@ def expert_load(experts: jax.Array, num_experts: int) -> jax.Array:
   return jnp.bincount(experts.reshape(-1), length=num_experts).astype(jnp.float32)
 
 
-def update(model_state: dict, layer_aux: tuple[dict, ...], gamma: float) -> dict:
-  """New router biases of the decoder's MoE layers from this step's routing ("experts" in each layer's aux).
+def _moved(ffn: dict, aux: dict, gamma: float) -> dict:
+  """One MoE layer's variables with its router bias moved against this step's load."""
+  load = expert_load(aux["experts"], ffn["bias"].shape[0])
+  return {**ffn, "bias": ffn["bias"] + gamma * jnp.sign(load.mean() - load)}
 
-  The MTP block's router is left as it is: its routing is not part of `ModelOutput`.
+
+def update(model_state: dict, layer_aux: tuple[dict, ...], gamma: float, mtp_aux: dict | None = None) -> dict:
+  """New router biases of every MoE layer from this step's routing ("experts" in each layer's aux).
+
+  `mtp_aux` (`ModelOutput.mtp_aux`, when the MTP block ran) moves the MTP block's router bias too.
   """
   layers = dict(model_state["layers"])
   for i, aux in enumerate(layer_aux):
-    if "experts" not in aux:
-      continue
-    bias = layers[i]["ffn"]["bias"]
-    load = expert_load(aux["experts"], bias.shape[0])
-    layers[i] = {**layers[i], "ffn": {**layers[i]["ffn"], "bias": bias + gamma * jnp.sign(load.mean() - load)}}
-  return {**model_state, "layers": layers}
+    if "experts" in aux:
+      layers[i] = {**layers[i], "ffn": _moved(layers[i]["ffn"], aux, gamma)}
+  new = {**model_state, "layers": layers}
+  if mtp_aux is not None and "experts" in mtp_aux:
+    block = model_state["mtp"]["block"]
+    new["mtp"] = {**model_state["mtp"], "block": {**block, "ffn": _moved(block["ffn"], mtp_aux, gamma)}}
+  return new
 
 
 def imbalance(layer_aux: tuple[dict, ...]) -> jax.Array:

@@ -8,6 +8,11 @@
           detached inside the model and the KL target is a stop-gradient, while top-k selection gives
           the LM loss no gradient into the indexer. So one summed loss trains each part on its own loss.
 Freezing is the optimizer's (`optimizer.build`); MoE biases follow `moe_balance` when the main model trains.
+The MTP block is one more layer here: its indexer gets its KL (in the warm-up too) and its router bias moves.
+
+On a mesh (`dsa_jax.sharding.partition.jit_sharded`) `StepConfig.expert_dispatch` runs the routed experts
+expert-parallel and `StepConfig.context` permutes the sequence for context parallelism. The step takes the
+batch in document order and builds the labels itself before permuting, so callers never permute.
 """
 
 import dataclasses
@@ -19,11 +24,13 @@ import optax
 
 from dsa_jax.model import functional
 from dsa_jax.model.config import ModelConfig
+from dsa_jax.model.moe import ExpertDispatch
+from dsa_jax.sharding import context_parallel
 from dsa_jax.training import losses, moe_balance
 from dsa_jax.training import optimizer as optim
 from dsa_jax.training.state import TrainState, model_state
 
-Batch = dict[str, jax.Array]  # ids, loss_mask, segment_ids, positions: [B, T] int32
+Batch = dict[str, jax.Array]  # ids, loss_mask, segment_ids, positions: [B, T] int32, in document order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,16 +42,22 @@ class StepConfig:
   loss: losses.LossConfig = losses.LossConfig()
   bias_gamma: float = moe_balance.DEFAULT_GAMMA
   implementation: str | None = None
+  # `expert_parallel.make_dispatch(mesh)`: hashed by identity, so build it once per mesh (one compile).
+  expert_dispatch: ExpertDispatch | None = None
+  context: int = 1  # the mesh's context axis: the step permutes the sequence into its load-balanced order
 
   def __post_init__(self):
     if self.stage not in optim.STAGES:
       raise ValueError(f"StepConfig.stage={self.stage!r} is invalid; allowed: {optim.STAGES}.")
     if self.stage != "dense" and self.model.indexer is None:
       raise ValueError(f"StepConfig.stage={self.stage!r} needs a model with an indexer; allowed: 'dense'.")
+    if not (isinstance(self.context, int) and self.context > 0):
+      raise ValueError(f"StepConfig.context={self.context!r} is invalid; allowed: a positive integer.")
 
   @property
   def with_mtp(self) -> bool:
-    return self.stage != "warmup" and self.loss.mtp_weight > 0 and self.model.num_mtp_layers > 0
+    """Whether the MTP block runs; in the warm-up only for its indexer's KL (its LM loss is not used)."""
+    return self.loss.mtp_weight > 0 and self.model.num_mtp_layers > 0
 
   @property
   def attention(self) -> tuple[str, str]:
@@ -52,46 +65,63 @@ class StepConfig:
     return {"dense": ("dense", "mha"), "warmup": ("dense", "mqa"), "sparse": ("sparse", "mqa")}[self.stage]
 
 
+def with_labels(batch: Batch, config: StepConfig) -> Batch:
+  """Adds labels / label_mask (the next token) and, with MTP, mtp_labels / mtp_label_mask (two ahead), then
+  permutes every field into the context-parallel order: the labels must be built first, in document order,
+  because shifting along the permuted array no longer finds the next token."""
+  out = dict(batch)
+  out["labels"], out["label_mask"] = losses.shifted_labels(batch["ids"], batch["loss_mask"], batch["segment_ids"])
+  if config.with_mtp:
+    out["mtp_labels"], out["mtp_label_mask"] = losses.shifted_labels(batch["ids"], batch["loss_mask"],
+                                                                     batch["segment_ids"], shift=2)
+  return context_parallel.to_context_layout(out, config.context) if config.context > 1 else out
+
+
+def _with_mtp(layer_aux: tuple[dict, ...], mtp_aux: dict | None) -> tuple[dict, ...]:
+  """The layers' aux and the MTP block's: it trains like one more layer (indexer KL, balance loss, load)."""
+  return layer_aux + (() if mtp_aux is None else (mtp_aux,))
+
+
 def loss_fn(params: dict, other: dict, batch: Batch, config: StepConfig):
-  """-> (total loss, (metrics, per-layer aux)). Terms a stage does not train on are reported, not added."""
+  """-> (total loss, (metrics, per-layer aux, MTP aux)) of a `with_labels` batch. Terms a stage does not train
+  on are reported, not added."""
   kind, mode = config.attention
   out = functional.apply(config.model, model_state(config.model, params, other), batch["ids"], attention=kind,
                          mla_mode=mode, implementation=config.implementation, positions=batch["positions"],
-                         segment_ids=batch["segment_ids"], with_mtp=config.with_mtp)
-  lm = losses.lm_loss(out.logits, batch["ids"], batch["loss_mask"], batch["segment_ids"])
-  metrics = {"lm_loss": lm}
+                         segment_ids=batch["segment_ids"], with_mtp=config.with_mtp,
+                         expert_dispatch=config.expert_dispatch, next_ids=batch["labels"])
+  aux = _with_mtp(out.layer_aux, out.mtp_aux)
+  metrics = {"lm_loss": losses.cross_entropy(out.logits, batch["labels"], batch["label_mask"])}
   if config.stage == "warmup":
-    kl = losses.indexer_kl(config.model, out.layer_aux, batch["positions"], batch["segment_ids"], config.loss,
-                           sparse=False)
+    kl = losses.indexer_kl(config.model, aux, batch["positions"], batch["segment_ids"], config.loss, sparse=False)
     metrics["kl"] = kl
-    return config.loss.kl_weight * kl, (metrics, out.layer_aux)
-  total = lm
+    return config.loss.kl_weight * kl, (metrics, out.layer_aux, out.mtp_aux)
+  total = metrics["lm_loss"]
   if config.with_mtp:
-    metrics["mtp_loss"] = losses.lm_loss(out.mtp_logits, batch["ids"], batch["loss_mask"], batch["segment_ids"],
-                                         shift=2)
+    metrics["mtp_loss"] = losses.cross_entropy(out.mtp_logits, batch["mtp_labels"], batch["mtp_label_mask"])
     total = total + config.loss.mtp_weight * metrics["mtp_loss"]
   if config.model.num_layers > config.model.first_k_dense:
-    metrics["balance_loss"] = losses.balance_loss(config.model, out.layer_aux)
+    metrics["balance_loss"] = losses.balance_loss(config.model, aux)
     total = total + config.loss.balance_weight * metrics["balance_loss"]
   if config.stage == "sparse":
-    metrics["kl"] = losses.indexer_kl(config.model, out.layer_aux, batch["positions"], batch["segment_ids"],
-                                      config.loss, sparse=True)
+    metrics["kl"] = losses.indexer_kl(config.model, aux, batch["positions"], batch["segment_ids"], config.loss,
+                                      sparse=True)
     total = total + config.loss.kl_weight * metrics["kl"]
-  return total, (metrics, out.layer_aux)
+  return total, (metrics, out.layer_aux, out.mtp_aux)
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
 def step(state: TrainState, batch: Batch, *, config: StepConfig) -> tuple[TrainState, dict]:
   """One optimizer step of `config.stage` -> (new state, scalar metrics)."""
-  (loss, (metrics, layer_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, state.model_state, batch, config)
+  (loss, (metrics, layer_aux, mtp_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, state.model_state, with_labels(batch, config), config)
   tx = optim.build(config.optimizer, config.stage)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   other = state.model_state
   if config.stage != "warmup" and config.model.num_layers > config.model.first_k_dense:
-    other = moe_balance.update(other, layer_aux, config.bias_gamma)
-    metrics["max_load_ratio"] = moe_balance.imbalance(layer_aux)
+    other = moe_balance.update(other, layer_aux, config.bias_gamma, mtp_aux)
+    metrics["max_load_ratio"] = moe_balance.imbalance(_with_mtp(layer_aux, mtp_aux))
   labels = optim.group_labels(grads)
   for group in optim.GROUPS:
     metrics[f"grad_norm_{group}"] = optax.global_norm(jax.tree.map(

@@ -1,10 +1,15 @@
-"""A training step of each stage (dense / warmup / sparse) on an fsdp x expert x tensor mesh of 8 simulated
-devices equals the single-device step: the TrainState (params, AdamW moments) sharded by `logical_axes`,
-the batch over the batch axes, and `train_step.step` jitted with in/out shardings under the rules.
+"""A training step of each stage (dense / warmup / sparse) on 8 simulated devices equals the single-device
+step: the TrainState (params, AdamW moments) sharded by `logical_axes`, the batch over the batch axes, and
+`train_step.step` jitted with in/out shardings under the rules.
 
-The stage steps run GSPMD only: `StepConfig` has no `expert_dispatch` yet, so their MoE is partitioned by
-XLA rather than by `sharding.expert_parallel` (covered by test_model_equivalence and test_expert_parallel).
+Meshes: fsdp x expert x tensor with the MoE partitioned by GSPMD (every stage), and context x expert x fsdp
+with the step's expert dispatch (all-to-all) and context parallelism (the step permutes the batch into the
+load-balanced order after building its labels): warm-up (dense attention, dense KL) and sparse with the
+MTP block (its labels, its input ids and its indexer's KL under the permuted order).
 """
+
+import dataclasses
+
 
 import chex
 import jax
@@ -12,14 +17,18 @@ import jax.numpy as jnp
 import pytest
 
 from dsa_jax.model import config, functional
-from dsa_jax.sharding import partition, rules
+from dsa_jax.sharding import expert_parallel, partition, rules
 from dsa_jax.sharding.mesh import MeshConfig, make_mesh
 from dsa_jax.training import optimizer as optim
 from dsa_jax.training import state as train_state
 from dsa_jax.training import train_step
 
 CFG = config.tiny().replace(num_layers=1, first_k_dense=0, num_mtp_layers=0)  # one MoE block: 2 CPU cores
-MESH = MeshConfig(fsdp=2, expert=2, tensor=2)
+GSPMD = MeshConfig(fsdp=2, expert=2, tensor=2)
+EP_CP = MeshConfig(fsdp=2, expert=2, context=2)
+# (stage, mesh, expert dispatch and context parallelism in the step, MTP blocks)
+CASES = [("dense", GSPMD, False, 0), ("warmup", GSPMD, False, 0), ("sparse", GSPMD, False, 0),
+         ("warmup", EP_CP, True, 0), ("sparse", EP_CP, True, 1)]
 B, T = 4, 16
 
 
@@ -31,26 +40,34 @@ def make_batch():
           "positions": jnp.broadcast_to(positions, (B, T))}
 
 
-@pytest.mark.parametrize("stage", ["dense", "warmup", "sparse"])
-def test_stage_step_sharded_equals_single_device(stage):
-  step_cfg = train_step.StepConfig(model=CFG, stage=stage, optimizer=optim.OptimizerConfig(warmup_steps=0))
+@pytest.mark.parametrize("stage,mesh_cfg,parallel,mtp", CASES,
+                         ids=[f"{c[0]}-{'ep_cp' if c[2] else 'gspmd'}{'-mtp' if c[3] else ''}" for c in CASES])
+def test_stage_step_sharded_equals_single_device(stage, mesh_cfg, parallel, mtp):
+  cfg = CFG.replace(num_mtp_layers=mtp)
+  ref_cfg = train_step.StepConfig(model=cfg, stage=stage, optimizer=optim.OptimizerConfig(warmup_steps=0))
   # A fresh state per run: the step donates it.
-  create = lambda: train_state.create(CFG, functional.init(CFG, seed=0), optim.build(step_cfg.optimizer, stage), 0)
+  create = lambda: train_state.create(cfg, functional.init(cfg, seed=0), optim.build(ref_cfg.optimizer, stage), 0)
   batch = make_batch()
-  ref_state, ref_metrics = train_step.step(create(), batch, config=step_cfg)
+  ref_state, ref_metrics = train_step.step(create(), batch, config=ref_cfg)
 
-  mesh = make_mesh(MESH)
+  mesh = make_mesh(mesh_cfg)
+  step_cfg = ref_cfg if not parallel else dataclasses.replace(
+      ref_cfg, expert_dispatch=expert_parallel.make_dispatch(mesh), context=mesh_cfg.context)
   state = create()
-  state_sh = partition.shardings_like(state, functional.abstract_state(CFG), mesh)
+  state_sh = partition.shardings_like(state, functional.abstract_state(cfg), mesh)
   batch_sh = partition.batch_shardings(batch, mesh)
   sharded_step = partition.jit_sharded(lambda s, b: train_step.step(s, b, config=step_cfg), mesh,
                                        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                                        donate_argnums=(0,))
-  new_state, metrics = sharded_step(jax.device_put(state, state_sh), jax.device_put(batch, batch_sh))
+  state, batch = jax.device_put(state, state_sh), jax.device_put(batch, batch_sh)
+  lowered = sharded_step.lower(state, batch)
+  assert parallel == ("all_to_all" in lowered.as_text())  # the step's own dispatch (GSPMD adds its own later)
+  new_state, metrics = lowered.compile()(state, batch)
 
   embed = new_state.params["embed"]
   assert embed.sharding.spec == rules.spec(("vocab", "embed"))
   chex.assert_trees_all_close(metrics, ref_metrics, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(new_state.model_state, ref_state.model_state)  # router biases, the MTP's included
   # AdamW's moments hold the gradients (mu = 0.1 g, nu = 0.05 g^2): compared tightly.
   chex.assert_trees_all_close(new_state.opt_state, ref_state.opt_state, atol=1e-7, rtol=1e-5)
   # Adam's first update is lr * g / (|g| + eps): for |g| near eps it amplifies fp32 summation-order noise,

@@ -1,8 +1,11 @@
 """Loss and balance arithmetic against hand-computed numbers."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from dsa_jax.sharding import context_parallel
 from dsa_jax.training import losses, moe_balance
 
 
@@ -16,6 +19,18 @@ def test_lm_loss_skips_document_boundaries_and_masked_targets():
                              -(np.log(0.5) + np.log(0.5)) / 2, rtol=1e-6)
 
 
+@pytest.mark.parametrize("shift", [1, 2])
+def test_labels_built_in_document_order_give_the_same_loss_after_the_context_permutation(shift):
+  logits = jax.random.normal(jax.random.key(0), (2, 8, 5))
+  ids = jax.random.randint(jax.random.key(1), (2, 8), 0, 5)
+  segments = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 2], [1] * 8])
+  mask = jnp.asarray([[1, 1, 1, 1, 0, 1, 1, 1], [1] * 8])
+  labels, label_mask = losses.shifted_labels(ids, mask, segments, shift)
+  order = context_parallel.load_balanced_order(8, 2)  # [0 1 6 7 2 3 4 5]
+  np.testing.assert_allclose(losses.cross_entropy(logits[:, order], labels[:, order], label_mask[:, order]),
+                             losses.lm_loss(logits, ids, mask, segments, shift), rtol=1e-6)
+
+
 def test_sequence_balance_loss_is_one_when_balanced_and_larger_when_not():
   scores = jnp.broadcast_to(jnp.asarray([0.75, 0.75, 0.25, 0.25]), (1, 4, 4))  # P = (3, 3, 1, 1) / 8
   balanced = jnp.asarray([[[0, 1], [2, 3], [0, 1], [2, 3]]])
@@ -27,5 +42,8 @@ def test_sequence_balance_loss_is_one_when_balanced_and_larger_when_not():
 def test_bias_update_moves_against_load():
   state = {"layers": {1: {"ffn": {"bias": jnp.zeros(4)}}}}
   aux = ({}, {"experts": jnp.asarray([[[0, 1], [0, 2]]]), "scores": jnp.zeros((1, 2, 4))})
-  new = moe_balance.update(state, aux, gamma=0.1)  # loads 2, 1, 1, 0; mean 1
+  state["mtp"] = {"block": {"ffn": {"bias": jnp.zeros(4)}}}
+  mtp_aux = {"experts": jnp.asarray([[[3, 2], [3, 1]]]), "scores": jnp.zeros((1, 2, 4))}  # loads 0, 1, 1, 2
+  new = moe_balance.update(state, aux, gamma=0.1, mtp_aux=mtp_aux)  # loads 2, 1, 1, 0; mean 1
   np.testing.assert_allclose(new["layers"][1]["ffn"]["bias"], [-0.1, 0.0, 0.0, 0.1])
+  np.testing.assert_allclose(new["mtp"]["block"]["ffn"]["bias"], [0.1, 0.0, 0.0, -0.1])

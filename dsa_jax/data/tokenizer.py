@@ -64,7 +64,26 @@ class Tokenizer(Protocol):
     ...
 
 
-class ByteTokenizer:
+class _SpecialIds:
+  """bos/eos/pad ids that a concrete tokenizer resolves once in its constructor."""
+  _bos: int
+  _eos: int
+  _pad: int
+
+  @property
+  def bos_id(self) -> int:
+    return self._bos
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad
+
+
+class ByteTokenizer(_SpecialIds):
   """UTF-8 bytes are ids 0..255; `special_tokens[i]` is id 256 + i."""
 
   def __init__(self, special_tokens: Sequence[str] = DEEPSEEK_V32_SPECIAL_TOKENS,
@@ -81,18 +100,6 @@ class ByteTokenizer:
   @property
   def vocab_size(self) -> int:
     return 256 + len(self._specials)
-
-  @property
-  def bos_id(self) -> int:
-    return self._bos
-
-  @property
-  def eos_id(self) -> int:
-    return self._eos
-
-  @property
-  def pad_id(self) -> int:
-    return self._pad
 
   @property
   def special_tokens(self) -> tuple[str, ...]:
@@ -129,7 +136,7 @@ class ByteTokenizer:
     return "".join(pieces)
 
 
-class HFTokenizer:
+class HFTokenizer(_SpecialIds):
   """A HuggingFace `tokenizer.json` behind the `Tokenizer` protocol.
 
   `encode` adds no template tokens (the chat format writes BOS itself) and `decode` keeps special tokens,
@@ -145,18 +152,6 @@ class HFTokenizer:
   @property
   def vocab_size(self) -> int:
     return self._tok.get_vocab_size(with_added_tokens=True)
-
-  @property
-  def bos_id(self) -> int:
-    return self._bos
-
-  @property
-  def eos_id(self) -> int:
-    return self._eos
-
-  @property
-  def pad_id(self) -> int:
-    return self._pad
 
   def token_id(self, special: str) -> int:
     i = self._tok.token_to_id(special)

@@ -260,8 +260,10 @@ def sparse_mla_fwd(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: fl
           plgpu.Barrier(),
           plgpu.Barrier(),
       ),
-      grid=((n + n_pad) // HEAD_TILE, t, bsz),
-      grid_names=("h", "t", "b"),
+      # Mosaic GPU launches the grid reversed (last axis -> CUDA x). Tokens go last: CUDA caps y and z at
+      # 65535 blocks, which is why T = 128K failed to launch with tokens on y.
+      grid=((n + n_pad) // HEAD_TILE, bsz, t),
+      grid_names=("h", "b", "t"),
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,

@@ -3,6 +3,12 @@
 DeepSeek-V3.2 §3 starts RL from a fine-tuned model; on a tiny random model we do the same in miniature:
 teacher-forced cross-entropy on "prompt answer EOS" sequences, laid out exactly as the sampler lays out its
 rollouts (left padding, `sampling.train_layout`), with the loss on the answer and EOS only.
+
+The indexer learns from its own loss only (DeepSeek-V3.2 §2.1.1: its input is detached and its top-k selection
+gives the LM loss no path into it), so with `indexer_kl_weight` > 0 the warm start also trains it with the
+dense-attention KL of the paper's indexer warm-up (`training.losses.indexer_kl`). Without it the top-k keys come
+from a random indexer and the sparse model learns sorting much more slowly (docs/grpo_demo.md); the default 0
+keeps earlier studies (`experiments.grpo_mismatch`, notebook 04) as they were measured.
 """
 
 import functools
@@ -19,12 +25,15 @@ from dsa_jax.model.config import IndexerConfig, ModelConfig, tiny
 from dsa_jax.rl.rewards import Task
 from dsa_jax.rl.rollout import draw_prompts
 from dsa_jax.sampling import left_pad, train_layout
+from dsa_jax.training import losses
 
 
-def demo_config(vocab_size: int) -> ModelConfig:
-  """The tiny MoE DSA model of the GRPO demonstrations: 3 layers (2 MoE, 8 experts, 2 active), indexer top-4
-  so that DSA is sparse from the fifth token on."""
-  return tiny().replace(vocab_size=vocab_size, num_mtp_layers=0, indexer=IndexerConfig(num_heads=4, head_dim=16, topk=4))
+def demo_config(vocab_size: int, index_topk: int = 4) -> ModelConfig:
+  """The tiny MoE DSA model of the GRPO demonstrations: 3 layers (2 MoE, 8 experts, 2 active), indexer top-k
+  so that DSA is sparse from token k + 1 on (`experiments.train_grpo` uses 8: every completion token of
+  "sort:ddd=", 9 prompt tokens)."""
+  indexer = IndexerConfig(num_heads=4, head_dim=16, topk=index_topk)
+  return tiny().replace(vocab_size=vocab_size, num_mtp_layers=0, indexer=indexer)
 
 
 def supervised_batch(task: Task, tokenizer: Tokenizer, rng: np.random.Generator, size: int, prompt_width: int,
@@ -43,14 +52,20 @@ def supervised_batch(task: Task, tokenizer: Tokenizer, rng: np.random.Generator,
           "segment_ids": segments, "loss_mask": jnp.concatenate([jnp.zeros_like(prompt_ids), loss_mask], 1)}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "optimizer"), donate_argnums=(1, 2))
-def _sft_step(cfg: ModelConfig, params: nnx.State, opt_state, batch, optimizer):
+@functools.partial(jax.jit, static_argnames=("cfg", "optimizer", "indexer_kl_weight"), donate_argnums=(1, 2))
+def _sft_step(cfg: ModelConfig, params: nnx.State, opt_state, batch, optimizer, indexer_kl_weight: float):
+  where = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
+
   def loss_fn(p):
-    logits = functional.apply(cfg, p, batch["tokens"], positions=batch["positions"],
-                              segment_ids=batch["segment_ids"]).logits[:, :-1]
+    logits = functional.apply(cfg, p, batch["tokens"], **where).logits[:, :-1]
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"][:, 1:])
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    return (nll * mask).sum() / mask.sum()
+    loss = (nll * mask).sum() / mask.sum()
+    if indexer_kl_weight > 0:  # gradients of this term reach the indexer only
+      dense = functional.apply(cfg, p, batch["tokens"], attention="dense", mla_mode="mqa", **where)
+      loss += indexer_kl_weight * losses.indexer_kl(cfg, dense.layer_aux, batch["positions"], batch["segment_ids"],
+                                                    losses.LossConfig(), sparse=False)
+    return loss
 
   loss, grads = jax.value_and_grad(loss_fn)(params)
   updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -59,12 +74,13 @@ def _sft_step(cfg: ModelConfig, params: nnx.State, opt_state, batch, optimizer):
 
 def warm_start(cfg: ModelConfig, params: nnx.State, task: Task, tokenizer: Tokenizer, *, steps: int,
                batch_size: int, learning_rate: float, prompt_width: int, completion_width: int,
-               seed: int) -> tuple[nnx.State, list[float]]:
-  """`steps` Adam updates of teacher-forced cross-entropy -> (params, losses)."""
+               seed: int, indexer_kl_weight: float = 0.0) -> tuple[nnx.State, list[float]]:
+  """`steps` Adam updates of teacher-forced cross-entropy plus `indexer_kl_weight` times the indexer's dense KL
+  -> (params, losses)."""
   optimizer = optax.adam(learning_rate)
   opt_state, rng, losses = optimizer.init(params), np.random.default_rng(seed), []
   for _ in range(steps):
     batch = supervised_batch(task, tokenizer, rng, batch_size, prompt_width, completion_width)
-    params, opt_state, loss = _sft_step(cfg, params, opt_state, batch, optimizer)
+    params, opt_state, loss = _sft_step(cfg, params, opt_state, batch, optimizer, indexer_kl_weight)
     losses.append(float(loss))
   return params, losses

@@ -2,6 +2,7 @@
 
   python -m experiments.train_dsa                                   # the main job (CPU, a few minutes)
   python -m experiments.train_dsa --config=experiments/configs/train_small.py --config.train.sparse_steps=200
+  srun python -m experiments.train_dsa --nosingle_host --config.mesh.fsdp=4 ...  # see docs/multi_host.md
 """
 
 import dataclasses
@@ -16,6 +17,8 @@ from dsa_jax.data.pipeline import DataConfig
 from dsa_jax.data.retrieval import RetrievalConfig
 from dsa_jax.checkpoint.hf_config import read_config
 from dsa_jax.model.config import IndexerConfig, ModelConfig, preset
+from dsa_jax.sharding import distributed
+from dsa_jax.sharding.mesh import MeshConfig
 from dsa_jax.training import loop, losses, optimizer, recipe
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -45,11 +48,13 @@ def recipe_config(c) -> recipe.RecipeConfig:
   return recipe.RecipeConfig(model=model, data=data, run_dir=run_dir,
                              optimizer=optimizer.OptimizerConfig(**c.optimizer.to_dict()),
                              loss=losses.LossConfig(**c.loss.to_dict()), **c.train.to_dict(), init=c.init,
-                             init_path=c.init_path, seed=c.seed, implementation=c.implementation or None)
+                             init_path=c.init_path, seed=c.seed, implementation=c.implementation or None,
+                             mesh=MeshConfig(**c.mesh.to_dict()))
 
 
 def main(argv):
   del argv
+  distributed.initialize(distributed.DistributedConfig.from_flags())  # before any other JAX call
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   cfg = recipe_config(_CONFIG.value)
   print(f"run directory: {cfg.run_dir}", flush=True)

@@ -78,6 +78,21 @@ def host_rows(mesh, global_batch: int, seq_len: int, process_index: int | None =
   return np.asarray(sorted(rows), np.int64)
 
 
+def data_shard(mesh, global_batch: int, seq_len: int, process_index: int | None = None) -> tuple[int, int]:
+  """(shard index, shard count) of this process's data (`pipeline.DataConfig.shard_index/shard_count`).
+
+  The host's rows are one contiguous block of the batch (devices are listed host by host and the batch axes
+  come first), so the block's place is the shard; hosts holding the same rows read the same documents.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  rows = host_rows(mesh, global_batch, seq_len, process_index)
+  n = len(rows)
+  if n == 0 or rows.tolist() != list(range(rows[0], rows[0] + n)) or rows[0] % n:
+    raise ValueError(f"rows {rows.tolist()} of process {process_index} are invalid for a data shard; allowed: one "
+                     "aligned block (keep the batch axes data, fsdp, expert outermost in the mesh).")
+  return int(rows[0]) // n, global_batch // n
+
+
 def global_batch(local: dict[str, np.ndarray], mesh, global_shape: tuple[int, int]) -> dict[str, jax.Array]:
   """This host's rows (in `host_rows` order) -> global arrays sharded by `rules.batch_bt` over the mesh."""
   sharding = NamedSharding(mesh, rules.batch_bt())

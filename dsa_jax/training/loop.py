@@ -1,38 +1,55 @@
 """The thin training loop: data in, `train_step.step`, metrics out (JSONL + TensorBoard + a progress line),
 checkpoints on an interval and on SIGTERM. Everything numeric lives in the step; this file only moves
-things around it."""
+things around it: on one device the step is `train_step.step`, on a mesh `sharded_step` places the state and
+each host's rows as global arrays (JAX docs, "Multi-host and multi-process environments")."""
 
 import json
 import pathlib
 import signal
 import sys
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
 from tensorboard.summary import Writer
 
+from dsa_jax.model import functional
+from dsa_jax.sharding import distributed, partition, rules
 from dsa_jax.training import checkpointing, train_step
 from dsa_jax.training.state import TrainState
 
+Batch = dict[str, np.ndarray]
+StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict]]
+
 
 class MetricsLog:
-  """Appends one JSON object per step to `metrics.jsonl` and the same scalars to TensorBoard events."""
+  """Appends one JSON object per step to `metrics.jsonl` and the same scalars to TensorBoard events.
+
+  Only process 0 writes: the metrics are global, and every host would append them to the same shared files.
+  """
 
   def __init__(self, directory: str | pathlib.Path):
     self.directory = pathlib.Path(directory)
+    self.primary = jax.process_index() == 0
+    if not self.primary:
+      return
     self.directory.mkdir(parents=True, exist_ok=True)
     self.jsonl = (self.directory / "metrics.jsonl").open("a")
     self.tb = Writer(str(self.directory / "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.primary:
+      return
     self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
     self.jsonl.flush()
     for name, value in metrics.items():
       self.tb.add_scalar(name, value, step=step)
 
   def close(self) -> None:
+    if not self.primary:
+      return
     self.jsonl.close()
     self.tb.close()
 
@@ -48,22 +65,44 @@ class StopRequest:
     self.requested = True
 
 
-def run(config: train_step.StepConfig, state: TrainState, data: Iterator[dict[str, np.ndarray]], *, steps: int,
+def sharded_step(config: train_step.StepConfig, state: TrainState, mesh, global_batch: int) -> StepFn:
+  """`train_step.step` jitted once for `mesh` with the state's shardings (donated) and the batch's; the
+  returned function takes this host's rows (`distributed.host_rows` order) and assembles the global batch."""
+  state_sh = partition.shardings_like(state, functional.abstract_state(config.model), mesh)
+  batch_sh = NamedSharding(mesh, rules.batch_bt())
+  jitted = partition.jit_sharded(lambda s, b: train_step.step(s, b, config=config), mesh,
+                                 in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                                 donate_argnums=(0,))
+
+  def step(state: TrainState, rows: Batch) -> tuple[TrainState, dict]:
+    seq_len = next(iter(rows.values())).shape[1]
+    return jitted(state, distributed.global_batch(rows, mesh, (global_batch, seq_len)))
+
+  return step
+
+
+def run(config: train_step.StepConfig, state: TrainState, data: Iterator[Batch], *, steps: int,
         checkpointer: checkpointing.Checkpointer, log: MetricsLog, flops_per_token: float, peak_flops: float,
-        log_every: int = 10, stop: StopRequest | None = None, label: str = "") -> tuple[TrainState, bool]:
-  """Trains `config.stage` from `state.step` up to `steps`; returns (state, whether it stopped early)."""
+        log_every: int = 10, stop: StopRequest | None = None, label: str = "",
+        step_fn: StepFn | None = None, data_shards: int = 1) -> tuple[TrainState, bool]:
+  """Trains `config.stage` from `state.step` up to `steps`; returns (state, whether it stopped early).
+
+  `step_fn` (default: `train_step.step` on one device) is e.g. `sharded_step`. Throughput counts global
+  tokens (`data_shards` distinct row blocks of the hosts) against `peak_flops` of all the step's devices.
+  """
   label = label or config.stage
+  step_fn = step_fn or (lambda s, b: train_step.step(s, jax.tree.map(np.asarray, b), config=config))
   first = int(state.step) + 1
   tokens_since, since = 0, time.perf_counter()
   while int(state.step) < steps:
     batch = next(data)
     started = time.perf_counter()
-    state, metrics = train_step.step(state, jax.tree.map(np.asarray, batch), config=config)
+    state, metrics = step_fn(state, batch)
     record = {k: float(v) for k, v in jax.device_get(metrics).items()}
     step = int(state.step)
     log.write(step, {**record, "step_time_s": time.perf_counter() - started})
     checkpointer.save(step, state, checkpointing.data_state(data))
-    tokens_since += batch["ids"].size
+    tokens_since += batch["ids"].size * data_shards
     if step == first:  # the first step compiles: keep it out of the throughput
       tokens_since, since = 0, time.perf_counter()
     elif step % log_every == 0 or step == steps:

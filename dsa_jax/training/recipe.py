@@ -8,17 +8,26 @@
                state at its start), so the two branches differ only in the attention.
 Each stage checkpoints into `run_dir/<stage>/checkpoints` and logs to `run_dir/<stage>/metrics.jsonl` and
 TensorBoard events; a rerun resumes each stage from its newest readable checkpoint and skips finished ones.
+
+`RecipeConfig.mesh` of more than one device runs every stage sharded (`docs/multi_host.md`): the state is
+placed by the parameters' logical axes, each host loads its own rows of the global batch, the routed experts
+run expert-parallel when `expert > 1` and the sequence is split over `context > 1`; checkpoints hold the
+sharded state. A mesh of one device is the plain single-device run.
 """
 
+import contextlib
 import dataclasses
 import json
 import pathlib
 
+import jax
 import numpy as np
 
 from dsa_jax.data import pipeline, retrieval
 from dsa_jax.model import functional
 from dsa_jax.model.config import ModelConfig
+from dsa_jax.sharding import distributed, expert_parallel, partition, rules
+from dsa_jax.sharding.mesh import MeshConfig, make_mesh
 from dsa_jax.training import checkpointing, evaluation, flops, loop, losses
 from dsa_jax.training import optimizer as optim
 from dsa_jax.training import state as state_lib
@@ -48,6 +57,7 @@ class RecipeConfig:
   eval_batches: int = 2
   eval_examples: int = 32
   implementation: str | None = None
+  mesh: MeshConfig = MeshConfig()
 
   def __post_init__(self):
     if self.init not in INITS:
@@ -58,6 +68,8 @@ class RecipeConfig:
     for name in ("dense_steps", "warmup_steps", "sparse_steps", "checkpoint_every", "eval_every"):
       if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
         raise ValueError(f"RecipeConfig.{name}={getattr(self, name)!r} is invalid; allowed: an integer >= 0.")
+    self.mesh.validate_model(self.model)  # before any data or weights are read
+    self.mesh.validate_batch(self.data.batch_size, self.data.seq_len)
 
 
 def initial_state(cfg: RecipeConfig) -> state_lib.TrainState:
@@ -85,48 +97,77 @@ class Recipe:
   def __init__(self, cfg: RecipeConfig, stop: loop.StopRequest | None = None):
     self.cfg, self.stop = cfg, stop
     self.root = pathlib.Path(cfg.run_dir)
+    self.mesh = make_mesh(cfg.mesh) if cfg.mesh.size > 1 else None
+    self.data_cfg = cfg.data
+    if self.mesh is not None:  # this host's block of rows picks its documents
+      index, count = distributed.data_shard(self.mesh, cfg.data.batch_size, cfg.data.seq_len)
+      self.data_cfg = dataclasses.replace(cfg.data, shard_index=index, shard_count=count)
+    # Built once: the dispatch is part of the step's jit cache key, hashed by identity.
+    self.parallel = {} if self.mesh is None else {
+        "expert_dispatch": expert_parallel.make_dispatch(self.mesh) if cfg.mesh.expert > 1 else None,
+        "context": cfg.mesh.context}
     self.tokenizer = pipeline.build_tokenizer(cfg.data)
     self.train_docs, eval_docs = pipeline.documents(cfg.data)
     self.eval_batches = pipeline.eval_batches(cfg.data, eval_docs, self.tokenizer, cfg.eval_batches)
     self.examples = retrieval.eval_examples(eval_docs, self.tokenizer, cfg.data.seq_len, cfg.eval_examples,
                                             cfg.data.retrieval)
     self.peak, self.peak_source = flops.peak_flops()
-    self.final: dict[str, tuple] = {}
 
   def evaluate(self, state, attention: str) -> dict[str, float]:
-    return evaluation.evaluate(self.cfg.model, state, self.eval_batches, self.examples, attention,
-                               self.cfg.data.batch_size, self.cfg.implementation)
+    with self._on_mesh():
+      return evaluation.evaluate(self.cfg.model, state, self.eval_batches, self.examples, attention,
+                                 self.cfg.data.batch_size, self.cfg.implementation)
+
+  def _on_mesh(self):
+    """The mesh and its activation rules for jitted calls outside the step (evaluation)."""
+    return rules.activate(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+  def _place(self, state: state_lib.TrainState) -> state_lib.TrainState:
+    """The state on the mesh, each array as the parameters' logical axes say (unchanged on one device)."""
+    if self.mesh is None:
+      return state
+    return jax.device_put(state, partition.shardings_like(state, functional.abstract_state(self.cfg.model),
+                                                          self.mesh))
+
+  def _start(self, name: str, tx, start: tuple | None, checkpointer: checkpointing.Checkpointer):
+    """(state, data iterator) a stage starts from: its newest checkpoint, else the end of `start`, else
+    the initial state; the state placed on the mesh."""
+    data = iter(pipeline.train_dataset(self.data_cfg, self.train_docs, self.tokenizer))
+    if start is None:
+      state = state_lib.start_stage(initial_state(self.cfg), tx)
+    else:
+      state = state_lib.start_stage(start[0], tx)
+      data.set_state(start[1].get_state())
+    state = self._place(state)
+    restored = checkpointer.restore_latest(state)  # into the placed state's shardings
+    if restored is not None:
+      state = restored[0]
+      data.set_state(restored[1])
+      print(f"[{name}] resumed at step {int(state.step)} from {checkpointer.directory}", flush=True)
+    return state, data
 
   def run_stage(self, name: str, stage: str, steps: int, start: tuple | None) -> tuple | None:
     """Trains one stage; returns (state, data iterator) at its end, or None when stopped by SIGTERM."""
     cfg = self.cfg
     step_cfg = StepConfig(model=cfg.model, stage=stage, optimizer=cfg.optimizer, loss=cfg.loss,
-                          implementation=cfg.implementation)
-    tx = optim.build(cfg.optimizer, stage)
-    data = iter(pipeline.train_dataset(cfg.data, self.train_docs, self.tokenizer))
-    if start is None:
-      state = state_lib.start_stage(initial_state(cfg), tx)
-    else:
-      state = state_lib.start_stage(start[0], tx)
-      data.set_state(start[1].get_state())
+                          implementation=cfg.implementation, **self.parallel)
     checkpointer = checkpointing.Checkpointer(self.root / name / "checkpoints", keep=cfg.keep,
                                               every=cfg.checkpoint_every or steps or 1)
-    restored = checkpointer.restore_latest(state)
-    if restored is not None:
-      state = restored[0]
-      data.set_state(restored[1])
-      print(f"[{name}] resumed at step {int(state.step)} from {checkpointer.directory}", flush=True)
+    state, data = self._start(name, optim.build(cfg.optimizer, stage), start, checkpointer)
+    step_fn = None if self.mesh is None else loop.sharded_step(step_cfg, state, self.mesh, cfg.data.batch_size)
     log = loop.MetricsLog(self.root / name)
     per_token = flops.per_token(cfg.model, cfg.data.seq_len, stage, step_cfg.with_mtp)
     try:
       for target in self._eval_points(stage, steps):
         state, stopped = loop.run(step_cfg, state, data, steps=target, checkpointer=checkpointer, log=log,
-                                  flops_per_token=per_token, peak_flops=self.peak, log_every=cfg.log_every,
-                                  stop=self.stop, label=name)
+                                  flops_per_token=per_token, peak_flops=self.peak * cfg.mesh.size,
+                                  log_every=cfg.log_every, stop=self.stop, label=name, step_fn=step_fn,
+                                  data_shards=self.data_cfg.shard[1])
         if stopped:
           return None
         if stage != "dense" and cfg.eval_every:
-          mass = evaluation.indexer_metrics(cfg.model, state, self.eval_batches[0], cfg.implementation)
+          with self._on_mesh():
+            mass = evaluation.indexer_metrics(cfg.model, state, self.eval_batches[0], cfg.implementation)
           log.write(target, {f"eval_{k}": float(v) for k, v in mass.items()})
     finally:
       log.close()
@@ -164,7 +205,8 @@ def run(cfg: RecipeConfig, stop: loop.StopRequest | None = None) -> dict | None:
     results[name]["steps"] = steps
     print(f"[{name}] eval ({attention} attention): " + ", ".join(f"{k} {v:.4g}" for k, v in results[name].items()),
           flush=True)
-    (recipe.root / "results.json").write_text(json.dumps(results, indent=1))
+    if jax.process_index() == 0:
+      (recipe.root / "results.json").write_text(json.dumps(results, indent=1))
   return results
 
 

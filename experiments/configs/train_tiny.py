@@ -1,7 +1,8 @@
 """The main job: the tiny model on the embedded corpus, CPU, a few minutes.
 
 Rows of 256 tokens with top-k 32 (the `tiny` preset's top-k 8 would be too few to matter), so DSA keeps
-an eighth of the keys at the end of a row.
+an eighth of the keys at the end of a row. `mesh`: the device mesh (`dsa_jax.sharding.mesh.MeshConfig`); all 1
+is one device, and the product must equal the device count (`docs/multi_host.md`).
 """
 
 import ml_collections
@@ -17,5 +18,6 @@ def get_config() -> ml_collections.ConfigDict:
       "train": {"dense_steps": 160, "warmup_steps": 30, "sparse_steps": 70, "compare_dense": True,
                 "checkpoint_every": 50, "keep": 2, "log_every": 20, "eval_every": 0, "eval_batches": 2,
                 "eval_examples": 16},
+      "mesh": {"data": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1},
       "init": "random", "init_path": "", "seed": 0, "run_dir": "", "implementation": "",
   })

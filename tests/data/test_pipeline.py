@@ -32,14 +32,15 @@ def test_rows_pack_documents_with_segment_ids_and_restarting_positions():
       assert np.all(np.diff(pos)[same] == 1)
 
 
-def test_iterator_state_restores_the_exact_stream():
+@pytest.mark.parametrize("shard", [{}, {"shard_index": 1, "shard_count": 2}], ids=["one_host", "host_1_of_2"])
+def test_iterator_state_restores_the_exact_stream(shard):
   tok = ByteTokenizer()
-  it = iter(pipeline.train_dataset(_cfg(), DOCS, tok))
+  it = iter(pipeline.train_dataset(_cfg(**shard), DOCS, tok))
   for _ in range(3):
     next(it)
   state = json.loads(json.dumps(it.get_state()))
   expected = [next(it)["ids"] for _ in range(4)]
-  fresh = iter(pipeline.train_dataset(_cfg(), DOCS, tok))
+  fresh = iter(pipeline.train_dataset(_cfg(**shard), DOCS, tok))
   fresh.set_state(state)
   assert all(np.array_equal(a, next(fresh)["ids"]) for a in expected)
 
@@ -73,3 +74,20 @@ def test_default_corpus_is_the_standard_library_and_configs_validate(tmp_path):
     pipeline.DataConfig(seq_len=0)
   with pytest.raises(ValueError, match="RetrievalConfig.rate"):
     retrieval.RetrievalConfig(rate=2.0)
+
+
+def test_two_simulated_hosts_read_disjoint_documents_that_together_make_one_hosts():
+  docs = [f"document {i} " * 3 for i in range(11)]
+  one = pipeline.host_documents(_cfg(batch_size=4, shard_index=0, shard_count=1), docs)
+  hosts = [pipeline.host_documents(_cfg(batch_size=4, shard_index=i, shard_count=2), docs) for i in range(2)]
+  shards = [set(h) for h in hosts]
+  assert not shards[0] & shards[1] and shards[0] | shards[1] == set(one) == set(docs)
+  again = pipeline.host_documents(_cfg(batch_size=4, shard_index=1, shard_count=2), docs)
+  assert list(again) == list(hosts[1])  # deterministic given the seed
+  tok = ByteTokenizer()
+  for i in range(2):
+    batch = next(iter(pipeline.train_dataset(_cfg(batch_size=4, shard_index=i, shard_count=2), docs, tok)))
+    assert {v.shape for v in batch.values()} == {(2, 32)}  # this host's rows of the global batch of 4
+  assert pipeline.DataConfig().shard == (0, 1)  # default: jax.process_index() / process_count()
+  with pytest.raises(ValueError, match="shard_index/shard_count=0/3 are invalid"):
+    _cfg(batch_size=4, shard_index=0, shard_count=3)

@@ -21,6 +21,7 @@ import numpy as np
 from dsa_jax.data import corpus
 from dsa_jax.data.retrieval import RetrievalConfig, make_example
 from dsa_jax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from dsa_jax.model.config import check_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +41,7 @@ class DataConfig:
   shard_count: int | None = None
 
   def __post_init__(self):
-    for name in ("seq_len", "batch_size", "max_doc_tokens"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        raise ValueError(f"DataConfig.{name}={getattr(self, name)!r} is invalid; allowed: a positive integer.")
+    check_positive(self, "seq_len", "batch_size", "max_doc_tokens")
     if not 0.0 < self.eval_fraction < 0.5:
       raise ValueError(f"DataConfig.eval_fraction={self.eval_fraction!r} is invalid; allowed: 0 < x < 0.5.")
     if self.tokenizer != "byte" and not self.tokenizer.endswith(".json"):

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from dsa_jax.data.tokenizer import Tokenizer
+from dsa_jax.model.config import check_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,9 +27,7 @@ class RetrievalConfig:
   def __post_init__(self):
     if not 0.0 <= self.rate <= 1.0:
       raise ValueError(f"RetrievalConfig.rate={self.rate!r} is invalid; allowed: 0.0 <= rate <= 1.0.")
-    for name in ("num_pairs", "digits"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        raise ValueError(f"RetrievalConfig.{name}={getattr(self, name)!r} is invalid; allowed: an integer >= 1.")
+    check_positive(self, "num_pairs", "digits")
 
 
 @dataclasses.dataclass(frozen=True)

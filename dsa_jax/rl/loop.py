@@ -18,7 +18,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from dsa_jax.data.tokenizer import Tokenizer
-from dsa_jax.model.config import ModelConfig
+from dsa_jax.model.config import ModelConfig, check_positive
 from dsa_jax.rl import grpo_step
 from dsa_jax.rl.rewards import Task
 from dsa_jax.rl.rollout import draw_prompts, rollout
@@ -39,9 +39,8 @@ class LoopConfig:
   updates_per_rollout: int = 1  # > 1: several updates on one batch, π_old recorded before the first
 
   def __post_init__(self):
-    for name in ("steps", "num_prompts", "group_size", "prompt_width", "checkpoint_every", "updates_per_rollout"):
-      if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-        raise ValueError(f"LoopConfig.{name}={getattr(self, name)!r} is invalid; allowed: an integer >= 1.")
+    check_positive(self, "steps", "num_prompts", "group_size", "prompt_width", "checkpoint_every",
+                   "updates_per_rollout")
 
 
 def optimizer(learning_rate: float) -> optax.GradientTransformation:

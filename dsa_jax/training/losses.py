@@ -12,7 +12,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dsa_jax.model.config import ModelConfig
+from dsa_jax.model.config import ModelConfig, check_positive
 from pallas_kernels.indexer_kl import api as kl_api
 
 
@@ -28,9 +28,7 @@ class LossConfig:
     for name in ("mtp_weight", "balance_weight", "kl_weight"):
       if not getattr(self, name) >= 0:
         raise ValueError(f"LossConfig.{name}={getattr(self, name)!r} is invalid; allowed: >= 0.")
-    for name in ("kl_t_chunk", "kl_s_chunk"):
-      if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
-        raise ValueError(f"LossConfig.{name}={getattr(self, name)!r} is invalid; allowed: a positive integer.")
+    check_positive(self, "kl_t_chunk", "kl_s_chunk")
 
 
 def shifted_labels(ids: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array,

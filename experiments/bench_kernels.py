@@ -18,7 +18,7 @@ import jax
 from absl import app, flags
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["8192", "32768", "65536", "131072"], "Sequence lengths T.")
-_SECTIONS = flags.DEFINE_list("sections", ["indexer_topk", "sparse_mla", "moe_gmm", "dsa_layer"], "Benchmark sections.")
+_SECTIONS = flags.DEFINE_list("sections", ["indexer_topk", "topk", "sparse_mla", "indexer_kl", "moe_gmm", "dsa_layer"], "Benchmark sections.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON record goes.")
 
 

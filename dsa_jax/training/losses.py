@@ -5,6 +5,9 @@ Defaults and their sources:
   balance_weight 1e-4  DeepSeek-V3 section 4.2: alpha = 0.0001 ("an extremely small value").
   kl_weight 1.0        the indexer's KL is its only loss and touches no other parameter, so its weight is
                        just its learning-rate scale; the paper publishes none.
+  kl_chunk_bytes 256 MiB  the KL's query chunk is sized so that one chunk's gathered keys and logits take
+                       about this much (`kl_chunks`): a fixed chunk of 64 queries made the `small` model's
+                       8K sparse stage loop 128 times per layer; kl_t_chunk > 0 fixes the chunk instead.
 """
 
 import dataclasses
@@ -21,14 +24,38 @@ class LossConfig:
   mtp_weight: float = 0.1
   balance_weight: float = 1e-4
   kl_weight: float = 1.0
-  kl_t_chunk: int = 256
+  kl_t_chunk: int = 0  # 0: sized from kl_chunk_bytes
   kl_s_chunk: int = 1024
+  kl_chunk_bytes: int = 2**28
 
   def __post_init__(self):
     for name in ("mtp_weight", "balance_weight", "kl_weight"):
       if not getattr(self, name) >= 0:
         raise ValueError(f"LossConfig.{name}={getattr(self, name)!r} is invalid; allowed: >= 0.")
-    check_positive(self, "kl_t_chunk", "kl_s_chunk")
+    check_positive(self, "kl_s_chunk", "kl_chunk_bytes")
+    if not (isinstance(self.kl_t_chunk, int) and self.kl_t_chunk >= 0):
+      raise ValueError(f"LossConfig.kl_t_chunk={self.kl_t_chunk!r} is invalid; allowed: 0 (automatic) or a "
+                       "positive integer.")
+
+
+def _pow2_floor(x: float) -> int:
+  return 1 << max(int(x), 1).bit_length() - 1
+
+
+def kl_chunks(loss_cfg: LossConfig, aux: dict, sparse: bool) -> dict:
+  """Chunk sizes of the indexer KL for one layer: queries per chunk (and keys per chunk when dense).
+
+  Bytes per query of a sparse chunk: its K gathered latent and indexer keys (bf16) and its attention and
+  indexer logits (f32); of a dense chunk, per (query, key) pair: the two sets of logits.
+  """
+  (_, t, n, c), (_, _, i, h) = aux["mqa"]["q"].shape, aux["indexer"].q.shape
+  s_chunk = min(loss_cfg.kl_s_chunk, aux["mqa"]["kv"].shape[1])
+  if sparse:
+    per_query = aux["topk_indices"].shape[-1] * (2 * c + 2 * h + 4 * n + 4 * i + 16)
+  else:
+    per_query = s_chunk * (4 * n + 4 * i + 24)
+  t_chunk = loss_cfg.kl_t_chunk or _pow2_floor(loss_cfg.kl_chunk_bytes / per_query)
+  return {"t_chunk": min(t_chunk, t)} if sparse else {"t_chunk": min(t_chunk, t), "s_chunk": s_chunk}
 
 
 def shifted_labels(ids: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array,
@@ -74,9 +101,9 @@ def indexer_kl(cfg: ModelConfig, layer_aux: tuple[dict, ...], positions: jax.Arr
     where = dict(q_positions=positions, kv_positions=positions, q_segment_ids=segment_ids,
                  kv_segment_ids=segment_ids)
     if sparse:
-      kl = kl_api.sparse_kl(*args, aux["topk_indices"], t_chunk=min(loss_cfg.kl_t_chunk, 64), **where)
+      kl = kl_api.sparse_kl(*args, aux["topk_indices"], **kl_chunks(loss_cfg, aux, True), **where)
     else:
-      kl = kl_api.dense_kl(*args, t_chunk=loss_cfg.kl_t_chunk, s_chunk=loss_cfg.kl_s_chunk, **where)
+      kl = kl_api.dense_kl(*args, **kl_chunks(loss_cfg, aux, False), **where)
     total = total + kl.mean()
   return total
 

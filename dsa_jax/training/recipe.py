@@ -28,7 +28,7 @@ from dsa_jax.model import functional
 from dsa_jax.model.config import ModelConfig
 from dsa_jax.sharding import distributed, expert_parallel, partition, rules
 from dsa_jax.sharding.mesh import MeshConfig, make_mesh
-from dsa_jax.training import checkpointing, evaluation, flops, loop, losses
+from dsa_jax.training import checkpointing, evaluation, flops, loop, losses, moe_balance
 from dsa_jax.training import optimizer as optim
 from dsa_jax.training import state as state_lib
 from dsa_jax.training.train_step import StepConfig
@@ -43,6 +43,7 @@ class RecipeConfig:
   run_dir: str
   optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
   loss: losses.LossConfig = losses.LossConfig()
+  bias_gamma: float = moe_balance.DEFAULT_GAMMA  # aux-loss-free balance speed (`training/moe_balance.py`)
   dense_steps: int = 200
   warmup_steps: int = 50
   sparse_steps: int = 100
@@ -65,6 +66,8 @@ class RecipeConfig:
     if self.init != "random" and not self.init_path:
       raise ValueError(f"RecipeConfig.init_path={self.init_path!r} is invalid with init={self.init!r}; "
                        "allowed: the checkpoint directory.")
+    if not self.bias_gamma >= 0:
+      raise ValueError(f"RecipeConfig.bias_gamma={self.bias_gamma!r} is invalid; allowed: >= 0.")
     for name in ("dense_steps", "warmup_steps", "sparse_steps", "checkpoint_every", "eval_every"):
       if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
         raise ValueError(f"RecipeConfig.{name}={getattr(self, name)!r} is invalid; allowed: an integer >= 0.")
@@ -150,7 +153,7 @@ class Recipe:
     """Trains one stage; returns (state, data iterator) at its end, or None when stopped by SIGTERM."""
     cfg = self.cfg
     step_cfg = StepConfig(model=cfg.model, stage=stage, optimizer=cfg.optimizer, loss=cfg.loss,
-                          implementation=cfg.implementation, **self.parallel)
+                          bias_gamma=cfg.bias_gamma, implementation=cfg.implementation, **self.parallel)
     checkpointer = checkpointing.Checkpointer(self.root / name / "checkpoints", keep=cfg.keep,
                                               every=cfg.checkpoint_every or steps or 1)
     state, data = self._start(name, optim.build(cfg.optimizer, stage), start, checkpointer)

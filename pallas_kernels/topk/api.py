@@ -1,21 +1,26 @@
 """Public entry point of top-k selection.
 
-Implementations: "xla" (the reference: `lax.top_k`, a full sort per row) and "radix" (`kernel.py`: exact
-radix threshold select by counting passes, no sort). None picks "radix" on GPU and "xla" elsewhere.
+Implementations: "xla" (the reference: `lax.top_k`, a full sort per row), "radix" (`kernel.py`: exact
+radix threshold select by counting passes, no sort) and "pruned" (`pruned.py`: exact, two short sorts
+after discarding groups of keys that cannot hold a top-k key). None picks "radix" on GPU and "xla"
+elsewhere.
 """
 
 import jax
 
 from pallas_kernels.dispatch import resolve_implementation
-from pallas_kernels.topk import kernel, reference
+from pallas_kernels.topk import kernel, pruned, reference
 
-AVAILABLE = ("xla", "radix")
+AVAILABLE = ("xla", "radix", "pruned")
 
 
 def topk_indices(scores: jax.Array, k: int, implementation: str | None = None) -> jax.Array:
   """scores [..., S] (-inf = not visible) -> int32 [..., min(k, S)] sorted ascending, -1 padded."""
   if implementation is None and jax.default_backend() == "gpu":
     implementation = "radix"
-  if resolve_implementation(implementation, AVAILABLE) == "radix":
+  implementation = resolve_implementation(implementation, AVAILABLE)
+  if implementation == "radix":
     return kernel.topk_indices(scores, k)
+  if implementation == "pruned":
+    return pruned.topk_indices(scores, k)
   return reference.topk_indices(scores, k)

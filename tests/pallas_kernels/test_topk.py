@@ -1,4 +1,4 @@
-"""Radix top-k against the reference (exactness, ties, -inf rows, rows with < k keys) and its GPU lowering."""
+"""Radix and pruned top-k against the reference (exactness, ties, -inf rows, rows with < k keys) and its GPU lowering."""
 
 import time
 
@@ -9,7 +9,7 @@ import numpy as np
 from absl.testing import parameterized
 from jax.sharding import AbstractDevice, AbstractMesh
 
-from pallas_kernels.topk import api, kernel, reference
+from pallas_kernels.topk import api, kernel, pruned, reference
 
 H200 = AbstractMesh((), (), abstract_device=AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132))
 
@@ -23,6 +23,7 @@ def _scores(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
   x[4, ::3] = -0.0  # total order, as lax.top_k: -0.0 < +0.0
   x[5] = rng.integers(-2, 2, n) * np.float32(1e30)  # huge magnitudes, ties
   x[6, : n // 2] = -np.inf  # ragged row: visible keys only in the second half
+  x[7, 10:80] += 10.0  # the top keys packed into few neighbouring groups
   return x
 
 
@@ -36,6 +37,18 @@ class RadixTopkTest(parameterized.TestCase):
     chex.assert_shape(got, (8, min(k, n)))
     chex.assert_trees_all_equal(got, reference.topk_indices(scores, k))
 
+  @parameterized.parameters((1000, 64, None), (1000, 8, 16), (130, 16, 8), (4096, 256, 4), (20000, 2048, None))
+  def test_pruned_matches_reference(self, n, k, group):
+    scores = jnp.asarray(_scores(np.random.default_rng(time.time_ns()), 8, n))
+    got = jax.jit(pruned.topk_indices, static_argnums=(1, 2))(scores, k, group)
+    chex.assert_trees_all_equal(got, reference.topk_indices(scores, k))
+
+  def test_pruned_group_choice_and_errors(self):
+    self.assertEqual(pruned.group_size(131072, 2048), 8)
+    self.assertEqual(pruned.group_size(4096, 2048), 1)
+    with self.assertRaisesRegex(ValueError, "group=64 is invalid"):
+      pruned.topk_indices(jnp.zeros((2, 1000)), 64, group=64)
+
   def test_leading_axes(self):
     scores = jnp.asarray(_scores(np.random.default_rng(time.time_ns()), 12, 300)).reshape(2, 6, 300)
     chex.assert_trees_all_equal(kernel.topk_indices(scores, 40), reference.topk_indices(scores, 40))
@@ -43,7 +56,7 @@ class RadixTopkTest(parameterized.TestCase):
   def test_lowers_for_h200_at_production_shape(self):
     """1024 query rows of 128K keys, k = 2048 (one row block of a 128K-token layer)."""
     scores = jax.ShapeDtypeStruct((1024, 131072), jnp.float32)
-    with jax.sharding.use_abstract_mesh(H200):
-      lowered = jax.jit(kernel.topk_indices, static_argnums=1).trace(scores, 2048).lower(
-          lowering_platforms=("cuda",))
-    self.assertIn("stablehlo", lowered.as_text()[:2000] + "stablehlo")
+    for select in (kernel.topk_indices, pruned.topk_indices):
+      with jax.sharding.use_abstract_mesh(H200):
+        lowered = jax.jit(select, static_argnums=1).trace(scores, 2048).lower(lowering_platforms=("cuda",))
+      self.assertIn("stablehlo", lowered.as_text()[:2000])

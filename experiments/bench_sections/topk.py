@@ -1,0 +1,68 @@
+"""Benchmark section: top-k selection alone and inside `index_topk` (issue 3 targets).
+
+Per sequence length T (k = 2048):
+- 1024 rows of T float32 scores, two kinds: i.i.d. normal, and real causal indexer scores (the last 1024
+  query rows of a random 64 x 128 indexer, so -inf beyond each row's position): `lax.top_k` vs the radix
+  select vs the pruned select, each checked exact against the reference;
+- `index_topk` end to end (Pallas scores per row block) with lax.top_k selection vs pruned selection,
+  against the matmul floor 2 * 64 * 128 * T(T+1)/2 FLOP at the XLA matmul rate of the same run.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from experiments.bench_sections import baselines, timing
+from pallas_kernels.lightning_indexer import api as indexer_api
+from pallas_kernels.topk import api as topk_api
+from pallas_kernels.topk import reference as topk_reference
+
+HEADS, DIM, TOPK, ROWS = 64, 128, 2048, 1024
+SELECTS = ("xla", "radix", "pruned")
+
+
+def _indexer_inputs(T: int):  # noqa: N803
+  ks = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(ks[0], (1, T, HEADS, DIM), jnp.bfloat16)
+  k = jax.random.normal(ks[1], (1, T, DIM), jnp.bfloat16)
+  w = jax.random.normal(ks[2], (1, T, HEADS), jnp.float32) * (HEADS * DIM) ** -0.5
+  pos = jnp.arange(T, dtype=jnp.int32)[None]
+  vis = dict(q_positions=pos, kv_positions=pos, q_segment_ids=jnp.zeros_like(pos), kv_segment_ids=jnp.zeros_like(pos))
+  return (q, k, w), vis
+
+
+def _score_rows(T: int):  # noqa: N803
+  """Two [ROWS, T] float32 score sets: i.i.d. normal, and the last ROWS rows of causal indexer scores."""
+  (q, k, w), vis = _indexer_inputs(T)
+  rows = min(ROWS, T)
+  last = dict(vis, q_positions=vis["q_positions"][:, -rows:], q_segment_ids=vis["q_segment_ids"][:, -rows:])
+  indexer = indexer_api.index_scores(q[:, -rows:], k, w[:, -rows:], **last)[0]
+  return {"normal": jax.random.normal(jax.random.key(3), (rows, T), jnp.float32), "indexer": indexer}
+
+
+def run(cfg: dict) -> list[dict]:
+  rate = baselines.matmul_tflops()
+  out = []
+  for T in cfg["seq_lens"]:  # noqa: N806
+    row = dict(section="topk", T=T, rows=min(ROWS, T), k=TOPK)
+    for kind, scores in _score_rows(T).items():
+      want = topk_reference.topk_indices(scores, TOPK)
+      for select in SELECTS:
+        fn = jax.jit(lambda x, s=select: topk_api.topk_indices(x, TOPK, implementation=s))
+        row[f"{kind}_{select}_ms"] = timing.time_fn(fn, scores) * 1e3
+        row[f"{kind}_{select}_exact"] = bool(jnp.array_equal(fn(scores), want))
+      for select in SELECTS[1:]:
+        row[f"{kind}_{select}_speedup"] = row[f"{kind}_xla_ms"] / row[f"{kind}_{select}_ms"]
+    args, vis = _indexer_inputs(T)
+    floor = 2.0 * HEADS * DIM * T * (T + 1) / 2 / (rate * 1e12)
+    row.update(matmul_tflops=rate, floor_s=floor)
+    selections = {}
+    for select in ("xla", "pruned"):
+      fn = jax.jit(lambda q, k, w, vis, s=select: indexer_api.index_topk(
+          q, k, w, topk=TOPK, **vis, implementation="pallas", select_implementation=s))
+      row[f"index_topk_{select}_s"] = timing.time_fn(fn, *args, vis, warmup=1, iters=3)
+      row[f"index_topk_{select}_vs_floor"] = row[f"index_topk_{select}_s"] / floor
+      selections[select] = fn(*args, vis)
+    row["index_topk_same_selection"] = bool(jnp.array_equal(selections["xla"], selections["pruned"]))
+    print(row, flush=True)
+    out.append(row)
+  return out

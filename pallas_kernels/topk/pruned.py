@@ -1,0 +1,57 @@
+"""Exact top-k by group pruning: two short `lax.top_k` sorts instead of one over the whole row.
+
+Same contract as `reference.topk_indices` (exact, ties to the lower index, -1 for slots beyond the visible
+count, indices ascending). `lax.top_k` sorts each row, so its cost grows with the row length S; here:
+1. Split the row into S / g contiguous groups of g keys and take each group's maximum (one fused read).
+2. Keep the k groups with the largest maxima (`lax.top_k` over S / g values, ties to the lower group).
+3. Gather those k groups' k * g keys, in ascending group order, and take the top k of them (`lax.top_k`
+   over k * g values, ties to the lower position = the lower key index).
+Step 3 is exact: order keys by (score desc, index asc) and groups by their best key in that order. If key
+e is in the true top k, every group ranked ahead of e's group holds a key ranked ahead of e, and fewer than
+k keys are ahead of e, so e's group is among the k kept. Groups are contiguous, so ranking groups by
+(maximum desc, group index asc) is that order, which is how `lax.top_k` breaks ties.
+
+g = the power of two nearest sqrt(S / k) balances the two sorts (S = 128K, k = 2048: g = 8, two sorts of 16K
+instead of one of 128K). Rows with S < 4k go straight to `lax.top_k`.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.topk import kernel, reference
+
+
+def group_size(n: int, k: int) -> int:
+  """Keys per group for rows of n keys (1: no pruning pays off)."""
+  if n < 4 * k:
+    return 1
+  return 1 << round(math.log2(math.sqrt(n / k)))
+
+
+def topk_indices(scores: jax.Array, k: int, group: int | None = None) -> jax.Array:
+  """scores [..., S] float32 (-inf = not visible) -> int32 [..., min(k, S)], as `reference.topk_indices`."""
+  *lead, n = scores.shape
+  k = min(k, n)
+  g = group_size(n, k) if group is None else group
+  if g < 1 or (g > 1 and -(-n // g) < k):
+    raise ValueError(f"group={g} is invalid for rows of {n} keys and k={k}; allowed: >= 1 with at least k "
+                     "groups per row.")
+  if g == 1:
+    return reference.topk_indices(scores, k)
+  rows = scores.reshape(-1, n).astype(jnp.float32)
+  pad = -n % g
+  rows = jnp.pad(rows, ((0, 0), (0, pad)), constant_values=-jnp.inf)  # padded keys: -inf, never selected
+  groups = rows.reshape(rows.shape[0], -1, g)
+  # Maxima in the float total order that lax.top_k uses (-0.0 < +0.0): a plain max may return -0.0 for a
+  # group that holds +0.0 and so rank it too low.
+  ordered = (kernel.sortable_keys(groups) ^ jnp.uint32(0x80000000)).view(jnp.int32)
+  _, kept = jax.lax.top_k(ordered.max(axis=-1), k)
+  kept = jnp.sort(kept, axis=-1)  # ascending groups: candidate position order = key index order
+  candidates = jnp.take_along_axis(groups, kept[..., None], axis=1).reshape(rows.shape[0], k * g)
+  values, position = jax.lax.top_k(candidates, k)
+  index = jnp.take_along_axis(kept, position // g, axis=-1) * g + position % g
+  index = jnp.where(values == -jnp.inf, n + pad, index)
+  index = jnp.sort(index, axis=-1)
+  return jnp.where(index >= n, -1, index).astype(jnp.int32).reshape(*lead, k)

@@ -3,6 +3,9 @@ the indexer KL, the top-k attention mass over training, and step times.
 
   python -m experiments.plot_dsa_run --run_dir=benchmarks/results/dsa_parity_small_8k_20261129 --out=docs/x.png
 Files are `<stage>.jsonl` (as copied from a GPU run) or `<stage>/metrics.jsonl` (a run directory).
+Several run directories (comma-separated; later ones win per stage) merge the parts of a run split with
+`--config.train.stages`; when their `results.json` files together hold every stage, the summary table is
+printed and written next to the plot (`<out>.md`).
 """
 
 import json
@@ -15,7 +18,7 @@ from absl import app, flags
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-_RUN_DIR = flags.DEFINE_string("run_dir", None, "Run directory or folder of <stage>.jsonl files.", required=True)
+_RUN_DIR = flags.DEFINE_list("run_dir", None, "Run directories or folders of <stage>.jsonl files.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output PNG.", required=True)
 STAGES = ("dense", "warmup", "sparse", "dense_cont")
 
@@ -31,7 +34,16 @@ def load(run_dir: pathlib.Path) -> dict[str, list[dict]]:
 
 def main(argv):
   del argv
-  runs = load(pathlib.Path(_RUN_DIR.value))
+  runs, results = {}, {}
+  for run_dir in map(pathlib.Path, _RUN_DIR.value):
+    runs.update(load(run_dir))
+    if (run_dir / "results.json").exists():
+      results.update(json.loads((run_dir / "results.json").read_text()))
+  if all(stage in results for stage in ("dense", "warmup", "sparse")):
+    from dsa_jax.training import recipe  # only the table needs the library
+    summary = recipe.table(results)
+    print(summary)
+    pathlib.Path(_OUT.value).with_suffix(".md").write_text(summary + "\n")
   fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
   trained = lambda stage: len([r for r in runs.get(stage, []) if "loss" in r])
   starts = {"dense": 0, "sparse": trained("dense") + trained("warmup"), "dense_cont": trained("dense")}
@@ -45,9 +57,8 @@ def main(argv):
     axes[1].plot([r["step"] for r in rows], [r["kl"] for r in rows], label=stage)
   axes[1].set(title="indexer KL (sum over layers)", xlabel="stage step", yscale="log")
   axes[1].legend()
-  results = pathlib.Path(_RUN_DIR.value) / "results.json"
-  before = [{"step": 0, "eval_topk_mass": json.loads(results.read_text())["dense"]["topk_mass"]}] if (
-      results.exists()) else []  # the dense model's, where the warm-up starts
+  before = [{"step": 0, "eval_topk_mass": results["dense"]["topk_mass"]}] if "dense" in results else []
+  # (the dense model's mass, where the warm-up starts)
   for stage, first in (("warmup", before), ("sparse", [])):
     rows = first + [r for r in runs.get(stage, []) if "eval_topk_mass" in r]
     axes[2].plot([r["step"] for r in rows], [r["eval_topk_mass"] for r in rows], "o-", label=stage)

@@ -61,7 +61,10 @@ def main(argv):
   results = recipe.run(cfg, loop.StopRequest())
   if results is None:
     sys.exit(143)  # SIGTERM: checkpoint saved; rerun with --config.run_dir to resume
-  print(recipe.table(results))
+  if all(stage in results for stage in ("dense", "warmup", "sparse")):
+    print(recipe.table(results))
+  else:  # a subset of the stages (`--config.train.stages`): `plot_dsa_run` merges the parts
+    print(f"stages {cfg.stage_names} done; merge runs with python -m experiments.plot_dsa_run --run_dir=A,B")
   print(f"checkpoints, metrics.jsonl, TensorBoard events and results.json in {cfg.run_dir}")
 
 

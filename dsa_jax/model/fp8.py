@@ -10,8 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-E4M3_MAX = 448.0
-AMAX_FLOOR = 1e-4
+from pallas_kernels.lightning_indexer.reference import quantize_e4m3  # the spec of the fp8 scores kernel
 
 
 def hadamard_matrix(n: int) -> np.ndarray:
@@ -27,19 +26,6 @@ def hadamard_matrix(n: int) -> np.ndarray:
 def rotate(x: jax.Array) -> jax.Array:
   """Hadamard rotation of the last dimension (official `rotate_activation`)."""
   return jnp.einsum("...h,hg->...g", x.astype(jnp.float32), jnp.asarray(hadamard_matrix(x.shape[-1])))
-
-
-def quantize_e4m3(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
-  """Per-block e4m3 quantisation of the last dim with ue8m0 scales -> (fp8 values [..., H], scales [..., H/block])."""
-  h = x.shape[-1]
-  if h % block:
-    raise ValueError(f"quantisation block={block} is invalid for last dim {h}; allowed: a divisor of {h}.")
-  blocks = x.astype(jnp.float32).reshape(x.shape[:-1] + (h // block, block))
-  amax = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-1), AMAX_FLOOR)
-  exponent = jnp.ceil(jnp.log2(amax / E4M3_MAX)).astype(jnp.int32)
-  scale = jnp.ldexp(jnp.ones_like(amax), exponent)  # exactly 2^exponent (exp2 may be off by an ulp)
-  values = jnp.clip(blocks / scale[..., None], -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
-  return values.reshape(x.shape), scale
 
 
 def fake_quantize_e4m3(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:

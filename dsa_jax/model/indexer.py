@@ -63,8 +63,13 @@ class Indexer(nnx.Module):
 
 
 def select(inputs: IndexerInputs, topk: int, *, q_positions: jax.Array, kv_positions: jax.Array,
-           q_segment_ids: jax.Array, kv_segment_ids: jax.Array, implementation: str | None = None) -> jax.Array:
-  """Top-k visible keys per query -> int32 [B, T, min(topk, S)], ascending, -1 padded."""
+           q_segment_ids: jax.Array, kv_segment_ids: jax.Array, implementation: str | None = None,
+           fp8_numerics: bool = False) -> jax.Array:
+  """Top-k visible keys per query -> int32 [B, T, min(topk, S)], ascending, -1 padded.
+
+  fp8_numerics: the inputs are dequantised e4m3 values; scoring requantises them exactly and, with the Pallas
+  implementation, runs the fp8 wgmma kernel.
+  """
   return indexer_api.index_topk(inputs.q, inputs.k, inputs.w, topk=topk, q_positions=q_positions,
                                 kv_positions=kv_positions, q_segment_ids=q_segment_ids,
-                                kv_segment_ids=kv_segment_ids, implementation=implementation)
+                                kv_segment_ids=kv_segment_ids, implementation=implementation, fp8=fp8_numerics)

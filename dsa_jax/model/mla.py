@@ -133,7 +133,8 @@ class MLA(nnx.Module):
                          "config); allowed: attention='dense'.")
       aux["topk_indices"] = select(aux["indexer"], self.topk, q_positions=layout.q_positions,
                                    kv_positions=layout.kv_positions, q_segment_ids=layout.q_segment_ids,
-                                   kv_segment_ids=layout.kv_segment_ids, implementation=options.implementation)
+                                   kv_segment_ids=layout.kv_segment_ids, implementation=options.implementation,
+                                   fp8_numerics=self.indexer.fp8_numerics)
     w_uk = self._w(self.wkv_b)[..., :self.cfg.qk_nope_head_dim]  # [C, N, P]
     w_uv = self._w(self.wkv_b)[..., self.cfg.qk_nope_head_dim:]  # [C, N, V]
     if options.resolved_mode == "mha":

@@ -24,18 +24,27 @@ def _apply(cfg: ModelConfig, state: TrainState, batch: dict, attention: str, mla
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention", "implementation"))
+def logits(cfg: ModelConfig, state: TrainState, batch: dict, attention: str,
+           implementation: str | None = None) -> jax.Array:
+  """Logits [B, L, V] of a batch (ids, positions, segment_ids).
+
+  The one compiled forward of an evaluation per attention mode: the LM loss and the retrieval examples
+  (rows of the same [batch, seq_len] shape) both use it, so a run compiles it once per mode.
+  """
+  return _apply(cfg, state, batch, attention, None, implementation).logits
+
+
 def lm_loss(cfg: ModelConfig, state: TrainState, batch: dict, attention: str,
             implementation: str | None = None) -> jax.Array:
-  out = _apply(cfg, state, batch, attention, None, implementation)
-  return losses.lm_loss(out.logits, batch["ids"], batch["loss_mask"], batch["segment_ids"])
+  out = logits(cfg, state, {k: batch[k] for k in ("ids", "positions", "segment_ids")}, attention, implementation)
+  return losses.lm_loss(out, batch["ids"], batch["loss_mask"], batch["segment_ids"])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attention", "implementation"))
-def logits(cfg: ModelConfig, state: TrainState, ids: jax.Array, attention: str,
-           implementation: str | None = None) -> jax.Array:
-  """Logits [B, L, V] of unpacked rows (one document each)."""
-  return functional.apply(cfg, model_state(cfg, state.params, state.model_state), ids, attention=attention,
-                          implementation=implementation).logits
+def _unpacked(ids: np.ndarray) -> dict:
+  """A batch of whole documents, one per row: positions 0.. and one segment."""
+  positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
+  return {"ids": jnp.asarray(ids, jnp.int32), "positions": jnp.asarray(positions),
+          "segment_ids": jnp.zeros(ids.shape, jnp.int32)}
 
 
 def _topk_mass(cfg: ModelConfig, aux: dict, layout: dict, implementation: str | None) -> jax.Array:
@@ -67,6 +76,6 @@ def evaluate(cfg: ModelConfig, state: TrainState, batches: list[dict], examples:
   if cfg.indexer is not None:
     metrics = [indexer_metrics(cfg, state, b, implementation) for b in batches]
     result.update({k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]})
-  result.update(retrieval.accuracy(lambda ids: logits(cfg, state, ids, attention, implementation), examples,
-                                   batch_size))
+  result.update(retrieval.accuracy(lambda ids: logits(cfg, state, _unpacked(ids), attention, implementation),
+                                   examples, batch_size))
   return result

@@ -34,6 +34,8 @@ from dsa_jax.training import state as state_lib
 from dsa_jax.training.train_step import StepConfig
 
 INITS = ("random", "orbax", "hf")
+STAGE_NAMES = ("dense", "warmup", "sparse", "dense_cont")
+STAGE_STARTS = {"dense": None, "warmup": "dense", "sparse": "warmup", "dense_cont": "dense"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +50,9 @@ class RecipeConfig:
   warmup_steps: int = 50
   sparse_steps: int = 100
   compare_dense: bool = True
+  # Which stages this process runs ("" = all): e.g. "dense,dense_cont" and "dense,warmup,sparse" in two
+  # processes split a run that does not fit one job's time limit (the data order is the same in both).
+  stages: str = ""
   init: str = "random"  # "random" | "orbax" (a stage checkpoint directory) | "hf" (an HF checkpoint directory)
   init_path: str = ""
   seed: int = 0
@@ -60,6 +65,12 @@ class RecipeConfig:
   implementation: str | None = None
   mesh: MeshConfig = MeshConfig()
 
+  @property
+  def stage_names(self) -> tuple[str, ...]:
+    if self.stages:
+      return tuple(s.strip() for s in self.stages.split(",") if s.strip())
+    return STAGE_NAMES if self.compare_dense else STAGE_NAMES[:3]
+
   def __post_init__(self):
     if self.init not in INITS:
       raise ValueError(f"RecipeConfig.init={self.init!r} is invalid; allowed: {INITS}.")
@@ -68,6 +79,15 @@ class RecipeConfig:
                        "allowed: the checkpoint directory.")
     if not self.bias_gamma >= 0:
       raise ValueError(f"RecipeConfig.bias_gamma={self.bias_gamma!r} is invalid; allowed: >= 0.")
+    stages = self.stage_names
+    unknown = [s for s in stages if s not in STAGE_NAMES]
+    if unknown:
+      raise ValueError(f"RecipeConfig.stages={self.stages!r} is invalid: {unknown} unknown; allowed: a "
+                       f"comma-separated subset of {STAGE_NAMES}.")
+    for stage in stages:
+      if STAGE_STARTS[stage] is not None and STAGE_STARTS[stage] not in stages:
+        raise ValueError(f"RecipeConfig.stages={self.stages!r} is invalid: {stage!r} starts from "
+                         f"{STAGE_STARTS[stage]!r}, which must run in the same process; allowed: include it.")
     for name in ("dense_steps", "warmup_steps", "sparse_steps", "checkpoint_every", "eval_every"):
       if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
         raise ValueError(f"RecipeConfig.{name}={getattr(self, name)!r} is invalid; allowed: an integer >= 0.")
@@ -196,8 +216,8 @@ def run(cfg: RecipeConfig, stop: loop.StopRequest | None = None) -> dict | None:
   stages = [("dense", "dense", cfg.dense_steps, None, "dense"),
             ("warmup", "warmup", cfg.warmup_steps, "dense", "sparse"),
             ("sparse", "sparse", cfg.sparse_steps, "warmup", "sparse")]
-  if cfg.compare_dense:
-    stages.append(("dense_cont", "dense", cfg.warmup_steps + cfg.sparse_steps, "dense", "dense"))
+  stages.append(("dense_cont", "dense", cfg.warmup_steps + cfg.sparse_steps, "dense", "dense"))
+  stages = [s for s in stages if s[0] in cfg.stage_names]
   ends = {}
   for name, stage, steps, start, attention in stages:
     ends[name] = recipe.run_stage(name, stage, steps, ends.get(start))

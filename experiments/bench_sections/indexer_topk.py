@@ -3,7 +3,9 @@
 Per sequence length T (batch 1, causal, 64 index heads x 128, k = 2048):
 - `index_topk` end to end, Pallas path (Mosaic GPU scores per row block + radix select), against the
   matmul floor: 2 * 64 * 128 * T(T+1)/2 FLOP at the XLA bf16 matmul rate measured in the same run;
-- the scores kernel alone on the last 4096 query rows (all keys visible), in TFLOP/s;
+- the scores kernel alone on the last 4096 query rows (all keys visible), in TFLOP/s, bf16 and FP8 (e4m3
+  wgmma on the same inputs quantised with ue8m0 row scales; error against the f32 reference of the
+  dequantised inputs), and `index_topk(fp8=True)` end to end with its peak memory;
 - radix select vs `lax.top_k` on the same 1024 random rows of T float32 scores (exactness and speed);
 - the XLA reference `index_topk` where it fits (T <= 8192: it materialises [T, I, S]);
 - cuDNN dense causal MLA attention of the same layer (128 heads, q/k 192, v 128) for scale;
@@ -16,7 +18,6 @@ import numpy as np
 
 from experiments.bench_sections import baselines, timing
 from pallas_kernels.lightning_indexer import api as indexer_api
-from pallas_kernels.lightning_indexer import reference as indexer_reference
 from pallas_kernels.topk import kernel as topk_kernel
 from pallas_kernels.topk import reference as topk_reference
 
@@ -34,27 +35,46 @@ def _inputs(T: int, seed: int = 0):  # noqa: N803
                          kv_segment_ids=jnp.zeros_like(positions))
 
 
-def _index_topk(implementation):
+def _index_topk(implementation, fp8: bool = False):
   return jax.jit(lambda q, k, w, vis: indexer_api.index_topk(q, k, w, topk=TOPK, **vis,
-                                                              implementation=implementation))
+                                                              implementation=implementation, fp8=fp8))
 
 
-def _scores_block_check(args, vis, rows: int):
-  """Scores kernel on the last `rows` queries: seconds, TFLOP/s, max |error| / max |score| vs reference."""
-  q, k, w = args
-  block_vis = dict(vis, q_positions=vis["q_positions"][:, -rows:], q_segment_ids=vis["q_segment_ids"][:, -rows:])
-  block = (q[:, -rows:], k, w[:, -rows:])
-  pallas = jax.jit(lambda *a: indexer_api.index_scores(*a, **block_vis, implementation="pallas"))
-  seconds = timing.time_fn(pallas, *block)
+def _scores_block_check(scores, t_args: dict, s_args: dict, vis: dict, rows: int):
+  """A scores kernel on the last `rows` queries (all keys visible) -> (seconds, TFLOP/s, error, same mask).
+
+  `scores(**t_args, **s_args, **vis, implementation=)`: an `indexer_api` scores function; t_args are indexed
+  by query, s_args by key. Error: max |pallas - xla| / max |xla| (float32 reference) on the last 256 rows.
+  """
+
+  def last(n):
+    q_vis = dict(vis, q_positions=vis["q_positions"][:, -n:], q_segment_ids=vis["q_segment_ids"][:, -n:])
+    return {name: x[:, -n:] for name, x in t_args.items()}, s_args, q_vis
+
+  run = lambda implementation: jax.jit(lambda t, s, v: scores(**t, **s, **v, implementation=implementation))
+  pallas = run("pallas")
+  seconds = timing.time_fn(pallas, *last(rows))
   check = min(256, rows)  # the reference materialises [check, I, S]
-  got = pallas(*block)[:, -check:]
-  want = indexer_reference.index_scores(q[:, -check:], k, w[:, -check:], **dict(
-      block_vis, q_positions=vis["q_positions"][:, -check:], q_segment_ids=vis["q_segment_ids"][:, -check:]))
+  got = pallas(*last(rows))[:, -check:]
+  want = run("xla")(*last(check))
   finite = jnp.isfinite(want)
   err = float(jnp.max(jnp.where(finite, jnp.abs(got - want), 0.0)) / jnp.max(jnp.where(finite, jnp.abs(want), 0.0)))
   same_mask = bool(jnp.array_equal(finite, jnp.isfinite(got)))
-  flops = 2.0 * HEADS * DIM * rows * k.shape[1]
+  flops = 2.0 * HEADS * DIM * rows * vis["kv_positions"].shape[1]
   return seconds, timing.tflops(flops, seconds), err, same_mask
+
+
+def _fp8_checks(args, vis, rows: int) -> dict:
+  """The FP8 scores kernel on the last `rows` queries of the same inputs, and `index_topk(fp8=True)`."""
+  q, k, w = args
+  q8, q_scale, k8, k_scale = indexer_api.quantize_fp8(q, k)
+  seconds, tflops, err, same_mask = _scores_block_check(
+      indexer_api.index_scores_fp8, dict(q8=q8, q_scale=q_scale, w=w), dict(k8=k8, k_scale=k_scale), vis, rows)
+  fused = _index_topk("pallas", fp8=True)
+  return dict(scores_fp8_block_s=seconds, scores_fp8_tflops=tflops, scores_fp8_rel_err=err,
+              scores_fp8_mask_ok=same_mask,
+              index_topk_fp8_pallas_s=timing.time_fn(fused, *args, vis, warmup=1, iters=3),
+              index_topk_fp8_peak_gib=(timing.peak_bytes_of(fused, *args, vis) or float("nan")) / 2**30)
 
 
 def _topk_check(T: int):  # noqa: N803
@@ -76,8 +96,12 @@ def run(cfg: dict) -> list[dict]:
     row = dict(section="indexer_topk", T=T, matmul_tflops=rate, floor_s=flops / (rate * 1e12),
                index_topk_pallas_s=seconds, vs_floor=seconds / (flops / (rate * 1e12)),
                index_topk_peak_gib=(timing.peak_bytes_of(fused, *args, vis) or float("nan")) / 2**30)
-    scores_s, scores_tf, err, same_mask = _scores_block_check(args, vis, min(SCORE_ROWS, T))
+    q, k, w = args
+    scores_s, scores_tf, err, same_mask = _scores_block_check(indexer_api.index_scores, dict(q=q, w=w), dict(k=k),
+                                                              vis, min(SCORE_ROWS, T))
     row.update(scores_block_s=scores_s, scores_tflops=scores_tf, scores_rel_err=err, scores_mask_ok=same_mask)
+    row.update(_fp8_checks(args, vis, min(SCORE_ROWS, T)))
+    row["scores_fp8_speedup"] = scores_s / row["scores_fp8_block_s"]
     radix_s, lax_s, exact = _topk_check(T)
     row.update(radix_topk_1024rows_s=radix_s, lax_topk_1024rows_s=lax_s, topk_speedup=lax_s / radix_s,
                radix_exact=exact)

@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
                "retrieval_rate": 0.25, "retrieval_pairs": 2, "retrieval_digits": 3},
       "optimizer": {"lr_main": 3e-3, "lr_indexer": 1e-3, "lr_indexer_warmup": 1e-3, "warmup_steps": 20},
       "loss": {"mtp_weight": 0.1, "balance_weight": 1e-4},
-      "train": {"bias_gamma": 1e-3, "dense_steps": 160, "warmup_steps": 30, "sparse_steps": 70, "compare_dense": True,
+      "train": {"bias_gamma": 1e-3, "stages": "", "dense_steps": 160, "warmup_steps": 30, "sparse_steps": 70, "compare_dense": True,
                 "checkpoint_every": 50, "keep": 2, "log_every": 20, "eval_every": 0, "eval_batches": 2,
                 "eval_examples": 16},
       "mesh": {"data": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1},

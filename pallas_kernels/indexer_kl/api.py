@@ -10,34 +10,36 @@ attn_q / attn_k are the main attention's scaled-dot-product operands in MQA form
 attn_scale * q.k per head. They are a stop-gradient target: gradients reach only idx_q, idx_k, idx_w
 (spec section 2: the indexer learns only from its KL). Semantics are `reference.py`'s.
 
-Implementation ("xla", the first one; a Pallas version is future work): a loop over query chunks; the dense
-loss folds key chunks with an online logsumexp of the indexer scores and running sums of the target mass
-z = sum p, a = sum p I and c = sum p log p, so KL = c/z - log z - a/z + logsumexp(I). Each chunk is
-`jax.checkpoint`ed, so the backward pass recomputes a chunk instead of storing it: memory is
-O(t_chunk * N * s_chunk) plus O(T * S / s_chunk) floats of loop carries.
+Implementations:
+  * "xla": a loop over query chunks; the dense loss folds key chunks with an online logsumexp of the
+    indexer scores and running sums of the target mass z = sum p, a = sum p I and c = sum p log p, so
+    KL = c/z - log z - a/z + logsumexp(I). Each chunk is `jax.checkpoint`ed, so the backward pass
+    recomputes a chunk instead of storing it: memory is O(t_chunk * N * s_chunk) plus O(T * S / s_chunk)
+    floats of loop carries.
+  * "pallas", dense: the same five statistics from the Mosaic GPU kernel `kernel_dense` (one token per
+    CTA, keys streamed, masked tiles skipped; measured on the H200), under a custom_vjp whose backward,
+    from the saved logsumexp(I) and z, is the chunked XLA pass of `dense_bwd` (visible chunk pairs only;
+    `deterministic=True`, the default) or the Mosaic GPU kernel `kernel_dense_bwd` (same CTA shape; d idx_k
+    by atomic TMA reduce-add, so its rounding varies run to run; not yet run on a GPU). It needs a static
+    (Python float) attn_scale and computes in bf16.
+  * "pallas", sparse: the Mosaic GPU forward and backward kernels of `sparse_pallas` (per-row TMA gather
+    of the selected keys); opt-in until they have run on a GPU.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.dispatch import resolve_implementation
-from pallas_kernels.indexer_kl import reference
+from pallas_kernels.indexer_kl import dense_bwd, kernel_dense, kernel_dense_bwd, reference
+from pallas_kernels.indexer_kl import sparse_pallas
+from pallas_kernels.indexer_kl.chunking import PAD_POSITION, pad_chunks, unchunk
 
-AVAILABLE = ("xla",)
-_PAD_POSITION = jnp.iinfo(jnp.int32).max  # padded keys are later than every query
-
-
-def _pad_chunks(x: jax.Array, chunk: int, value=0) -> jax.Array:
-  """[B, L, ...] -> [L_pad // chunk, B, chunk, ...] (chunk-major, for lax.map / lax.scan)."""
-  pad = -x.shape[1] % chunk
-  x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
-  return jnp.moveaxis(x.reshape(x.shape[0], -1, chunk, *x.shape[2:]), 1, 0)
-
-
-def _unchunk(x: jax.Array, length: int) -> jax.Array:
-  return jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1)[:, :length]
+AVAILABLE = ("xla", "pallas")
+SPARSE_AVAILABLE = ("xla", "pallas")
+SPARSE_KERNEL_RUN_ON_GPU = False  # flip once `experiments/bench_sections/indexer_kl_sparse.py` has run on the H200
 
 
 def _chunk_scores(q_chunk, k_chunk, attn_scale, idx_q, idx_k, idx_w):
@@ -76,27 +78,94 @@ def _dense_query_chunk(args, *, attn_scale, kv_chunks):
   return jnp.where(has_keys, c / z_safe - jnp.log(z_safe) - a / z_safe + lse_scores, 0.0)
 
 
+def _kernel_supports(attn_q: jax.Array, idx_q: jax.Array) -> bool:
+  """Automatic choice of the kernel: bf16 inputs (it computes in bf16) and sizes that fit its SMEM."""
+  n, c = attn_q.shape[2:]
+  i, h = idx_q.shape[2:]
+  return attn_q.dtype == idx_q.dtype == jnp.bfloat16 and kernel_dense.supports(n, c, i, h)
+
+
+def _interpret_params(interpret: bool):
+  return plgpu.InterpretGPUParams(detect_races=True) if interpret else False
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _pallas_dense_kl(attn_scale, t_chunk, s_chunk, interpret, deterministic, *args):
+  return _pallas_dense_kl_fwd(attn_scale, t_chunk, s_chunk, interpret, deterministic, *args)[0]
+
+
+def _pallas_dense_kl_fwd(attn_scale, t_chunk, s_chunk, interpret, deterministic, attn_q, attn_k, attn_lse, idx_q,
+                         idx_k, idx_w, *visibility):
+  del t_chunk, s_chunk, deterministic
+  names = ("q_positions", "kv_positions", "q_segment_ids", "kv_segment_ids")
+  partials = kernel_dense.dense_stats(attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w,
+                                      **dict(zip(names, visibility)), interpret=_interpret_params(interpret))
+  m, l, z, a, c = kernel_dense.combine(partials)
+  has_keys = z > 0
+  z_safe = jnp.where(has_keys, z, 1.0)
+  lse_scores = m + jnp.log(jnp.where(has_keys, l, 1.0))
+  kl = jnp.where(has_keys, c / z_safe - jnp.log(z_safe) - a / z_safe + lse_scores, 0.0)
+  return kl, (attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, visibility, lse_scores, z)
+
+
+def _pallas_dense_kl_bwd(attn_scale, t_chunk, s_chunk, interpret, deterministic, residuals, g):
+  attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, visibility, lse_scores, z = residuals
+  names = ("q_positions", "kv_positions", "q_segment_ids", "kv_segment_ids")
+  args = (attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w, lse_scores, z, g)
+  if deterministic or not kernel_dense_bwd.supports(*attn_q.shape[2:], *idx_q.shape[2:]):
+    grads = dense_bwd.dense_kl_grads(*args, **dict(zip(names, visibility)), t_chunk=t_chunk, s_chunk=s_chunk)
+  else:
+    grads = kernel_dense_bwd.dense_grads(*args, **dict(zip(names, visibility)),
+                                         interpret=_interpret_params(interpret))
+  return (None, None, None, *grads, None, None, None, None)
+
+
+_pallas_dense_kl.defvjp(_pallas_dense_kl_fwd, _pallas_dense_kl_bwd)
+
+
 def dense_kl(attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w, *, q_positions, kv_positions,
              q_segment_ids, kv_segment_ids, t_chunk: int = 256, s_chunk: int = 1024,
-             implementation: str | None = None) -> jax.Array:
-  """Dense warm-up KL(p[t, :] || softmax(I[t, :])) per query, float32 [B, T]."""
-  resolve_implementation(implementation, AVAILABLE)
+             implementation: str | None = None, interpret: bool = False,
+             deterministic: bool = True) -> jax.Array:
+  """Dense warm-up KL(p[t, :] || softmax(I[t, :])) per query, float32 [B, T].
+
+  t_chunk / s_chunk size the XLA loops (the forward of "xla", the XLA backward of "pallas"); `interpret` runs
+  the Pallas kernels in GPU interpret mode with race detection (CPU tests); `deterministic` (the default)
+  gives "pallas" the XLA backward, whose gradients are bitwise reproducible; False takes the backward
+  kernel, which has not yet run on a GPU (only interpret mode and cross-lowering): opt in until
+  `benchmarks/results` shows it measured.
+  """
   attn_q, attn_k, attn_lse = jax.tree.map(jax.lax.stop_gradient, (attn_q, attn_k, attn_lse))
+  if resolve_implementation(implementation, AVAILABLE, _kernel_supports(attn_q, idx_q)) == "pallas":
+    t_chunk, s_chunk = min(t_chunk, attn_q.shape[1]), min(s_chunk, attn_k.shape[1])
+    return _pallas_dense_kl(float(attn_scale), t_chunk, s_chunk, interpret, deterministic, attn_q, attn_k,
+                            attn_lse, idx_q, idx_k, idx_w, q_positions, kv_positions, q_segment_ids,
+                            kv_segment_ids)
   T = attn_q.shape[1]  # noqa: N806
   t_chunk, s_chunk = min(t_chunk, T), min(s_chunk, attn_k.shape[1])
-  kv_chunks = (_pad_chunks(attn_k, s_chunk), _pad_chunks(idx_k, s_chunk),
-               _pad_chunks(kv_positions, s_chunk, _PAD_POSITION), _pad_chunks(kv_segment_ids, s_chunk))
-  q_chunks = tuple(_pad_chunks(x, t_chunk) for x in (attn_q, attn_lse, idx_q, idx_w, q_positions, q_segment_ids))
+  kv_chunks = (pad_chunks(attn_k, s_chunk), pad_chunks(idx_k, s_chunk),
+               pad_chunks(kv_positions, s_chunk, PAD_POSITION), pad_chunks(kv_segment_ids, s_chunk))
+  q_chunks = tuple(pad_chunks(x, t_chunk) for x in (attn_q, attn_lse, idx_q, idx_w, q_positions, q_segment_ids))
   kl = jax.lax.map(functools.partial(_dense_query_chunk, attn_scale=attn_scale, kv_chunks=kv_chunks), q_chunks)
-  return _unchunk(kl, T)
+  return unchunk(kl, T)
 
 
 def sparse_kl(attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w, indices, *, q_positions,
               kv_positions, q_segment_ids, kv_segment_ids, t_chunk: int = 64,
-              implementation: str | None = None) -> jax.Array:
-  """Sparse-stage KL(p[t, S_t] || softmax(I[t, S_t])) per query over `indices` [B, T, K], float32 [B, T]."""
-  resolve_implementation(implementation, AVAILABLE)
+              implementation: str | None = None, interpret: bool = False) -> jax.Array:
+  """Sparse-stage KL(p[t, S_t] || softmax(I[t, S_t])) per query over `indices` [B, T, K], float32 [B, T].
+
+  "pallas": the Mosaic GPU kernels of `sparse_pallas` (forward and backward; indices within a row must be
+  distinct, as top-k gives them); t_chunk sizes the "xla" loop; `interpret` runs the kernels in GPU
+  interpret mode with race detection (CPU tests). The automatic choice stays "xla" until the kernels have
+  run on a GPU (so far only interpret mode and cross-lowering): pass implementation="pallas" to opt in.
+  """
   attn_q, attn_k, attn_lse = jax.tree.map(jax.lax.stop_gradient, (attn_q, attn_k, attn_lse))
+  automatic = SPARSE_KERNEL_RUN_ON_GPU and sparse_pallas.supports(attn_q, idx_q)
+  if resolve_implementation(implementation, SPARSE_AVAILABLE, automatic) == "pallas":
+    return sparse_pallas.sparse_kl(attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w, indices,
+                                   q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
+                                   kv_segment_ids=kv_segment_ids, interpret=interpret)
   T = attn_q.shape[1]  # noqa: N806
   take = jax.vmap(lambda x, i: x[i])  # per batch: [S, ...][t, K] -> [t, K, ...]
 
@@ -112,6 +181,6 @@ def sparse_kl(attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w, indices
     return reference.kl_from_scores(attn_logits, lse_chunk, scores, keep)
 
   t_chunk = min(t_chunk, T)
-  chunks = tuple(_pad_chunks(x, t_chunk) for x in (attn_q, attn_lse, idx_q, idx_w, q_positions, q_segment_ids,
+  chunks = tuple(pad_chunks(x, t_chunk) for x in (attn_q, attn_lse, idx_q, idx_w, q_positions, q_segment_ids,
                                                     indices))
-  return _unchunk(jax.lax.map(query_chunk, chunks), T)
+  return unchunk(jax.lax.map(query_chunk, chunks), T)

@@ -3,6 +3,8 @@
 Implementations: "xla" (`reference.py`) and "pallas" (`kernel.py`, Mosaic GPU; forward only, its backward
 is `jax.vjp` of the reference, which materialises [B, T, I, S] logits: fine for the short sequences of the
 indexer warm-up tests, not for 128K training, where `pallas_kernels.indexer_kl` computes the loss instead).
+FP8 (the official numerics): `quantize_fp8`, `index_scores_fp8` (`kernel_fp8.py`, forward only: its scores
+feed selection) and `index_topk(fp8=True)`.
 """
 
 import functools
@@ -11,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.dispatch import resolve_implementation
-from pallas_kernels.lightning_indexer import kernel, reference
+from pallas_kernels.lightning_indexer import kernel, kernel_fp8, reference
 from pallas_kernels.topk import api as topk_api
 
 AVAILABLE = ("xla", "pallas")
@@ -20,20 +22,24 @@ _SCORE_BLOCK_BYTES = 2**31  # index_topk materialises at most this many bytes of
 
 
 def _kernel_supports(q: jax.Array) -> bool:
-  """The kernel computes in bf16 with 64-wide wgmma tiles: automatic choice only for bf16 and H % 64 == 0."""
-  return q.dtype == jnp.bfloat16 and q.shape[-1] % 64 == 0
+  """The kernels take bf16 or e4m3 with 64-wide wgmma tiles: automatic choice only for those and H % 64 == 0."""
+  return q.dtype in (jnp.bfloat16, jnp.float8_e4m3fn) and q.shape[-1] % 64 == 0
+
+
+def _call_padded(fn, t_args: dict, s_args: dict):
+  """fn(**t_args, **s_args) with the T- and S-indexed arguments padded to the kernels' tiles; unpadded scores."""
+  T, S = t_args["q_positions"].shape[1], s_args["kv_positions"].shape[1]  # noqa: N806
+  pad_t, pad_s = -T % kernel.BLOCK_T, -S % kernel.BLOCK_S
+  pad = lambda x, n, value=0: jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+  scores = fn(**{name: pad(x, pad_t) for name, x in t_args.items()},
+              **{name: pad(x, pad_s, _PAD_POSITION if name == "kv_positions" else 0) for name, x in s_args.items()})
+  return scores[:, :T, :S]
 
 
 @jax.custom_vjp
 def _pallas_scores(q, k, w, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
-  T, S = q.shape[1], k.shape[1]  # noqa: N806
-  pad_t, pad_s = -T % kernel.BLOCK_T, -S % kernel.BLOCK_S
-  pad = lambda x, n, value=0: jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
-  scores = kernel.index_scores(
-      pad(q, pad_t), pad(k, pad_s), pad(w, pad_t), q_positions=pad(q_positions, pad_t),
-      kv_positions=pad(kv_positions, pad_s, _PAD_POSITION), q_segment_ids=pad(q_segment_ids, pad_t),
-      kv_segment_ids=pad(kv_segment_ids, pad_s))
-  return scores[:, :T, :S]
+  return _call_padded(kernel.index_scores, dict(q=q, w=w, q_positions=q_positions, q_segment_ids=q_segment_ids),
+                      dict(k=k, kv_positions=kv_positions, kv_segment_ids=kv_segment_ids))
 
 
 def _pallas_scores_fwd(q, k, w, *visibility):
@@ -50,6 +56,12 @@ def _pallas_scores_bwd(residuals, d_scores):
 _pallas_scores.defvjp(_pallas_scores_fwd, _pallas_scores_bwd)
 
 
+def _pallas_scores_fp8(q8, q_scale, k8, k_scale, w, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
+  return _call_padded(kernel_fp8.index_scores_fp8,
+                      dict(q8=q8, q_scale=q_scale, w=w, q_positions=q_positions, q_segment_ids=q_segment_ids),
+                      dict(k8=k8, k_scale=k_scale, kv_positions=kv_positions, kv_segment_ids=kv_segment_ids))
+
+
 def index_scores(q: jax.Array, k: jax.Array, w: jax.Array, *, q_positions: jax.Array, kv_positions: jax.Array,
                  q_segment_ids: jax.Array, kv_segment_ids: jax.Array, implementation: str | None = None) -> jax.Array:
   """q [B, T, I, H], k [B, S, H], w [B, T, I] -> float32 scores [B, T, S], -inf where not visible."""
@@ -60,21 +72,52 @@ def index_scores(q: jax.Array, k: jax.Array, w: jax.Array, *, q_positions: jax.A
                                 q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
 
 
+def quantize_fp8(q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """q [B, T, I, H], k [B, S, H] -> (q8 e4m3, q_scale [B, T, I], k8 e4m3, k_scale [B, S]): one ue8m0 scale per row."""
+  q8, q_scale = reference.quantize_e4m3(q, q.shape[-1])
+  k8, k_scale = reference.quantize_e4m3(k, k.shape[-1])
+  return q8, q_scale[..., 0], k8, k_scale[..., 0]
+
+
+def index_scores_fp8(q8: jax.Array, q_scale: jax.Array, k8: jax.Array, k_scale: jax.Array, w: jax.Array, *,
+                     q_positions: jax.Array, kv_positions: jax.Array, q_segment_ids: jax.Array,
+                     kv_segment_ids: jax.Array, implementation: str | None = None) -> jax.Array:
+  """FP8 scores (`reference.index_scores_fp8`; inputs from `quantize_fp8`) -> float32 [B, T, S]. Forward only."""
+  visibility = dict(q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
+                    kv_segment_ids=kv_segment_ids)
+  if resolve_implementation(implementation, AVAILABLE, _kernel_supports(q8)) == "pallas":
+    return _pallas_scores_fp8(q8, q_scale, k8, k_scale, w, **visibility)
+  return reference.index_scores_fp8(q8, q_scale, k8, k_scale, w, **visibility)
+
+
 def index_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, q_positions: jax.Array,
                kv_positions: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
                implementation: str | None = None, rows_per_block: int | None = None,
-               select_implementation: str = "xla") -> jax.Array:
+               select_implementation: str = "pruned", fp8: bool = False) -> jax.Array:
   """Top-k keys by indexer score -> int32 [B, T, min(topk, S)], sorted ascending, -1 padded.
 
   "pallas" computes the scores of `rows_per_block` queries at a time with the Mosaic GPU kernel and selects
-  with `topk.api.topk_indices(implementation=select_implementation)`, so at most B x rows_per_block x S float32 scores exist at once (default: 2 GiB),
-  never [B, T, S]. The default selection is lax.top_k: the radix select ran 20x slower inside this
-  lax.map on the H200 (see `topk/kernel.py`). "xla" is the reference path (materialises [B, T, S]).
+  with `topk.api.topk_indices(implementation=select_implementation)`, so at most B x rows_per_block x S
+  float32 scores exist at once (default: 2 GiB), never [B, T, S]. The default selection is the exact pruned
+  select (`topk/pruned.py`): on the H200 at T = 128K the whole index_topk took 0.66 s with it vs 1.40 s with
+  lax.top_k (identical selections); the radix select ran 20x slower inside this lax.map (see
+  `topk/kernel.py`). "xla" is the reference path (materialises [B, T, S]).
+  fp8: quantise q and k with `quantize_fp8` and score in FP8 (`index_scores_fp8`). Exact on inputs that are
+  already dequantised e4m3 values (the model's `fp8_numerics`): requantising them changes nothing.
   """
   q, k, w = jax.tree.map(jax.lax.stop_gradient, (q, k, w))  # indices are discrete: no gradient
-  if resolve_implementation(implementation, AVAILABLE, _kernel_supports(q)) == "xla":
-    scores = reference.index_scores(q, k, w, q_positions=q_positions, kv_positions=kv_positions,
-                                    q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+  if fp8:
+    q8, q_scale, k8, k_scale = quantize_fp8(q, k)
+    rows = (q8, q_scale, w)  # the query-indexed arguments, split into row blocks
+    pallas = lambda q8, q_scale, w, **vis: _pallas_scores_fp8(q8, q_scale, k8, k_scale, w, **vis)
+    xla = lambda q8, q_scale, w, **vis: reference.index_scores_fp8(q8, q_scale, k8, k_scale, w, **vis)
+  else:
+    rows = (q, w)
+    pallas = lambda q, w, **vis: _pallas_scores(q, k, w, **vis)
+    xla = lambda q, w, **vis: reference.index_scores(q, k, w, **vis)
+  if resolve_implementation(implementation, AVAILABLE, _kernel_supports(rows[0])) == "xla":
+    scores = xla(*rows, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
+                 kv_segment_ids=kv_segment_ids)
     return topk_api.topk_indices(scores, topk, implementation="xla")
   B, T = q.shape[:2]  # noqa: N806
   S = k.shape[1]  # noqa: N806
@@ -87,9 +130,10 @@ def index_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, q_positio
       B, n_blocks, rows_per_block, *x.shape[2:]), 1, 0)
 
   def block_topk(args):
-    q_b, w_b, q_pos_b, q_seg_b = args
-    scores = _pallas_scores(q_b, k, w_b, q_pos_b, kv_positions, q_seg_b, kv_segment_ids)
+    *rows_b, q_pos_b, q_seg_b = args
+    scores = pallas(*rows_b, q_positions=q_pos_b, kv_positions=kv_positions, q_segment_ids=q_seg_b,
+                    kv_segment_ids=kv_segment_ids)
     return topk_api.topk_indices(scores, topk, implementation=select_implementation)
 
-  blocks = jax.lax.map(block_topk, (split(q), split(w), split(q_positions), split(q_segment_ids)))
+  blocks = jax.lax.map(block_topk, tuple(split(x) for x in (*rows, q_positions, q_segment_ids)))
   return jnp.moveaxis(blocks, 0, 1).reshape(B, n_blocks * rows_per_block, -1)[:, :T]

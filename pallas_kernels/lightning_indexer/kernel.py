@@ -2,14 +2,14 @@
 computes the same I[t,s] = sum_j w[t,j] * ReLU(q[t,j] . k[s]) with DeepGEMM's `fp8_mqa_logits`).
 
 One CTA owns a [BLOCK_T, BLOCK_S] tile of scores. It loads the key tile once, then pipelines the index
-heads j: per head one wgmma q[t-tile, j] @ k[s-tile]^T (bf16, fp32 accumulate), and in the epilogue of
-that head ReLU, the row scale w[t, j] and the head sum, all in registers; the [T, I, S] logits never leave
-the chip. Causal + segment visibility is applied in the final epilogue from positions and segment ids
-(`pallas_kernels/visibility.py`); tiles that are certainly fully masked (all keys later than every query,
-or disjoint segment ranges) skip the matmuls and only write -inf.
+heads j: per head one wgmma q[t-tile, j] @ k[s-tile]^T (bf16 here, e4m3 in `kernel_fp8`; fp32 accumulate),
+and in the epilogue of that head ReLU, the row scale w[t, j] and the head sum, all in registers; the
+[T, I, S] logits never leave the chip. Causal + segment visibility is applied in the final epilogue from
+positions and segment ids (`pallas_kernels/visibility.py`); tiles that are certainly fully masked (all keys
+later than every query, or disjoint segment ranges) skip the matmuls and only write -inf.
 
 Consecutive CTAs share one query tile (the grid's fastest axis runs over key tiles), so the per-head q
-tiles, the large operand (16 KiB per token), are re-read from L2 rather than HBM.
+tiles, the large operand (16 KiB per token in bf16), are re-read from L2 rather than HBM.
 """
 
 import functools
@@ -39,26 +39,40 @@ def index_scores(q: jax.Array, k: jax.Array, w: jax.Array, *, q_positions: jax.A
 
   T must be a multiple of 64 and S of 128 (the API pads).
   """
+  return launch(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), w, None, q_positions=q_positions,
+                kv_positions=kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                interpret=interpret)
+
+
+def launch(q: jax.Array, k: jax.Array, w: jax.Array, k_scale: jax.Array | None, *, q_positions: jax.Array,
+           kv_positions: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array, interpret=None) -> jax.Array:
+  """The scores kernel for q [B, T, I, H] and k [B, S, H] of one wgmma dtype (bf16 here, e4m3 in `kernel_fp8`).
+
+  k_scale [B, S] float32 (or None): a per-key factor applied to each score column in the epilogue.
+  """
   B, T, I, H = q.shape  # noqa: N806
   S = k.shape[1]  # noqa: N806
   if T % BLOCK_T or S % BLOCK_S:
     raise ValueError(f"T={T} must be a multiple of {BLOCK_T} and S={S} of {BLOCK_S}.")
-  q_flat = q.astype(jnp.bfloat16).reshape(B, T, I * H)
+  q_flat = q.reshape(B, T, I * H)
   w_heads = jnp.swapaxes(w.astype(jnp.float32), 1, 2)  # [B, I, T]: one contiguous row of w per head
   q_summary = _tile_summaries(q_positions, q_segment_ids, BLOCK_T, jnp.max)
   kv_summary = _tile_summaries(kv_positions, kv_segment_ids, BLOCK_S, jnp.min)
   ints = [x.astype(jnp.int32) for x in (q_positions, q_segment_ids, kv_positions, kv_segment_ids)]
+  k_scales = [] if k_scale is None else [k_scale.astype(jnp.float32)]
 
-  swizzle = plgpu.find_swizzle(H * 16)  # bf16 rows of H elements
-  transforms = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
+  itemsize = jnp.dtype(q.dtype).itemsize
+  swizzle = plgpu.find_swizzle(H * 8 * itemsize)  # rows of H elements
+  transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
   body = functools.partial(_kernel, num_heads=I, head_dim=H, transforms=transforms)
   scratch = dict(
-      k_smem=plgpu.SMEM((BLOCK_S, H), jnp.bfloat16, transforms=transforms),
+      k_smem=plgpu.SMEM((BLOCK_S, H), q.dtype, transforms=transforms),
       w_smem=plgpu.SMEM((I, BLOCK_T), jnp.float32),
       q_pos_smem=plgpu.SMEM((2, BLOCK_T), jnp.int32),
       kv_pos_smem=plgpu.SMEM((2, BLOCK_S), jnp.int32),
+      k_scale_smem=[plgpu.SMEM((BLOCK_S,), jnp.float32) for _ in k_scales],
       out_smem=plgpu.SMEM((BLOCK_T, BLOCK_S), jnp.float32),
-      barriers=plgpu.Barrier(num_barriers=6),
+      barriers=plgpu.Barrier(num_barriers=6 + len(k_scales)),
   )
   return plgpu.kernel(
       body,
@@ -68,11 +82,13 @@ def index_scores(q: jax.Array, k: jax.Array, w: jax.Array, *, q_positions: jax.A
       grid_names=("s", "t", "b"),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret,
-  )(q_flat, k.astype(jnp.bfloat16), w_heads, *ints, q_summary, kv_summary)
+  )(q_flat, k, w_heads, *ints, q_summary, kv_summary, *k_scales)
 
 
-def _kernel(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_sum_ref, kv_sum_ref, out_ref,
-            *, k_smem, w_smem, q_pos_smem, kv_pos_smem, out_smem, barriers, num_heads, head_dim, transforms):
+def _kernel(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_sum_ref, kv_sum_ref,
+            *k_scale_and_out, k_smem, w_smem, q_pos_smem, kv_pos_smem, k_scale_smem, out_smem, barriers, num_heads,
+            head_dim, transforms):
+  *k_scale_ref, out_ref = k_scale_and_out  # k_scale_ref and k_scale_smem: one ref each with key scales, or none
   si, ti, b = lax.axis_index("s"), lax.axis_index("t"), lax.axis_index("b")
   t_slice, s_slice = pl.ds(ti * BLOCK_T, BLOCK_T), pl.ds(si * BLOCK_S, BLOCK_S)
   live = ((kv_sum_ref[b, si, 0] <= q_sum_ref[b, ti, 0]) & (kv_sum_ref[b, si, 1] <= q_sum_ref[b, ti, 2])
@@ -84,7 +100,8 @@ def _kernel(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q
   def _compute():
     copies = ((k_ref.at[b, s_slice], k_smem), (w_ref.at[b, :, t_slice], w_smem),
               (q_pos_ref.at[b, t_slice], q_pos_smem.at[0]), (q_seg_ref.at[b, t_slice], q_pos_smem.at[1]),
-              (kv_pos_ref.at[b, s_slice], kv_pos_smem.at[0]), (kv_seg_ref.at[b, s_slice], kv_pos_smem.at[1]))
+              (kv_pos_ref.at[b, s_slice], kv_pos_smem.at[0]), (kv_seg_ref.at[b, s_slice], kv_pos_smem.at[1]),
+              *[(ref.at[b, s_slice], smem) for ref, smem in zip(k_scale_ref, k_scale_smem)])
     for i, (src, dst) in enumerate(copies):
       plgpu.copy_gmem_to_smem(src, dst, barriers.at[i])
     for i in range(len(copies)):
@@ -112,6 +129,8 @@ def _kernel(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q
     q_seg = lax.broadcast_in_dim(plgpu.load(q_pos_smem.at[1], layout=rows), shape, [0])
     kv_pos = lax.broadcast_in_dim(plgpu.load(kv_pos_smem.at[0], layout=cols), shape, [1])
     kv_seg = lax.broadcast_in_dim(plgpu.load(kv_pos_smem.at[1], layout=cols), shape, [1])
+    for smem in k_scale_smem:  # a power of two in the fp8 kernel: commutes with ReLU and the head sum exactly
+      scores = scores * lax.broadcast_in_dim(plgpu.load(smem, layout=cols), shape, [1])
     visible = (kv_pos <= q_pos) & (kv_seg == q_seg)
     out_smem[...] = jnp.where(visible, scores, -jnp.inf)
 

@@ -1,8 +1,9 @@
 """Public entry point of sparse MLA attention.
 
-"pallas": the Mosaic GPU forward kernel (`kernel_fwd`) under a custom_vjp whose backward is the chunked
-XLA computation of `kernel_bwd` (recompute from the saved logsumexp). "xla": `reference`, differentiated
-by JAX. None picks by backend (`dispatch.resolve_implementation`).
+"pallas": the Mosaic GPU forward kernel (`kernel_fwd`) under a custom_vjp whose backward is the Mosaic
+GPU kernel of `kernel_bwd` (recompute from the saved logsumexp, dkv by atomic TMA reduce-adds), or with
+`deterministic=True` the chunked XLA computation of `chunked_bwd` (a fixed summation order). "xla":
+`reference`, differentiated by JAX. None picks by backend (`dispatch.resolve_implementation`).
 """
 
 import functools
@@ -11,6 +12,7 @@ import jax
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from pallas_kernels.dispatch import resolve_implementation
+from pallas_kernels.sparse_mla import chunked_bwd
 from pallas_kernels.sparse_mla import kernel_bwd
 from pallas_kernels.sparse_mla import kernel_fwd
 from pallas_kernels.sparse_mla import reference
@@ -23,9 +25,12 @@ def _pallas_sparse_mla(q, kv, indices, scale, v_dim, deterministic, interpret):
   return _pallas_fwd(q, kv, indices, scale, v_dim, deterministic, interpret)[0]
 
 
+def _interpret_params(interpret):
+  return plgpu.InterpretGPUParams(detect_races=True) if interpret else False
+
+
 def _forward(q, kv, indices, scale, v_dim, interpret):
-  params = plgpu.InterpretGPUParams(detect_races=True) if interpret else False
-  return kernel_fwd.sparse_mla_fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=params)
+  return kernel_fwd.sparse_mla_fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=_interpret_params(interpret))
 
 
 def _pallas_fwd(q, kv, indices, scale, v_dim, deterministic, interpret):
@@ -35,11 +40,14 @@ def _pallas_fwd(q, kv, indices, scale, v_dim, deterministic, interpret):
 
 
 def _pallas_bwd(scale, v_dim, deterministic, interpret, res, cotangents):
-  del interpret
   q, kv, indices, out, lse = res
   dout, dlse = cotangents
-  dq, dkv = kernel_bwd.sparse_mla_bwd(q, kv, indices, out, lse, dout, dlse, scale=scale, v_dim=v_dim,
-                                      deterministic=deterministic)
+  if deterministic:
+    dq, dkv = chunked_bwd.sparse_mla_bwd(q, kv, indices, out, lse, dout, dlse, scale=scale, v_dim=v_dim,
+                                         deterministic=True)
+  else:
+    dq, dkv = kernel_bwd.sparse_mla_bwd(q, kv, indices, out, lse, dout, dlse, scale=scale, v_dim=v_dim,
+                                        interpret=_interpret_params(interpret))
   return dq, dkv, None
 
 
@@ -51,8 +59,9 @@ def sparse_mla(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: float,
                interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """q [B, T, N, Dk], kv [B, S, Dk], indices [B, T, K] -> (out [B, T, N, v_dim], lse [B, T, N]).
 
-  `deterministic` makes the Pallas path's dkv scatter-add order-independent; `interpret` runs the
-  Pallas kernel in GPU interpret mode (CPU tests).
+  `deterministic` makes the Pallas path's backward use the chunked XLA computation, whose dkv
+  scatter-add has a fixed order (the kernel's atomic reduce-adds do not); `interpret` runs the Pallas
+  kernels in GPU interpret mode (CPU tests).
   """
   supported = kernel_fwd.supports(q.shape[-1], v_dim, q.dtype)
   if resolve_implementation(implementation, AVAILABLE, supported) == "pallas":

@@ -1,77 +1,285 @@
-"""Sparse MLA backward as a chunked XLA computation (no Pallas kernel yet).
+"""Sparse MLA backward on Hopper with Pallas Mosaic GPU: recompute from the lse, dq in registers, dkv by
+TMA reduce-add into the selected latent rows.
 
-Recomputes the probabilities from the saved logsumexp (FlashAttention-2 backward, Dao 2023, Alg. 2, in
-the MQA form of DeepSeek-V3.2's sparse attention), a block of query tokens at a time so that the gathered
-[T, K, 576] rows and the [T, N, K] probabilities of one block only are live:
-  dP = dO V^T, dS = P (dP - delta + dlse) * scale, delta = rowsum(dO * O),
+FlashAttention-2's backward (Dao 2023, Alg. 2) in the MQA form of DeepSeek-V3.2's sparse attention
+(arXiv 2512.02556, section 2.1): for one token, with P = exp(scale q.k - lse) over its K selected
+576-dim entries [c (512) | k_rope (64)],
+  dP = dO V^T, dS = P (dP - delta + dlse) scale, delta = rowsum(dO * O) (computed in XLA),
   dq = dS K, dkv[idx] += dS^T q + [P^T dO | 0].
-dkv is a scatter-add into the latent rows, since many queries select the same key. On the GPU XLA's
-scatter-add uses atomics (order-dependent rounding); `deterministic=True` first sums equal rows with a
-segmented scan over the sorted indices, so that each scatter writes every row at most once.
+Same function as the chunked XLA backward of `chunked_bwd` (the `deterministic=True` path).
+
+One CTA owns one token and a tile of 64 heads, as in the forward (`kernel_fwd`), with three warpgroups:
+  * wg 2 (memory): per block of `block_k` selected keys, the index block, then one TMA per selected row
+    and 64-column line, all on one barrier (the forward's gather).
+  * wg 0: S^T = K Q^T and dP^T = V dO^T (keys x heads, so that P^T and dS^T are ready-made wgmma
+    operands for dkv), P^T, dS^T to SMEM; then dq[:, :C/2] += dS K and the dkv columns [0, C/2).
+  * wg 1: dq[:, C/2:] += dS K (latent right half and rope) and the dkv columns [C/2, C + R).
+dkv is computed in 64-column slabs, acc = dS^T q[:, slab] + P^T dO[:, slab] (64 keys x 64 f32), staged
+in SMEM and added into the f32 dkv output with one TMA reduce-add per selected row (TMA reductions are
+atomic per element; the order of additions, hence the rounding, varies run to run). An invalid (-1)
+key has P = dS = 0 and adds zeros to row 0.
+
+SMEM (576 / 512, bf16): Q 72 KiB + dO 64 KiB + one key block 72 KiB + P^T, dS^T 16 KiB = 224 KiB of the
+227 KiB per block. Nothing else fits, so each warpgroup stages its dkv slabs in its own part of the key
+block (two 16 KiB f32 slots, reused once the TMA has read them) once its dq product no longer reads it;
+the next block's gather starts when both warpgroups' reductions have been read out of SMEM. The key
+block is therefore single-buffered: the gather does not overlap this CTA's matmuls.
+
+GPU interpret mode does not implement TMA reductions: there each staged slab is copied whole into a
+[B, T, N/64, K, Dk] buffer of per-token partials that XLA scatter-adds, so the tests check everything
+but the reduce-add TMAs (which the cross-lowering test compiles).
 """
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.sparse_mla import kernel_fwd
+from pallas_kernels.sparse_mla.kernel_fwd import HEAD_TILE
+
+SLAB = 64  # dkv columns per staged slab
+_TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
-def _segment_sum_sorted_scatter(dkv: jax.Array, rows: jax.Array, vals: jax.Array) -> jax.Array:
-  """dkv [S, D] += vals [M, D] at rows [M] (rows == S are dropped) in a fixed summation order."""
-  order = jnp.argsort(rows, stable=True)
-  rows, vals = rows[order], vals[order]
-  new_row = rows[1:] != rows[:-1]
-  starts = jnp.concatenate([jnp.ones((1,), bool), new_row])
-  ends = jnp.concatenate([new_row, jnp.ones((1,), bool)])
+def _mma(acc, pairs, shape, interpret):
+  """acc + sum of a @ b over `pairs` (acc None: zero). GPU interpret mode has no `run_state` over
+  accumulators, so there a fresh accumulator is added in registers."""
+  def products(acc_ref):
+    for a, b in pairs:
+      plgpu.wgmma(acc_ref, a, b)
 
-  def combine(a, b):
-    return a[0] | b[0], jnp.where(b[0][..., None], b[1], a[1] + b[1])
-
-  _, sums = lax.associative_scan(combine, (starts, vals))
-  target = jnp.where(ends, rows, dkv.shape[0])
-  return dkv.at[target].add(sums, mode="drop", unique_indices=True)
+  if acc is None or interpret:
+    out = pl.run_scoped(lambda acc_ref: (products(acc_ref), acc_ref[...])[1], plgpu.ACC(shape, jnp.float32))
+    return out if acc is None else acc + out
+  return pl.run_state(products)(plgpu.ACC.init(acc))
 
 
-def _block_grads(q, kv, idx, lse, do, delta, dlse, *, scale, v_dim):
-  """One block of query tokens, one batch row: q [T, N, Dk], idx [T, K] -> dq [T, N, Dk], rows, dgathered."""
-  valid = idx >= 0
-  gathered = kv[jnp.where(valid, idx, 0)]  # [T, K, Dk]
-  logits = jnp.einsum("tnd,tkd->tnk", q, gathered, preferred_element_type=jnp.float32) * scale
-  finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-  probs = jnp.where(valid[:, None, :], jnp.exp(logits - finite_lse[..., None]), 0.0)
-  dp = jnp.einsum("tnd,tkd->tnk", do, gathered[..., :v_dim], preferred_element_type=jnp.float32)
-  ds = probs * (dp - delta[..., None] + dlse[..., None]) * scale
-  dq = jnp.einsum("tnk,tkd->tnd", ds.astype(kv.dtype), gathered, preferred_element_type=jnp.float32)
-  dg = jnp.einsum("tnk,tnd->tkd", ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
-  dv = jnp.einsum("tnk,tnd->tkd", probs.astype(do.dtype), do, preferred_element_type=jnp.float32)
-  dg = dg.at[..., :v_dim].add(dv)
-  dg = jnp.where(valid[..., None], dg, 0.0)
-  rows = jnp.where(valid, idx, kv.shape[0])
-  return dq, rows.reshape(-1), dg.reshape(-1, dg.shape[-1])
+def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_smem, do_smem, kv_smem, p_smem,
+          ds_smem, idx_smem, q_bar, kv_ready, idx_ready, kv_free, ds_ready, *, chunks, steps, scale, bk, interpret):
+  p_smem, (lse_smem, dd_smem) = p_smem
+  kv_parts = [tuple(parts) for parts in kv_smem]  # a RefUnion iterates over its views
+  kv_smem, kv_lines, stage_smem = zip(*(parts + (None,) * (3 - len(parts)) for parts in kv_parts))
+  b, t = lax.axis_index("b"), lax.axis_index("t")
+  h0 = lax.axis_index("h") * HEAD_TILE
+  wg = lax.axis_index("wg")
+  half, dtype = chunks[0][1], q_ref.dtype
+  heads = pl.ds(h0, HEAD_TILE)
+
+  def reduce_slab(acc, stage, j, slab, col):
+    """dkv[b, idx[r], col:col+64] += acc[r] for the 64 rows of block j (slab counts from 0 per block)."""
+    slot = slab % 2
+    if slab >= 2:
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the slab staged two slabs ago has been read
+    stage.at[slot][...] = acc
+    plgpu.commit_smem()
+    if interpret:  # per-block partial sums, scatter-added outside
+      plgpu.copy_smem_to_gmem(stage.at[slot], dkv_ref.at[b, t, lax.axis_index("h"), pl.ds(j * bk, bk),
+                                                            pl.ds(col, SLAB)])
+      return
+
+    @pl.loop(0, bk)
+    def _row(r):
+      plgpu.copy_smem_to_gmem(stage.at[slot, pl.ds(r, 1)],
+                              dkv_ref.at[b, pl.ds(jnp.maximum(idx_smem[r], 0), 1), pl.ds(col, SLAB)],
+                              commit_group=False, reduction_op="add")
+
+    plgpu.commit_smem_to_gmem_group()
+
+  def dkv_slabs(j, cols, stage):
+    """dkv columns `cols` (64-wide slabs) of this block: dS^T q (+ P^T dO on the latent columns)."""
+    for i, col in enumerate(cols):
+      (qc, qoff), = [(k, col - off) for k, (off, w) in enumerate(chunks) if off <= col < off + w]
+      pairs = [(ds_smem, q_smem[qc].at[:, pl.ds(qoff, SLAB)])]
+      if qc < 2:
+        pairs.append((p_smem, do_smem[qc].at[:, pl.ds(qoff, SLAB)]))
+      reduce_slab(_mma(None, pairs, (bk, SLAB), interpret), stage, j, i, col)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  def dq_product(acc, chunk):
+    return _mma(acc, [(ds_smem.transpose((1, 0)), kv_smem[chunk])], acc.shape, interpret)
+
+  def zeros(width):
+    return plgpu.layout_cast(jnp.zeros((HEAD_TILE, width), jnp.float32), plgpu.Layout.WGMMA)
+
+  def store_dq(acc, chunk):
+    off, width = chunks[chunk]
+    q_smem[chunk][...] = acc.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem[chunk], dq_ref.at[b, t, heads, pl.ds(off, width)])
+
+  def wait_block():
+    plgpu.barrier_wait(idx_ready)
+    plgpu.barrier_wait(kv_ready)
+
+  @pl.when(wg == 0)
+  def _scores_left_half():
+    plgpu.set_max_registers(232, action="increase")
+    for (off, width), smem in zip(chunks, q_smem):
+      plgpu.copy_gmem_to_smem(q_ref.at[b, t, heads, pl.ds(off, width)], smem, q_bar)
+    for c, smem in enumerate(do_smem):
+      plgpu.copy_gmem_to_smem(do_ref.at[b, t, heads, pl.ds(c * half, half)], smem, q_bar)
+    plgpu.copy_gmem_to_smem(lse_ref.at[b, t, heads], lse_smem, q_bar)
+    plgpu.copy_gmem_to_smem(dd_ref.at[b, t, heads], dd_smem, q_bar)
+    plgpu.barrier_wait(q_bar)
+    heads_layout = plgpu.Layout.WGMMA.reduce(0)
+    lse = lax.broadcast_in_dim(plgpu.load(lse_smem, layout=heads_layout), (bk, HEAD_TILE), [1])
+    dd = lax.broadcast_in_dim(plgpu.load(dd_smem, layout=heads_layout), (bk, HEAD_TILE), [1])
+    log2_scale = scale * math.log2(math.e)
+    cols = range(0, half, SLAB)
+
+    def step(j, dq):
+      wait_block()
+      st = _mma(None, [(k, q.transpose((1, 0))) for k, q in zip(kv_smem, q_smem)], (bk, HEAD_TILE), interpret)
+      dpt = _mma(None, [(kv_smem[c], do_smem[c].transpose((1, 0))) for c in range(2)], (bk, HEAD_TILE),
+                 interpret)
+      idx = plgpu.load(idx_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+      bias = lax.broadcast_in_dim(jnp.where(idx >= 0, 0.0, -jnp.inf).astype(jnp.float32), st.shape, [0])
+      pt = jnp.exp2(st * log2_scale - lse + bias)
+      p_smem[...] = pt.astype(dtype)
+      ds_smem[...] = (pt * (dpt - dd) * scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(ds_ready)
+      dq = dq_product(dq, 0)
+      dkv_slabs(j, cols, stage_smem[0])
+      plgpu.barrier_arrive(kv_free)
+      return dq
+
+    dq = lax.fori_loop(0, steps, step, zeros(half))
+    store_dq(dq, 0)
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == 1)
+  def _right_half_and_rope():
+    plgpu.set_max_registers(232, action="increase")
+    plgpu.barrier_wait(q_bar)
+    v_dim = chunks[2][0]
+    cols = range(half, v_dim + chunks[2][1], SLAB)
+
+    def step(j, carry):
+      dq, dq_rope = carry
+      wait_block()
+      plgpu.barrier_wait(ds_ready)
+      dq, dq_rope = dq_product(dq, 1), dq_product(dq_rope, 2)
+      dkv_slabs(j, cols, stage_smem[1])
+      plgpu.barrier_arrive(kv_free)
+      return dq, dq_rope
+
+    dq, dq_rope = lax.fori_loop(0, steps, step, (zeros(half), zeros(chunks[2][1])))
+    store_dq(dq, 1)
+    store_dq(dq_rope, 2)
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == 2)
+  def _gather():
+    plgpu.set_max_registers(40, action="decrease")
+
+    @pl.loop(0, steps)
+    def _block(j):
+      @pl.when(j > 0)
+      def _():
+        plgpu.barrier_wait(kv_free)
+
+      plgpu.copy_gmem_to_smem(idx_ref.at[b, t, pl.ds(j * bk, bk)], idx_smem, idx_ready)
+      plgpu.barrier_wait(idx_ready)
+
+      @pl.loop(0, bk)
+      def _row(r):
+        row = jnp.maximum(idx_smem[r], 0)
+        for (off, width), smem, lines in zip(chunks, kv_smem, kv_lines):
+          if lines is None:
+            plgpu.copy_gmem_to_smem(kv_ref.at[b, pl.ds(row, 1), pl.ds(off, width)], smem.at[pl.ds(r, 1)],
+                                    kv_ready)
+            continue
+          for ct in range(width // 64):
+            line = ((r // 8) * (width // 64) + ct) * 8 + r % 8
+            plgpu.copy_gmem_to_smem(kv_ref.at[b, pl.ds(row, 1), pl.ds(off + 64 * ct, 64)],
+                                    lines.at[pl.ds(line, 1)], kv_ready)
+
+    plgpu.barrier_wait(kv_free)  # observe the last release, so that every barrier phase is waited on
 
 
-def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: int, block_t: int = 256,
-                   deterministic: bool = False) -> tuple[jax.Array, jax.Array]:
+def _kv_buffer(bk: int, width: int, dtype, stage: bool, interpret):
+  """SMEM for one column chunk of the gathered key block: its wgmma view, its per-row TMA view (None in
+  interpret mode) and, in the same bytes, two f32 dkv staging slots where `stage`.
+
+  As in the forward (`kernel_fwd._kv_buffer`), single rows land through a view of the bytes as swizzled
+  128-byte lines. Interpret mode models views logically, so there the views are separate buffers.
+  """
+  tiled = plgpu.SMEM((bk, width), dtype, transforms=_TRANSFORMS)
+  slots = plgpu.SMEM((2, bk, SLAB), jnp.float32) if stage else None
+  if interpret:
+    return tiled, None, slots
+  lines = plgpu.SMEM((bk * width // 64, 64), dtype,
+                     transforms=(plgpu.TilingTransform((1, 64)), plgpu.SwizzleTransform(128)))
+  return plgpu.RefUnion(tiled, lines, slots) if stage else plgpu.RefUnion(tiled, lines)
+
+
+def _scratch(chunks, bk, dtype, interpret):
+  smem = functools.partial(plgpu.SMEM, dtype=dtype, transforms=_TRANSFORMS)
+  half = chunks[0][1]
+  copies_per_row = len(chunks) if interpret else sum(w // 64 for _, w in chunks)
+  rows = (plgpu.SMEM((HEAD_TILE,), jnp.float32), plgpu.SMEM((HEAD_TILE,), jnp.float32))
+  return (
+      tuple(smem((HEAD_TILE, w)) for _, w in chunks),
+      (smem((HEAD_TILE, half)), smem((HEAD_TILE, half))),
+      tuple(_kv_buffer(bk, w, dtype, c < 2, interpret) for c, (_, w) in enumerate(chunks)),
+      # The lse and (delta - dlse) rows are read into registers before P^T is first written.
+      (plgpu.RefUnion if not interpret else lambda *refs: refs)(smem((bk, HEAD_TILE)), rows),
+      smem((bk, HEAD_TILE)),
+      plgpu.SMEM((bk,), jnp.int32),
+      plgpu.Barrier(num_arrivals=len(chunks) + 4),
+      plgpu.Barrier(num_arrivals=copies_per_row * bk),
+      plgpu.Barrier(),
+      plgpu.Barrier(num_arrivals=2),
+      plgpu.Barrier(),
+  )
+
+
+def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: int, block_k: int = 64,
+                   interpret=False) -> tuple[jax.Array, jax.Array]:
   """Gradients of `reference.sparse_mla` w.r.t. q [B, T, N, Dk] and kv [B, S, Dk] from the saved lse,
-  given the cotangents of out (`do`) and of lse (`dlse`, which adds P * dlse to dS)."""
+  given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N])."""
   bsz, t, n, dk = q.shape
-  block_t = min(block_t, t)
-  pad = -t % block_t
+  chunks = kernel_fwd.column_chunks(dk, v_dim)
+  if block_k != 64:
+    raise ValueError(f"block_k={block_k}: the dkv wgmma has the keys as its M, which is 64.")
+  dtype = q.dtype
   delta = jnp.einsum("btnd,btnd->btn", out.astype(jnp.float32), do.astype(jnp.float32))
-  pad_t = lambda x, value=0: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
-  blocks = lambda x: jnp.moveaxis(x.reshape(bsz, -1, block_t, *x.shape[2:]), 1, 0)
-  xs = (blocks(pad_t(q)), blocks(pad_t(indices.astype(jnp.int32), -1)), blocks(pad_t(lse)),
-        blocks(pad_t(do)), blocks(pad_t(delta)), blocks(pad_t(dlse.astype(jnp.float32))))
+  lse2 = jnp.where(jnp.isfinite(lse), lse, 0.0) * math.log2(math.e)
+  n_pad = -n % HEAD_TILE
+  pad_heads = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, n_pad)] + [(0, 0)] * (x.ndim - 3))
+  q, do = pad_heads(q), pad_heads(do.astype(dtype))
+  lse2, dd = pad_heads(lse2), pad_heads(delta - dlse.astype(jnp.float32))
+  k_pad = -indices.shape[-1] % block_k
+  indices = jnp.pad(indices.astype(jnp.int32), ((0, 0), (0, 0), (0, k_pad)), constant_values=-1)
+  body = functools.partial(_body, chunks=chunks, steps=indices.shape[-1] // block_k, scale=scale, bk=block_k,
+                           interpret=bool(interpret))
+  kernel = plgpu.kernel(
+      body,
+      out_type=(),
+      scratch_types=_scratch(chunks, block_k, dtype, bool(interpret)),
+      # Tokens last: Mosaic GPU launches the grid reversed and CUDA caps y and z at 65535 blocks.
+      grid=((n + n_pad) // HEAD_TILE, bsz, t),
+      grid_names=("h", "b", "t"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,
+                                          unsafe_no_auto_barriers=True),
+      interpret=interpret,
+  )
 
-  def step(dkv, block):
-    qb, ib, lb, dob, deltab, dlseb = block
-    per_batch = jax.vmap(lambda *a: _block_grads(*a, scale=scale, v_dim=v_dim))
-    dq, rows, dg = per_batch(qb, kv, ib, lb, dob, deltab, dlseb)
-    if deterministic:
-      dkv = jax.vmap(_segment_sum_sorted_scatter)(dkv, rows, dg)
-    else:
-      dkv = jax.vmap(lambda acc, r, g: acc.at[r].add(g, mode="drop"))(dkv, rows, dg)
-    return dkv, dq
+  def run(refs):
+    kernel(q, kv.astype(dtype), indices, lse2, dd, do, *refs)
 
-  dkv, dq = lax.scan(step, jnp.zeros(kv.shape, jnp.float32), xs)
-  dq = jnp.moveaxis(dq, 0, 1).reshape(bsz, t + pad, n, dk)[:, :t]
-  return dq.astype(q.dtype), dkv.astype(kv.dtype)
+  # dq and dkv are kernel operands written in place: dkv must start at zero for the reductions.
+  dkv_shape = (bsz, t, (n + n_pad) // HEAD_TILE, *indices.shape[2:], dk) if interpret else kv.shape
+  dq, dkv = pl.run_state(run)((jnp.zeros(q.shape, dtype), jnp.zeros(dkv_shape, jnp.float32)))
+  if interpret:
+    rows = jnp.where(indices >= 0, indices, 0)
+    dkv = jax.vmap(lambda r, g: jnp.zeros(kv.shape[1:], jnp.float32).at[r].add(g))(rows, dkv.sum(2))
+  return dq[:, :, :n], dkv.astype(kv.dtype)

@@ -31,6 +31,15 @@ def _inputs(seed, B, T, S, I, H, boundary):  # noqa: N803
   return (q, k, w), vis
 
 
+def _fp8_inputs(seed, B, T, S, I, H, boundary):  # noqa: N803
+  """Quantised inputs whose rows span many binades, so the q and k scales differ per row."""
+  (q, k, w), vis = _inputs(seed, B, T, S, I, H, boundary)
+  ks = jax.random.split(jax.random.key(seed + 1), 2)
+  q = q.astype(jnp.float32) * jnp.exp2(jax.random.randint(ks[0], (B, T, I, 1), -12, 12))
+  k = k.astype(jnp.float32) * jnp.exp2(jax.random.randint(ks[1], (B, S, 1), -12, 12))
+  return (*api.quantize_fp8(q, k), w), vis
+
+
 def _assert_scores_close(got, want):
   chex.assert_trees_all_equal(jnp.isneginf(got), jnp.isneginf(want))
   finite = jnp.isfinite(want)
@@ -78,10 +87,51 @@ class PallasIndexerTest(parameterized.TestCase):
     chex.assert_trees_all_close(got, jax.grad(f("xla"), argnums=(0, 1, 2))(*args), rtol=1e-5, atol=1e-5)
 
 
+class PallasFP8IndexerTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    gpu_callbacks.reset_gpu_interpret_mode_state()
+
+  @parameterized.named_parameters(
+      ("aligned_segments", 1, 128, 256, 200),
+      ("ragged", 2, 100, 190, 70),
+  )
+  def test_scores_match_reference(self, B, T, S, boundary):  # noqa: N803
+    args, vis = _fp8_inputs(time.time_ns(), B, T, S, 4, 128, boundary)
+    with plgpu.force_gpu_interpret_mode(INTERPRET):
+      got = jax.jit(lambda *a: api.index_scores_fp8(*a, **vis, implementation="pallas"))(*args)
+    self.assertFalse(gpu_callbacks.get_races().races_found)
+    chex.assert_shape(got, (B, T, S))
+    _assert_scores_close(got, reference.index_scores_fp8(*args, **vis))
+
+  def test_requantising_dequantised_inputs_is_exact(self):
+    """The model's fp8_numerics hands index_topk dequantised tensors; fp8=True must score them unchanged."""
+    (q8, q_scale, k8, k_scale, w), vis = _fp8_inputs(time.time_ns(), 1, 64, 128, 4, 128, 0)
+    q, k = q8.astype(jnp.float32), k8.astype(jnp.float32) * k_scale[..., None]
+    exact = reference.index_scores(q, k, w * q_scale, **vis)
+    chex.assert_trees_all_equal(reference.index_scores_fp8(*api.quantize_fp8(q, k), w * q_scale, **vis), exact)
+    topk = lambda fp8: api.index_topk(q, k, w * q_scale, topk=16, **vis, implementation="xla", fp8=fp8)
+    chex.assert_trees_all_equal(topk(True), topk(False))
+
+  def test_topk_matches_reference(self):
+    (q8, q_scale, k8, k_scale, w), vis = _fp8_inputs(time.time_ns(), 1, 128, 128, 2, 128, 40)
+    q, k = q8.astype(jnp.float32) * q_scale[..., None], k8.astype(jnp.float32) * k_scale[..., None]
+    with plgpu.force_gpu_interpret_mode(INTERPRET):
+      got = api.index_topk(q, k, w, topk=48, **vis, implementation="pallas", rows_per_block=64, fp8=True)
+    self.assertFalse(gpu_callbacks.get_races().races_found)
+    scores = reference.index_scores_fp8(q8, q_scale, k8, k_scale, w, **vis)
+    want = topk_reference.topk_indices(scores, 48)
+    picked = lambda idx: jnp.where(idx >= 0, jnp.take_along_axis(scores, jnp.maximum(idx, 0), -1), 0.0).sum(-1)
+    chex.assert_trees_all_equal(got >= 0, want >= 0)
+    np.testing.assert_allclose(picked(got), picked(want), rtol=1e-5)
+
+
 class LoweringTest(parameterized.TestCase):
   """Production shapes (T = S = 128K, 64 x 128, k = 2048) through the whole Mosaic GPU lowering."""
 
-  def test_index_topk_lowers_for_h200(self):
+  @parameterized.named_parameters(("bf16", False), ("fp8", True))  # fp8: e4m3 wgmma needs K-major operands
+  def test_index_topk_lowers_for_h200(self, fp8):
     sd = jax.ShapeDtypeStruct
     T = 131072  # noqa: N806
     args = (sd((1, T, 64, 128), jnp.bfloat16), sd((1, T, 128), jnp.bfloat16), sd((1, T, 64), jnp.float32),
@@ -89,7 +139,7 @@ class LoweringTest(parameterized.TestCase):
 
     def f(q, k, w, q_pos, kv_pos, q_seg, kv_seg):
       return api.index_topk(q, k, w, topk=2048, q_positions=q_pos, kv_positions=kv_pos, q_segment_ids=q_seg,
-                            kv_segment_ids=kv_seg, implementation="pallas")
+                            kv_segment_ids=kv_seg, implementation="pallas", fp8=fp8)
 
     with jax.sharding.use_abstract_mesh(H200):
       lowered = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))

@@ -1,5 +1,6 @@
-"""Sparse MLA: Mosaic GPU forward in interpret mode and the chunked backward against the reference,
-reference gradients by finite differences, and lowering of the forward for an H200 at production shapes."""
+"""Sparse MLA: the Mosaic GPU forward and backward kernels in interpret mode and the chunked backward against
+the reference, reference gradients by finite differences, and lowering of the forward and of the Pallas
+path's gradient for an H200 at production shapes."""
 
 import functools
 import time
@@ -8,10 +9,11 @@ import chex
 import jax
 import jax.numpy as jnp
 from absl.testing import absltest, parameterized
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # race-detector state (private)
 from jax.sharding import AbstractDevice, AbstractMesh
 
-from pallas_kernels.sparse_mla import api, kernel_bwd, kernel_fwd, reference
+from pallas_kernels.sparse_mla import api, chunked_bwd, kernel_bwd, kernel_fwd, reference
 
 H200 = AbstractMesh((), (), abstract_device=AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132))
 
@@ -33,10 +35,13 @@ class SparseMlaTest(parameterized.TestCase):
     super().setUp()
     gpu_callbacks.reset_gpu_interpret_mode_state()
 
-  @parameterized.named_parameters(("heads16_pad", 1, 3, 16, 150), ("heads64_batch2", 2, 2, 64, 128))
-  def test_forward_kernel_matches_reference(self, B, T, N, K):  # noqa: N803
+  @parameterized.named_parameters(("heads16_pad", 1, 3, 16, 150, 1), ("heads64_batch2", 2, 2, 64, 128, 1),
+                                  ("heads16_pad_gather2", 1, 3, 16, 150, 2))
+  def test_forward_kernel_matches_reference(self, B, T, N, K, gather_warpgroups):  # noqa: N803
     q, kv, idx = _inputs(time.time_ns(), B, T, N, 40, K)
-    out, lse = api.sparse_mla(q, kv, idx, scale=0.1, v_dim=128, implementation="pallas", interpret=True)
+    out, lse = kernel_fwd.sparse_mla_fwd(q, kv, idx, scale=0.1, v_dim=128,
+                                         config=kernel_fwd.Config(gather_warpgroups=gather_warpgroups),
+                                         interpret=plgpu.InterpretGPUParams(detect_races=True))
     self.assertFalse(gpu_callbacks.get_races().races_found)
     want_out, want_lse = reference.sparse_mla(q, kv, idx, scale=0.1, v_dim=128)
     chex.assert_shape(out, (B, T, N, 128))
@@ -59,28 +64,66 @@ class SparseMlaTest(parameterized.TestCase):
     do = jax.random.normal(jax.random.key(1), out.shape)
     dlse = jnp.where(jnp.isfinite(lse), jax.random.normal(jax.random.key(2), lse.shape), 0.0)
     want = vjp((do, dlse))
-    got = kernel_bwd.sparse_mla_bwd(q, kv, idx, out, lse, do, dlse, scale=0.2, v_dim=16, block_t=2,
+    got = chunked_bwd.sparse_mla_bwd(q, kv, idx, out, lse, do, dlse, scale=0.2, v_dim=16, block_t=2,
                                     deterministic=deterministic)
     chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
 
-  def test_pallas_path_gradients_match_reference(self):
+  @parameterized.named_parameters(("heads16_pad", 1, 3, 16, 70), ("heads64_batch2", 2, 2, 64, 150))
+  def test_backward_kernel_matches_reference_vjp(self, B, T, N, K):  # noqa: N803
+    """K not a multiple of the 64-key block, -1 entries, a query with no valid key (lse = -inf) and a key
+    that every query selects (its dkv row sums over queries)."""
+    q, kv, idx = _inputs(time.time_ns(), B, T, N, 40, K)
+    f32 = lambda x: x.astype(jnp.float32)
+    f = lambda q, kv: reference.sparse_mla(q, kv, idx, scale=0.1, v_dim=128)
+    (out, lse), vjp = jax.vjp(f, f32(q), f32(kv))
+    keys = jax.random.split(jax.random.key(time.time_ns()))
+    do = jax.random.normal(keys[0], out.shape).astype(jnp.bfloat16)
+    dlse = jnp.where(jnp.isfinite(lse), jax.random.normal(keys[1], lse.shape), 0.0)
+    want = vjp((f32(do), dlse))
+    got = kernel_bwd.sparse_mla_bwd(q, kv, idx, out.astype(jnp.bfloat16), lse, do, dlse, scale=0.1, v_dim=128,
+                                    interpret=plgpu.InterpretGPUParams(detect_races=True))
+    self.assertFalse(gpu_callbacks.get_races().races_found)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, (q, kv))
+    for g, w in zip(got, want):
+      chex.assert_trees_all_close(f32(g), w, atol=2e-2 * float(jnp.max(jnp.abs(w))), rtol=2e-2)
+
+  @parameterized.parameters(False, True)
+  def test_pallas_path_gradients_match_reference(self, deterministic):
     q, kv, idx = _inputs(time.time_ns(), 1, 2, 16, 32, 64)
     loss = lambda impl, **kw: (lambda q, kv: jnp.sum(jnp.sin(api.sparse_mla(
         q, kv, idx, scale=0.1, v_dim=128, implementation=impl, **kw)[0].astype(jnp.float32))))
-    got = jax.grad(loss("pallas", interpret=True), argnums=(0, 1))(q, kv)
+    got = jax.grad(loss("pallas", interpret=True, deterministic=deterministic), argnums=(0, 1))(q, kv)
     want = jax.grad(loss("xla"), argnums=(0, 1))(q, kv)
     chex.assert_trees_all_close(jax.tree.map(lambda x: x.astype(jnp.float32), got),
                                 jax.tree.map(lambda x: x.astype(jnp.float32), want), atol=3e-2, rtol=3e-2)
 
-  def test_forward_lowers_for_h200(self):
-    """One T tile of V3.2: T=4096 queries, K=2048 of S=128K latent rows, 128 heads."""
-    args = (jax.ShapeDtypeStruct((1, 4096, 128, 576), jnp.bfloat16),
+  def test_config_rejects_gather_warpgroups(self):
+    with self.assertRaisesRegex(ValueError, r"gather_warpgroups=3 must be one of \(1, 2\)"):
+      kernel_fwd.Config(gather_warpgroups=3)
+
+  @parameterized.parameters(1, 2)
+  def test_forward_lowers_for_h200(self, gather_warpgroups):
+    """V3.2 shapes: T=128K queries, K=2048 of S=128K latent rows, 128 heads."""
+    args = (jax.ShapeDtypeStruct((1, 131072, 128, 576), jnp.bfloat16),
             jax.ShapeDtypeStruct((1, 131072, 576), jnp.bfloat16),
-            jax.ShapeDtypeStruct((1, 4096, 2048), jnp.int32))
-    f = functools.partial(kernel_fwd.sparse_mla_fwd, scale=0.135, v_dim=512)
+            jax.ShapeDtypeStruct((1, 131072, 2048), jnp.int32))
+    f = functools.partial(kernel_fwd.sparse_mla_fwd, scale=0.135, v_dim=512,
+                          config=kernel_fwd.Config(gather_warpgroups=gather_warpgroups))
     with jax.sharding.use_abstract_mesh(H200):
       text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     self.assertIn("mosaic_gpu", text)
+
+  def test_backward_lowers_for_h200(self):
+    """The gradient through the Pallas path at V3.2 shapes: T=128K tokens (the grid's token axis above
+    CUDA's 65535 limit for y and z), K=2048, 128 heads."""
+    args = (jax.ShapeDtypeStruct((1, 131072, 128, 576), jnp.bfloat16),
+            jax.ShapeDtypeStruct((1, 131072, 576), jnp.bfloat16),
+            jax.ShapeDtypeStruct((1, 131072, 2048), jnp.int32))
+    loss = lambda q, kv, idx: jnp.sum(api.sparse_mla(q, kv, idx, scale=0.135, v_dim=512,
+                                                     implementation="pallas")[0].astype(jnp.float32))
+    with jax.sharding.use_abstract_mesh(H200):
+      text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    self.assertGreaterEqual(text.count("mosaic_gpu"), 2)
 
 
 if __name__ == "__main__":

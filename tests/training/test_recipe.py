@@ -1,14 +1,18 @@
-"""Starting points of the recipe: an HF checkpoint and our own Orbax checkpoint."""
+"""Starting points of the recipe (an HF checkpoint, our own Orbax checkpoint), stage subsets, KL chunks."""
 
 import dataclasses
+import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dsa_jax.checkpoint.hf_config import read_config
 from dsa_jax.checkpoint.hf_convert import load_hf
 from dsa_jax.data.pipeline import DataConfig
-from dsa_jax.training import checkpointing, recipe, state
+from dsa_jax.model.config import preset
+from dsa_jax.training import checkpointing, losses, recipe, state
 from tests.conftest import FIXTURES
 
 TINY_HF = FIXTURES / "hf_deepseek_v32_tiny"
@@ -29,3 +33,30 @@ def test_hf_then_orbax_starts_carry_the_weights(tmp_path):
   ckpt.wait()
   from_orbax = recipe.initial_state(dataclasses.replace(cfg, init="orbax", init_path=str(tmp_path / "ckpt")))
   assert _same(from_orbax.params, from_hf.params) and int(from_orbax.step) == 0
+
+
+def test_stage_subsets_and_their_validation():
+  """`stages` splits a run into processes; a stage must run with the one it starts from; bad values name
+  the field."""
+  base = dict(model=preset("tiny"), data=DataConfig(seq_len=64, batch_size=2), run_dir="unused")
+  assert recipe.RecipeConfig(**base).stage_names == recipe.STAGE_NAMES
+  assert recipe.RecipeConfig(**base, compare_dense=False).stage_names == ("dense", "warmup", "sparse")
+  assert recipe.RecipeConfig(**base, stages="dense, dense_cont").stage_names == ("dense", "dense_cont")
+  with pytest.raises(ValueError, match=r"RecipeConfig.stages='dense,sparse' is invalid: 'sparse' starts from 'warmup'"):
+    recipe.RecipeConfig(**base, stages="dense,sparse")
+  with pytest.raises(ValueError, match=r"\['dens'\] unknown"):
+    recipe.RecipeConfig(**base, stages="dens")
+  with pytest.raises(ValueError, match="bias_gamma=-1"):
+    recipe.RecipeConfig(**base, bias_gamma=-1.0)
+
+
+def test_kl_chunks_follow_the_byte_budget():
+  aux = lambda t, n, c, i, h, k: {"mqa": {"q": jnp.zeros((1, t, n, c)), "kv": jnp.zeros((1, t, c))},
+                                  "indexer": types.SimpleNamespace(q=jnp.zeros((1, t, i, h))),
+                                  "topk_indices": jnp.zeros((1, t, k))}
+  cfg = losses.LossConfig()
+  v32, small = aux(4096, 128, 576, 64, 128, 2048), aux(8192, 16, 320, 16, 64, 512)
+  assert losses.kl_chunks(cfg, v32, True) == {"t_chunk": 32}
+  assert losses.kl_chunks(cfg, small, True) == {"t_chunk": 512}
+  assert losses.kl_chunks(cfg, small, False) == {"t_chunk": 1024, "s_chunk": 1024}
+  assert losses.kl_chunks(losses.LossConfig(kl_t_chunk=16), small, True) == {"t_chunk": 16}

@@ -1,0 +1,93 @@
+"""Benchmark section: the sparse-stage indexer KL at V3.2 shapes (issue 3, item 3).
+
+Per sequence length T (batch 1, one causal document, 128 heads x 576-dim latent keys, 64 index heads x 128):
+the last QUERIES queries against S = T keys, each with K = 2048 distinct random causal (valid) indices in a
+random order, as top-k would hand them over. `indexer_kl.api.sparse_kl` forward and forward + backward
+(gradients of the summed KL w.r.t. the indexer's q, k, w), "pallas" (Mosaic GPU kernels both ways) and
+"xla" (chunked gather + einsum, differentiated by JAX), in ms; the forward also in TFLOP/s of useful work
+2 Tq K (N C + I H); and the relative error of the Pallas KL and gradients against the XLA path
+(max |difference| / max |xla|).
+
+As in the dense section, the attention lse is not the exact one: queries are scaled so that the logits
+are small and lse[t, h] = log(t + 1); the KL normalises p by its sum over the selected keys anyway.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from experiments.bench_sections import timing
+from experiments.bench_sections.indexer_kl import HEADS, INDEX_DIM, INDEX_HEADS, KEY_DIM, SCALE
+from pallas_kernels.indexer_kl import api
+
+QUERIES, TOPK = 4096, 2048
+
+
+def causal_indices(key: jax.Array, q_positions: jax.Array, k: int) -> jax.Array:
+  """int32 [Tq, k]: per query at position p, k distinct keys in [0, p] (all p + 1 and -1 slots if p < k).
+
+  Slot j draws from its own stratum [floor(j w), floor(j w) + floor(w)) with w = (p + 1) / k, so the keys are
+  distinct without a per-row sort over p; then the slots are shuffled per row."""
+  ks = jax.random.split(key)
+  j = jnp.arange(k)
+  width = (q_positions[:, None] + 1) / k
+  offset = jax.random.randint(ks[0], (q_positions.shape[0], k), 0, jnp.iinfo(jnp.int32).max)
+  strata = jnp.floor(j * width).astype(jnp.int32) + offset % jnp.maximum(jnp.floor(width), 1).astype(jnp.int32)
+  idx = jnp.where(width >= 1, strata, jnp.where(j <= q_positions[:, None], j, -1))
+  return jax.vmap(jax.random.permutation)(jax.random.split(ks[1], idx.shape[0]), idx).astype(jnp.int32)
+
+
+def _inputs(T: int, seed: int = 0):  # noqa: N803
+  ks = jax.random.split(jax.random.key(seed), 6)
+  tq = min(T, QUERIES)
+  positions = jnp.arange(T, dtype=jnp.int32)[None]
+  q_positions = positions[:, T - tq:]
+  attn_q = jax.random.normal(ks[0], (1, tq, HEADS, KEY_DIM), jnp.bfloat16) * 0.1
+  attn_k = jax.random.normal(ks[1], (1, T, KEY_DIM), jnp.bfloat16)
+  attn_lse = jnp.broadcast_to(jnp.log1p(q_positions.astype(jnp.float32))[..., None], (1, tq, HEADS))
+  idx = (jax.random.normal(ks[2], (1, tq, INDEX_HEADS, INDEX_DIM), jnp.bfloat16),
+         jax.random.normal(ks[3], (1, T, INDEX_DIM), jnp.bfloat16),
+         jax.random.normal(ks[4], (1, tq, INDEX_HEADS), jnp.float32) * (INDEX_HEADS * INDEX_DIM) ** -0.5)
+  indices = causal_indices(ks[5], q_positions[0], TOPK)[None]
+  vis = dict(q_positions=q_positions, kv_positions=positions, q_segment_ids=jnp.zeros_like(q_positions),
+             kv_segment_ids=jnp.zeros_like(positions))
+  return (attn_q, attn_k, attn_lse), idx, indices, vis
+
+
+def functions(implementation: str):
+  """(forward, forward + backward) of `sparse_kl`, jitted: f(attn, idx, indices, vis) -> KL [1, Tq] / grads."""
+
+  def kl(attn, idx, indices, vis):
+    attn_q, attn_k, attn_lse = attn
+    return api.sparse_kl(attn_q, attn_k, attn_lse, SCALE, *idx, indices, **vis, implementation=implementation)
+
+  grads = jax.grad(lambda idx, attn, indices, vis: kl(attn, idx, indices, vis).sum())
+  return jax.jit(kl), jax.jit(lambda attn, idx, indices, vis: grads(idx, attn, indices, vis))
+
+
+def _rel_err(got, want) -> float:
+  errs = jax.tree.map(lambda g, w: float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)))
+                                         / jnp.max(jnp.abs(w.astype(jnp.float32)))), got, want)
+  return max(jax.tree.leaves(errs))
+
+
+def _rows_for(T: int) -> list[dict]:  # noqa: N803
+  args = _inputs(T)
+  tq = args[0][0].shape[1]
+  useful_flops = 2.0 * tq * TOPK * (HEADS * KEY_DIM + INDEX_HEADS * INDEX_DIM)
+  rows, outputs = [], {}
+  for impl in ("pallas", "xla"):
+    for pass_, fn in zip(("fwd", "fwd+bwd"), functions(impl)):
+      seconds = timing.time_fn(fn, *args, iters=3)
+      outputs[impl, pass_] = fn(*args)
+      row = dict(section="indexer_kl_sparse", T=T, queries=tq, k=TOPK, pass_=pass_, impl=impl, ms=seconds * 1e3)
+      if pass_ == "fwd":
+        row["tflops"] = timing.tflops(useful_flops, seconds)
+      rows.append(row)
+  for row in rows:
+    if row["impl"] == "pallas":
+      row["rel_err"] = _rel_err(outputs["pallas", row["pass_"]], outputs["xla", row["pass_"]])
+  return rows
+
+
+def run(cfg: dict) -> list[dict]:
+  return [row for T in cfg["seq_lens"] for row in _rows_for(T)]

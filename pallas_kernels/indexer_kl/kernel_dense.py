@@ -1,0 +1,319 @@
+"""Dense indexer-KL statistics on Hopper with Pallas Mosaic GPU: one query token per CTA, streamed keys.
+
+DeepSeek-V3.2 dense warm-up (arXiv 2512.02556, section 2.1): per query t the loss
+KL(p[t, :] || softmax(I[t, :])) needs, over the visible keys s, five numbers: the running max m and sum l
+of I's logsumexp, and z = sum p, a = sum p I, c = sum p log p, where p[t, s] = sum_h exp(scale q[t, h].k[s]
+- lse[t, h]) and I[t, s] = sum_j w[t, j] ReLU(iq[t, j].ik[s]); then KL = c/z - log z - a/z + m + log l
+(`api.dense_kl`'s chunked XLA path folds the same statistics). Nothing of size [T, S] is written.
+
+One CTA owns one query token and two warpgroups:
+  * wg 1 (memory) streams the token's key tiles of BLOCK_S = 64 keys through a ring of `stages` SMEM slots
+    of 64 keys x 64 columns (the 576-dim latent key is 9 such chunks, the 128-dim index key 2), plus the
+    tile's key positions and segment ids, with TMA.
+  * wg 0 (compute) holds the token's attention query [N, C] and index query [I, H] in SMEM and per tile
+    runs two wgmmas with the keys as M: logits [64 keys, N heads] and index logits [64 keys, I heads],
+    so the sum over heads is a row reduction inside each warp (no SMEM scratch). It releases each ring
+    slot as soon as the wgmma that read it has retired (`wgmma_wait(1)`), which is what lets a ring
+    smaller than one tile stream it. The epilogue turns the tile into p and I per key and updates the
+    five statistics per key lane ([64] vectors, no cross-lane reduction in the loop).
+The CTA writes its per-lane statistics [5, 64]; `combine` reduces the lanes in XLA (1.3 KB per token).
+
+Why this shape: the V3.2 query is 128 heads x 576 bf16 = 144 KiB, so one token's query fills most of the
+227 KiB of SMEM and no tile of several tokens fits; a whole 64-key tile (88 KiB with the index key) does
+not fit beside it either, hence the sub-tile ring (7 slots of 8 KiB at V3.2 shapes, more for smaller
+models). Keys are re-read by every token's CTA, from L2 for neighbouring tokens running together.
+Masked tiles are skipped: `chunking.visible_block_ranges` gives each token the first and one-past-last key
+tile that holds a visible key (causal order and segments), and only those are streamed.
+
+Heads are padded to a multiple of HEAD_MULTIPLE (padded attention heads get lse = +inf, so p = 0; padded
+index heads get w = 0), the key dims to a multiple of 64 with zeros, keys to a multiple of 64 with
+position INT32_MAX (never visible). Computation in bf16 with float32 accumulation, like the other kernels.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.indexer_kl.chunking import PAD_POSITION, visible_block_ranges
+
+BLOCK_S = 64  # keys per tile: the wgmma M of one warpgroup
+CHUNK = 64  # columns per ring slot and per query chunk (128-byte swizzled bf16 rows)
+HEAD_MULTIPLE = 16
+MAX_HEADS = 256  # wgmma N
+SMEM_BYTES = 232448  # Hopper's shared memory per block
+NUM_STATS = 5  # m, l, z, a, c
+_TRANSFORMS = (plgpu.TilingTransform((8, CHUNK)), plgpu.SwizzleTransform(128))
+_LOG2E = math.log2(math.e)
+_FLOOR = -1e30  # finite "minus infinity" of the running max: keeps exp(m - m_new) finite
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  max_stages: int = 12  # ring slots, if they fit in SMEM
+  # Pallas's automatic warpgroup barriers around SMEM accesses: cheap here (12 copies per 64-key tile).
+  auto_barriers: bool = True
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _fixed_smem_bytes(n: int, c: int, i: int, h: int) -> int:
+  """SMEM besides the ring: Mosaic aligns every buffer to 1 KiB; the barriers take the last KiB."""
+  buffers = (2 * c * n, 2 * h * i, 4 * n, 4 * i, 4 * 2 * 2 * BLOCK_S, 4 * NUM_STATS * BLOCK_S)
+  return sum(_round_up(x, 1024) for x in buffers) + 1024
+
+
+def stages_for(n: int, c: int, i: int, h: int, config: Config = Config()) -> int:
+  """Ring slots that fit beside the queries for padded head counts n, i and padded dims c, h."""
+  free = SMEM_BYTES - _fixed_smem_bytes(n, c, i, h)
+  return min(config.max_stages, max(free // (2 * BLOCK_S * CHUNK), 0))
+
+
+def padded_dims(n: int, c: int, i: int, h: int) -> tuple[int, int, int, int]:
+  return (_round_up(n, HEAD_MULTIPLE), _round_up(c, CHUNK), _round_up(i, HEAD_MULTIPLE), _round_up(h, CHUNK))
+
+
+def supports(num_heads: int, key_dim: int, index_heads: int, index_dim: int) -> bool:
+  """Whether the kernel handles these sizes (the API's automatic choice asks this)."""
+  n, c, i, h = padded_dims(num_heads, key_dim, index_heads, index_dim)
+  return n <= MAX_HEADS and i <= MAX_HEADS and stages_for(n, c, i, h) >= 2
+
+
+def combine(partials: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Per-lane statistics [B, T, 5, 64] -> per token (m, l, z, a, c), each float32 [B, T]."""
+  m_lane, l_lane, z, a, c = (partials[..., k, :] for k in range(NUM_STATS))
+  m = m_lane.max(-1)
+  l = (l_lane * jnp.exp(m_lane - m[..., None])).sum(-1)
+  return m, l, z.sum(-1), a.sum(-1), c.sum(-1)
+
+
+def load_query(b, t, q_ref, iq_ref, lse_ref, w_ref, q_smem, iq_smem, lse_smem, w_smem, q_bar):
+  """Copies token t's queries, lse and w into SMEM; returns lse * log2(e) and w, as [heads] vectors."""
+  copies = [(q_ref.at[b, t, :, pl.ds(k * CHUNK, CHUNK)], q_smem.at[k]) for k in range(q_smem.shape[0])]
+  copies += [(iq_ref.at[b, t, :, pl.ds(k * CHUNK, CHUNK)], iq_smem.at[k]) for k in range(iq_smem.shape[0])]
+  copies += [(lse_ref.at[b, t], lse_smem), (w_ref.at[b, t], w_smem)]
+  for src, dst in copies:
+    plgpu.copy_gmem_to_smem(src, dst, q_bar)
+  plgpu.barrier_wait(q_bar)
+  cols = plgpu.Layout.WGMMA.reduce(0)
+  return plgpu.load(lse_smem, (), layout=cols) * _LOG2E, plgpu.load(w_smem, (), layout=cols)
+
+
+def stream_matmul(ring, ready, free, stages, g0, b_smem, release=True):
+  """acc [64 keys, width] = sum over chunks k of ring[g0 + k] @ b_smem[k]^T; with `release`, each ring slot is
+  released as soon as the wgmma that read it has retired (`wgmma_wait(1)`), which lets a ring smaller than
+  one tile stream it."""
+  slot_of = lambda g: lax.rem(g, jnp.int32(stages))
+  chunks = b_smem.shape[0]
+
+  def body(acc_ref):
+    for k in range(chunks):
+      slot = slot_of(g0 + k)
+      plgpu.barrier_wait(ready.at[slot])
+      plgpu.wgmma(acc_ref, ring.at[slot], b_smem.at[k].transpose((1, 0)))
+      if k and release:
+        plgpu.wgmma_wait(1)  # the previous chunk's wgmma has retired: its slot may be refilled
+        plgpu.barrier_arrive(free.at[slot_of(g0 + k - 1)])
+    out = acc_ref[...]
+    if release:
+      plgpu.barrier_arrive(free.at[slot_of(g0 + chunks - 1)])
+    return out
+
+  return pl.run_scoped(body, plgpu.ACC((BLOCK_S, b_smem.shape[1]), jnp.float32))
+
+
+def key_visibility(pos_smem, pos_ready, pos_free, n, q_pos, q_seg):
+  """Which keys of the n-th streamed tile the token sees ([64] bool); releases the positions buffer."""
+  rows = plgpu.Layout.WGMMA.reduce(1)
+  ps = lax.rem(n, 2)
+  plgpu.barrier_wait(pos_ready.at[ps])
+  kv_pos = plgpu.load(pos_smem.at[ps, 0], (), layout=rows)
+  kv_seg = plgpu.load(pos_smem.at[ps, 1], (), layout=rows)
+  plgpu.commit_smem()  # order these reads before the TMA that refills the buffer (async proxy)
+  plgpu.barrier_arrive(pos_free.at[ps])
+  return (kv_pos <= q_pos) & (kv_seg == q_seg)
+
+
+def _compute(lohi_ref, qvis_ref, q_ref, iq_ref, lse_ref, w_ref, out_ref, q_smem, iq_smem, lse_smem, w_smem,
+             ring, pos_smem, out_smem, q_bar, ready, free, pos_ready, pos_free, *, scale, stages):
+  b, t = lax.axis_index("b"), lax.axis_index("t")
+  lo, hi = lohi_ref[b, t, 0], lohi_ref[b, t, 1]
+  q_pos, q_seg = qvis_ref[b, t, 0], qvis_ref[b, t, 1]
+  n_chunks = q_smem.shape[0]
+  per_tile = n_chunks + iq_smem.shape[0]
+  lse2, w = load_query(b, t, q_ref, iq_ref, lse_ref, w_ref, q_smem, iq_smem, lse_smem, w_smem, q_bar)
+
+  def tile(j, stats):
+    m, l, z, a, c = stats
+    n = j - lo
+    g0 = n * per_tile
+    logits = stream_matmul(ring, ready, free, stages, g0, q_smem)
+    index_logits = stream_matmul(ring, ready, free, stages, g0 + n_chunks, iq_smem)
+    keep = key_visibility(pos_smem, pos_ready, pos_free, n, q_pos, q_seg)
+
+    s = logits * (scale * _LOG2E) - lax.broadcast_in_dim(lse2, logits.shape, [1])
+    p = jnp.where(keep, jnp.exp2(s).sum(axis=1), 0.0)
+    scores = (jnp.maximum(index_logits, 0.0) * lax.broadcast_in_dim(w, index_logits.shape, [1])).sum(axis=1)
+    scores = jnp.where(keep, scores, _FLOOR)
+    m_new = jnp.maximum(m, scores)
+    l = l * jnp.exp2((m - m_new) * _LOG2E) + jnp.where(keep, jnp.exp2((scores - m_new) * _LOG2E), 0.0)
+    z = z + p
+    a = a + p * jnp.where(keep, scores, 0.0)
+    c = c + jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
+    return m_new, l, z, a, c
+
+  vec = lambda v: plgpu.layout_cast(jnp.full((BLOCK_S,), v, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+  stats = lax.fori_loop(lo, hi, tile, (vec(_FLOOR), vec(0.0), vec(0.0), vec(0.0), vec(0.0)))
+  for k, v in enumerate(stats):
+    out_smem.at[k][...] = v
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, t])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def stream_keys(lohi_ref, k_ref, ik_ref, kvvis_ref, ring, pos_smem, ready, free, pos_ready, pos_free, *, n_chunks,
+                i_chunks, stages):
+  """The memory warpgroup (also `kernel_dense_bwd`'s): per visible key tile its positions into a double
+  buffer, then its n_chunks attention-key and i_chunks index-key chunks into the ring, in that order."""
+  b, t = lax.axis_index("b"), lax.axis_index("t")
+  lo, hi = lohi_ref[b, t, 0], lohi_ref[b, t, 1]
+  per_tile = n_chunks + i_chunks
+
+  def slot_of(g):
+    return lax.rem(g, jnp.int32(stages))
+
+  @pl.loop(lo, hi)
+  def _tile(j):
+    n = j - lo
+    keys = pl.ds(j * BLOCK_S, BLOCK_S)
+    ps = lax.rem(n, 2)
+
+    @pl.when(n >= 2)
+    def _():
+      plgpu.barrier_wait(pos_free.at[ps])
+
+    plgpu.copy_gmem_to_smem(kvvis_ref.at[b, :, keys], pos_smem.at[ps], pos_ready.at[ps])
+    for k in range(per_tile):
+      g = n * per_tile + k
+      slot = slot_of(g)
+
+      @pl.when(g >= stages)
+      def _():
+        plgpu.barrier_wait(free.at[slot])
+
+      src = k_ref if k < n_chunks else ik_ref
+      col = k if k < n_chunks else k - n_chunks
+      plgpu.copy_gmem_to_smem(src.at[b, keys, pl.ds(col * CHUNK, CHUNK)], ring.at[slot], ready.at[slot])
+
+  # Observe the last releases too, so that every barrier phase has been waited on at exit.
+  total = (hi - lo) * per_tile
+
+  @pl.loop(jnp.maximum(total - stages, 0), total)
+  def _drain(g):
+    plgpu.barrier_wait(free.at[slot_of(g)])
+
+  @pl.loop(jnp.maximum(hi - lo - 2, 0), hi - lo)
+  def _drain_pos(n):
+    plgpu.barrier_wait(pos_free.at[lax.rem(n, 2)])
+
+
+def _body(lohi_ref, qvis_ref, kvvis_ref, q_ref, k_ref, lse_ref, iq_ref, ik_ref, w_ref, out_ref, q_smem, iq_smem,
+          lse_smem, w_smem, ring, pos_smem, out_smem, q_bar, ready, free, pos_ready, pos_free, *, scale, stages):
+  wg = lax.axis_index("wg")
+
+  @pl.when(wg == 0)
+  def _():
+    plgpu.set_max_registers(232, action="increase")
+    _compute(lohi_ref, qvis_ref, q_ref, iq_ref, lse_ref, w_ref, out_ref, q_smem, iq_smem, lse_smem, w_smem,
+             ring, pos_smem, out_smem, q_bar, ready, free, pos_ready, pos_free, scale=scale, stages=stages)
+
+  @pl.when(wg == 1)
+  def _():
+    plgpu.set_max_registers(40, action="decrease")
+    stream_keys(lohi_ref, k_ref, ik_ref, kvvis_ref, ring, pos_smem, ready, free, pos_ready, pos_free,
+                n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages)
+
+
+def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def padded_operands(attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, q_positions, kv_positions, q_segment_ids,
+                    kv_segment_ids, *, index_heads: int) -> tuple[jax.Array, ...]:
+  """The kernels' operands (this one's and `kernel_dense_bwd`'s): bf16 matmul inputs padded as the module
+  docstring says (index heads to `index_heads`), the per-token key-tile ranges [B, T, 2], the query
+  (position, segment) [B, T, 2] and the key (positions, segments) [B, 2, S_pad] (one TMA per tile)."""
+  n, c = attn_q.shape[2:]
+  n_p, c_p, _, h_p = padded_dims(n, c, *idx_q.shape[2:])
+  s_p = _round_up(attn_k.shape[1], BLOCK_S)
+  bf16 = lambda x: x.astype(jnp.bfloat16)
+  q = _pad_axis(_pad_axis(bf16(attn_q), 2, n_p), 3, c_p)
+  k = _pad_axis(_pad_axis(bf16(attn_k), 1, s_p), 2, c_p)
+  lse = _pad_axis(attn_lse.astype(jnp.float32), 2, n_p, jnp.inf)
+  iq = _pad_axis(_pad_axis(bf16(idx_q), 2, index_heads), 3, h_p)
+  ik = _pad_axis(_pad_axis(bf16(idx_k), 1, s_p), 2, h_p)
+  w = _pad_axis(idx_w.astype(jnp.float32), 2, index_heads)
+  kv_pos = _pad_axis(kv_positions.astype(jnp.int32), 1, s_p, PAD_POSITION)
+  kv_seg = _pad_axis(kv_segment_ids.astype(jnp.int32), 1, s_p)
+  q_pos, q_seg = q_positions.astype(jnp.int32), q_segment_ids.astype(jnp.int32)
+  lohi = visible_block_ranges(q_pos, kv_pos, q_seg, kv_seg, BLOCK_S)
+  qvis = jnp.stack([q_pos, q_seg], axis=-1)
+  kvvis = jnp.stack([kv_pos, kv_seg], axis=1)
+  return lohi, qvis, kvvis, q, k, lse, iq, ik, w
+
+
+def dense_stats(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w, *, q_positions, kv_positions,
+                q_segment_ids, kv_segment_ids, config: Config = Config(), interpret=False) -> jax.Array:
+  """Per-lane statistics float32 [B, T, 5, 64] of the dense KL (reduce them with `combine`).
+
+  attn_q [B, T, N, C], attn_k [B, S, C], attn_lse [B, T, N], idx_q [B, T, I, H], idx_k [B, S, H],
+  idx_w [B, T, I]; positions and segment ids [B, T] / [B, S]. Any T; S is padded here.
+  """
+  bsz, t, n, c = attn_q.shape
+  i, h = idx_q.shape[2:]
+  n_p, c_p, i_p, h_p = padded_dims(n, c, i, h)
+  stages = stages_for(n_p, c_p, i_p, h_p, config)
+  if not supports(n, c, i, h):
+    raise ValueError(f"Unsupported sizes: heads {n} x {c}, index heads {i} x {h} (padded {n_p}, {i_p} must be "
+                     f"<= {MAX_HEADS}; queries must leave SMEM for >= 2 ring slots, have {stages}).")
+  lohi, qvis, kvvis, q, k, lse, iq, ik, w = padded_operands(
+      attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
+      index_heads=i_p)
+
+  smem = functools.partial(plgpu.SMEM, dtype=jnp.bfloat16, transforms=_TRANSFORMS)
+  body = functools.partial(_body, scale=float(attn_scale), stages=stages)
+  return plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct((bsz, t, NUM_STATS, BLOCK_S), jnp.float32),
+      scratch_types=(
+          smem((c_p // CHUNK, n_p, CHUNK)),
+          smem((h_p // CHUNK, i_p, CHUNK)),
+          plgpu.SMEM((n_p,), jnp.float32),
+          plgpu.SMEM((i_p,), jnp.float32),
+          smem((stages, BLOCK_S, CHUNK)),
+          plgpu.SMEM((2, 2, BLOCK_S), jnp.int32),
+          plgpu.SMEM((NUM_STATS, BLOCK_S), jnp.float32),
+          plgpu.Barrier(num_arrivals=c_p // CHUNK + h_p // CHUNK + 2),
+          plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_barriers=2),
+          plgpu.Barrier(num_barriers=2),
+      ),
+      # Mosaic GPU launches the grid reversed (last axis -> CUDA x, which is not capped at 65535 blocks).
+      grid=(bsz, t),
+      grid_names=("b", "t"),
+      num_threads=2,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,
+                                          unsafe_no_auto_barriers=not config.auto_barriers),
+      interpret=interpret,
+  )(lohi, qvis, kvvis, q, k, lse, iq, ik, w)

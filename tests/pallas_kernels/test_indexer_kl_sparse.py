@@ -1,0 +1,112 @@
+"""Sparse-stage indexer KL through the Mosaic GPU kernels: values and indexer gradients in GPU interpret mode
+(race detection on) against the materialising reference, and lowering of the forward and the gradient for
+an H200 at V3.2 shapes."""
+
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # race-detector state (private)
+from jax.sharding import AbstractDevice, AbstractMesh
+
+from pallas_kernels.indexer_kl import api, kernel_sparse, kernel_sparse_bwd, reference
+from pallas_kernels.visibility import visible
+
+H200 = AbstractMesh((), (), abstract_device=AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132))
+
+
+def _inputs(seed, B, T, S, N, C, I, H, K):  # noqa: N803
+  """bf16 inputs with the main attention's exact lse and distinct random indices per query.
+
+  Queries are the last T positions. Row 1 (if any) starts a second document at position S - 2, so its last
+  query sees keys S - 2 and S - 1 only (the other selected keys are masked). Every query selects key S // 2
+  (repeated across queries); every 5th slot is -1; the first query of row 0 selects nothing valid.
+  """
+  ks = jax.random.split(jax.random.key(seed), 6)
+  bf16 = lambda x: x.astype(jnp.bfloat16)
+  q_positions = jnp.broadcast_to(jnp.arange(S - T, S), (B, T))
+  kv_positions = jnp.broadcast_to(jnp.arange(S), (B, S))
+  starts = jnp.array([[0], [S - 2]])[:B]
+  vis = dict(q_positions=q_positions, kv_positions=kv_positions,
+             q_segment_ids=(q_positions >= starts).astype(jnp.int32),
+             kv_segment_ids=(kv_positions >= starts).astype(jnp.int32))
+  attn_q, attn_k = bf16(jax.random.normal(ks[0], (B, T, N, C))), bf16(jax.random.normal(ks[1], (B, S, C)))
+  scale = C**-0.5
+  logits = jnp.einsum("btnc,bsc->btns", attn_q.astype(jnp.float32), attn_k.astype(jnp.float32)) * scale
+  attn_lse = jax.nn.logsumexp(jnp.where(visible(**vis)[:, :, None, :], logits, -jnp.inf), axis=-1)
+  idx = (bf16(jax.random.normal(ks[2], (B, T, I, H))), bf16(jax.random.normal(ks[3], (B, S, H))),
+         jax.random.normal(ks[4], (B, T, I)) * (I * H) ** -0.5)
+  others = jnp.delete(jnp.arange(S), S // 2)
+  perms = jax.vmap(lambda k: jax.random.permutation(k, others)[:K - 1])(jax.random.split(ks[5], B * T))
+  indices = jnp.concatenate([jnp.full((B * T, 1), S // 2), perms], axis=1).reshape(B, T, K)
+  indices = jnp.where(jnp.arange(K) % 5 == 4, -1, indices).at[0, 0].set(-1)
+  return (attn_q, attn_k, attn_lse, scale), idx, indices, vis
+
+
+class PallasSparseKLTest(parameterized.TestCase):
+  """The forward and backward kernels in interpret mode, through `api.sparse_kl`'s custom_vjp."""
+
+  def setUp(self):
+    super().setUp()
+    gpu_callbacks.reset_gpu_interpret_mode_state()
+
+  @parameterized.named_parameters(
+      # ragged K (two 64-key blocks, the second partly padding), index heads padded 8 -> 64
+      ("ragged_k", 2, 2, 160, 16, 64, 8, 64, 70),
+      # V3.2 key widths (576-dim latent key, 128-dim index key) with few heads; one block
+      ("v32_widths", 1, 2, 96, 16, 576, 16, 128, 40),
+  )
+  def test_matches_reference(self, B, T, S, N, C, I, H, K):  # noqa: N803
+    attn, idx, indices, vis = _inputs(time.time_ns(), B, T, S, N, C, I, H, K)
+    g = jax.random.normal(jax.random.key(time.time_ns()), (B, T))
+
+    def value_and_vjp(fn, **kw):
+      kl, vjp = jax.vjp(lambda *a: fn(*attn, *a, indices, **vis, **kw), *idx)
+      return kl, vjp(g)
+
+    got, got_grads = value_and_vjp(api.sparse_kl, implementation="pallas", interpret=True)
+    self.assertFalse(gpu_callbacks.get_races().races_found)
+    want, want_grads = value_and_vjp(reference.sparse_kl)
+    chex.assert_shape(got, (B, T))
+    chex.assert_trees_all_equal_shapes_and_dtypes(got_grads, idx)
+    chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got[0, 0], 0.0)  # no valid key
+    for gg, w in zip(got_grads, want_grads):  # bf16 operands of the backward's wgmmas
+      chex.assert_trees_all_close(gg.astype(jnp.float32), w, atol=1e-2 * float(jnp.max(jnp.abs(w))), rtol=1e-2)
+    if B > 1:  # the last query of row 1 sees keys S - 2, S - 1 at most: at most two valid selections
+      self.assertLessEqual(int((kernel_sparse.selected_keys(indices, **vis)[1, -1] >= 0).sum()), 2)
+
+  def test_supports(self):
+    self.assertTrue(kernel_sparse.supports(128, 576, 64, 128))  # V3.2: 7 forward ring slots
+    self.assertEqual(kernel_sparse_bwd.stages_for(*kernel_sparse.padded_dims(128, 576, 64, 128)), 3)
+    self.assertTrue(kernel_sparse_bwd.supports(128, 576, 64, 128))
+    self.assertTrue(kernel_sparse.supports(16, 320, 16, 64) and kernel_sparse_bwd.supports(16, 320, 16, 64))
+    self.assertFalse(kernel_sparse.supports(128, 576, 128, 128))  # index heads beyond one wgmma M
+    self.assertFalse(kernel_sparse_bwd.supports(160, 576, 64, 128))  # queries leave no room for the ring
+
+
+class PallasSparseKLLoweringTest(absltest.TestCase):
+  """V3.2 shapes at T = S = 128K, K = 2048, through the whole Mosaic GPU lowering: forward and gradient."""
+
+  def test_forward_and_grad_lower_for_h200(self):
+    sd = jax.ShapeDtypeStruct
+    T = 131072  # noqa: N806  (the grid's token axis above CUDA's 65535 limit for y and z)
+    args = (sd((1, T, 128, 576), jnp.bfloat16), sd((1, T, 576), jnp.bfloat16), sd((1, T, 128), jnp.float32),
+            sd((1, T, 64, 128), jnp.bfloat16), sd((1, T, 128), jnp.bfloat16), sd((1, T, 64), jnp.float32),
+            sd((1, T, 2048), jnp.int32), *[sd((1, T), jnp.int32)] * 4)
+
+    def loss(q, k, lse, iq, ik, w, indices, q_pos, kv_pos, q_seg, kv_seg):
+      return api.sparse_kl(q, k, lse, 0.1352338, iq, ik, w, indices, q_positions=q_pos, kv_positions=kv_pos,
+                           q_segment_ids=q_seg, kv_segment_ids=kv_seg, implementation="pallas").sum()
+
+    with jax.sharding.use_abstract_mesh(H200):
+      for f, kernels in ((loss, 1), (jax.grad(loss, argnums=(3, 4, 5)), 2)):
+        text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        self.assertGreaterEqual(text.count("mosaic_gpu"), kernels)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -75,6 +75,14 @@ def _rel_err(got, want) -> float:
   return max(jax.tree.leaves(errs))
 
 
+def add_rel_errors(rows: list[dict], outputs: dict) -> None:
+  """Gives each "pallas" row its rel_err against the "xla" row of the same pass (also the sparse section's):
+  max |pallas - xla| / max |xla|, the largest over the output's arrays."""
+  for row in rows:
+    if row["impl"] == "pallas":
+      row["rel_err"] = _rel_err(outputs["pallas", row["pass_"]], outputs["xla", row["pass_"]])
+
+
 def _rows_for(T: int) -> list[dict]:  # noqa: N803
   attn, idx, vis = _inputs(T)
   useful_flops = 2.0 * (HEADS * KEY_DIM + INDEX_HEADS * INDEX_DIM) * T * (T + 1) / 2
@@ -98,9 +106,7 @@ def _rows_for(T: int) -> list[dict]:  # noqa: N803
     rows.append(dict(section="indexer_kl", T=T, pass_="bwd", impl=impl, ms=seconds * 1e3,
                      tflops=timing.tflops(bwd_flops, seconds)))
   if "xla" in impls:
-    for row in rows:
-      if row["impl"] == "pallas":
-        row["rel_err"] = _rel_err(outputs["pallas", row["pass_"]], outputs["xla", row["pass_"]])
+    add_rel_errors(rows, outputs)
   return rows
 
 

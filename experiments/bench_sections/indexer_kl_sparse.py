@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench_sections import timing
-from experiments.bench_sections.indexer_kl import HEADS, INDEX_DIM, INDEX_HEADS, KEY_DIM, SCALE
+from experiments.bench_sections.indexer_kl import HEADS, INDEX_DIM, INDEX_HEADS, KEY_DIM, SCALE, add_rel_errors
 from pallas_kernels.indexer_kl import api
 
 QUERIES, TOPK = 4096, 2048
@@ -64,12 +64,6 @@ def functions(implementation: str):
   return jax.jit(kl), jax.jit(lambda attn, idx, indices, vis: grads(idx, attn, indices, vis))
 
 
-def _rel_err(got, want) -> float:
-  errs = jax.tree.map(lambda g, w: float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)))
-                                         / jnp.max(jnp.abs(w.astype(jnp.float32)))), got, want)
-  return max(jax.tree.leaves(errs))
-
-
 def _rows_for(T: int) -> list[dict]:  # noqa: N803
   args = _inputs(T)
   tq = args[0][0].shape[1]
@@ -83,9 +77,7 @@ def _rows_for(T: int) -> list[dict]:  # noqa: N803
       if pass_ == "fwd":
         row["tflops"] = timing.tflops(useful_flops, seconds)
       rows.append(row)
-  for row in rows:
-    if row["impl"] == "pallas":
-      row["rel_err"] = _rel_err(outputs["pallas", row["pass_"]], outputs["xla", row["pass_"]])
+  add_rel_errors(rows, outputs)
   return rows
 
 

@@ -30,11 +30,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.dispatch import resolve_implementation
 from pallas_kernels.indexer_kl import dense_bwd, kernel_dense, kernel_dense_bwd, reference
 from pallas_kernels.indexer_kl import sparse_pallas
+from pallas_kernels.indexer_kl.streaming import interpret_params
 from pallas_kernels.indexer_kl.chunking import PAD_POSITION, pad_chunks, unchunk
 
 AVAILABLE = ("xla", "pallas")
@@ -85,10 +85,6 @@ def _kernel_supports(attn_q: jax.Array, idx_q: jax.Array) -> bool:
   return attn_q.dtype == idx_q.dtype == jnp.bfloat16 and kernel_dense.supports(n, c, i, h)
 
 
-def _interpret_params(interpret: bool):
-  return plgpu.InterpretGPUParams(detect_races=True) if interpret else False
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
 def _pallas_dense_kl(attn_scale, t_chunk, s_chunk, interpret, deterministic, *args):
   return _pallas_dense_kl_fwd(attn_scale, t_chunk, s_chunk, interpret, deterministic, *args)[0]
@@ -99,12 +95,9 @@ def _pallas_dense_kl_fwd(attn_scale, t_chunk, s_chunk, interpret, deterministic,
   del t_chunk, s_chunk, deterministic
   names = ("q_positions", "kv_positions", "q_segment_ids", "kv_segment_ids")
   partials = kernel_dense.dense_stats(attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w,
-                                      **dict(zip(names, visibility)), interpret=_interpret_params(interpret))
+                                      **dict(zip(names, visibility)), interpret=interpret_params(interpret))
   m, l, z, a, c = kernel_dense.combine(partials)
-  has_keys = z > 0
-  z_safe = jnp.where(has_keys, z, 1.0)
-  lse_scores = m + jnp.log(jnp.where(has_keys, l, 1.0))
-  kl = jnp.where(has_keys, c / z_safe - jnp.log(z_safe) - a / z_safe + lse_scores, 0.0)
+  kl, lse_scores = kernel_dense.kl_from_stats(m, l, z, a, c)
   return kl, (attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, visibility, lse_scores, z)
 
 
@@ -116,7 +109,7 @@ def _pallas_dense_kl_bwd(attn_scale, t_chunk, s_chunk, interpret, deterministic,
     grads = dense_bwd.dense_kl_grads(*args, **dict(zip(names, visibility)), t_chunk=t_chunk, s_chunk=s_chunk)
   else:
     grads = kernel_dense_bwd.dense_grads(*args, **dict(zip(names, visibility)),
-                                         interpret=_interpret_params(interpret))
+                                         interpret=interpret_params(interpret))
   return (None, None, None, *grads, None, None, None, None)
 
 

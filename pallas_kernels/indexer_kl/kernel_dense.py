@@ -16,7 +16,9 @@ One CTA owns one query token and two warpgroups:
     slot as soon as the wgmma that read it has retired (`wgmma_wait(1)`), which is what lets a ring
     smaller than one tile stream it. The epilogue turns the tile into p and I per key and updates the
     five statistics per key lane ([64] vectors, no cross-lane reduction in the loop).
-The CTA writes its per-lane statistics [5, 64]; `combine` reduces the lanes in XLA (1.3 KB per token).
+The CTA writes its per-lane statistics [5, 64]; `combine` reduces the lanes in XLA (1.3 KB per token) and
+`kl_from_stats` turns them into the KL. What the four per-token kernels share (ring, launch, the wgmma over
+ring slots, the statistics update) is in `streaming`.
 
 Why this shape: the V3.2 query is 128 heads x 576 bf16 = 144 KiB, so one token's query fills most of the
 227 KiB of SMEM and no tile of several tokens fits; a whole 64-key tile (88 KiB with the index key) does
@@ -32,7 +34,6 @@ position INT32_MAX (never visible). Computation in bf16 with float32 accumulatio
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -40,17 +41,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.indexer_kl import streaming
 from pallas_kernels.indexer_kl.chunking import PAD_POSITION, visible_block_ranges
+from pallas_kernels.indexer_kl.streaming import BLOCK_S, CHUNK, FLOOR, LOG2E, round_up
 
-BLOCK_S = 64  # keys per tile: the wgmma M of one warpgroup
-CHUNK = 64  # columns per ring slot and per query chunk (128-byte swizzled bf16 rows)
 HEAD_MULTIPLE = 16
 MAX_HEADS = 256  # wgmma N
-SMEM_BYTES = 232448  # Hopper's shared memory per block
 NUM_STATS = 5  # m, l, z, a, c
-_TRANSFORMS = (plgpu.TilingTransform((8, CHUNK)), plgpu.SwizzleTransform(128))
-_LOG2E = math.log2(math.e)
-_FLOOR = -1e30  # finite "minus infinity" of the running max: keeps exp(m - m_new) finite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,24 +57,14 @@ class Config:
   auto_barriers: bool = True
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _fixed_smem_bytes(n: int, c: int, i: int, h: int) -> int:
-  """SMEM besides the ring: Mosaic aligns every buffer to 1 KiB; the barriers take the last KiB."""
-  buffers = (2 * c * n, 2 * h * i, 4 * n, 4 * i, 4 * 2 * 2 * BLOCK_S, 4 * NUM_STATS * BLOCK_S)
-  return sum(_round_up(x, 1024) for x in buffers) + 1024
-
-
 def stages_for(n: int, c: int, i: int, h: int, config: Config = Config()) -> int:
   """Ring slots that fit beside the queries for padded head counts n, i and padded dims c, h."""
-  free = SMEM_BYTES - _fixed_smem_bytes(n, c, i, h)
-  return min(config.max_stages, max(free // (2 * BLOCK_S * CHUNK), 0))
+  buffers = (2 * c * n, 2 * h * i, 4 * n, 4 * i, 4 * 2 * 2 * BLOCK_S, 4 * NUM_STATS * BLOCK_S)
+  return streaming.ring_stages(buffers, config.max_stages)
 
 
 def padded_dims(n: int, c: int, i: int, h: int) -> tuple[int, int, int, int]:
-  return (_round_up(n, HEAD_MULTIPLE), _round_up(c, CHUNK), _round_up(i, HEAD_MULTIPLE), _round_up(h, CHUNK))
+  return round_up(n, HEAD_MULTIPLE), round_up(c, CHUNK), round_up(i, HEAD_MULTIPLE), round_up(h, CHUNK)
 
 
 def supports(num_heads: int, key_dim: int, index_heads: int, index_dim: int) -> bool:
@@ -94,6 +81,14 @@ def combine(partials: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.A
   return m, l, z.sum(-1), a.sum(-1), c.sum(-1)
 
 
+def kl_from_stats(m, l, z, a, c) -> tuple[jax.Array, jax.Array]:
+  """Per-token statistics from `combine` -> (KL, logsumexp(I)), each [B, T]; KL = 0 for a token without keys."""
+  has_keys = z > 0
+  z_safe = jnp.where(has_keys, z, 1.0)
+  lse_scores = m + jnp.log(jnp.where(has_keys, l, 1.0))
+  return jnp.where(has_keys, c / z_safe - jnp.log(z_safe) - a / z_safe + lse_scores, 0.0), lse_scores
+
+
 def load_query(b, t, q_ref, iq_ref, lse_ref, w_ref, q_smem, iq_smem, lse_smem, w_smem, q_bar):
   """Copies token t's queries, lse and w into SMEM; returns lse * log2(e) and w, as [heads] vectors."""
   copies = [(q_ref.at[b, t, :, pl.ds(k * CHUNK, CHUNK)], q_smem.at[k]) for k in range(q_smem.shape[0])]
@@ -103,30 +98,7 @@ def load_query(b, t, q_ref, iq_ref, lse_ref, w_ref, q_smem, iq_smem, lse_smem, w
     plgpu.copy_gmem_to_smem(src, dst, q_bar)
   plgpu.barrier_wait(q_bar)
   cols = plgpu.Layout.WGMMA.reduce(0)
-  return plgpu.load(lse_smem, (), layout=cols) * _LOG2E, plgpu.load(w_smem, (), layout=cols)
-
-
-def stream_matmul(ring, ready, free, stages, g0, b_smem, release=True):
-  """acc [64 keys, width] = sum over chunks k of ring[g0 + k] @ b_smem[k]^T; with `release`, each ring slot is
-  released as soon as the wgmma that read it has retired (`wgmma_wait(1)`), which lets a ring smaller than
-  one tile stream it."""
-  slot_of = lambda g: lax.rem(g, jnp.int32(stages))
-  chunks = b_smem.shape[0]
-
-  def body(acc_ref):
-    for k in range(chunks):
-      slot = slot_of(g0 + k)
-      plgpu.barrier_wait(ready.at[slot])
-      plgpu.wgmma(acc_ref, ring.at[slot], b_smem.at[k].transpose((1, 0)))
-      if k and release:
-        plgpu.wgmma_wait(1)  # the previous chunk's wgmma has retired: its slot may be refilled
-        plgpu.barrier_arrive(free.at[slot_of(g0 + k - 1)])
-    out = acc_ref[...]
-    if release:
-      plgpu.barrier_arrive(free.at[slot_of(g0 + chunks - 1)])
-    return out
-
-  return pl.run_scoped(body, plgpu.ACC((BLOCK_S, b_smem.shape[1]), jnp.float32))
+  return plgpu.load(lse_smem, (), layout=cols) * LOG2E, plgpu.load(w_smem, (), layout=cols)
 
 
 def key_visibility(pos_smem, pos_ready, pos_free, n, q_pos, q_seg):
@@ -151,31 +123,17 @@ def _compute(lohi_ref, qvis_ref, q_ref, iq_ref, lse_ref, w_ref, out_ref, q_smem,
   lse2, w = load_query(b, t, q_ref, iq_ref, lse_ref, w_ref, q_smem, iq_smem, lse_smem, w_smem, q_bar)
 
   def tile(j, stats):
-    m, l, z, a, c = stats
     n = j - lo
     g0 = n * per_tile
-    logits = stream_matmul(ring, ready, free, stages, g0, q_smem)
-    index_logits = stream_matmul(ring, ready, free, stages, g0 + n_chunks, iq_smem)
+    logits = streaming.stream_matmul(ring, ready, free, stages, g0, q_smem)
+    index_logits = streaming.stream_matmul(ring, ready, free, stages, g0 + n_chunks, iq_smem)
     keep = key_visibility(pos_smem, pos_ready, pos_free, n, q_pos, q_seg)
+    p = jnp.where(keep, streaming.attention_mass(logits, lse2, scale), 0.0)
+    scores = jnp.where(keep, streaming.index_scores(index_logits, w), FLOOR)
+    return streaming.update_stats(stats, p, scores, keep)
 
-    s = logits * (scale * _LOG2E) - lax.broadcast_in_dim(lse2, logits.shape, [1])
-    p = jnp.where(keep, jnp.exp2(s).sum(axis=1), 0.0)
-    scores = (jnp.maximum(index_logits, 0.0) * lax.broadcast_in_dim(w, index_logits.shape, [1])).sum(axis=1)
-    scores = jnp.where(keep, scores, _FLOOR)
-    m_new = jnp.maximum(m, scores)
-    l = l * jnp.exp2((m - m_new) * _LOG2E) + jnp.where(keep, jnp.exp2((scores - m_new) * _LOG2E), 0.0)
-    z = z + p
-    a = a + p * jnp.where(keep, scores, 0.0)
-    c = c + jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
-    return m_new, l, z, a, c
-
-  vec = lambda v: plgpu.layout_cast(jnp.full((BLOCK_S,), v, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-  stats = lax.fori_loop(lo, hi, tile, (vec(_FLOOR), vec(0.0), vec(0.0), vec(0.0), vec(0.0)))
-  for k, v in enumerate(stats):
-    out_smem.at[k][...] = v
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, t])
-  plgpu.wait_smem_to_gmem(0)
+  stats = lax.fori_loop(lo, hi, tile, streaming.initial_stats())
+  streaming.write_stats(stats, out_smem, out_ref, b, t)
 
 
 def stream_keys(lohi_ref, k_ref, ik_ref, kvvis_ref, ring, pos_smem, ready, free, pos_ready, pos_free, *, n_chunks,
@@ -201,13 +159,7 @@ def stream_keys(lohi_ref, k_ref, ik_ref, kvvis_ref, ring, pos_smem, ready, free,
 
     plgpu.copy_gmem_to_smem(kvvis_ref.at[b, :, keys], pos_smem.at[ps], pos_ready.at[ps])
     for k in range(per_tile):
-      g = n * per_tile + k
-      slot = slot_of(g)
-
-      @pl.when(g >= stages)
-      def _():
-        plgpu.barrier_wait(free.at[slot])
-
+      slot = streaming.acquire_slot(free, n * per_tile + k, stages)
       src = k_ref if k < n_chunks else ik_ref
       col = k if k < n_chunks else k - n_chunks
       plgpu.copy_gmem_to_smem(src.at[b, keys, pl.ds(col * CHUNK, CHUNK)], ring.at[slot], ready.at[slot])
@@ -226,19 +178,12 @@ def stream_keys(lohi_ref, k_ref, ik_ref, kvvis_ref, ring, pos_smem, ready, free,
 
 def _body(lohi_ref, qvis_ref, kvvis_ref, q_ref, k_ref, lse_ref, iq_ref, ik_ref, w_ref, out_ref, q_smem, iq_smem,
           lse_smem, w_smem, ring, pos_smem, out_smem, q_bar, ready, free, pos_ready, pos_free, *, scale, stages):
-  wg = lax.axis_index("wg")
-
-  @pl.when(wg == 0)
-  def _():
-    plgpu.set_max_registers(232, action="increase")
-    _compute(lohi_ref, qvis_ref, q_ref, iq_ref, lse_ref, w_ref, out_ref, q_smem, iq_smem, lse_smem, w_smem,
-             ring, pos_smem, out_smem, q_bar, ready, free, pos_ready, pos_free, scale=scale, stages=stages)
-
-  @pl.when(wg == 1)
-  def _():
-    plgpu.set_max_registers(40, action="decrease")
-    stream_keys(lohi_ref, k_ref, ik_ref, kvvis_ref, ring, pos_smem, ready, free, pos_ready, pos_free,
-                n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages)
+  streaming.split_warpgroups(
+      functools.partial(_compute, lohi_ref, qvis_ref, q_ref, iq_ref, lse_ref, w_ref, out_ref, q_smem, iq_smem,
+                        lse_smem, w_smem, ring, pos_smem, out_smem, q_bar, ready, free, pos_ready, pos_free,
+                        scale=scale, stages=stages),
+      functools.partial(stream_keys, lohi_ref, k_ref, ik_ref, kvvis_ref, ring, pos_smem, ready, free, pos_ready,
+                        pos_free, n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages))
 
 
 def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
@@ -254,7 +199,7 @@ def padded_operands(attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, q_positions, 
   (position, segment) [B, T, 2] and the key (positions, segments) [B, 2, S_pad] (one TMA per tile)."""
   n, c = attn_q.shape[2:]
   n_p, c_p, _, h_p = padded_dims(n, c, *idx_q.shape[2:])
-  s_p = _round_up(attn_k.shape[1], BLOCK_S)
+  s_p = round_up(attn_k.shape[1], BLOCK_S)
   bf16 = lambda x: x.astype(jnp.bfloat16)
   q = _pad_axis(_pad_axis(bf16(attn_q), 2, n_p), 3, c_p)
   k = _pad_axis(_pad_axis(bf16(attn_k), 1, s_p), 2, c_p)
@@ -289,31 +234,17 @@ def dense_stats(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w
       attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
       index_heads=i_p)
 
-  smem = functools.partial(plgpu.SMEM, dtype=jnp.bfloat16, transforms=_TRANSFORMS)
-  body = functools.partial(_body, scale=float(attn_scale), stages=stages)
-  return plgpu.kernel(
-      body,
+  return streaming.launch_per_token(
+      functools.partial(_body, scale=float(attn_scale), stages=stages),
+      (bsz, t),
       out_type=jax.ShapeDtypeStruct((bsz, t, NUM_STATS, BLOCK_S), jnp.float32),
       scratch_types=(
-          smem((c_p // CHUNK, n_p, CHUNK)),
-          smem((h_p // CHUNK, i_p, CHUNK)),
-          plgpu.SMEM((n_p,), jnp.float32),
-          plgpu.SMEM((i_p,), jnp.float32),
-          smem((stages, BLOCK_S, CHUNK)),
+          *streaming.query_scratch(n_p, c_p, i_p, h_p),
+          streaming.wgmma_smem((stages, BLOCK_S, CHUNK)),
           plgpu.SMEM((2, 2, BLOCK_S), jnp.int32),
           plgpu.SMEM((NUM_STATS, BLOCK_S), jnp.float32),
-          plgpu.Barrier(num_arrivals=c_p // CHUNK + h_p // CHUNK + 2),
-          plgpu.Barrier(num_barriers=stages),
-          plgpu.Barrier(num_barriers=stages),
-          plgpu.Barrier(num_barriers=2),
-          plgpu.Barrier(num_barriers=2),
+          *streaming.barriers(c_p // CHUNK + h_p // CHUNK + 2, stages),
       ),
-      # Mosaic GPU launches the grid reversed (last axis -> CUDA x, which is not capped at 65535 blocks).
-      grid=(bsz, t),
-      grid_names=("b", "t"),
-      num_threads=2,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,
-                                          unsafe_no_auto_barriers=not config.auto_barriers),
+      params=streaming.compiler_params(auto_barriers=config.auto_barriers),
       interpret=interpret,
   )(lohi, qvis, kvvis, q, k, lse, iq, ik, w)

@@ -38,34 +38,26 @@ TMAs (which the cross-lowering test compiles).
 """
 
 import functools
-import math
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.indexer_kl import kernel_dense
-from pallas_kernels.indexer_kl.kernel_dense import BLOCK_S, CHUNK, MAX_HEADS, SMEM_BYTES
+from pallas_kernels.indexer_kl import kernel_dense, streaming
+from pallas_kernels.indexer_kl.kernel_dense import MAX_HEADS
+from pallas_kernels.indexer_kl.streaming import BLOCK_S, CHUNK, LOG2E
 
 INDEX_HEADS = 64  # index heads padded to this: the M of the d iq wgmma
 MAX_INDEX_DIM = 128
 REDUCTION_SCRATCH_BYTES = 2048  # d w's cross-warp sum over keys, once per token
-_TRANSFORMS = (plgpu.TilingTransform((8, CHUNK)), plgpu.SwizzleTransform(128))
-_LOG2E = math.log2(math.e)
-
-
-def _fixed_smem_bytes(n: int, c: int, h: int) -> int:
-  """SMEM besides the ring (padded sizes), each buffer aligned to 1 KiB; the barriers take the last KiB."""
-  buffers = (2 * c * n, 2 * h * INDEX_HEADS, 4 * n, 4 * INDEX_HEADS, 4 * 2 * 2 * BLOCK_S,
-             2 * BLOCK_S * INDEX_HEADS, 4 * INDEX_HEADS * CHUNK, 4 * INDEX_HEADS, REDUCTION_SCRATCH_BYTES)
-  return sum(-(-x // 1024) * 1024 for x in buffers) + 1024
 
 
 def stages_for(n: int, c: int, h: int, max_stages: int = 12) -> int:
-  free = SMEM_BYTES - _fixed_smem_bytes(n, c, h)
-  return min(max_stages, max(free // (2 * BLOCK_S * CHUNK), 0))
+  """Ring slots beside the queries, d L, the f32 slab and the small buffers, for padded sizes."""
+  buffers = (2 * c * n, 2 * h * INDEX_HEADS, 4 * n, 4 * INDEX_HEADS, 4 * 2 * 2 * BLOCK_S,
+             2 * BLOCK_S * INDEX_HEADS, 4 * INDEX_HEADS * CHUNK, 4 * INDEX_HEADS, REDUCTION_SCRATCH_BYTES)
+  return streaming.ring_stages(buffers, max_stages)
 
 
 def supports(num_heads: int, key_dim: int, index_heads: int, index_dim: int) -> bool:
@@ -110,17 +102,17 @@ def _compute(refs, smem, *, scale, stages, interpret):
     dq, dw = carry
     n = j - lo
     g0 = n * per_tile
-    logits = kernel_dense.stream_matmul(ring, ready, free, stages, g0, q_smem)
-    s = logits * (scale * _LOG2E) - lax.broadcast_in_dim(lse2, logits.shape, [1])
-    p = jnp.exp2(s).sum(axis=1)  # before the index logits: [64, N] f32 need not live beside them
+    logits = streaming.stream_matmul(ring, ready, free, stages, g0, q_smem)
+    # p before the index logits: [64, N] f32 need not live beside them.
+    p = streaming.attention_mass(logits, lse2, scale)
     # The index-key chunks stay in the ring until d iq has read them.
-    index = kernel_dense.stream_matmul(ring, ready, free, stages, g0 + n_chunks, iq_smem, release=False)
+    index = streaming.stream_matmul(ring, ready, free, stages, g0 + n_chunks, iq_smem, release=False)
     index_slots = [slot_of(g0 + n_chunks + k) for k in range(h_chunks)]
     keep = kernel_dense.key_visibility(pos_smem, pos_ready, pos_free, n, q_pos, q_seg)
     w_b = lax.broadcast_in_dim(w, index.shape, [1])
     relu = jnp.maximum(index, 0.0)
     scores = (relu * w_b).sum(axis=1)
-    softmax = jnp.exp2((scores - lse_scores) * _LOG2E)
+    softmax = jnp.exp2((scores - lse_scores) * LOG2E)
     d_i = jnp.where(keep, g * (softmax - p * inv_z), 0.0)
     d_i_b = lax.broadcast_in_dim(d_i, index.shape, [0])
     dw = dw + relu * d_i_b
@@ -153,20 +145,12 @@ def _compute(refs, smem, *, scale, stages, interpret):
 def _body(lohi_ref, qvis_ref, kvvis_ref, tok_ref, q_ref, k_ref, lse_ref, iq_ref, ik_ref, w_ref, dq_ref, dw_ref,
           dk_ref, q_smem, iq_smem, lse_smem, w_smem, ring, pos_smem, dl_smem, slab, dw_smem, q_bar, ready, free,
           pos_ready, pos_free, *, scale, stages, interpret):
-  wg = lax.axis_index("wg")
-
-  @pl.when(wg == 0)
-  def _():
-    plgpu.set_max_registers(232, action="increase")
-    _compute((lohi_ref, qvis_ref, tok_ref, q_ref, lse_ref, iq_ref, w_ref, dq_ref, dw_ref, dk_ref),
-             (q_smem, iq_smem, lse_smem, w_smem, ring, pos_smem, dl_smem, slab, dw_smem, q_bar, ready, free, pos_ready,
-              pos_free), scale=scale, stages=stages, interpret=interpret)
-
-  @pl.when(wg == 1)
-  def _():
-    plgpu.set_max_registers(40, action="decrease")
-    kernel_dense.stream_keys(lohi_ref, k_ref, ik_ref, kvvis_ref, ring, pos_smem, ready, free, pos_ready, pos_free,
-                             n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages)
+  streaming.split_warpgroups(
+      functools.partial(_compute, (lohi_ref, qvis_ref, tok_ref, q_ref, lse_ref, iq_ref, w_ref, dq_ref, dw_ref, dk_ref),
+                        (q_smem, iq_smem, lse_smem, w_smem, ring, pos_smem, dl_smem, slab, dw_smem, q_bar, ready,
+                         free, pos_ready, pos_free), scale=scale, stages=stages, interpret=interpret),
+      functools.partial(kernel_dense.stream_keys, lohi_ref, k_ref, ik_ref, kvvis_ref, ring, pos_smem, ready, free,
+                        pos_ready, pos_free, n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages))
 
 
 def dense_grads(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w, lse_scores, z, g, *, q_positions,
@@ -191,32 +175,20 @@ def dense_grads(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w
   tok = jnp.stack([jnp.where(has_keys, g.astype(jnp.float32), 0.0), jnp.where(has_keys, lse_scores, 0.0), inv_z],
                   axis=-1)
   stages = stages_for(n_p, c_p, h_p)
-  smem = functools.partial(plgpu.SMEM, dtype=jnp.bfloat16, transforms=_TRANSFORMS)
-  kernel = plgpu.kernel(
+  kernel = streaming.launch_per_token(
       functools.partial(_body, scale=float(attn_scale), stages=stages, interpret=bool(interpret)),
+      (bsz, t),
       out_type=(),
       scratch_types=(
-          smem((c_p // CHUNK, n_p, CHUNK)),
-          smem((h_p // CHUNK, INDEX_HEADS, CHUNK)),
-          plgpu.SMEM((n_p,), jnp.float32),
-          plgpu.SMEM((INDEX_HEADS,), jnp.float32),
-          smem((stages, BLOCK_S, CHUNK)),
+          *streaming.query_scratch(n_p, c_p, INDEX_HEADS, h_p),
+          streaming.wgmma_smem((stages, BLOCK_S, CHUNK)),
           plgpu.SMEM((2, 2, BLOCK_S), jnp.int32),
-          smem((BLOCK_S, INDEX_HEADS)),
+          streaming.wgmma_smem((BLOCK_S, INDEX_HEADS)),
           plgpu.SMEM((INDEX_HEADS, CHUNK), jnp.float32),
           plgpu.SMEM((INDEX_HEADS,), jnp.float32),
-          plgpu.Barrier(num_arrivals=c_p // CHUNK + h_p // CHUNK + 2),
-          plgpu.Barrier(num_barriers=stages),
-          plgpu.Barrier(num_barriers=stages),
-          plgpu.Barrier(num_barriers=2),
-          plgpu.Barrier(num_barriers=2),
+          *streaming.barriers(c_p // CHUNK + h_p // CHUNK + 2, stages),
       ),
-      # Tokens last: Mosaic GPU launches the grid reversed and CUDA caps y and z at 65535 blocks.
-      grid=(bsz, t),
-      grid_names=("b", "t"),
-      num_threads=2,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=REDUCTION_SCRATCH_BYTES),
+      params=streaming.compiler_params(auto_barriers=True, reduction_scratch_bytes=REDUCTION_SCRATCH_BYTES),
       interpret=interpret,
   )
 

@@ -4,9 +4,10 @@ keys gathered row by row.
 DeepSeek-V3.2 sparse training (arXiv 2512.02556, section 2.1): per query t the loss
 KL(p[t, S_t] || softmax(I[t, S_t])) over the selected set S_t = indices[t, :], with
 p[t, s] = sum_h exp(scale q[t, h].k[s] - lse[t, h]) (renormalised over S_t) and
-I[t, s] = sum_j w[t, j] ReLU(iq[t, j].ik[s]). As in the dense kernel (`kernel_dense`, whose statistics and
-`combine` this reuses), five running numbers per key lane suffice: the max m and sum l of I's logsumexp,
-z = sum p, a = sum p I and c = sum p log p; then KL = c/z - log z - a/z + m + log l.
+I[t, s] = sum_j w[t, j] ReLU(iq[t, j].ik[s]). As in the dense kernel (`kernel_dense`; the statistics update
+is `streaming`'s, the lane reduction `kernel_dense.combine`), five running numbers per key lane suffice: the
+max m and sum l of I's logsumexp, z = sum p, a = sum p I and c = sum p log p; then
+KL = c/z - log z - a/z + m + log l.
 
 One CTA owns one query token and two warpgroups:
   * wg 1 (memory, `gather`) walks the token's selected keys in blocks of BLOCK_S = 64: it copies the index
@@ -32,7 +33,6 @@ be distinct (top-k output), as for the chunked XLA path. Attention heads are pad
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -40,14 +40,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.indexer_kl import kernel_dense
-from pallas_kernels.indexer_kl.kernel_dense import BLOCK_S, CHUNK, HEAD_MULTIPLE, MAX_HEADS, NUM_STATS
+from pallas_kernels.indexer_kl import kernel_dense, streaming
+from pallas_kernels.indexer_kl.kernel_dense import HEAD_MULTIPLE, MAX_HEADS, NUM_STATS
+from pallas_kernels.indexer_kl.streaming import BLOCK_S, CHUNK, FLOOR, LOG2E, round_up
 
 INDEX_HEADS = 64  # index heads padded to one wgmma M: the backward's d iq product has them as M
-TRANSFORMS = (plgpu.TilingTransform((8, CHUNK)), plgpu.SwizzleTransform(128))
 _LINE_TRANSFORMS = (plgpu.TilingTransform((1, CHUNK)), plgpu.SwizzleTransform(128))
-LOG2E = math.log2(math.e)
-_FLOOR = -1e30  # finite "minus infinity" of the running max: keeps exp(m - m_new) finite
+# No automatic warpgroup barriers (here and in the backward): each 64-key block issues 704 row copies, and every
+# SMEM region is written and read by the same threads or ordered by commit_smem (sparse_mla measured 2.5x).
+AUTO_BARRIERS = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +56,8 @@ class Config:
   max_stages: int = 12  # ring slots, if they fit in SMEM
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
 def padded_dims(n: int, c: int, i: int, h: int) -> tuple[int, int, int, int]:
-  return _round_up(n, HEAD_MULTIPLE), _round_up(c, CHUNK), INDEX_HEADS, _round_up(h, CHUNK)
+  return round_up(n, HEAD_MULTIPLE), round_up(c, CHUNK), INDEX_HEADS, round_up(h, CHUNK)
 
 
 def forward_stages(n_p: int, c_p: int, i_p: int, h_p: int, config: Config = Config()) -> int:
@@ -105,7 +102,7 @@ def ring_buffer(stages: int, interpret: bool):
   """The ring (wgmma view [stages, 64 keys, 64 columns], per-row TMA view as 128-byte lines or None).
 
   Interpret mode models views logically, so there rows are copied into the tiled view directly."""
-  tiled = plgpu.SMEM((stages, BLOCK_S, CHUNK), jnp.bfloat16, transforms=TRANSFORMS)
+  tiled = streaming.wgmma_smem((stages, BLOCK_S, CHUNK))
   if interpret:
     return tiled, None
   return plgpu.RefUnion(tiled, plgpu.SMEM((stages * BLOCK_S, CHUNK), jnp.bfloat16, transforms=_LINE_TRANSFORMS))
@@ -135,13 +132,7 @@ def gather(sel_ref, k_ref, ik_ref, ring, idx_smem, ready, free, idx_ready, idx_f
     plgpu.copy_gmem_to_smem(sel_ref.at[b, t, pl.ds(n * BLOCK_S, BLOCK_S)], idx_smem.at[ps], idx_ready.at[ps])
     plgpu.barrier_wait(idx_ready.at[ps])
     for k in range(per_block):
-      g = n * per_block + k
-      slot = slot_of(g)
-
-      @pl.when(g >= stages)
-      def _():
-        plgpu.barrier_wait(free.at[slot])
-
+      slot = streaming.acquire_slot(free, n * per_block + k, stages)
       src, col = (k_ref, k) if k < n_chunks else (ik_ref, k - n_chunks)
 
       @pl.loop(0, BLOCK_S)
@@ -164,31 +155,6 @@ def gather(sel_ref, k_ref, ik_ref, ring, idx_smem, ready, free, idx_ready, idx_f
     plgpu.barrier_wait(idx_free.at[lax.rem(n, 2)])
 
 
-def ring_matmul(ring, ready, free, g0, b_smem, *, stages, release=True):
-  """acc [64 keys, width] = sum over chunks k of ring[g0 + k] @ b_smem[k]^T.
-
-  With `release`, each slot is freed as soon as the wgmma that read it has retired (which lets a ring
-  smaller than one block stream it); otherwise the caller frees them."""
-  ring = ring[0]
-  slot_of = lambda g: lax.rem(g, jnp.int32(stages))
-  chunks = b_smem.shape[0]
-
-  def body(acc_ref):
-    for k in range(chunks):
-      slot = slot_of(g0 + k)
-      plgpu.barrier_wait(ready.at[slot])
-      plgpu.wgmma(acc_ref, ring.at[slot], b_smem.at[k].transpose((1, 0)))
-      if k and release:
-        plgpu.wgmma_wait(1)  # the previous chunk's wgmma has retired: its slot may be refilled
-        plgpu.barrier_arrive(free.at[slot_of(g0 + k - 1)])
-    out = acc_ref[...]
-    if release:
-      plgpu.barrier_arrive(free.at[slot_of(g0 + chunks - 1)])
-    return out
-
-  return pl.run_scoped(body, plgpu.ACC((BLOCK_S, b_smem.shape[1]), jnp.float32))
-
-
 def load_queries(q_ref, iq_ref, lse_ref, w_ref, q_smem, iq_smem, lse_smem, w_smem, bar, w_copies=()):
   """The token's queries, lse and w into SMEM (w also into each of `w_copies`), all on barrier `bar`."""
   b, t = lax.axis_index("b"), lax.axis_index("t")
@@ -198,14 +164,6 @@ def load_queries(q_ref, iq_ref, lse_ref, w_ref, q_smem, iq_smem, lse_smem, w_sme
   for src, dst in copies:
     plgpu.copy_gmem_to_smem(src, dst, bar)
   plgpu.barrier_wait(bar)
-
-
-def block_scores(logits, index_logits, lse2, w, scale):
-  """p [64] (attention mass per key, before masking) and I [64] of one block from the two wgmma results."""
-  s = logits * (scale * LOG2E) - lax.broadcast_in_dim(lse2, logits.shape, [1])
-  p = jnp.exp2(s).sum(axis=1)
-  scores = (jnp.maximum(index_logits, 0.0) * lax.broadcast_in_dim(w, index_logits.shape, [1])).sum(axis=1)
-  return p, scores
 
 
 def read_index_block(idx_smem, idx_ready, idx_free, n, release=True):
@@ -229,54 +187,27 @@ def _compute(q_ref, iq_ref, lse_ref, w_ref, out_ref, q_smem, iq_smem, lse_smem, 
   w = plgpu.load(w_smem, (), layout=cols)
   n_chunks = q_smem.shape[0]
   per_block = n_chunks + iq_smem.shape[0]
-  matmul = functools.partial(ring_matmul, ring, ready, free, stages=stages)
+  matmul = functools.partial(streaming.stream_matmul, ring[0], ready, free, stages)
 
   def block(n, stats):
-    m, l, z, a, c = stats
     logits = matmul(n * per_block, q_smem)
     index_logits = matmul(n * per_block + n_chunks, iq_smem)
     keep = read_index_block(idx_smem, idx_ready, idx_free, n)
-    p, scores = block_scores(logits, index_logits, lse2, w, scale)
-    p = jnp.where(keep, p, 0.0)
-    scores = jnp.where(keep, scores, _FLOOR)
-    m_new = jnp.maximum(m, scores)
-    l = l * jnp.exp2((m - m_new) * LOG2E) + jnp.where(keep, jnp.exp2((scores - m_new) * LOG2E), 0.0)
-    z = z + p
-    a = a + p * jnp.where(keep, scores, 0.0)
-    c = c + jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
-    return m_new, l, z, a, c
+    p, scores = streaming.attention_mass(logits, lse2, scale), streaming.index_scores(index_logits, w)
+    return streaming.update_stats(stats, jnp.where(keep, p, 0.0), jnp.where(keep, scores, FLOOR), keep)
 
-  vec = lambda v: plgpu.layout_cast(jnp.full((BLOCK_S,), v, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-  stats = lax.fori_loop(0, blocks, block, (vec(_FLOOR), vec(0.0), vec(0.0), vec(0.0), vec(0.0)))
-  for k, v in enumerate(stats):
-    out_smem.at[k][...] = v
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, t])
-  plgpu.wait_smem_to_gmem(0)
+  stats = lax.fori_loop(0, blocks, block, streaming.initial_stats())
+  streaming.write_stats(stats, out_smem, out_ref, b, t)
 
 
 def _body(sel_ref, q_ref, k_ref, lse_ref, iq_ref, ik_ref, w_ref, out_ref, q_smem, iq_smem, lse_smem, w_smem, ring,
           idx_smem, out_smem, q_bar, ready, free, idx_ready, idx_free, *, scale, stages):
-  wg = lax.axis_index("wg")
-
-  @pl.when(wg == 0)
-  def _():
-    plgpu.set_max_registers(232, action="increase")
-    _compute(q_ref, iq_ref, lse_ref, w_ref, out_ref, q_smem, iq_smem, lse_smem, w_smem, tuple(ring), idx_smem,
-             out_smem, q_bar, ready, free, idx_ready, idx_free, scale=scale, stages=stages,
-             blocks=sel_ref.shape[-1] // BLOCK_S)
-
-  @pl.when(wg == 1)
-  def _():
-    plgpu.set_max_registers(40, action="decrease")
-    gather(sel_ref, k_ref, ik_ref, tuple(ring), idx_smem, ready, free, idx_ready, idx_free,
-           n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages)
-
-
-def compiler_params() -> plgpu.CompilerParams:
-  # No automatic warpgroup barriers: each 64-key block issues 704 row copies, and every SMEM region here
-  # is written and read by the same threads or ordered by commit_smem (sparse_mla measured 2.5x).
-  return plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0, unsafe_no_auto_barriers=True)
+  streaming.split_warpgroups(
+      functools.partial(_compute, q_ref, iq_ref, lse_ref, w_ref, out_ref, q_smem, iq_smem, lse_smem, w_smem,
+                        tuple(ring), idx_smem, out_smem, q_bar, ready, free, idx_ready, idx_free, scale=scale,
+                        stages=stages, blocks=sel_ref.shape[-1] // BLOCK_S),
+      functools.partial(gather, sel_ref, k_ref, ik_ref, tuple(ring), idx_smem, ready, free, idx_ready, idx_free,
+                        n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages))
 
 
 def sparse_stats(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w, selected, *,
@@ -295,29 +226,17 @@ def sparse_stats(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_
   n_p, c_p, i_p, h_p = padded_dims(n, c, i, h)
   stages = forward_stages(n_p, c_p, i_p, h_p, config)
   q, k, lse, iq, ik, w = padded_operands(attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w)
-  smem = functools.partial(plgpu.SMEM, dtype=jnp.bfloat16, transforms=TRANSFORMS)
-  return plgpu.kernel(
+  return streaming.launch_per_token(
       functools.partial(_body, scale=float(attn_scale), stages=stages),
+      (bsz, t),
       out_type=jax.ShapeDtypeStruct((bsz, t, NUM_STATS, BLOCK_S), jnp.float32),
       scratch_types=(
-          smem((c_p // CHUNK, n_p, CHUNK)),
-          smem((h_p // CHUNK, i_p, CHUNK)),
-          plgpu.SMEM((n_p,), jnp.float32),
-          plgpu.SMEM((i_p,), jnp.float32),
+          *streaming.query_scratch(n_p, c_p, i_p, h_p),
           ring_buffer(stages, bool(interpret)),
           plgpu.SMEM((2, BLOCK_S), jnp.int32),
           plgpu.SMEM((NUM_STATS, BLOCK_S), jnp.float32),
-          plgpu.Barrier(num_arrivals=c_p // CHUNK + h_p // CHUNK + 2),
-          plgpu.Barrier(num_arrivals=BLOCK_S, num_barriers=stages),
-          plgpu.Barrier(num_barriers=stages),
-          plgpu.Barrier(num_barriers=2),
-          plgpu.Barrier(num_barriers=2),
+          *streaming.barriers(c_p // CHUNK + h_p // CHUNK + 2, stages, ring_arrivals=BLOCK_S),
       ),
-      # Mosaic GPU launches the grid reversed (last axis -> CUDA x, which is not capped at 65535 blocks).
-      grid=(bsz, t),
-      grid_names=("b", "t"),
-      num_threads=2,
-      thread_name="wg",
-      compiler_params=compiler_params(),
+      params=streaming.compiler_params(auto_barriers=AUTO_BARRIERS),
       interpret=interpret,
   )(selected, q, k, lse, iq, ik, w)

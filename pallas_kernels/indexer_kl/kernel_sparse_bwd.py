@@ -34,24 +34,19 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.indexer_kl import kernel_sparse
-from pallas_kernels.indexer_kl.kernel_dense import BLOCK_S, CHUNK, MAX_HEADS, SMEM_BYTES
-from pallas_kernels.indexer_kl.kernel_sparse import INDEX_HEADS, LOG2E, TRANSFORMS
+from pallas_kernels.indexer_kl import kernel_sparse, streaming
+from pallas_kernels.indexer_kl.kernel_dense import MAX_HEADS
+from pallas_kernels.indexer_kl.kernel_sparse import INDEX_HEADS
+from pallas_kernels.indexer_kl.streaming import BLOCK_S, CHUNK, LOG2E
 
 MAX_STAGES = 12
 
 
-def _fixed_smem_bytes(n: int, c: int, i: int, h: int) -> int:
-  """SMEM besides the ring: Mosaic aligns every buffer to 1 KiB; the barriers take the last KiB."""
-  round_kib = lambda x: -(-x // 1024) * 1024
-  buffers = (2 * c * n, 2 * h * i, 4 * n, 4 * i, 4 * i, 4 * 2 * BLOCK_S, 2 * 2 * BLOCK_S * i, 4 * BLOCK_S * CHUNK)
-  return sum(round_kib(x) for x in buffers) + 1024
-
-
 def stages_for(n_p: int, c_p: int, i_p: int, h_p: int) -> int:
   """Ring slots of the backward for padded sizes."""
-  free = SMEM_BYTES - _fixed_smem_bytes(n_p, c_p, i_p, h_p)
-  return min(MAX_STAGES, max(free // (2 * BLOCK_S * CHUNK), 0))
+  buffers = (2 * c_p * n_p, 2 * h_p * i_p, 4 * n_p, 4 * i_p, 4 * i_p, 4 * 2 * BLOCK_S, 2 * 2 * BLOCK_S * i_p,
+             4 * BLOCK_S * CHUNK)
+  return streaming.ring_stages(buffers, MAX_STAGES)
 
 
 def supports(num_heads: int, key_dim: int, index_heads: int, index_dim: int) -> bool:
@@ -86,7 +81,7 @@ def _compute(tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q
   per_block = n_chunks + h_chunks
   i_p = iq_smem.shape[1]
   slot_of = lambda g: lax.rem(g, jnp.int32(stages))
-  matmul = functools.partial(kernel_sparse.ring_matmul, ring, ready, free, stages=stages)
+  matmul = functools.partial(streaming.stream_matmul, ring[0], ready, free, stages)
 
   def add_rows(n, ps, c, acc):
     """d ik[b, idx[r], chunk c] += acc[r] for the block's valid rows."""
@@ -112,7 +107,7 @@ def _compute(tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q
     index_logits = matmul(g0 + n_chunks, iq_smem, release=False)
     ps = lax.rem(n, 2)
     keep = kernel_sparse.read_index_block(idx_smem, idx_ready, idx_free, n, release=False)
-    p, scores = kernel_sparse.block_scores(logits, index_logits, lse2, w, scale)
+    p, scores = streaming.attention_mass(logits, lse2, scale), streaming.index_scores(index_logits, w)
     grad_scores = jnp.where(keep, g * jnp.exp2((scores - lse_scores) * LOG2E) - g_over_z * p, 0.0)
     a = jnp.where(index_logits > 0, lax.broadcast_in_dim(grad_scores, index_logits.shape, [0]), 0.0)
     a_smem[...] = a.astype(a_smem.dtype)
@@ -146,20 +141,13 @@ def _compute(tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q
 def _body(sel_ref, tok_ref, q_ref, k_ref, lse_ref, iq_ref, ik_ref, w_ref, diq_ref, dw_ref, dik_ref, q_smem, iq_smem,
           lse_smem, w_smem, ring, idx_smem, a_smem, aw_smem, stage, q_bar, ready, free, idx_ready, idx_free, *,
           scale, stages, interpret):
-  wg = lax.axis_index("wg")
-
-  @pl.when(wg == 0)
-  def _():
-    plgpu.set_max_registers(232, action="increase")
-    _compute(tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q_smem, iq_smem, lse_smem, w_smem,
-             tuple(ring), idx_smem, a_smem, aw_smem, stage, q_bar, ready, free, idx_ready, idx_free, scale=scale,
-             stages=stages, blocks=sel_ref.shape[-1] // BLOCK_S, interpret=interpret)
-
-  @pl.when(wg == 1)
-  def _():
-    plgpu.set_max_registers(40, action="decrease")
-    kernel_sparse.gather(sel_ref, k_ref, ik_ref, tuple(ring), idx_smem, ready, free, idx_ready, idx_free,
-                         n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages)
+  streaming.split_warpgroups(
+      functools.partial(_compute, tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q_smem, iq_smem,
+                        lse_smem, w_smem, tuple(ring), idx_smem, a_smem, aw_smem, stage, q_bar, ready, free,
+                        idx_ready, idx_free, scale=scale, stages=stages, blocks=sel_ref.shape[-1] // BLOCK_S,
+                        interpret=interpret),
+      functools.partial(kernel_sparse.gather, sel_ref, k_ref, ik_ref, tuple(ring), idx_smem, ready, free, idx_ready,
+                        idx_free, n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages))
 
 
 def sparse_grads(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w, selected, lse_scores, z, g, *,
@@ -180,32 +168,21 @@ def sparse_grads(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_
   g = jnp.where(has_keys, g.astype(jnp.float32), 0.0)
   tok = jnp.stack([jnp.where(has_keys, lse_scores, 0.0), g, g / jnp.where(has_keys, z, 1.0), jnp.zeros_like(g)],
                   axis=-1)
-  smem = functools.partial(plgpu.SMEM, dtype=jnp.bfloat16, transforms=TRANSFORMS)
-  kernel = plgpu.kernel(
+  q_scratch, iq_scratch, lse_scratch, w_scratch = streaming.query_scratch(n_p, c_p, i_p, h_p)
+  kernel = streaming.launch_per_token(
       functools.partial(_body, scale=float(attn_scale), stages=stages, interpret=bool(interpret)),
+      (bsz, t),
       out_type=(),
       scratch_types=(
-          smem((c_p // CHUNK, n_p, CHUNK)),
-          smem((h_p // CHUNK, i_p, CHUNK)),
-          plgpu.SMEM((n_p,), jnp.float32),
-          (plgpu.SMEM((i_p,), jnp.float32), plgpu.SMEM((i_p,), jnp.float32)),
+          q_scratch, iq_scratch, lse_scratch, (w_scratch, w_scratch),  # w twice: see `_compute`
           kernel_sparse.ring_buffer(stages, bool(interpret)),
           plgpu.SMEM((2, BLOCK_S), jnp.int32),
-          smem((BLOCK_S, i_p)),
-          smem((BLOCK_S, i_p)),
+          streaming.wgmma_smem((BLOCK_S, i_p)),
+          streaming.wgmma_smem((BLOCK_S, i_p)),
           plgpu.SMEM((BLOCK_S, CHUNK), jnp.float32),
-          plgpu.Barrier(num_arrivals=c_p // CHUNK + h_p // CHUNK + 3),
-          plgpu.Barrier(num_arrivals=BLOCK_S, num_barriers=stages),
-          plgpu.Barrier(num_barriers=stages),
-          plgpu.Barrier(num_barriers=2),
-          plgpu.Barrier(num_barriers=2),
+          *streaming.barriers(c_p // CHUNK + h_p // CHUNK + 3, stages, ring_arrivals=BLOCK_S),
       ),
-      # Tokens last: Mosaic GPU launches the grid reversed and CUDA caps y and z at 65535 blocks.
-      grid=(bsz, t),
-      grid_names=("b", "t"),
-      num_threads=2,
-      thread_name="wg",
-      compiler_params=kernel_sparse.compiler_params(),
+      params=streaming.compiler_params(auto_barriers=kernel_sparse.AUTO_BARRIERS),
       interpret=interpret,
   )
 

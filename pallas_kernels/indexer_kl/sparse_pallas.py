@@ -1,7 +1,7 @@
 """The sparse-stage indexer KL through the Mosaic GPU kernels, under a custom_vjp (`api.sparse_kl`'s "pallas").
 
 Forward: `kernel_sparse` (per-lane statistics of each token's selected keys, reduced by
-`kernel_dense.combine`), KL = c/z - log z - a/z + logsumexp(I). Backward: `kernel_sparse_bwd`, which
+`kernel_dense.combine`), KL = c/z - log z - a/z + logsumexp(I) (`kernel_dense.kl_from_stats`). Backward: `kernel_sparse_bwd`, which
 recomputes p and I per selected block from the saved logsumexp(I) and z and writes d idx_q, d idx_w and
 (atomically) d idx_k. Both compute in bf16 with float32 accumulation and need a static attn_scale.
 """
@@ -10,9 +10,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.indexer_kl import kernel_dense, kernel_sparse, kernel_sparse_bwd
+from pallas_kernels.indexer_kl.streaming import interpret_params
 
 
 def supports(attn_q: jax.Array, idx_q: jax.Array) -> bool:
@@ -22,10 +22,6 @@ def supports(attn_q: jax.Array, idx_q: jax.Array) -> bool:
           and kernel_sparse_bwd.supports(*sizes))
 
 
-def _interpret_params(interpret: bool):
-  return plgpu.InterpretGPUParams(detect_races=True) if interpret else False
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _sparse_kl(attn_scale, interpret, *args):
   return _sparse_kl_fwd(attn_scale, interpret, *args)[0]
@@ -33,19 +29,16 @@ def _sparse_kl(attn_scale, interpret, *args):
 
 def _sparse_kl_fwd(attn_scale, interpret, attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, selected):
   partials = kernel_sparse.sparse_stats(attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w, selected,
-                                        interpret=_interpret_params(interpret))
+                                        interpret=interpret_params(interpret))
   m, l, z, a, c = kernel_dense.combine(partials)
-  has_keys = z > 0
-  z_safe = jnp.where(has_keys, z, 1.0)
-  lse_scores = m + jnp.log(jnp.where(has_keys, l, 1.0))
-  kl = jnp.where(has_keys, c / z_safe - jnp.log(z_safe) - a / z_safe + lse_scores, 0.0)
+  kl, lse_scores = kernel_dense.kl_from_stats(m, l, z, a, c)
   return kl, (attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, selected, lse_scores, z)
 
 
 def _sparse_kl_bwd(attn_scale, interpret, residuals, g):
   attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, selected, lse_scores, z = residuals
   grads = kernel_sparse_bwd.sparse_grads(attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w, selected,
-                                         lse_scores, z, g, interpret=_interpret_params(interpret))
+                                         lse_scores, z, g, interpret=interpret_params(interpret))
   return (None, None, None, *grads, None)
 
 

@@ -2,7 +2,10 @@
 # One half of the DSA parity experiment (docs/dsa_parity.md); each half fits one 10-minute GPU command.
 #   OUT=/some/dir bash benchmarks/run_parity.sh a   # dense stage, then the dense continuation
 #   OUT=/some/dir bash benchmarks/run_parity.sh b   # the same dense stage, warm-up, sparse
-# Then here: python -m experiments.plot_dsa_run --run_dir=<a>,<b> --out=docs/dsa_parity_small_8k.png
+# Logs go to $OUT/log_{a,b}.txt, metrics and results.json to $OUT/{a,b}/. Then here:
+#   python -m experiments.plot_dsa_run --run_dir=<OUT>/a,<OUT>/b --out=docs/dsa_parity_small_8k.png
+# CONFIG (default experiments/configs/train_small.py) and FLAGS (extra flags) allow a CPU rehearsal, e.g.
+#   OUT=/tmp/o CONFIG=experiments/configs/train_tiny.py FLAGS="--config.train.dense_steps=4" bash ... a
 set -u
 : "${OUT:?set OUT to the output folder}"
 case "${1:-}" in
@@ -11,8 +14,10 @@ case "${1:-}" in
   *) echo "usage: run_parity.sh a|b" >&2; exit 2 ;;
 esac
 run_dir=/tmp/parity_$1
-timeout -k 15 560 python3 -u -m experiments.train_dsa --config=experiments/configs/train_small.py \
-  --config.run_dir="$run_dir" --config.train.stages="$stages" > "$OUT/log_$1.txt" 2>&1
+rm -rf "$run_dir"
+# shellcheck disable=SC2086  # FLAGS is a list of flags
+timeout -k 15 560 "${PYTHON:-python3}" -u -m experiments.train_dsa --config="${CONFIG:-experiments/configs/train_small.py}" \
+  --config.run_dir="$run_dir" --config.train.stages="$stages" ${FLAGS:-} > "$OUT/log_$1.txt" 2>&1
 echo "rc=$?"
 (cd "$run_dir" && find . -name metrics.jsonl -o -name results.json | while read -r f; do
-  mkdir -p "$OUT/$(dirname "$f")" && cp "$f" "$OUT/$f"; done)
+  mkdir -p "$OUT/$1/$(dirname "$f")" && cp "$f" "$OUT/$1/$f"; done)

@@ -42,6 +42,9 @@ def main(argv):
   if all(stage in results for stage in ("dense", "warmup", "sparse")):
     from dsa_jax.training import recipe  # only the table needs the library
     summary = recipe.table(results)
+    if "dense_cont" in results:  # issue 5's goal: the sparse model within 2% of the dense continuation
+      gap = results["sparse"]["lm_loss"] / results["dense_cont"]["lm_loss"] - 1
+      summary += f"\n\nDSA vs dense continuation, held-out LM loss: {100 * gap:+.2f}% (goal: within 2%)"
     print(summary)
     pathlib.Path(_OUT.value).with_suffix(".md").write_text(summary + "\n")
   fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))

@@ -42,15 +42,16 @@ def _rel_err(got, want):
   return float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
 
 
-def _bwd_fns(idx):
-  """name -> jitted (q, kv, out, lse, do, dlse) -> (dq, dkv) for one index set."""
-  ref = lambda q, kv: reference.sparse_mla(q, kv, idx, scale=SCALE, v_dim=LATENT)
-  autodiff_vjp = jax.jit(lambda q, kv: jax.vjp(ref, q, kv)[1])
+def _bwd_fns():
+  """name -> jitted (q, kv, idx, out, lse, do, dlse) -> (dq, dkv). The indices are an argument, never a
+  closure constant: XLA constant-folds the gather of a constant [Tq, K] index array for minutes."""
+  ref = lambda q, kv, idx: reference.sparse_mla(q, kv, idx, scale=SCALE, v_dim=LATENT)
+  autodiff_vjp = jax.jit(lambda q, kv, idx: jax.vjp(lambda q, kv: ref(q, kv, idx), q, kv)[1])
   apply_vjp = jax.jit(lambda vjp, do, dlse: vjp((do, dlse)))
   kernels = dict(
-      pallas=jax.jit(lambda q, kv, out, lse, do, dlse: kernel_bwd.sparse_mla_bwd(
+      pallas=jax.jit(lambda q, kv, idx, out, lse, do, dlse: kernel_bwd.sparse_mla_bwd(
           q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT)),
-      chunked=jax.jit(lambda q, kv, out, lse, do, dlse: chunked_bwd.sparse_mla_bwd(
+      chunked=jax.jit(lambda q, kv, idx, out, lse, do, dlse: chunked_bwd.sparse_mla_bwd(
           q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, deterministic=True)))
   return kernels, autodiff_vjp, apply_vjp
 
@@ -59,12 +60,12 @@ def _bwd_rows(q, kv, idx, out, lse, base: dict, flops: float) -> list[dict]:
   ks = jax.random.split(jax.random.key(7))
   do = jax.random.normal(ks[0], out.shape, out.dtype)
   dlse = jax.random.normal(ks[1], lse.shape, jnp.float32) * 0.1
-  kernels, autodiff_vjp, apply_vjp = _bwd_fns(idx)
+  kernels, autodiff_vjp, apply_vjp = _bwd_fns()
   rows = []
   for impl, fn in kernels.items():
-    seconds = timing.time_fn(fn, q, kv, out, lse, do, dlse, iters=3)
+    seconds = timing.time_fn(fn, q, kv, idx, out, lse, do, dlse, iters=3)
     rows.append(dict(base, op="bwd", impl=impl, ms=seconds * 1e3, tflops=timing.tflops(2.5 * flops, seconds)))
-  vjp = autodiff_vjp(q, kv)
+  vjp = autodiff_vjp(q, kv, idx)
   seconds = timing.time_fn(apply_vjp, vjp, do, dlse, iters=3)
   rows.append(dict(base, op="bwd", impl="xla_autodiff", ms=seconds * 1e3, tflops=timing.tflops(2.5 * flops, seconds)))
   del vjp
@@ -73,10 +74,9 @@ def _bwd_rows(q, kv, idx, out, lse, base: dict, flops: float) -> list[dict]:
   sub = lambda x: x[:, :ERR_QUERIES]
   q, idx, out, lse, do, dlse = map(sub, (q, idx, out, lse, do, dlse))
   f32 = lambda x: x.astype(jnp.float32)
-  kernels, autodiff_vjp, apply_vjp = _bwd_fns(idx)
-  want = apply_vjp(autodiff_vjp(f32(q), f32(kv)), f32(do), dlse)
-  got = {impl: fn(q, kv, out, lse, do, dlse) for impl, fn in kernels.items()}
-  got["xla_autodiff"] = apply_vjp(autodiff_vjp(q, kv), do, dlse)
+  want = apply_vjp(autodiff_vjp(f32(q), f32(kv), idx), f32(do), dlse)
+  got = {impl: fn(q, kv, idx, out, lse, do, dlse) for impl, fn in kernels.items()}
+  got["xla_autodiff"] = apply_vjp(autodiff_vjp(q, kv, idx), do, dlse)
   for row in rows:
     dq, dkv = got[row["impl"]]
     row.update(err_queries=ERR_QUERIES, dq_rel_err=_rel_err(dq, want[0]), dkv_rel_err=_rel_err(dkv, want[1]))
@@ -92,9 +92,9 @@ def _rows_for(T: int, heads: int) -> list[dict]:  # noqa: N803
   fwd["pallas_gather2"] = jax.jit(lambda q, kv, idx: kernel_fwd.sparse_mla_fwd(
       q, kv, idx, scale=SCALE, v_dim=LATENT, config=kernel_fwd.Config(gather_warpgroups=2)))
 
-  def grad_fn(impl):
-    loss = lambda q, kv: jnp.sum(api.sparse_mla(q, kv, idx, scale=SCALE, v_dim=LATENT,
-                                                implementation=impl)[0].astype(jnp.float32))
+  def grad_fn(impl):  # idx an argument: see `_bwd_fns`
+    loss = lambda q, kv, idx: jnp.sum(api.sparse_mla(q, kv, idx, scale=SCALE, v_dim=LATENT,
+                                                     implementation=impl)[0].astype(jnp.float32))
     return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
   (out, lse), (want_out, want_lse) = fwd["pallas"](q, kv, idx), fwd["xla"](q, kv, idx)
@@ -110,8 +110,9 @@ def _rows_for(T: int, heads: int) -> list[dict]:  # noqa: N803
   del gather2_out, gather2_lse
   grads = {}
   for impl in ("pallas", "xla"):
-    grads[impl] = grad_fn(impl)(q, kv)
-    seconds = timing.time_fn(grad_fn(impl), q, kv, iters=3)
+    grad = grad_fn(impl)
+    grads[impl] = grad(q, kv, idx)
+    seconds = timing.time_fn(grad, q, kv, idx, iters=3)
     rows.append(dict(base, op="fwd+bwd", impl=impl, ms=seconds * 1e3, tflops=timing.tflops(3.5 * flops, seconds)))
   rows[3].update(dq_rel_err=_rel_err(grads["pallas"][0], grads["xla"][0]),
                  dkv_rel_err=_rel_err(grads["pallas"][1], grads["xla"][1]))

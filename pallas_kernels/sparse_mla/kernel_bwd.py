@@ -27,7 +27,8 @@ block is therefore single-buffered: the gather does not overlap this CTA's matmu
 
 GPU interpret mode does not implement TMA reductions: there each staged slab is copied whole into a
 [B, T, N/64, K, Dk] buffer of per-token partials that XLA scatter-adds, so the tests check everything
-but the reduce-add TMAs (which the cross-lowering test compiles).
+but the reduce-add TMAs (which the cross-lowering test compiles). On the H200 (benchmarks/results, 2026-11-29)
+the kernel's dq / dkv errors equal the chunked path's (3.2e-3 / 4.8e-3 rel.) at 84 TFLOP/s for 128 heads.
 """
 
 import functools

@@ -8,11 +8,12 @@ last 4096 queries against S = T latent rows with random selected indices (5% inv
 - fwd+bwd: grad of sum(out) through the Pallas path vs through XLA's autodiff of the reference (3.5x the
   forward FLOPs);
 - bwd alone (dq, dkv from saved out / lse and random cotangents dO, dlse): the Mosaic GPU kernel
-  (`kernel_bwd`), the chunked XLA recompute (`chunked_bwd`, the deterministic path) and XLA's autodiff of
-  the reference (its vjp closure, forward residuals precomputed). Useful FLOPs counted as 2.5x the
-  forward's (the backward's five products per head and key, 576 + 512 + 576 + 576 + 512 = 2752 = 2.53 x
-  1088 multiply-adds). Errors: max |got - want| / max |want| of dq and dkv against the float32 reference's
-  vjp on the first `ERR_QUERIES` queries (every implementation rerun on that subset).
+  (`kernel_bwd`, and `pallas_gather2`: `gather_warpgroups=2`), the chunked XLA recompute (`chunked_bwd`,
+  the deterministic path) and XLA's autodiff of the reference (its vjp closure, forward residuals
+  precomputed). Useful FLOPs counted as 2.5x the forward's (the backward's five products per head and key,
+  576 + 512 + 576 + 576 + 512 = 2752 = 2.53 x 1088 multiply-adds). Errors: max |got - want| / max |want|
+  of dq and dkv against the float32 reference's vjp on the first `ERR_QUERIES` queries (every
+  implementation rerun on that subset).
 """
 
 import jax
@@ -51,6 +52,8 @@ def _bwd_fns():
   kernels = dict(
       pallas=jax.jit(lambda q, kv, idx, out, lse, do, dlse: kernel_bwd.sparse_mla_bwd(
           q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT)),
+      pallas_gather2=jax.jit(lambda q, kv, idx, out, lse, do, dlse: kernel_bwd.sparse_mla_bwd(
+          q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, gather_warpgroups=2)),
       chunked=jax.jit(lambda q, kv, idx, out, lse, do, dlse: chunked_bwd.sparse_mla_bwd(
           q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, deterministic=True)))
   return kernels, autodiff_vjp, apply_vjp

@@ -8,9 +8,11 @@ FlashAttention-2's backward (Dao 2023, Alg. 2) in the MQA form of DeepSeek-V3.2'
   dq = dS K, dkv[idx] += dS^T q + [P^T dO | 0].
 Same function as the chunked XLA backward of `chunked_bwd` (the `deterministic=True` path).
 
-One CTA owns one token and a tile of 64 heads, as in the forward (`kernel_fwd`), with three warpgroups:
+One CTA owns one token and a tile of 64 heads, as in the forward (`kernel_fwd`), with three warpgroups
+(four with `gather_warpgroups=2`):
   * wg 2 (memory): per block of `block_k` selected keys, the index block, then one TMA per selected row
-    and 64-column line, all on one barrier (the forward's gather).
+    and 64-column line, all on one barrier (the forward's gather); wg 3, if present, issues the second
+    half of the rows.
   * wg 0: S^T = K Q^T and dP^T = V dO^T (keys x heads, so that P^T and dS^T are ready-made wgmma
     operands for dkv), P^T, dS^T to SMEM; then dq[:, :C/2] += dS K and the dkv columns [0, C/2).
   * wg 1: dq[:, C/2:] += dS K (latent right half and rope) and the dkv columns [C/2, C + R).
@@ -61,7 +63,8 @@ def _mma(acc, pairs, shape, interpret):
 
 
 def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_smem, do_smem, kv_smem, p_smem,
-          ds_smem, idx_smem, q_bar, kv_ready, idx_ready, kv_free, ds_ready, *, chunks, steps, scale, bk, interpret):
+          ds_smem, idx_smem, q_bar, kv_ready, idx_ready, kv_free, ds_ready, *, chunks, steps, scale, bk, cfg,
+          interpret):
   p_smem, (lse_smem, dd_smem) = p_smem
   kv_parts = [tuple(parts) for parts in kv_smem]  # a RefUnion iterates over its views
   kv_smem, kv_lines, stage_smem = zip(*(parts + (None,) * (3 - len(parts)) for parts in kv_parts))
@@ -119,7 +122,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
 
   @pl.when(wg == 0)
   def _scores_left_half():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(cfg.max_registers[0], action="increase")
     for (off, width), smem in zip(chunks, q_smem):
       plgpu.copy_gmem_to_smem(q_ref.at[b, t, heads, pl.ds(off, width)], smem, q_bar)
     for c, smem in enumerate(do_smem):
@@ -156,7 +159,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
 
   @pl.when(wg == 1)
   def _right_half_and_rope():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(cfg.max_registers[0], action="increase")
     plgpu.barrier_wait(q_bar)
     v_dim = chunks[2][0]
     cols = range(half, v_dim + chunks[2][1], SLAB)
@@ -175,9 +178,13 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     store_dq(dq_rope, 2)
     plgpu.wait_smem_to_gmem(0)
 
-  @pl.when(wg == 2)
-  def _gather():
-    plgpu.set_max_registers(40, action="decrease")
+  def gather(g):
+    """Gather warpgroup g (of G) copies rows [g * bk / G, (g + 1) * bk / G) of every key block; only g = 0
+    loads the index block. Every copy is one arrival on kv_ready whichever warpgroup issues it, so its
+    count is the same for any G; each warpgroup waits on every phase of idx_ready and kv_free, since it
+    tracks their parities itself (and kv_free orders its next copies after both dkv reductions)."""
+    plgpu.set_max_registers(cfg.max_registers[1], action="decrease")
+    rows = bk // cfg.gather_warpgroups
 
     @pl.loop(0, steps)
     def _block(j):
@@ -185,10 +192,11 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
       def _():
         plgpu.barrier_wait(kv_free)
 
-      plgpu.copy_gmem_to_smem(idx_ref.at[b, t, pl.ds(j * bk, bk)], idx_smem, idx_ready)
+      if g == 0:
+        plgpu.copy_gmem_to_smem(idx_ref.at[b, t, pl.ds(j * bk, bk)], idx_smem, idx_ready)
       plgpu.barrier_wait(idx_ready)
 
-      @pl.loop(0, bk)
+      @pl.loop(g * rows, (g + 1) * rows)
       def _row(r):
         row = jnp.maximum(idx_smem[r], 0)
         for (off, width), smem, lines in zip(chunks, kv_smem, kv_lines):
@@ -202,6 +210,9 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
                                     lines.at[pl.ds(line, 1)], kv_ready)
 
     plgpu.barrier_wait(kv_free)  # observe the last release, so that every barrier phase is waited on
+
+  for g in range(cfg.gather_warpgroups):
+    pl.when(wg == 2 + g)(functools.partial(gather, g))
 
 
 def _kv_buffer(bk: int, width: int, dtype, stage: bool, interpret):
@@ -242,13 +253,17 @@ def _scratch(chunks, bk, dtype, interpret):
 
 
 def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: int, block_k: int = 64,
-                   interpret=False) -> tuple[jax.Array, jax.Array]:
+                   gather_warpgroups: int = 1, interpret=False) -> tuple[jax.Array, jax.Array]:
   """Gradients of `reference.sparse_mla` w.r.t. q [B, T, N, Dk] and kv [B, S, Dk] from the saved lse,
-  given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N])."""
+  given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N]).
+
+  `gather_warpgroups=2` splits each key block's row copies between wg 2 and a fourth warpgroup, as
+  `kernel_fwd.Config.gather_warpgroups` does (unmeasured on the GPU yet; 1 is the verified kernel)."""
   bsz, t, n, dk = q.shape
   chunks = kernel_fwd.column_chunks(dk, v_dim)
   if block_k != 64:
     raise ValueError(f"block_k={block_k}: the dkv wgmma has the keys as its M, which is 64.")
+  cfg = kernel_fwd.Config(block_k=block_k, gather_warpgroups=gather_warpgroups)  # validation, registers
   dtype = q.dtype
   delta = jnp.einsum("btnd,btnd->btn", out.astype(jnp.float32), do.astype(jnp.float32))
   lse2 = jnp.where(jnp.isfinite(lse), lse, 0.0) * math.log2(math.e)
@@ -259,7 +274,7 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   k_pad = -indices.shape[-1] % block_k
   indices = jnp.pad(indices.astype(jnp.int32), ((0, 0), (0, 0), (0, k_pad)), constant_values=-1)
   body = functools.partial(_body, chunks=chunks, steps=indices.shape[-1] // block_k, scale=scale, bk=block_k,
-                           interpret=bool(interpret))
+                           cfg=cfg, interpret=bool(interpret))
   kernel = plgpu.kernel(
       body,
       out_type=(),
@@ -267,7 +282,7 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
       # Tokens last: Mosaic GPU launches the grid reversed and CUDA caps y and z at 65535 blocks.
       grid=((n + n_pad) // HEAD_TILE, bsz, t),
       grid_names=("h", "b", "t"),
-      num_threads=3,
+      num_threads=2 + gather_warpgroups,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,
                                           unsafe_no_auto_barriers=True),

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU measurements still owed (benchmarks/results/README.md), most important first. One process per section,
-# each with its own time limit, its log and JSON in $OUT. On the GPU machine, from the repository root:
-#   OUT=/some/dir bash benchmarks/run_pending.sh
+# GPU measurements still owed (benchmarks/results/README.md), in two parts that each fit one 10-minute device
+# command. One process per section, each with its own time limit; logs and JSON go to $OUT. On the GPU
+# machine, from the repository root:
+#   OUT=/some/dir bash benchmarks/run_pending.sh 1   # the KL kernels (first GPU runs)
+#   OUT=/some/dir bash benchmarks/run_pending.sh 2   # pruned top-k with radix inner selections; sparse MLA
 set -u
 : "${OUT:?set OUT to the output folder}"
 export PYTHONPATH=.
@@ -11,6 +13,14 @@ run() {  # run LIMIT_S NAME FLAGS...
   timeout -k 5 "$limit" python3 -u -m experiments.bench_kernels --out_dir="$OUT" "$@" > "$OUT/$name.txt" 2>&1
   echo "$name rc=$?"
 }
-run 150 indexer_kl_8192 --sections=indexer_kl --seq_lens=8192  # dense KL backward kernel: first GPU run
-run 150 indexer_kl_sparse --sections=indexer_kl_sparse --seq_lens=8192,32768  # sparse KL kernels: first GPU run
-run 240 sparse_mla_32768 --sections=sparse_mla --seq_lens=32768  # ran past 100 s in compilation last time
+case "${1:-}" in
+  1)
+    run 200 indexer_kl_8192 --sections=indexer_kl --seq_lens=8192  # dense KL backward kernel
+    run 300 indexer_kl_sparse --sections=indexer_kl_sparse --seq_lens=8192,32768  # sparse KL kernels
+    ;;
+  2)
+    run 150 topk --sections=topk --seq_lens=32768,131072
+    run 380 sparse_mla_32768 --sections=sparse_mla --seq_lens=32768  # gather_warpgroups=2 fwd and bwd rows
+    ;;
+  *) echo "usage: run_pending.sh 1|2" >&2; exit 2 ;;
+esac

@@ -37,10 +37,12 @@ class RadixTopkTest(parameterized.TestCase):
     chex.assert_shape(got, (8, min(k, n)))
     chex.assert_trees_all_equal(got, reference.topk_indices(scores, k))
 
-  @parameterized.parameters((1000, 64, None), (1000, 8, 16), (130, 16, 8), (4096, 256, 4), (20000, 2048, None))
-  def test_pruned_matches_reference(self, n, k, group):
+  @parameterized.product(case=((1000, 64, None), (1000, 8, 16), (130, 16, 8), (4096, 256, 4), (20000, 2048, None)),
+                          inner=pruned.INNER)
+  def test_pruned_matches_reference(self, case, inner):
+    n, k, group = case
     scores = jnp.asarray(_scores(np.random.default_rng(time.time_ns()), 8, n))
-    got = jax.jit(pruned.topk_indices, static_argnums=(1, 2))(scores, k, group)
+    got = jax.jit(pruned.topk_indices, static_argnums=(1, 2, 3))(scores, k, group, inner)
     chex.assert_trees_all_equal(got, reference.topk_indices(scores, k))
 
   def test_pruned_group_choice_and_errors(self):
@@ -48,6 +50,8 @@ class RadixTopkTest(parameterized.TestCase):
     self.assertEqual(pruned.group_size(4096, 2048), 1)
     with self.assertRaisesRegex(ValueError, "group=64 is invalid"):
       pruned.topk_indices(jnp.zeros((2, 1000)), 64, group=64)
+    with self.assertRaisesRegex(ValueError, "inner='sort' is invalid"):
+      pruned.topk_indices(jnp.zeros((2, 1000)), 64, inner="sort")
 
   def test_leading_axes(self):
     scores = jnp.asarray(_scores(np.random.default_rng(time.time_ns()), 12, 300)).reshape(2, 6, 300)

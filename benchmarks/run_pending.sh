@@ -19,8 +19,8 @@ case "${1:-}" in
     run 300 indexer_kl_sparse --sections=indexer_kl_sparse --seq_lens=8192,32768  # sparse KL kernels
     ;;
   2)
-    run 150 topk --sections=topk --seq_lens=32768,131072
-    run 380 sparse_mla_32768 --sections=sparse_mla --seq_lens=32768  # gather_warpgroups=2 fwd and bwd rows
+    run 200 topk --sections=topk --seq_lens=32768,131072  # pruned + radix / + Mosaic GPU threshold kernel
+    run 340 sparse_mla_32768 --sections=sparse_mla --seq_lens=32768  # gather_warpgroups=2 fwd and bwd rows
     ;;
   *) echo "usage: run_pending.sh 1|2" >&2; exit 2 ;;
 esac

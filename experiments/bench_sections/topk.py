@@ -3,9 +3,9 @@
 Per sequence length T (k = 2048):
 - 1024 rows of T float32 scores, two kinds: i.i.d. normal, and real causal indexer scores (the last 1024
   query rows of a random 64 x 128 indexer, so -inf beyond each row's position): `lax.top_k` vs the radix
-  select vs the pruned select (inner sorts by lax.top_k, and by the radix select), each checked exact
-  against the reference;
-- `index_topk` end to end (Pallas scores per row block) with lax.top_k selection vs pruned selection,
+  select vs the pruned select (inner selections by lax.top_k, by the radix select, and by the Mosaic GPU
+  threshold kernel `kernel_select`), each checked exact against the reference;
+- `index_topk` end to end (Pallas scores per row block) with lax.top_k vs pruned vs pruned_select selection,
   against the matmul floor 2 * 64 * 128 * T(T+1)/2 FLOP at the XLA matmul rate of the same run.
 """
 
@@ -20,7 +20,7 @@ from pallas_kernels.topk import reference as topk_reference
 
 HEADS, DIM, TOPK, ROWS = 64, 128, 2048, 1024
 SELECT_FNS = {name: lambda x, s=name: topk_api.topk_indices(x, TOPK, implementation=s)
-              for name in ("xla", "radix", "pruned")}
+              for name in ("xla", "radix", "pruned", "pruned_select")}
 SELECT_FNS["pruned_radix"] = lambda x: pruned.topk_indices(x, TOPK, inner="radix")
 SELECTS = tuple(SELECT_FNS)
 
@@ -61,13 +61,13 @@ def run(cfg: dict) -> list[dict]:
     floor = 2.0 * HEADS * DIM * T * (T + 1) / 2 / (rate * 1e12)
     row.update(matmul_tflops=rate, floor_s=floor)
     selections = {}
-    for select in ("xla", "pruned"):
+    for select in ("xla", "pruned", "pruned_select"):
       fn = jax.jit(lambda q, k, w, vis, s=select: indexer_api.index_topk(
           q, k, w, topk=TOPK, **vis, implementation="pallas", select_implementation=s))
       row[f"index_topk_{select}_s"] = timing.time_fn(fn, *args, vis, warmup=1, iters=3)
       row[f"index_topk_{select}_vs_floor"] = row[f"index_topk_{select}_s"] / floor
       selections[select] = fn(*args, vis)
-    row["index_topk_same_selection"] = bool(jnp.array_equal(selections["xla"], selections["pruned"]))
+    row["index_topk_same_selection"] = all(bool(jnp.array_equal(selections["xla"], v)) for v in selections.values())
     print(row, flush=True)
     out.append(row)
   return out

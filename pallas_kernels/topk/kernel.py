@@ -48,14 +48,25 @@ def _kth_largest(values: jax.Array, k: jax.Array, bits: int, digit_bits: int,
   return prefix
 
 
-def topk_indices(scores: jax.Array, k: int, digit_bits: int = DIGIT_BITS) -> jax.Array:
-  """scores [..., S] float32 (-inf = not visible) -> int32 [..., min(k, S)], as `reference.topk_indices`."""
+def topk_indices(scores: jax.Array, k: int, digit_bits: int = DIGIT_BITS, threshold=None) -> jax.Array:
+  """scores [..., S] float32 (-inf = not visible) -> int32 [..., min(k, S)], as `reference.topk_indices`.
+
+  threshold: optional (keys uint32 [R, S], k) -> the k-th largest key per row [R] (default: the bisection
+  of `_kth_largest`; `kernel_select.kth_largest_keys` is the Mosaic GPU one).
+  """
   *lead, n = scores.shape
   k = min(k, n)
   keys = sortable_keys(scores.reshape(-1, n))
   rows = keys.shape[0]
   want = jnp.full((rows,), k, jnp.int32)
-  threshold = _kth_largest(keys, want, 32, digit_bits)
+  if threshold is None:
+    threshold = lambda keys, want: _kth_largest(keys, want, 32, digit_bits)
+  return _select(keys, threshold(keys, want), k, digit_bits).reshape(*lead, k)
+
+
+def _select(keys: jax.Array, threshold: jax.Array, k: int, digit_bits: int) -> jax.Array:
+  """Steps 3-4: the keys above the per-row threshold, then the lowest-index ties -> int32 [R, k] ascending."""
+  rows, n = keys.shape
   above = keys > threshold[:, None]
   ties = keys == threshold[:, None]
   need = k - jnp.sum(above, axis=-1, dtype=jnp.int32)
@@ -75,5 +86,4 @@ def topk_indices(scores: jax.Array, k: int, digit_bits: int = DIGIT_BITS) -> jax
   slot = jnp.cumsum(selected, axis=-1, dtype=jnp.int32) - 1
   slot = jnp.where(selected, slot, k)  # unselected keys land out of bounds and are dropped
   out = jnp.full((rows, k), -1, jnp.int32)
-  out = out.at[jnp.arange(rows)[:, None], slot].set(index.astype(jnp.int32), mode="drop")
-  return out.reshape(*lead, k)
+  return out.at[jnp.arange(rows)[:, None], slot].set(index.astype(jnp.int32), mode="drop")

@@ -15,8 +15,10 @@ g = the power of two nearest sqrt(S / k) balances the two sorts (S = 128K, k = 2
 instead of one of 128K). Rows with S < 4k go straight to `lax.top_k`.
 
 `inner="radix"` does both selections with the radix select of `kernel.py` instead of `lax.top_k` (same
-result; its ascending output is the order step 3 needs, so no sorts at all). Measured on the H200 only as
-`inner="xla"` so far: 3.0x lax.top_k at 1024 x 128K.
+result; its ascending output is the order step 3 needs, so no sorts at all); `inner="select"` does the same
+with the thresholds found by the Mosaic GPU kernel of `kernel_select.py` (each row read once instead of 32
+times; rows of at most 16384 values, else the XLA bisection). Measured on the H200 only as `inner="xla"` so
+far: 3.0x lax.top_k at 1024 x 128K.
 """
 
 import math
@@ -24,7 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.topk import kernel, reference
+from pallas_kernels.topk import kernel, kernel_select, reference
 
 
 def group_size(n: int, k: int) -> int:
@@ -34,7 +36,7 @@ def group_size(n: int, k: int) -> int:
   return 1 << round(math.log2(math.sqrt(n / k)))
 
 
-INNER = ("xla", "radix")
+INNER = ("xla", "radix", "select")
 
 
 def _from_ordered(ordered: jax.Array) -> jax.Array:
@@ -44,20 +46,36 @@ def _from_ordered(ordered: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _radix_pruned(groups: jax.Array, ordered_max: jax.Array, k: int, n: int) -> jax.Array:
+def _threshold_fn(inner: str, interpret):
+  """None (the XLA bisection) or the Mosaic GPU threshold kernel for rows it takes."""
+  if inner != "select":
+    return None
+
+  def threshold(keys, want):
+    if keys.shape[-1] > kernel_select.MAX_KEYS:
+      return kernel._kth_largest(keys, want, 32, kernel.DIGIT_BITS)  # noqa: SLF001 (same package)
+    return kernel_select.kth_largest_keys(keys, want, interpret=interpret)
+  return threshold
+
+
+def _radix_pruned(groups: jax.Array, ordered_max: jax.Array, k: int, n: int, threshold=None) -> jax.Array:
   """Steps 2-3 with the radix select: -> key indices [R, k] ascending, -1 padded (n = unpadded length)."""
   rows, n_groups, g = groups.shape
-  kept = kernel.topk_indices(_from_ordered(ordered_max), k)  # ascending; -1 where only -inf groups remain
+  kept = kernel.topk_indices(_from_ordered(ordered_max), k, threshold=threshold)  # ascending; -1: only -inf
   kept = jnp.where(kept < 0, n_groups, kept)  # -> an all -inf group appended below (never selected)
   groups = jnp.concatenate([groups, jnp.full((rows, 1, g), -jnp.inf, groups.dtype)], axis=1)
   candidates = jnp.take_along_axis(groups, kept[..., None], axis=1).reshape(rows, k * g)
-  position = kernel.topk_indices(candidates, k)  # ascending positions = ascending key indices
+  position = kernel.topk_indices(candidates, k, threshold=threshold)  # ascending = ascending key indices
   index = jnp.take_along_axis(kept, jnp.maximum(position, 0) // g, axis=-1) * g + jnp.maximum(position, 0) % g
   return jnp.where((position < 0) | (index >= n), -1, index).astype(jnp.int32)
 
 
-def topk_indices(scores: jax.Array, k: int, group: int | None = None, inner: str = "xla") -> jax.Array:
-  """scores [..., S] float32 (-inf = not visible) -> int32 [..., min(k, S)], as `reference.topk_indices`."""
+def topk_indices(scores: jax.Array, k: int, group: int | None = None, inner: str = "xla",
+                 interpret=False) -> jax.Array:
+  """scores [..., S] float32 (-inf = not visible) -> int32 [..., min(k, S)], as `reference.topk_indices`.
+
+  interpret: GPU interpret-mode parameters for the `inner="select"` kernel (CPU tests).
+  """
   if inner not in INNER:
     raise ValueError(f"inner={inner!r} is invalid; allowed: {INNER}.")
   *lead, n = scores.shape
@@ -66,8 +84,11 @@ def topk_indices(scores: jax.Array, k: int, group: int | None = None, inner: str
   if g < 1 or (g > 1 and -(-n // g) < k):
     raise ValueError(f"group={g} is invalid for rows of {n} keys and k={k}; allowed: >= 1 with at least k "
                      "groups per row.")
+  threshold = _threshold_fn(inner, interpret)
   if g == 1:
-    return kernel.topk_indices(scores, k) if inner == "radix" else reference.topk_indices(scores, k)
+    if inner == "xla":
+      return reference.topk_indices(scores, k)
+    return kernel.topk_indices(scores, k, threshold=threshold)
   rows = scores.reshape(-1, n).astype(jnp.float32)
   pad = -n % g
   rows = jnp.pad(rows, ((0, 0), (0, pad)), constant_values=-jnp.inf)  # padded keys: -inf, never selected
@@ -75,8 +96,8 @@ def topk_indices(scores: jax.Array, k: int, group: int | None = None, inner: str
   # Maxima in the float total order that lax.top_k uses (-0.0 < +0.0): a plain max may return -0.0 for a
   # group that holds +0.0 and so rank it too low.
   ordered = (kernel.sortable_keys(groups) ^ jnp.uint32(0x80000000)).view(jnp.int32)
-  if inner == "radix":
-    return _radix_pruned(groups, ordered.max(axis=-1), k, n).reshape(*lead, k)
+  if inner != "xla":
+    return _radix_pruned(groups, ordered.max(axis=-1), k, n, threshold).reshape(*lead, k)
   _, kept = jax.lax.top_k(ordered.max(axis=-1), k)
   kept = jnp.sort(kept, axis=-1)  # ascending groups: candidate position order = key index order
   candidates = jnp.take_along_axis(groups, kept[..., None], axis=1).reshape(rows.shape[0], k * g)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.sharding import AbstractDevice, AbstractMesh
 
 from pallas_kernels.topk import api, kernel, pruned, reference
@@ -42,7 +43,8 @@ class RadixTopkTest(parameterized.TestCase):
   def test_pruned_matches_reference(self, case, inner):
     n, k, group = case
     scores = jnp.asarray(_scores(np.random.default_rng(time.time_ns()), 8, n))
-    got = jax.jit(pruned.topk_indices, static_argnums=(1, 2, 3))(scores, k, group, inner)
+    interpret = plgpu.InterpretGPUParams(detect_races=True) if inner == "select" else False
+    got = jax.jit(pruned.topk_indices, static_argnums=(1, 2, 3, 4))(scores, k, group, inner, interpret)
     chex.assert_trees_all_equal(got, reference.topk_indices(scores, k))
 
   def test_pruned_group_choice_and_errors(self):
@@ -60,7 +62,8 @@ class RadixTopkTest(parameterized.TestCase):
   def test_lowers_for_h200_at_production_shape(self):
     """1024 query rows of 128K keys, k = 2048 (one row block of a 128K-token layer)."""
     scores = jax.ShapeDtypeStruct((1024, 131072), jnp.float32)
-    for select in (kernel.topk_indices, pruned.topk_indices):
+    pruned_select = lambda x, k: pruned.topk_indices(x, k, inner="select")  # the Mosaic GPU threshold kernel
+    for select in (kernel.topk_indices, pruned.topk_indices, pruned_select):
       with jax.sharding.use_abstract_mesh(H200):
         lowered = jax.jit(select, static_argnums=1).trace(scores, 2048).lower(lowering_platforms=("cuda",))
       self.assertIn("stablehlo", lowered.as_text()[:2000])

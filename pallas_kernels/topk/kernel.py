@@ -31,7 +31,7 @@ def sortable_keys(scores: jax.Array) -> jax.Array:
   return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def _kth_largest(values: jax.Array, k: jax.Array, bits: int, digit_bits: int,
+def kth_largest(values: jax.Array, k: jax.Array, bits: int, digit_bits: int,
                  valid: jax.Array | None = None) -> jax.Array:
   """Per row, the largest x such that #(values >= x) >= k (values uint32 [R, S], k int32 [R])."""
   prefix = jnp.zeros(values.shape[:-1], jnp.uint32)
@@ -52,7 +52,7 @@ def topk_indices(scores: jax.Array, k: int, digit_bits: int = DIGIT_BITS, thresh
   """scores [..., S] float32 (-inf = not visible) -> int32 [..., min(k, S)], as `reference.topk_indices`.
 
   threshold: optional (keys uint32 [R, S], k) -> the k-th largest key per row [R] (default: the bisection
-  of `_kth_largest`; `kernel_select.kth_largest_keys` is the Mosaic GPU one).
+  of `kth_largest`; `kernel_select.kth_largest_keys` is the Mosaic GPU one).
   """
   *lead, n = scores.shape
   k = min(k, n)
@@ -60,7 +60,7 @@ def topk_indices(scores: jax.Array, k: int, digit_bits: int = DIGIT_BITS, thresh
   rows = keys.shape[0]
   want = jnp.full((rows,), k, jnp.int32)
   if threshold is None:
-    threshold = lambda keys, want: _kth_largest(keys, want, 32, digit_bits)
+    threshold = lambda keys, want: kth_largest(keys, want, 32, digit_bits)
   return _select(keys, threshold(keys, want), k, digit_bits).reshape(*lead, k)
 
 
@@ -78,7 +78,7 @@ def _select(keys: jax.Array, threshold: jax.Array, k: int, digit_bits: int) -> j
   def last_tie_index():
     # The need-th lowest tied index is the need-th largest of (n - 1 - index) over the ties.
     flipped = jnp.uint32(n - 1) - index
-    return jnp.uint32(n - 1) - _kth_largest(flipped, need, index_bits, digit_bits, valid=ties)
+    return jnp.uint32(n - 1) - kth_largest(flipped, need, index_bits, digit_bits, valid=ties)
 
   finite_overflow = (n_ties > need) & (threshold != neg_inf_key)
   cut = jax.lax.cond(jnp.any(finite_overflow), last_tie_index, lambda: jnp.full((rows,), n - 1, jnp.uint32))

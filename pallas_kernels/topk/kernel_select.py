@@ -1,7 +1,7 @@
 """Mosaic GPU kernel for the exact k-th largest uint32 key of short rows (M <= 16384): one HBM read per row.
 
 `kth_largest_keys(keys, k)` = per row, the largest x with #(keys >= x) >= k: the threshold of
-`kernel._kth_largest(keys, k, 32, 1)` (valid=None). There each of the 32 bisection passes is an XLA
+`kernel.kth_largest(keys, k, 32, 1)` (valid=None). There each of the 32 bisection passes is an XLA
 reduction that re-reads the whole [R, M] block from HBM; here every row is read once.
 
 Design (one CTA = one warpgroup = one row; grid = (R,), so rows map to CUDA x, which has no 65535 cap):

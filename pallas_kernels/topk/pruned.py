@@ -53,7 +53,7 @@ def _threshold_fn(inner: str, interpret):
 
   def threshold(keys, want):
     if keys.shape[-1] > kernel_select.MAX_KEYS:
-      return kernel._kth_largest(keys, want, 32, kernel.DIGIT_BITS)  # noqa: SLF001 (same package)
+      return kernel.kth_largest(keys, want, 32, kernel.DIGIT_BITS)
     return kernel_select.kth_largest_keys(keys, want, interpret=interpret)
   return threshold
 

@@ -1,4 +1,4 @@
-"""Mosaic GPU k-th largest key kernel: interpret mode against `kernel._kth_largest`, and lowering for an H200."""
+"""Mosaic GPU k-th largest key kernel: interpret mode against `kernel.kth_largest`, and lowering for an H200."""
 
 import time
 
@@ -43,7 +43,7 @@ class KthLargestKeysTest(parameterized.TestCase):
     self.assertFalse(gpu_callbacks.get_races().races_found)
     chex.assert_shape(got, (6,))
     self.assertEqual(got.dtype, jnp.uint32)
-    chex.assert_trees_all_equal(got, kernel._kth_largest(keys, k, 32, 1))
+    chex.assert_trees_all_equal(got, kernel.kth_largest(keys, k, 32, 1))
 
   def test_scalar_k_and_k_beyond_row(self):
     keys = jnp.asarray(np.random.default_rng(time.time_ns()).integers(0, 2**32, (2, 128), np.uint32))

@@ -46,6 +46,15 @@ def _assert_scores_close(got, want):
   chex.assert_trees_all_close(jnp.where(finite, got, 0.0), jnp.where(finite, want, 0.0), rtol=1e-5, atol=1e-5)
 
 
+def _check_kernel_scores(test, scores_fn, reference_fn, args, vis, shape):
+  """The Pallas path of `scores_fn` in interpret mode: no races, shape, close to `reference_fn`."""
+  with plgpu.force_gpu_interpret_mode(INTERPRET):
+    got = jax.jit(lambda *a: scores_fn(*a, **vis, implementation="pallas"))(*args)
+  test.assertFalse(gpu_callbacks.get_races().races_found)
+  chex.assert_shape(got, shape)
+  _assert_scores_close(got, reference_fn(*args, **vis))
+
+
 class PallasIndexerTest(parameterized.TestCase):
 
   def setUp(self):
@@ -58,11 +67,7 @@ class PallasIndexerTest(parameterized.TestCase):
   )
   def test_scores_match_reference(self, B, T, S, boundary):  # noqa: N803
     args, vis = _inputs(time.time_ns(), B, T, S, 4, 128, boundary)
-    with plgpu.force_gpu_interpret_mode(INTERPRET):
-      got = jax.jit(lambda *a: api.index_scores(*a, **vis, implementation="pallas"))(*args)
-    self.assertFalse(gpu_callbacks.get_races().races_found)
-    chex.assert_shape(got, (B, T, S))
-    _assert_scores_close(got, reference.index_scores(*args, **vis))
+    _check_kernel_scores(self, api.index_scores, reference.index_scores, args, vis, (B, T, S))
 
   def test_topk_matches_reference(self):
     """Row blocks of 64 queries, k larger than the early rows' visible counts."""
@@ -99,11 +104,7 @@ class PallasFP8IndexerTest(parameterized.TestCase):
   )
   def test_scores_match_reference(self, B, T, S, boundary):  # noqa: N803
     args, vis = _fp8_inputs(time.time_ns(), B, T, S, 4, 128, boundary)
-    with plgpu.force_gpu_interpret_mode(INTERPRET):
-      got = jax.jit(lambda *a: api.index_scores_fp8(*a, **vis, implementation="pallas"))(*args)
-    self.assertFalse(gpu_callbacks.get_races().races_found)
-    chex.assert_shape(got, (B, T, S))
-    _assert_scores_close(got, reference.index_scores_fp8(*args, **vis))
+    _check_kernel_scores(self, api.index_scores_fp8, reference.index_scores_fp8, args, vis, (B, T, S))
 
   def test_requantising_dequantised_inputs_is_exact(self):
     """The model's fp8_numerics hands index_topk dequantised tensors; fp8=True must score them unchanged."""

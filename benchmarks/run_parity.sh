@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# One half of the DSA parity experiment (docs/dsa_parity.md); each half fits one 10-minute GPU command.
+# The DSA parity experiment (docs/dsa_parity.md) in one 10-minute GPU command, or in two halves.
+#   OUT=/some/dir bash benchmarks/run_parity.sh all # every stage in one process: both branches start from one
+#                                                   # dense checkpoint (GPU training is not bitwise repeatable)
 #   OUT=/some/dir bash benchmarks/run_parity.sh a   # dense stage, then the dense continuation
-#   OUT=/some/dir bash benchmarks/run_parity.sh b   # the same dense stage, warm-up, sparse
-# Logs go to $OUT/log_{a,b}.txt, metrics and results.json to $OUT/{a,b}/. Then here:
-#   python -m experiments.plot_dsa_run --run_dir=<OUT>/a,<OUT>/b --out=docs/dsa_parity_small_8k.png
+#   OUT=/some/dir bash benchmarks/run_parity.sh b   # the dense stage again, warm-up, sparse
+# Logs go to $OUT/log_<mode>.txt, metrics and results.json to $OUT/<mode>/. Then here:
+#   python -m experiments.plot_dsa_run --run_dir=<OUT>/all --out=docs/dsa_parity_small_8k.png  (or =A,B)
 # CONFIG (default experiments/configs/train_small.py) and FLAGS (extra flags) allow a CPU rehearsal, e.g.
 #   OUT=/tmp/o CONFIG=experiments/configs/train_tiny.py FLAGS="--config.train.dense_steps=4" bash ... a
 set -u
 : "${OUT:?set OUT to the output folder}"
 case "${1:-}" in
+  all) stages=dense,dense_cont,warmup,sparse ;;
   a) stages=dense,dense_cont ;;
   b) stages=dense,warmup,sparse ;;
-  *) echo "usage: run_parity.sh a|b" >&2; exit 2 ;;
+  *) echo "usage: run_parity.sh all|a|b" >&2; exit 2 ;;
 esac
 run_dir=/tmp/parity_$1
 rm -rf "$run_dir"
 # shellcheck disable=SC2086  # FLAGS is a list of flags
-timeout -k 15 560 "${PYTHON:-python3}" -u -m experiments.train_dsa --config="${CONFIG:-experiments/configs/train_small.py}" \
+timeout -k 10 575 "${PYTHON:-python3}" -u -m experiments.train_dsa --config="${CONFIG:-experiments/configs/train_small.py}" \
   --config.run_dir="$run_dir" --config.train.stages="$stages" ${FLAGS:-} > "$OUT/log_$1.txt" 2>&1
 echo "rc=$?"
 (cd "$run_dir" && find . -name metrics.jsonl -o -name results.json | while read -r f; do

@@ -16,22 +16,28 @@ from dsa_jax.training import losses
 from dsa_jax.training.state import TrainState, model_state
 
 
-def _apply(cfg: ModelConfig, state: TrainState, batch: dict, attention: str, mla_mode: str | None,
+def _apply(cfg: ModelConfig, params: dict, other: dict, batch: dict, attention: str, mla_mode: str | None,
            implementation: str | None):
-  return functional.apply(cfg, model_state(cfg, state.params, state.model_state), batch["ids"],
+  return functional.apply(cfg, model_state(cfg, params, other), batch["ids"],
                           attention=attention, mla_mode=mla_mode, implementation=implementation,
                           positions=batch["positions"], segment_ids=batch["segment_ids"])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attention", "implementation"))
 def logits(cfg: ModelConfig, state: TrainState, batch: dict, attention: str,
            implementation: str | None = None) -> jax.Array:
   """Logits [B, L, V] of a batch (ids, positions, segment_ids).
 
   The one compiled forward of an evaluation per attention mode: the LM loss and the retrieval examples
-  (rows of the same [batch, seq_len] shape) both use it, so a run compiles it once per mode.
+  (rows of the same [batch, seq_len] shape) both use it, and it takes the model without the optimizer
+  state, whose structure differs between stages, so a run compiles it once per mode, not once per stage.
   """
-  return _apply(cfg, state, batch, attention, None, implementation).logits
+  return _logits(cfg, state.params, state.model_state, batch, attention, implementation)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attention", "implementation"))
+def _logits(cfg: ModelConfig, params: dict, other: dict, batch: dict, attention: str,
+            implementation: str | None) -> jax.Array:
+  return _apply(cfg, params, other, batch, attention, None, implementation).logits
 
 
 def lm_loss(cfg: ModelConfig, state: TrainState, batch: dict, attention: str,
@@ -56,11 +62,17 @@ def _topk_mass(cfg: ModelConfig, aux: dict, layout: dict, implementation: str | 
   return jnp.where(idx >= 0, probs, 0.0).sum(-1).mean()
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "implementation"))
 def indexer_metrics(cfg: ModelConfig, state: TrainState, batch: dict,
                     implementation: str | None = None) -> dict[str, jax.Array]:
-  """Dense KL (summed over layers) and top-k attention mass (mean over layers) on one batch."""
-  out = _apply(cfg, state, batch, "dense", "mqa", implementation)
+  """Dense KL (summed over layers) and top-k attention mass (mean over layers) on one batch; compiled once
+  per run, like `logits`."""
+  return _indexer_metrics(cfg, state.params, state.model_state, batch, implementation)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "implementation"))
+def _indexer_metrics(cfg: ModelConfig, params: dict, other: dict, batch: dict,
+                     implementation: str | None) -> dict[str, jax.Array]:
+  out = _apply(cfg, params, other, batch, "dense", "mqa", implementation)
   layout = dict(q_positions=batch["positions"], kv_positions=batch["positions"],
                 q_segment_ids=batch["segment_ids"], kv_segment_ids=batch["segment_ids"])
   kl = losses.indexer_kl(cfg, out.layer_aux, batch["positions"], batch["segment_ids"], losses.LossConfig(),

@@ -84,9 +84,11 @@ def sharded_step(config: train_step.StepConfig, state: TrainState, mesh, global_
 def run(config: train_step.StepConfig, state: TrainState, data: Iterator[Batch], *, steps: int,
         checkpointer: checkpointing.Checkpointer, log: MetricsLog, flops_per_token: float, peak_flops: float,
         log_every: int = 10, stop: StopRequest | None = None, label: str = "",
-        step_fn: StepFn | None = None, data_shards: int = 1) -> tuple[TrainState, bool]:
+        step_fn: StepFn | None = None, data_shards: int = 1, final: bool = True) -> tuple[TrainState, bool]:
   """Trains `config.stage` from `state.step` up to `steps`; returns (state, whether it stopped early).
 
+  `final` (the stage ends at `steps`) saves a checkpoint there and waits for it; a segment between two
+  evaluations (`final=False`) keeps only the periodic saves, so that it does not block on a write.
   `step_fn` (default: `train_step.step` on one device) is e.g. `sharded_step`. Throughput counts global
   tokens (`data_shards` distinct row blocks of the hosts) against `peak_flops` of all the step's devices.
   """
@@ -117,7 +119,8 @@ def run(config: train_step.StepConfig, state: TrainState, data: Iterator[Batch],
       checkpointer.wait()
       print(f"[{label}] SIGTERM: saved step {step} to {checkpointer.directory}; stopping.", file=sys.stderr)
       return state, True
-  checkpointer.save(int(state.step), state, checkpointing.data_state(data), force=True)
-  checkpointer.wait()
+  if final:
+    checkpointer.save(int(state.step), state, checkpointing.data_state(data), force=True)
+    checkpointer.wait()
   return state, False
 

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import pathlib
+import time
 
 import jax
 import numpy as np
@@ -185,7 +186,7 @@ class Recipe:
         state, stopped = loop.run(step_cfg, state, data, steps=target, checkpointer=checkpointer, log=log,
                                   flops_per_token=per_token, peak_flops=self.peak * cfg.mesh.size,
                                   log_every=cfg.log_every, stop=self.stop, label=name, step_fn=step_fn,
-                                  data_shards=self.data_cfg.shard[1])
+                                  data_shards=self.data_cfg.shard[1], final=target == steps)
         if stopped:
           return None
         if stage != "dense" and cfg.eval_every:
@@ -210,13 +211,16 @@ def _step_time(path: pathlib.Path) -> float:
 
 def run(cfg: RecipeConfig, stop: loop.StopRequest | None = None) -> dict | None:
   """All stages, evaluations after each; writes `run_dir/results.json`. None when stopped by SIGTERM."""
+  started = time.perf_counter()
   recipe = Recipe(cfg, stop)
   results = {"run_dir": str(recipe.root.absolute()), "peak_flops": recipe.peak, "peak_source": recipe.peak_source,
              "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len}
+  # dense_cont right after dense: it reuses the dense step's compilation, and the stage that needs the most
+  # compiling (sparse) comes last.
   stages = [("dense", "dense", cfg.dense_steps, None, "dense"),
+            ("dense_cont", "dense", cfg.warmup_steps + cfg.sparse_steps, "dense", "dense"),
             ("warmup", "warmup", cfg.warmup_steps, "dense", "sparse"),
             ("sparse", "sparse", cfg.sparse_steps, "warmup", "sparse")]
-  stages.append(("dense_cont", "dense", cfg.warmup_steps + cfg.sparse_steps, "dense", "dense"))
   stages = [s for s in stages if s[0] in cfg.stage_names]
   ends = {}
   for name, stage, steps, start, attention in stages:
@@ -226,8 +230,8 @@ def run(cfg: RecipeConfig, stop: loop.StopRequest | None = None) -> dict | None:
     results[name] = recipe.evaluate(ends[name][0], attention)
     results[name]["step_time_s"] = _step_time(recipe.root / name / "metrics.jsonl") if steps else float("nan")
     results[name]["steps"] = steps
-    print(f"[{name}] eval ({attention} attention): " + ", ".join(f"{k} {v:.4g}" for k, v in results[name].items()),
-          flush=True)
+    print(f"[{name}] eval ({attention} attention): " + ", ".join(f"{k} {v:.4g}" for k, v in results[name].items())
+          + f" | {time.perf_counter() - started:.0f} s since start", flush=True)
     if jax.process_index() == 0:
       (recipe.root / "results.json").write_text(json.dumps(results, indent=1))
   return results

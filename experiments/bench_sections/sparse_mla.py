@@ -2,25 +2,23 @@
 
 Per sequence length T (batch 1, 128 heads, keys 576 = 512 latent + 64 rope, top-k 2048): a tile of the
 last 4096 queries against S = T latent rows with random selected indices (5% invalid). Rows:
-- forward: Mosaic GPU kernel (default config, and `pallas_gather2`: `gather_warpgroups=2`, two warpgroups
-  issuing the row copies) vs the XLA gather+einsum reference, TFLOP/s on the useful FLOPs
+- forward: Mosaic GPU kernel vs the XLA gather+einsum reference, TFLOP/s on the useful FLOPs
   2 * Tq * K * N * (576 + 512), and the error of out / lse against the reference on the GPU;
 - fwd+bwd: grad of sum(out) through the Pallas path vs through XLA's autodiff of the reference (3.5x the
   forward FLOPs);
 - bwd alone (dq, dkv from saved out / lse and random cotangents dO, dlse): the Mosaic GPU kernel
-  (`kernel_bwd`, and `pallas_gather2`: `gather_warpgroups=2`), the chunked XLA recompute (`chunked_bwd`,
-  the deterministic path) and XLA's autodiff of the reference (its vjp closure, forward residuals
-  precomputed). Useful FLOPs counted as 2.5x the forward's (the backward's five products per head and key,
-  576 + 512 + 576 + 576 + 512 = 2752 = 2.53 x 1088 multiply-adds). Errors: max |got - want| / max |want|
-  of dq and dkv against the float32 reference's vjp on the first `ERR_QUERIES` queries (every
-  implementation rerun on that subset).
+  (`kernel_bwd`), the chunked XLA recompute (`chunked_bwd`, the deterministic path) and XLA's autodiff of
+  the reference (its vjp closure, forward residuals precomputed). Useful FLOPs counted as 2.5x the
+  forward's (the backward's five products per head and key, 576 + 512 + 576 + 576 + 512 = 2752 = 2.53 x
+  1088 multiply-adds). Errors: max |got - want| / max |want| of dq and dkv against the float32
+  reference's vjp on the first `ERR_QUERIES` queries (every implementation rerun on that subset).
 """
 
 import jax
 import jax.numpy as jnp
 
 from experiments.bench_sections import baselines, timing
-from pallas_kernels.sparse_mla import api, chunked_bwd, kernel_bwd, kernel_fwd, reference
+from pallas_kernels.sparse_mla import api, chunked_bwd, kernel_bwd, reference
 
 HEADS, LATENT, ROPE, TOPK, QUERIES = 128, 512, 64, 2048, 4096
 SCALE = 0.1352338
@@ -52,8 +50,6 @@ def _bwd_fns():
   kernels = dict(
       pallas=jax.jit(lambda q, kv, idx, out, lse, do, dlse: kernel_bwd.sparse_mla_bwd(
           q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT)),
-      pallas_gather2=jax.jit(lambda q, kv, idx, out, lse, do, dlse: kernel_bwd.sparse_mla_bwd(
-          q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, gather_warpgroups=2)),
       chunked=jax.jit(lambda q, kv, idx, out, lse, do, dlse: chunked_bwd.sparse_mla_bwd(
           q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, deterministic=True)))
   return kernels, autodiff_vjp, apply_vjp
@@ -92,8 +88,6 @@ def _rows_for(T: int, heads: int) -> list[dict]:  # noqa: N803
   fwd = {impl: jax.jit(lambda q, kv, idx, impl=impl: api.sparse_mla(q, kv, idx, scale=SCALE, v_dim=LATENT,
                                                                      implementation=impl))
          for impl in ("pallas", "xla")}
-  fwd["pallas_gather2"] = jax.jit(lambda q, kv, idx: kernel_fwd.sparse_mla_fwd(
-      q, kv, idx, scale=SCALE, v_dim=LATENT, config=kernel_fwd.Config(gather_warpgroups=2)))
 
   def grad_fn(impl):  # idx an argument: see `_bwd_fns`
     loss = lambda q, kv, idx: jnp.sum(api.sparse_mla(q, kv, idx, scale=SCALE, v_dim=LATENT,
@@ -104,20 +98,17 @@ def _rows_for(T: int, heads: int) -> list[dict]:  # noqa: N803
   flops = 2.0 * tq * TOPK * heads * (LATENT + ROPE + LATENT)
   base = dict(section="sparse_mla", T=T, queries=tq, heads=heads, k=TOPK)
   rows = []
-  for impl in ("pallas", "pallas_gather2", "xla"):
+  for impl in ("pallas", "xla"):
     seconds = timing.time_fn(fwd[impl], q, kv, idx)
     rows.append(dict(base, op="fwd", impl=impl, ms=seconds * 1e3, tflops=timing.tflops(flops, seconds)))
-  gather2_out, gather2_lse = fwd["pallas_gather2"](q, kv, idx)
   rows[0].update(out_rel_err=_rel_err(out, want_out), lse_rel_err=_rel_err(lse, want_lse))
-  rows[1].update(out_rel_err=_rel_err(gather2_out, want_out), lse_rel_err=_rel_err(gather2_lse, want_lse))
-  del gather2_out, gather2_lse
   grads = {}
   for impl in ("pallas", "xla"):
     grad = grad_fn(impl)
     grads[impl] = grad(q, kv, idx)
     seconds = timing.time_fn(grad, q, kv, idx, iters=3)
     rows.append(dict(base, op="fwd+bwd", impl=impl, ms=seconds * 1e3, tflops=timing.tflops(3.5 * flops, seconds)))
-  rows[3].update(dq_rel_err=_rel_err(grads["pallas"][0], grads["xla"][0]),
+  rows[2].update(dq_rel_err=_rel_err(grads["pallas"][0], grads["xla"][0]),
                  dkv_rel_err=_rel_err(grads["pallas"][1], grads["xla"][1]))
   del grads
   return rows + _bwd_rows(q, kv, idx, out, lse, base, flops)

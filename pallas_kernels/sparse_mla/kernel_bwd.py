@@ -8,11 +8,11 @@ FlashAttention-2's backward (Dao 2023, Alg. 2) in the MQA form of DeepSeek-V3.2'
   dq = dS K, dkv[idx] += dS^T q + [P^T dO | 0].
 Same function as the chunked XLA backward of `chunked_bwd` (the `deterministic=True` path).
 
-One CTA owns one token and a tile of 64 heads, as in the forward (`kernel_fwd`), with three warpgroups
-(four with `gather_warpgroups=2`):
+One CTA owns one token and a tile of 64 heads, as in the forward (`kernel_fwd`), with three warpgroups:
   * wg 2 (memory): per block of `block_k` selected keys, the index block, then one TMA per selected row
-    and 64-column line, all on one barrier (the forward's gather); wg 3, if present, issues the second
-    half of the rows.
+    and 64-column line, all on one barrier (the forward's gather). As in the forward, a second gather
+    warpgroup does not fit the H200: ptxas caps four warpgroups at 65536 / 512 = 128 registers per
+    thread, and wg 1's dq accumulators alone (64 x 320 f32 at 576 / 512) take 160.
   * wg 0: S^T = K Q^T and dP^T = V dO^T (keys x heads, so that P^T and dS^T are ready-made wgmma
     operands for dkv), P^T, dS^T to SMEM; then dq[:, :C/2] += dS K and the dkv columns [0, C/2).
   * wg 1: dq[:, C/2:] += dS K (latent right half and rope) and the dkv columns [C/2, C + R).
@@ -178,25 +178,20 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     store_dq(dq_rope, 2)
     plgpu.wait_smem_to_gmem(0)
 
-  def gather(g):
-    """Gather warpgroup g (of G) copies rows [g * bk / G, (g + 1) * bk / G) of every key block; only g = 0
-    loads the index block. Every copy is one arrival on kv_ready whichever warpgroup issues it, so its
-    count is the same for any G; each warpgroup waits on every phase of idx_ready and kv_free, since it
-    tracks their parities itself (and kv_free orders its next copies after both dkv reductions)."""
+  @pl.when(wg == 2)
+  def _gather():
     plgpu.set_max_registers(cfg.max_registers[1], action="decrease")
-    rows = bk // cfg.gather_warpgroups
 
     @pl.loop(0, steps)
     def _block(j):
       @pl.when(j > 0)
       def _():
-        plgpu.barrier_wait(kv_free)
+        plgpu.barrier_wait(kv_free)  # both dkv reductions have read the previous block out of SMEM
 
-      if g == 0:
-        plgpu.copy_gmem_to_smem(idx_ref.at[b, t, pl.ds(j * bk, bk)], idx_smem, idx_ready)
+      plgpu.copy_gmem_to_smem(idx_ref.at[b, t, pl.ds(j * bk, bk)], idx_smem, idx_ready)
       plgpu.barrier_wait(idx_ready)
 
-      @pl.loop(g * rows, (g + 1) * rows)
+      @pl.loop(0, bk)
       def _row(r):
         row = jnp.maximum(idx_smem[r], 0)
         for (off, width), smem, lines in zip(chunks, kv_smem, kv_lines):
@@ -210,9 +205,6 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
                                     lines.at[pl.ds(line, 1)], kv_ready)
 
     plgpu.barrier_wait(kv_free)  # observe the last release, so that every barrier phase is waited on
-
-  for g in range(cfg.gather_warpgroups):
-    pl.when(wg == 2 + g)(functools.partial(gather, g))
 
 
 def _kv_buffer(bk: int, width: int, dtype, stage: bool, interpret):
@@ -253,17 +245,14 @@ def _scratch(chunks, bk, dtype, interpret):
 
 
 def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: int, block_k: int = 64,
-                   gather_warpgroups: int = 1, interpret=False) -> tuple[jax.Array, jax.Array]:
+                   interpret=False) -> tuple[jax.Array, jax.Array]:
   """Gradients of `reference.sparse_mla` w.r.t. q [B, T, N, Dk] and kv [B, S, Dk] from the saved lse,
-  given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N]).
-
-  `gather_warpgroups=2` splits each key block's row copies between wg 2 and a fourth warpgroup, as
-  `kernel_fwd.Config.gather_warpgroups` does (unmeasured on the GPU yet; 1 is the verified kernel)."""
+  given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N])."""
   bsz, t, n, dk = q.shape
   chunks = kernel_fwd.column_chunks(dk, v_dim)
   if block_k != 64:
     raise ValueError(f"block_k={block_k}: the dkv wgmma has the keys as its M, which is 64.")
-  cfg = kernel_fwd.Config(block_k=block_k, gather_warpgroups=gather_warpgroups)  # validation, registers
+  cfg = kernel_fwd.Config(block_k=block_k)  # registers
   dtype = q.dtype
   delta = jnp.einsum("btnd,btnd->btn", out.astype(jnp.float32), do.astype(jnp.float32))
   lse2 = jnp.where(jnp.isfinite(lse), lse, 0.0) * math.log2(math.e)
@@ -282,7 +271,7 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
       # Tokens last: Mosaic GPU launches the grid reversed and CUDA caps y and z at 65535 blocks.
       grid=((n + n_pad) // HEAD_TILE, bsz, t),
       grid_names=("h", "b", "t"),
-      num_threads=2 + gather_warpgroups,
+      num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,
                                           unsafe_no_auto_barriers=True),

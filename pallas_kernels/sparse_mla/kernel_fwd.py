@@ -5,13 +5,17 @@ official counterpart): every query token attends, with all of its heads, to its 
 latent entries [c (512) | k_rope (64)]; the value of an entry is its latent c. Same function as
 `reference.sparse_mla`.
 
-One CTA owns one token and a tile of 64 heads (the wgmma M of one warpgroup), with three warpgroups
-(four with `Config.gather_warpgroups=2`):
+One CTA owns one token and a tile of 64 heads (the wgmma M of one warpgroup), with three warpgroups:
   * wg 2 (memory): per block of `block_k` selected keys, copies the index block into SMEM, then gathers
     each selected row with one TMA per 64-column line (Hopper has no TMA gather; the 128-byte swizzle
     lands single rows only as 128-byte lines, so a 576-wide row takes 9 copies), all completing on one
     barrier per pipeline slot. One thread issues every copy, and at 576 per 64-key block that issue
-    rate, not the wgmma work, bounds the kernel; wg 3, if present, issues the second half of the rows.
+    rate, not the wgmma work, bounds the kernel. A second gather warpgroup was tried and does not compile
+    on the H200: ptxas caps four warpgroups (512 threads) at 65536 / 512 = 128 registers per thread,
+    whatever setmaxnreg asks at run time, and wg 0 and wg 1 need more than 154. `Config.gather_warps`
+    = 2 or 4 instead splits each block's rows among that many warps of wg 2, each issuing its copies from
+    its own lane (`plgpu.warp_map`), at no register cost. It passes interpret mode and lowers for the H200
+    but has not run on a GPU: opt-in until `experiments/bench_sections/sparse_mla_fwd.py` measures it.
   * wg 0: S = Q K^T over the three chunks, masking of invalid (-1) keys, online softmax (base 2), hands
     P and the rescale factor to wg 1 through SMEM, then O[:, :256] += P V[:, :256].
   * wg 1: O[:, 256:] += P V[:, 256:]. Splitting the value columns keeps each 64 x 256 f32 accumulator
@@ -43,23 +47,23 @@ class Config:
   # 2.5x faster on an H200 (48 -> 121 TFLOP/s, identical error): the 576 row copies per key block each
   # paid a warpgroup barrier.
   auto_barriers: bool = False
-  # Warpgroups issuing the row copies: 2 splits each key block's rows between wg 2 and wg 3 to double
-  # the TMA issue rate (unmeasured on the GPU yet; 1 is the verified 122 TFLOP/s configuration).
-  gather_warpgroups: int = 1
+  # Warps of wg 2 that issue the row copies: 4 gives each warp a quarter of every key block's rows, each
+  # issuing from its own elected lane (`plgpu.warp_map`), without the registers a second warpgroup costs.
+  gather_warps: int = 1
 
   def __post_init__(self):
     if self.block_k % 64 or not 64 <= self.block_k <= 256:
       raise ValueError(f"block_k={self.block_k} must be a multiple of 64 in [64, 256].")
     if self.stages < 1:
       raise ValueError(f"stages={self.stages} must be >= 1.")
-    if self.gather_warpgroups not in (1, 2):
-      raise ValueError(f"gather_warpgroups={self.gather_warpgroups} must be one of (1, 2).")
+    if self.gather_warps not in (1, 2, 4):
+      raise ValueError(f"gather_warps={self.gather_warps} must be one of (1, 2, 4).")
 
   @property
   def max_registers(self) -> tuple[int, int]:
-    """setmaxnreg of each compute and each gather warpgroup (multiples of 8, the gather's >= 24): all
-    warpgroups together must fit the SM's 65536 registers, (2 * 232 + 40) * 128 and (2 * 224 + 2 * 24) * 128."""
-    return (232, 40) if self.gather_warpgroups == 1 else (224, 24)
+    """setmaxnreg of each compute and of the gather warpgroup (multiples of 8): all three warpgroups
+    together must fit the SM's 65536 registers, (2 * 232 + 40) * 128."""
+    return 232, 40
 
 
 def supports(dk: int, v_dim: int, dtype) -> bool:
@@ -188,22 +192,16 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
     store_out(acc, inv_l, 1)
     plgpu.wait_smem_to_gmem(0)
 
-  def gather(g):
-    """Gather warpgroup g (of G) copies rows [g * bk / G, (g + 1) * bk / G) of every key block. Every copy
-    is one arrival on kv_ready whichever warpgroup issues it, so the barrier's count is the same for any
-    G; each warpgroup waits on every phase of idx_ready and kv_free, since it tracks their parities itself."""
+  @pl.when(wg == 2)
+  def _gather():
     plgpu.set_max_registers(cfg.max_registers[1], action="decrease")
-    rows = bk // cfg.gather_warpgroups
 
     def issue(j):
       slot = slot_of(j)
-      if g == 0:
-        plgpu.copy_gmem_to_smem(idx_ref.at[b, t, pl.ds(j * bk, bk)], idx_smem.at[slot], idx_ready.at[slot])
+      plgpu.copy_gmem_to_smem(idx_ref.at[b, t, pl.ds(j * bk, bk)], idx_smem.at[slot], idx_ready.at[slot])
       plgpu.barrier_wait(idx_ready.at[slot])
 
-      @pl.loop(g * rows, (g + 1) * rows)
-      def _row(r):
-        row = jnp.maximum(idx_smem[slot, r], 0)
+      def copy_row(r, row):
         for (off, width), smem, lines in zip(chunks, kv_smem, kv_lines):
           if lines is None:
             plgpu.copy_gmem_to_smem(kv_ref.at[b, pl.ds(row, 1), pl.ds(off, width)],
@@ -213,6 +211,28 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
             line = ((slot * (bk // 8) + r // 8) * (width // 64) + ct) * 8 + r % 8
             plgpu.copy_gmem_to_smem(kv_ref.at[b, pl.ds(row, 1), pl.ds(off + 64 * ct, 64)],
                                     lines.at[pl.ds(line, 1)], kv_ready.at[slot])
+
+      if cfg.gather_warps == 1:
+        @pl.loop(0, bk)
+        def _row(r):
+          copy_row(r, jnp.maximum(idx_smem[slot, r], 0))
+        return
+      # Warp code cannot read SMEM scalars (memref.load has no warp semantics): per group of G rows
+      # (G = gather_warps) the warpgroup reads their G indices, then warp w copies row w of the group.
+      gw = cfg.gather_warps
+
+      @pl.loop(0, bk // gw)
+      def _group(i):
+        rows = [jnp.maximum(idx_smem[slot, i * gw + w], 0) for w in range(gw)]
+
+        @plgpu.warp_map
+        def _per_warp(warp):
+          @pl.when(warp < gw)
+          def _():
+            row = rows[0]
+            for w in range(1, gw):
+              row = jnp.where(warp == w, rows[w], row)
+            copy_row(i * gw + warp, row)
 
     for j in range(min(cfg.stages, steps)):
       issue(jnp.int32(j))
@@ -225,9 +245,6 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
     # Observe the last releases too, so that every barrier phase has been waited on at exit.
     for j in range(max(steps - cfg.stages, 0), steps):
       plgpu.barrier_wait(kv_free.at[j % cfg.stages])
-
-  for g in range(cfg.gather_warpgroups):
-    pl.when(wg == 2 + g)(functools.partial(gather, g))
 
 
 def _kv_buffer(stages: int, bk: int, width: int, dtype, interpret):
@@ -285,7 +302,7 @@ def sparse_mla_fwd(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: fl
       # 65535 blocks, which is why T = 128K failed to launch with tokens on y.
       grid=((n + n_pad) // HEAD_TILE, bsz, t),
       grid_names=("h", "b", "t"),
-      num_threads=2 + config.gather_warpgroups,
+      num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,
                                           unsafe_no_auto_barriers=not config.auto_barriers),

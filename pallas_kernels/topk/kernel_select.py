@@ -21,7 +21,9 @@ never counted and the result is unchanged (0 also is the answer when no candidat
 
 Cost model (H200, 1024 rows x 16384): HBM 64 MiB (~20 us); ALU 32 x 16384 x ~2 int ops per row, ~1 G ops in
 all (~40-60 us at 132 SMs x 128 lanes); occupancy <= 3 CTAs per SM (64 KiB SMEM, ~128+ registers per thread).
-Target: well under 1 ms, vs 3.2 ms for the XLA pruned select.
+Target: well under 1 ms, vs 3.2 ms for the XLA pruned select. Measured on the H200 (2026-11-29): the whole
+pruned select built on it (two selections of this kernel plus XLA compaction) takes 1.34 ms at 1024 x 128K,
+exact, vs 3.5 ms with sorts and 9.5 ms for lax.top_k.
 
 What only the GPU can check (interpret mode and cross-lowering cannot): that ptxas keeps the 128 values per
 thread in registers without spilling (if it spills, re-read the row from SMEM each step instead, or use

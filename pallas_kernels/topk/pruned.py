@@ -17,8 +17,8 @@ instead of one of 128K). Rows with S < 4k go straight to `lax.top_k`.
 `inner="radix"` does both selections with the radix select of `kernel.py` instead of `lax.top_k` (same
 result; its ascending output is the order step 3 needs, so no sorts at all); `inner="select"` does the same
 with the thresholds found by the Mosaic GPU kernel of `kernel_select.py` (each row read once instead of 32
-times; rows of at most 16384 values, else the XLA bisection). Measured on the H200 only as `inner="xla"` so
-far: 3.0x lax.top_k at 1024 x 128K.
+times; rows of at most 16384 values, else the XLA bisection). Measured on the H200 at 1024 x 128K, all
+exact: lax.top_k 9.5 ms; inner "xla" 3.5 ms, "radix" 2.5 ms, "select" 1.34 ms (7.1x lax.top_k).
 """
 
 import math

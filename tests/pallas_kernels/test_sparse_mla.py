@@ -1,6 +1,6 @@
 """Sparse MLA: the Mosaic GPU forward and backward kernels in interpret mode and the chunked backward against
-the reference, reference gradients by finite differences, and lowering of the forward, of the Pallas
-path's gradient and of the backward kernel with two gather warpgroups for an H200 at production shapes."""
+the reference, reference gradients by finite differences, and lowering of the forward and of the Pallas
+path's gradient for an H200 at production shapes."""
 
 import functools
 import time
@@ -36,11 +36,11 @@ class SparseMlaTest(parameterized.TestCase):
     gpu_callbacks.reset_gpu_interpret_mode_state()
 
   @parameterized.named_parameters(("heads16_pad", 1, 3, 16, 150, 1), ("heads64_batch2", 2, 2, 64, 128, 1),
-                                  ("heads16_pad_gather2", 1, 3, 16, 150, 2))
-  def test_forward_kernel_matches_reference(self, B, T, N, K, gather_warpgroups):  # noqa: N803
+                                  ("heads16_pad_gather_warps4", 1, 3, 16, 150, 4))
+  def test_forward_kernel_matches_reference(self, B, T, N, K, gather_warps):  # noqa: N803
     q, kv, idx = _inputs(time.time_ns(), B, T, N, 40, K)
     out, lse = kernel_fwd.sparse_mla_fwd(q, kv, idx, scale=0.1, v_dim=128,
-                                         config=kernel_fwd.Config(gather_warpgroups=gather_warpgroups),
+                                         config=kernel_fwd.Config(gather_warps=gather_warps),
                                          interpret=plgpu.InterpretGPUParams(detect_races=True))
     self.assertFalse(gpu_callbacks.get_races().races_found)
     want_out, want_lse = reference.sparse_mla(q, kv, idx, scale=0.1, v_dim=128)
@@ -68,9 +68,8 @@ class SparseMlaTest(parameterized.TestCase):
                                     deterministic=deterministic)
     chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
 
-  @parameterized.named_parameters(("heads16_pad", 1, 3, 16, 70, 1), ("heads64_batch2", 2, 2, 64, 150, 1),
-                                  ("heads16_pad_gather2", 1, 3, 16, 70, 2))
-  def test_backward_kernel_matches_reference_vjp(self, B, T, N, K, gather_warpgroups):  # noqa: N803
+  @parameterized.named_parameters(("heads16_pad", 1, 3, 16, 70), ("heads64_batch2", 2, 2, 64, 150))
+  def test_backward_kernel_matches_reference_vjp(self, B, T, N, K):  # noqa: N803
     """K not a multiple of the 64-key block, -1 entries, a query with no valid key (lse = -inf) and a key
     that every query selects (its dkv row sums over queries)."""
     q, kv, idx = _inputs(time.time_ns(), B, T, N, 40, K)
@@ -82,7 +81,6 @@ class SparseMlaTest(parameterized.TestCase):
     dlse = jnp.where(jnp.isfinite(lse), jax.random.normal(keys[1], lse.shape), 0.0)
     want = vjp((f32(do), dlse))
     got = kernel_bwd.sparse_mla_bwd(q, kv, idx, out.astype(jnp.bfloat16), lse, do, dlse, scale=0.1, v_dim=128,
-                                    gather_warpgroups=gather_warpgroups,
                                     interpret=plgpu.InterpretGPUParams(detect_races=True))
     self.assertFalse(gpu_callbacks.get_races().races_found)
     chex.assert_trees_all_equal_shapes_and_dtypes(got, (q, kv))
@@ -99,18 +97,18 @@ class SparseMlaTest(parameterized.TestCase):
     chex.assert_trees_all_close(jax.tree.map(lambda x: x.astype(jnp.float32), got),
                                 jax.tree.map(lambda x: x.astype(jnp.float32), want), atol=3e-2, rtol=3e-2)
 
-  def test_config_rejects_gather_warpgroups(self):
-    with self.assertRaisesRegex(ValueError, r"gather_warpgroups=3 must be one of \(1, 2\)"):
-      kernel_fwd.Config(gather_warpgroups=3)
+  def test_config_rejects_gather_warps(self):
+    with self.assertRaisesRegex(ValueError, r"gather_warps=3 must be one of \(1, 2, 4\)"):
+      kernel_fwd.Config(gather_warps=3)
 
-  @parameterized.parameters(1, 2)
-  def test_forward_lowers_for_h200(self, gather_warpgroups):
+  @parameterized.parameters(1, 4)
+  def test_forward_lowers_for_h200(self, gather_warps):
     """V3.2 shapes: T=128K queries, K=2048 of S=128K latent rows, 128 heads."""
     args = (jax.ShapeDtypeStruct((1, 131072, 128, 576), jnp.bfloat16),
             jax.ShapeDtypeStruct((1, 131072, 576), jnp.bfloat16),
             jax.ShapeDtypeStruct((1, 131072, 2048), jnp.int32))
     f = functools.partial(kernel_fwd.sparse_mla_fwd, scale=0.135, v_dim=512,
-                          config=kernel_fwd.Config(gather_warpgroups=gather_warpgroups))
+                          config=kernel_fwd.Config(gather_warps=gather_warps))
     with jax.sharding.use_abstract_mesh(H200):
       text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     self.assertIn("mosaic_gpu", text)
@@ -126,18 +124,6 @@ class SparseMlaTest(parameterized.TestCase):
     with jax.sharding.use_abstract_mesh(H200):
       text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     self.assertGreaterEqual(text.count("mosaic_gpu"), 2)
-
-  def test_backward_kernel_gather2_lowers_for_h200(self):
-    """The backward kernel with `gather_warpgroups=2` (not reachable through `api`) at the shapes above."""
-    t, n, s = 131072, 128, 131072
-    args = (jax.ShapeDtypeStruct((1, t, n, 576), jnp.bfloat16), jax.ShapeDtypeStruct((1, s, 576), jnp.bfloat16),
-            jax.ShapeDtypeStruct((1, t, 2048), jnp.int32), jax.ShapeDtypeStruct((1, t, n, 512), jnp.bfloat16),
-            jax.ShapeDtypeStruct((1, t, n), jnp.float32), jax.ShapeDtypeStruct((1, t, n, 512), jnp.bfloat16),
-            jax.ShapeDtypeStruct((1, t, n), jnp.float32))
-    f = functools.partial(kernel_bwd.sparse_mla_bwd, scale=0.135, v_dim=512, gather_warpgroups=2)
-    with jax.sharding.use_abstract_mesh(H200):
-      text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    self.assertIn("mosaic_gpu", text)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ One CTA owns one token and a tile of 64 heads, as in the forward (`kernel_fwd`),
   * wg 2 (memory): per block of `block_k` selected keys, the index block, then one TMA per selected row
     and 64-column line, all on one barrier (the forward's gather). As in the forward, a second gather
     warpgroup does not fit the H200: ptxas caps four warpgroups at 65536 / 512 = 128 registers per
-    thread, and wg 1's dq accumulators alone (64 x 320 f32 at 576 / 512) take 160.
+    thread, and wg 1's dq accumulators alone (64 x 320 f32 at 576 / 512) take 160. `gather_warps` = 2
+    or 4 (opt-in, default 1) splits each block's row gathers among that many warps of wg 2 as in the
+    forward (`plgpu.warp_map`); it passes interpret mode and lowers for the H200 but has not run on a GPU.
   * wg 0: S^T = K Q^T and dP^T = V dO^T (keys x heads, so that P^T and dS^T are ready-made wgmma
     operands for dkv), P^T, dS^T to SMEM; then dq[:, :C/2] += dS K and the dkv columns [0, C/2).
   * wg 1: dq[:, C/2:] += dS K (latent right half and rope) and the dkv columns [C/2, C + R).
@@ -191,9 +193,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
       plgpu.copy_gmem_to_smem(idx_ref.at[b, t, pl.ds(j * bk, bk)], idx_smem, idx_ready)
       plgpu.barrier_wait(idx_ready)
 
-      @pl.loop(0, bk)
-      def _row(r):
-        row = jnp.maximum(idx_smem[r], 0)
+      def copy_row(r, row):
         for (off, width), smem, lines in zip(chunks, kv_smem, kv_lines):
           if lines is None:
             plgpu.copy_gmem_to_smem(kv_ref.at[b, pl.ds(row, 1), pl.ds(off, width)], smem.at[pl.ds(r, 1)],
@@ -203,6 +203,10 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
             line = ((r // 8) * (width // 64) + ct) * 8 + r % 8
             plgpu.copy_gmem_to_smem(kv_ref.at[b, pl.ds(row, 1), pl.ds(off + 64 * ct, 64)],
                                     lines.at[pl.ds(line, 1)], kv_ready)
+
+      # Only the row gathers are spread over warps (gather_warps > 1); the per-row dkv reduce-adds of wg 0
+      # and wg 1 (`reduce_slab`) are tracked by bulk async groups, which belong to the issuing thread.
+      kernel_fwd.issue_row_copies(bk, cfg.gather_warps, lambda r: idx_smem[r], copy_row)
 
     plgpu.barrier_wait(kv_free)  # observe the last release, so that every barrier phase is waited on
 
@@ -245,14 +249,15 @@ def _scratch(chunks, bk, dtype, interpret):
 
 
 def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: int, block_k: int = 64,
-                   interpret=False) -> tuple[jax.Array, jax.Array]:
+                   gather_warps: int = 1, interpret=False) -> tuple[jax.Array, jax.Array]:
   """Gradients of `reference.sparse_mla` w.r.t. q [B, T, N, Dk] and kv [B, S, Dk] from the saved lse,
-  given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N])."""
+  given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N]). `gather_warps`
+  (1, 2 or 4) is `kernel_fwd.Config.gather_warps`: the warps of wg 2 that issue the row gathers."""
   bsz, t, n, dk = q.shape
   chunks = kernel_fwd.column_chunks(dk, v_dim)
   if block_k != 64:
     raise ValueError(f"block_k={block_k}: the dkv wgmma has the keys as its M, which is 64.")
-  cfg = kernel_fwd.Config(block_k=block_k)  # registers
+  cfg = kernel_fwd.Config(block_k=block_k, gather_warps=gather_warps)  # registers, gather warps
   dtype = q.dtype
   delta = jnp.einsum("btnd,btnd->btn", out.astype(jnp.float32), do.astype(jnp.float32))
   lse2 = jnp.where(jnp.isfinite(lse), lse, 0.0) * math.log2(math.e)

@@ -15,7 +15,7 @@ One CTA owns one token and a tile of 64 heads (the wgmma M of one warpgroup), wi
     whatever setmaxnreg asks at run time, and wg 0 and wg 1 need more than 154. `Config.gather_warps`
     = 2 or 4 instead splits each block's rows among that many warps of wg 2, each issuing its copies from
     its own lane (`plgpu.warp_map`), at no register cost. It passes interpret mode and lowers for the H200
-    but has not run on a GPU: opt-in until `experiments/bench_sections/sparse_mla_fwd.py` measures it.
+    but has not run on a GPU: opt-in until `experiments/bench_sections/sparse_mla_gather.py` measures it.
   * wg 0: S = Q K^T over the three chunks, masking of invalid (-1) keys, online softmax (base 2), hands
     P and the rescale factor to wg 1 through SMEM, then O[:, :256] += P V[:, :256].
   * wg 1: O[:, 256:] += P V[:, 256:]. Splitting the value columns keeps each 64 x 256 f32 accumulator
@@ -212,27 +212,7 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
             plgpu.copy_gmem_to_smem(kv_ref.at[b, pl.ds(row, 1), pl.ds(off + 64 * ct, 64)],
                                     lines.at[pl.ds(line, 1)], kv_ready.at[slot])
 
-      if cfg.gather_warps == 1:
-        @pl.loop(0, bk)
-        def _row(r):
-          copy_row(r, jnp.maximum(idx_smem[slot, r], 0))
-        return
-      # Warp code cannot read SMEM scalars (memref.load has no warp semantics): per group of G rows
-      # (G = gather_warps) the warpgroup reads their G indices, then warp w copies row w of the group.
-      gw = cfg.gather_warps
-
-      @pl.loop(0, bk // gw)
-      def _group(i):
-        rows = [jnp.maximum(idx_smem[slot, i * gw + w], 0) for w in range(gw)]
-
-        @plgpu.warp_map
-        def _per_warp(warp):
-          @pl.when(warp < gw)
-          def _():
-            row = rows[0]
-            for w in range(1, gw):
-              row = jnp.where(warp == w, rows[w], row)
-            copy_row(i * gw + warp, row)
+      issue_row_copies(bk, cfg.gather_warps, lambda r: idx_smem[slot, r], copy_row)
 
     for j in range(min(cfg.stages, steps)):
       issue(jnp.int32(j))
@@ -245,6 +225,35 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
     # Observe the last releases too, so that every barrier phase has been waited on at exit.
     for j in range(max(steps - cfg.stages, 0), steps):
       plgpu.barrier_wait(kv_free.at[j % cfg.stages])
+
+
+def issue_row_copies(bk: int, gather_warps: int, index_of, copy_row) -> None:
+  """copy_row(r, max(index_of(r), 0)) for the rows r < bk of a key block, inside the gather warpgroup.
+
+  gather_warps = 1: one loop, every copy issued by the warpgroup's one elected thread. G > 1: warp w of the
+  warpgroup copies rows w, w + G, ... from its own lane (`plgpu.warp_map`). Warp code cannot read SMEM
+  scalars (memref.load has no warp semantics), so the warpgroup reads each group's G indices first and
+  each warp picks its own. Copies that complete on an mbarrier may be issued from any lane; copies tracked
+  by bulk async groups may not (a group belongs to its issuing thread), so only the former go through here.
+  """
+  if gather_warps == 1:
+    @pl.loop(0, bk)
+    def _row(r):
+      copy_row(r, jnp.maximum(index_of(r), 0))
+    return
+
+  @pl.loop(0, bk // gather_warps)
+  def _group(i):
+    rows = [jnp.maximum(index_of(i * gather_warps + w), 0) for w in range(gather_warps)]
+
+    @plgpu.warp_map
+    def _per_warp(warp):
+      @pl.when(warp < gather_warps)
+      def _():
+        row = rows[0]
+        for w in range(1, gather_warps):
+          row = jnp.where(warp == w, rows[w], row)
+        copy_row(i * gather_warps + warp, row)
 
 
 def _kv_buffer(stages: int, bk: int, width: int, dtype, interpret):

@@ -1,6 +1,6 @@
 """Sparse MLA: the Mosaic GPU forward and backward kernels in interpret mode and the chunked backward against
-the reference, reference gradients by finite differences, and lowering of the forward and of the Pallas
-path's gradient for an H200 at production shapes."""
+the reference, reference gradients by finite differences, and lowering of the forward, of the Pallas
+path's gradient and of the backward kernel with split gather warps for an H200 at production shapes."""
 
 import functools
 import time
@@ -68,8 +68,9 @@ class SparseMlaTest(parameterized.TestCase):
                                     deterministic=deterministic)
     chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
 
-  @parameterized.named_parameters(("heads16_pad", 1, 3, 16, 70), ("heads64_batch2", 2, 2, 64, 150))
-  def test_backward_kernel_matches_reference_vjp(self, B, T, N, K):  # noqa: N803
+  @parameterized.named_parameters(("heads16_pad", 1, 3, 16, 70, 1), ("heads64_batch2", 2, 2, 64, 150, 1),
+                                  ("heads16_pad_gather_warps4", 1, 3, 16, 70, 4))
+  def test_backward_kernel_matches_reference_vjp(self, B, T, N, K, gather_warps):  # noqa: N803
     """K not a multiple of the 64-key block, -1 entries, a query with no valid key (lse = -inf) and a key
     that every query selects (its dkv row sums over queries)."""
     q, kv, idx = _inputs(time.time_ns(), B, T, N, 40, K)
@@ -81,6 +82,7 @@ class SparseMlaTest(parameterized.TestCase):
     dlse = jnp.where(jnp.isfinite(lse), jax.random.normal(keys[1], lse.shape), 0.0)
     want = vjp((f32(do), dlse))
     got = kernel_bwd.sparse_mla_bwd(q, kv, idx, out.astype(jnp.bfloat16), lse, do, dlse, scale=0.1, v_dim=128,
+                                    gather_warps=gather_warps,
                                     interpret=plgpu.InterpretGPUParams(detect_races=True))
     self.assertFalse(gpu_callbacks.get_races().races_found)
     chex.assert_trees_all_equal_shapes_and_dtypes(got, (q, kv))
@@ -124,6 +126,17 @@ class SparseMlaTest(parameterized.TestCase):
     with jax.sharding.use_abstract_mesh(H200):
       text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     self.assertGreaterEqual(text.count("mosaic_gpu"), 2)
+
+  def test_backward_kernel_lowers_for_h200_gather_warps4(self):
+    """The backward kernel itself with gather_warps=4 at the V3.2 shapes above."""
+    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    args = (bf16(1, 131072, 128, 576), bf16(1, 131072, 576), jax.ShapeDtypeStruct((1, 131072, 2048), jnp.int32),
+            bf16(1, 131072, 128, 512), jax.ShapeDtypeStruct((1, 131072, 128), jnp.float32),
+            bf16(1, 131072, 128, 512), jax.ShapeDtypeStruct((1, 131072, 128), jnp.float32))
+    f = functools.partial(kernel_bwd.sparse_mla_bwd, scale=0.135, v_dim=512, gather_warps=4)
+    with jax.sharding.use_abstract_mesh(H200):
+      text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    self.assertIn("mosaic_gpu", text)
 
 
 if __name__ == "__main__":

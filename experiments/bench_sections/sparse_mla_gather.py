@@ -1,0 +1,64 @@
+"""Benchmark section: the sparse MLA kernels' gather variants (a short GPU call).
+
+Same inputs and FLOP counts as `sparse_mla` (last 4096 queries, 128 heads, K = 2048): the Mosaic GPU forward
+and backward with the row copies issued by one thread of the gather warpgroup (the default) and by 2 or 4
+of its warps (`kernel_fwd.Config.gather_warps`, `kernel_bwd.sparse_mla_bwd(gather_warps=)`). The forward is
+checked against the XLA reference, the backward (from the forward's out / lse and random cotangents)
+against the default kernel's dq / dkv (its reduce-adds make the rounding vary from run to run anyway).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from experiments.bench_sections import timing
+from experiments.bench_sections.sparse_mla import HEADS, LATENT, ROPE, SCALE, TOPK, _inputs, _rel_err
+from pallas_kernels.sparse_mla import kernel_bwd, kernel_fwd, reference
+
+GATHER_WARPS = (1, 2, 4)
+
+
+def _timed(rows: list[dict], base: dict, fn, *args):
+  """Runs and times fn(*args) into a row of `base`; -> its output, or None with the error in the row (a variant
+  that does not compile must not hide the others)."""
+  try:
+    out = jax.block_until_ready(fn(*args))
+    seconds = timing.time_fn(fn, *args)
+  except Exception as e:  # noqa: BLE001
+    rows.append(dict(base, error=str(e).splitlines()[0][:200]))
+    return None
+  rows.append(dict(base, ms=seconds * 1e3))
+  return out
+
+
+def run(cfg: dict) -> list[dict]:
+  rows = []
+  for T in cfg["seq_lens"]:  # noqa: N806
+    q, kv, idx = _inputs(T, HEADS)
+    tq = q.shape[1]
+    flops = 2.0 * tq * TOPK * HEADS * (LATENT + ROPE + LATENT)
+    want_out, want_lse = jax.jit(lambda q, kv, idx: reference.sparse_mla(q, kv, idx, scale=SCALE,
+                                                                         v_dim=LATENT))(q, kv, idx)
+    ks = jax.random.split(jax.random.key(1), 2)
+    do = jax.random.normal(ks[0], want_out.shape, jnp.bfloat16)
+    dlse = jax.random.normal(ks[1], want_lse.shape, jnp.float32)
+    base = dict(section="sparse_mla_gather", T=T, queries=tq, heads=HEADS, k=TOPK)
+    want_grads = None
+    for warps in GATHER_WARPS:
+      fwd = jax.jit(lambda q, kv, idx, warps=warps: kernel_fwd.sparse_mla_fwd(
+          q, kv, idx, scale=SCALE, v_dim=LATENT, config=kernel_fwd.Config(gather_warps=warps)))
+      got = _timed(rows, dict(base, op="fwd", gather_warps=warps), fwd, q, kv, idx)
+      if got is not None:
+        rows[-1].update(tflops=timing.tflops(flops, rows[-1]["ms"] / 1e3), out_rel_err=_rel_err(got[0], want_out),
+                        lse_rel_err=_rel_err(got[1], want_lse))
+      print(rows[-1], flush=True)
+      bwd = jax.jit(lambda q, kv, idx, out, lse, do, dlse, warps=warps: kernel_bwd.sparse_mla_bwd(
+          q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, gather_warps=warps))
+      grads = _timed(rows, dict(base, op="bwd", gather_warps=warps), bwd, q, kv, idx, want_out, want_lse, do, dlse)
+      if grads is not None:
+        rows[-1]["tflops"] = timing.tflops(2.5 * flops, rows[-1]["ms"] / 1e3)
+        if want_grads is None:
+          want_grads = grads
+        else:
+          rows[-1].update(dq_diff_vs_1=_rel_err(grads[0], want_grads[0]), dkv_diff_vs_1=_rel_err(grads[1], want_grads[1]))
+      print(rows[-1], flush=True)
+  return rows

@@ -13,5 +13,6 @@ run() {  # run LIMIT_S NAME FLAGS...
   timeout -k 5 "$limit" python3 -u -m experiments.bench_kernels --out_dir="$OUT" "$@" > "$OUT/$name.txt" 2>&1
   echo "$name rc=$?"
 }
-run 150 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192  # gather_warps 1 / 2 / 4, fwd and bwd
-run 420 sparse_mla_32768 --sections=sparse_mla --seq_lens=32768  # forward, backward and autodiff rows at 32K
+run 140 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192  # gather_warps 1 / 2 / 4, fwd and bwd
+run 120 indexer_kl_sparse --sections=indexer_kl_sparse --seq_lens=8192  # gradient errors vs float32 inputs
+run 300 sparse_mla_32768 --sections=sparse_mla --seq_lens=32768  # forward, backward and autodiff rows at 32K

@@ -5,8 +5,9 @@ the last QUERIES queries against S = T keys, each with K = 2048 distinct random 
 random order, as top-k would hand them over. `indexer_kl.api.sparse_kl` forward and forward + backward
 (gradients of the summed KL w.r.t. the indexer's q, k, w), "pallas" (Mosaic GPU kernels both ways) and
 "xla" (chunked gather + einsum, differentiated by JAX), in ms; the forward also in TFLOP/s of useful work
-2 Tq K (N C + I H); and the relative error of the Pallas KL and gradients against the XLA path
-(max |difference| / max |xla|).
+2 Tq K (N C + I H); the relative error of the Pallas KL and gradients against the XLA path
+(max |difference| / max |xla|); and, since the XLA path is not exact either, each implementation's error
+in each gradient (d idx_q, d idx_k, d idx_w) against the XLA path on float32 copies of the same inputs.
 
 As in the dense section, the attention lse is not the exact one: queries are scaled so that the logits
 are small and lse[t, h] = log(t + 1); the KL normalises p by its sum over the selected keys anyway.
@@ -78,6 +79,12 @@ def _rows_for(T: int) -> list[dict]:  # noqa: N803
         row["tflops"] = timing.tflops(useful_flops, seconds)
       rows.append(row)
   add_rel_errors(rows, outputs)
+  attn, idx, indices, vis = args
+  exact = functions("xla")[1](attn, jax.tree.map(lambda x: x.astype(jnp.float32), idx), indices, vis)
+  for row in rows:
+    if row["pass_"] == "fwd+bwd":
+      for name, got, want in zip(("d_iq", "d_ik", "d_w"), outputs[row["impl"], "fwd+bwd"], exact):
+        row[f"{name}_err_vs_f32"] = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
   return rows
 
 

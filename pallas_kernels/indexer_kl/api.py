@@ -26,8 +26,9 @@ Implementations:
     It needs a static (Python float) attn_scale and computes in bf16.
   * "pallas", sparse: the Mosaic GPU forward and backward kernels of `sparse_pallas` (per-row TMA gather
     of the selected keys). Opt-in only: on the H200 (T = 8K and 32K, 4096 queries, K = 2048) the forward
-    took 41 ms vs 17 ms for "xla", and its gradients differed from the XLA ones by up to 7.8e-2 (max-abs
-    relative; the forward by 5e-6), an error the interpret-mode tests do not show and not yet explained.
+    took 41 ms vs 17 ms for "xla". Its gradients differed from the XLA path's by up to 7.8e-2 (max-abs
+    relative; the forward by 5e-6); the error was the XLA path's (its d idx_k summed ~1400 terms per key
+    in bf16, fixed since: see `sparse_kl`); the kernels sum in float32.
 """
 
 import functools
@@ -156,7 +157,7 @@ def sparse_kl(attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w, indices
   "pallas": the Mosaic GPU kernels of `sparse_pallas` (forward and backward; indices within a row must be
   distinct, as top-k gives them); t_chunk sizes the "xla" loop; `interpret` runs the kernels in GPU
   interpret mode with race detection (CPU tests). The automatic choice is "xla": the kernels measured
-  slower on the H200, with a gradient error (module docstring); implementation="pallas" opts in.
+  slower on the H200 (module docstring); implementation="pallas" opts in.
   """
   attn_q, attn_k, attn_lse = jax.tree.map(jax.lax.stop_gradient, (attn_q, attn_k, attn_lse))
   automatic = SPARSE_KERNEL_RUN_ON_GPU and sparse_pallas.supports(attn_q, idx_q)
@@ -166,6 +167,10 @@ def sparse_kl(attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w, indices
                                    kv_segment_ids=kv_segment_ids, interpret=interpret)
   T = attn_q.shape[1]  # noqa: N806
   take = jax.vmap(lambda x, i: x[i])  # per batch: [S, ...][t, K] -> [t, K, ...]
+  # Gathered from a float32 copy (and cast back, so the forward is unchanged): the backward of the gather
+  # is a scatter-add of every selecting query's term into the key's row, and in bf16 that rounded once per
+  # term (~1400 per key at T = 8K, K = 2048): a 8e-2 relative error in d idx_k on the H200.
+  idx_k32 = idx_k.astype(jnp.float32)
 
   @jax.checkpoint
   def query_chunk(args):
@@ -174,7 +179,8 @@ def sparse_kl(attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w, indices
     keep = (sel >= 0) & (take(kv_positions, safe) <= q_pos[..., None]) & (take(kv_segment_ids, safe) == q_seg[..., None])
     attn_logits = jnp.einsum("btnc,btkc->btnk", q_chunk, take(attn_k, safe),
                              preferred_element_type=jnp.float32) * attn_scale
-    logits = jnp.einsum("btih,btkh->btik", idx_q_chunk, take(idx_k, safe), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btih,btkh->btik", idx_q_chunk, take(idx_k32, safe).astype(idx_k.dtype),
+                        preferred_element_type=jnp.float32)
     scores = jnp.einsum("btik,bti->btk", jax.nn.relu(logits), idx_w_chunk.astype(jnp.float32))
     return reference.kl_from_scores(attn_logits, lse_chunk, scores, keep)
 

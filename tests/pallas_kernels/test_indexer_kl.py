@@ -70,6 +70,26 @@ class IndexerKLTest(parameterized.TestCase):
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(got_grads, want_grads, rtol=1e-4, atol=1e-5)
 
+  def test_sparse_key_gradient_accumulates_in_float32(self):
+    """bf16 indexer inputs, 2048 queries all selecting the same 8 keys: d idx_k sums 2048 terms per key.
+    It must be as close to the float32 computation as one bf16 rounding of the inputs allows; summed in
+    bf16 (the scatter-add of a bf16 gather's backward) it was ~10x further off."""
+    t, s, k = 2048, 8, 8
+    ks = jax.random.split(jax.random.key(time.time_ns()), 5)
+    vis = dict(q_positions=jnp.full((1, t), s, jnp.int32), kv_positions=jnp.arange(s)[None],
+               q_segment_ids=jnp.zeros((1, t), jnp.int32), kv_segment_ids=jnp.zeros((1, s), jnp.int32))
+    attn_q, attn_k = jax.random.normal(ks[0], (1, t, N, C)), jax.random.normal(ks[1], (1, s, C))
+    attn_lse = jax.nn.logsumexp(jnp.einsum("btnc,bsc->btns", attn_q, attn_k) * C**-0.5, axis=-1)
+    idx = (jax.random.normal(ks[2], (1, t, I, H)), jax.random.normal(ks[3], (1, s, H)),
+           jax.random.normal(ks[4], (1, t, I)))
+    indices = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (1, t, k))
+    d_key = lambda idx_k, idx_q: jax.grad(lambda kk: api.sparse_kl(
+        attn_q, attn_k, attn_lse, C**-0.5, idx_q, kk, idx[2], indices, **vis, t_chunk=16).sum())(idx_k)
+    want = d_key(idx[1].astype(jnp.bfloat16).astype(jnp.float32), idx[0].astype(jnp.bfloat16).astype(jnp.float32))
+    got = d_key(idx[1].astype(jnp.bfloat16), idx[0].astype(jnp.bfloat16)).astype(jnp.float32)
+    err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+    self.assertLess(err, 8e-3)
+
   def test_attention_side_gets_no_gradient(self):
     attn, idx, vis = _inputs(time.time_ns())
     grads = jax.grad(lambda q, k, lse: api.dense_kl(q, k, lse, attn[3], *idx, **vis).sum(),

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# GPU measurements still owed (docs/kernels.md, "Pending GPU measurements"), in one 10-minute device command.
-# One process per section, each with its own time limit; logs and JSON go to $OUT. On the GPU machine, from
-# the repository root:
-#   OUT=/some/dir bash benchmarks/run_pending.sh
-# Everything else it used to list ran on 2026-11-29 (benchmarks/results/README.md, session 3).
+# GPU measurements still owed (docs/kernels.md, "Pending GPU measurements"), in two parts that each fit one
+# 10-minute device command. One process per section, each with its own time limit; logs and JSON go to $OUT.
+# On the GPU machine, from the repository root:
+#   OUT=/some/dir bash benchmarks/run_pending.sh 1   # gather_warps, sparse-KL gradient errors, gmm loads
+#   OUT=/some/dir bash benchmarks/run_pending.sh 2   # the sparse MLA section at 32K
 set -u
 : "${OUT:?set OUT to the output folder}"
 export PYTHONPATH=.
@@ -13,6 +13,14 @@ run() {  # run LIMIT_S NAME FLAGS...
   timeout -k 5 "$limit" python3 -u -m experiments.bench_kernels --out_dir="$OUT" "$@" > "$OUT/$name.txt" 2>&1
   echo "$name rc=$?"
 }
-run 140 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192  # gather_warps 1 / 2 / 4, fwd and bwd
-run 120 indexer_kl_sparse --sections=indexer_kl_sparse --seq_lens=8192  # gradient errors vs float32 inputs
-run 300 sparse_mla_32768 --sections=sparse_mla --seq_lens=32768  # forward, backward and autodiff rows at 32K
+case "${1:-}" in
+  1)
+    run 140 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192  # gather_warps 1 / 2 / 4, fwd and bwd
+    run 120 indexer_kl_sparse --sections=indexer_kl_sparse --seq_lens=8192  # gradient errors vs float32 inputs
+    run 220 moe_gmm --sections=moe_gmm --seq_lens=8192  # three expert loads (128 / 512 / 1024 rows per expert)
+    ;;
+  2)
+    run 540 sparse_mla_32768 --sections=sparse_mla --seq_lens=32768  # forward, backward and autodiff rows at 32K
+    ;;
+  *) echo "usage: run_pending.sh 1|2" >&2; exit 2 ;;
+esac

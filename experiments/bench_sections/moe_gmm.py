@@ -1,9 +1,16 @@
 """Benchmark section: grouped matmul of the routed experts at DeepSeek shapes (issue 4 targets).
 
-4096 tokens x 8 active of 256 experts (random routing), up 7168 -> 2048 and down 2048 -> 7168: the
-Mosaic GPU kernels bundled with jax (forward, dgrad, wgrad) in TF/s of useful FLOPs 2 * M * D * F, the
-forward's error against a dense f32 product on the first experts' rows, and `lax.ragged_dot` (which
-falls back to a dense computation and fits in memory only for 1/8 of the rows).
+Up 7168 -> 2048 and down 2048 -> 7168, 8 active of 256 experts (random routing), for three loads (CASES):
+- "256x4096": all 256 experts on one device, 4096 tokens: 128 rows per expert on average;
+- "256x16384": the same with 16384 tokens: 512 rows per expert;
+- "ep8_local32": one device of 8-way expert parallelism, its 32 local experts receiving the routed rows of
+  8 x 4096 tokens: 1024 rows per expert, the load of real expert-parallel training.
+The Mosaic GPU kernels bundled with jax (forward, dgrad, wgrad) in TF/s of useful FLOPs 2 * M * D * F, the
+forward's error against a dense f32 product on the first experts' rows, and (first case only)
+`lax.ragged_dot`, which falls back to a dense computation and fits in memory only for 1/8 of the rows.
+The bundled kernel runs cdiv(M, block_m) + G - 1 row blocks whatever the group sizes (a block shared by
+two groups is computed for each), so with 128-row blocks and 128 rows per expert about half of its work
+is masked: the token count per expert, not only the shapes, sets its TF/s.
 """
 
 import jax
@@ -12,13 +19,15 @@ import jax.numpy as jnp
 from experiments.bench_sections import timing
 from pallas_kernels.moe_gmm import api, kernel
 
-TOKENS, ACTIVE, EXPERTS, HIDDEN, EXPERT_HIDDEN = 4096, 8, 256, 7168, 2048
+ACTIVE, EXPERTS, HIDDEN, EXPERT_HIDDEN = 8, 256, 7168, 2048
+CASES = (("256x4096", 4096, EXPERTS), ("256x16384", 16384, EXPERTS), ("ep8_local32", 8 * 4096, EXPERTS // 8))
 
 
-def _group_sizes(seed: int) -> jax.Array:
-  scores = jax.random.uniform(jax.random.key(seed), (TOKENS, EXPERTS))
+def _group_sizes(seed: int, tokens: int, local_experts: int) -> jax.Array:
+  """Rows per expert of the first `local_experts` experts when `tokens` tokens pick ACTIVE of EXPERTS."""
+  scores = jax.random.uniform(jax.random.key(seed), (tokens, EXPERTS))
   experts = jax.lax.top_k(scores, ACTIVE)[1].reshape(-1)
-  return jnp.bincount(experts, length=EXPERTS).astype(jnp.int32)
+  return jnp.bincount(experts, length=EXPERTS)[:local_experts].astype(jnp.int32)
 
 
 def _reference_rows(x, w, gs, experts: int = 3) -> tuple[jax.Array, int]:
@@ -30,14 +39,14 @@ def _reference_rows(x, w, gs, experts: int = 3) -> tuple[jax.Array, int]:
   return jnp.concatenate(out), sum(sizes)
 
 
-def _rows_for(name: str, d: int, f: int, gs: jax.Array) -> list[dict]:
-  m = TOKENS * ACTIVE
+def _rows_for(case: str, name: str, d: int, f: int, gs: jax.Array, with_xla: bool) -> list[dict]:
+  m, experts = int(gs.sum()), gs.shape[0]
   kx, kw, ky = jax.random.split(jax.random.key(d), 3)
   x = jax.random.normal(kx, (m, d), jnp.bfloat16)
-  w = jax.random.normal(kw, (EXPERTS, d, f), jnp.bfloat16) * d**-0.5
+  w = jax.random.normal(kw, (experts, d, f), jnp.bfloat16) * d**-0.5
   dy = jax.random.normal(ky, (m, f), jnp.bfloat16)
   flops = 2.0 * m * d * f
-  base = dict(section="moe_gmm", op=name, m=m, d=d, f=f, experts=EXPERTS)
+  base = dict(section="moe_gmm", case=case, op=name, m=m, d=d, f=f, experts=experts, rows_per_expert=m // experts)
   pallas = jax.jit(lambda x, w, gs: api.grouped_matmul(x, w, gs, implementation="pallas"))
   seconds = timing.time_fn(pallas, x, w, gs)
   want, n = _reference_rows(x, w, gs)
@@ -49,9 +58,11 @@ def _rows_for(name: str, d: int, f: int, gs: jax.Array) -> list[dict]:
     args = (dy, w, gs) if pass_ == "dgrad" else (x, dy, gs)
     seconds = timing.time_fn(jax.jit(fn), *args)
     rows.append(dict(base, pass_=pass_, impl="pallas", ms=seconds * 1e3, tflops=timing.tflops(flops, seconds)))
+  if not with_xla:
+    return rows
   # lax.ragged_dot on 1/8 of the rows (all it fits in memory), same experts and weights.
   small = m // 8
-  small_gs = jnp.bincount(jnp.repeat(jnp.arange(EXPERTS), gs, total_repeat_length=m)[::8], length=EXPERTS)
+  small_gs = jnp.bincount(jnp.repeat(jnp.arange(experts), gs, total_repeat_length=m)[::8], length=experts)
   xla = jax.jit(lambda x, w, gs: api.grouped_matmul(x, w, gs, implementation="xla"))
   seconds = timing.time_fn(xla, x[:small], w, small_gs.astype(jnp.int32))
   rows.append(dict(base, m=small, pass_="fwd", impl="lax.ragged_dot", ms=seconds * 1e3,
@@ -60,6 +71,11 @@ def _rows_for(name: str, d: int, f: int, gs: jax.Array) -> list[dict]:
 
 
 def run(cfg: dict) -> list[dict]:
-  del cfg  # token count fixed: the expert shapes, not the sequence length, set the GEMM sizes
-  gs = _group_sizes(0)
-  return _rows_for("up", HIDDEN, EXPERT_HIDDEN, gs) + _rows_for("down", EXPERT_HIDDEN, HIDDEN, gs)
+  del cfg  # the expert shapes and loads (CASES), not the sequence length, set the GEMM sizes
+  rows = []
+  for i, (case, tokens, local) in enumerate(CASES):
+    gs = _group_sizes(0, tokens, local)
+    for name, d, f in (("up", HIDDEN, EXPERT_HIDDEN), ("down", EXPERT_HIDDEN, HIDDEN)):
+      rows += _rows_for(case, name, d, f, gs, with_xla=i == 0)
+      print(*rows[-3:], sep="\n", flush=True)
+  return rows

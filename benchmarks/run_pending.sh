@@ -3,7 +3,7 @@
 # 10-minute device command. One process per section, each with its own time limit; logs and JSON go to $OUT.
 # On the GPU machine, from the repository root:
 #   OUT=/some/dir bash benchmarks/run_pending.sh 1   # gather_warps, sparse-KL gradient errors, gmm loads
-#   OUT=/some/dir bash benchmarks/run_pending.sh 2   # the sparse MLA section at 32K
+#   OUT=/some/dir bash benchmarks/run_pending.sh 2   # top-k step breakdown; the sparse MLA section at 32K
 set -u
 : "${OUT:?set OUT to the output folder}"
 export PYTHONPATH=.
@@ -20,7 +20,8 @@ case "${1:-}" in
     run 220 moe_gmm --sections=moe_gmm --seq_lens=8192  # three expert loads (128 / 512 / 1024 rows per expert)
     ;;
   2)
-    run 540 sparse_mla_32768 --sections=sparse_mla --seq_lens=32768  # forward, backward and autodiff rows at 32K
+    run 120 topk_131072 --sections=topk --seq_lens=131072  # where the pruned_select's 1.34 ms go (per step)
+    run 420 sparse_mla_32768 --sections=sparse_mla --seq_lens=32768  # forward, backward and autodiff rows at 32K
     ;;
   *) echo "usage: run_pending.sh 1|2" >&2; exit 2 ;;
 esac

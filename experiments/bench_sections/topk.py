@@ -5,6 +5,9 @@ Per sequence length T (k = 2048):
   query rows of a random 64 x 128 indexer, so -inf beyond each row's position): `lax.top_k` vs the radix
   select vs the pruned select (inner selections by lax.top_k, by the radix select, and by the Mosaic GPU
   threshold kernel `kernel_select`), each checked exact against the reference;
+- where the pruned_select's time goes, on the indexer rows (`_breakdown`): step 1 (group maxima, one read of
+  the rows), the threshold kernel alone on the maxima, the first selection (threshold + compaction into the
+  kept groups), and the rest (candidate gather, second threshold, compaction) as the remainder;
 - `index_topk` end to end (Pallas scores per row block) with lax.top_k vs pruned vs pruned_select selection,
   against the matmul floor 2 * 64 * 128 * T(T+1)/2 FLOP at the XLA matmul rate of the same run.
 """
@@ -15,7 +18,7 @@ import jax.numpy as jnp
 from experiments.bench_sections import baselines, timing
 from pallas_kernels.lightning_indexer import api as indexer_api
 from pallas_kernels.topk import api as topk_api
-from pallas_kernels.topk import pruned
+from pallas_kernels.topk import kernel, kernel_select, pruned
 from pallas_kernels.topk import reference as topk_reference
 
 HEADS, DIM, TOPK, ROWS = 64, 128, 2048, 1024
@@ -44,6 +47,23 @@ def _score_rows(T: int):  # noqa: N803
   return {"normal": jax.random.normal(jax.random.key(3), (rows, T), jnp.float32), "indexer": indexer}
 
 
+def _breakdown(scores: jax.Array) -> dict:
+  """Milliseconds of the pruned_select's steps on `scores` [R, S] (see the module docstring)."""
+  g = pruned.group_size(scores.shape[-1], TOPK)
+  maxima = jax.jit(lambda x: pruned.group_maxima(x, g)[1])
+  ordered = maxima(scores)
+  keys = jax.jit(lambda o: kernel.sortable_keys(pruned.from_ordered(o)))(ordered)
+  want = jnp.full((keys.shape[0],), TOPK, jnp.int32)
+  first = jax.jit(lambda o: kernel.topk_indices(pruned.from_ordered(o), TOPK,
+                                                threshold=kernel_select.kth_largest_keys))
+  whole = jax.jit(SELECT_FNS["pruned_select"])
+  times = dict(group_max=timing.time_fn(maxima, scores), threshold_on_maxima=timing.time_fn(
+      jax.jit(kernel_select.kth_largest_keys), keys, want), first_selection=timing.time_fn(first, ordered),
+      whole=timing.time_fn(whole, scores))
+  times["candidates_rest"] = times["whole"] - times["group_max"] - times["first_selection"]
+  return {f"indexer_pruned_select_{name}_ms": seconds * 1e3 for name, seconds in times.items()}
+
+
 def run(cfg: dict) -> list[dict]:
   rate = baselines.matmul_tflops()
   out = []
@@ -57,6 +77,8 @@ def run(cfg: dict) -> list[dict]:
         row[f"{kind}_{select}_exact"] = bool(jnp.array_equal(fn(scores), want))
       for select in SELECTS[1:]:
         row[f"{kind}_{select}_speedup"] = row[f"{kind}_xla_ms"] / row[f"{kind}_{select}_ms"]
+      if kind == "indexer":
+        row.update(_breakdown(scores))
     args, vis = _indexer_inputs(T)
     floor = 2.0 * HEADS * DIM * T * (T + 1) / 2 / (rate * 1e12)
     row.update(matmul_tflops=rate, floor_s=floor)

@@ -39,7 +39,17 @@ def group_size(n: int, k: int) -> int:
 INNER = ("xla", "radix", "select")
 
 
-def _from_ordered(ordered: jax.Array) -> jax.Array:
+def group_maxima(rows: jax.Array, g: int) -> tuple[jax.Array, jax.Array]:
+  """Step 1: rows [R, S] -> (groups [R, ceil(S / g), g] float32, -inf padded; their maxima [R, S / g] as int32
+  in the float total order that lax.top_k uses, -0.0 < +0.0: a plain max may return -0.0 for a group that
+  holds +0.0 and so rank it too low)."""
+  rows = jnp.pad(rows.astype(jnp.float32), ((0, 0), (0, -rows.shape[1] % g)), constant_values=-jnp.inf)
+  groups = rows.reshape(rows.shape[0], -1, g)  # padded keys are -inf: never selected
+  ordered = (kernel.sortable_keys(groups) ^ jnp.uint32(0x80000000)).view(jnp.int32)
+  return groups, ordered.max(axis=-1)
+
+
+def from_ordered(ordered: jax.Array) -> jax.Array:
   """Inverse of the total-order int32 view used for the maxima: -> the float32 with that order."""
   key = ordered.view(jnp.uint32) ^ jnp.uint32(0x80000000)
   bits = jnp.where(key >> 31 == 1, key & jnp.uint32(0x7FFFFFFF), ~key)
@@ -61,7 +71,7 @@ def _threshold_fn(inner: str, interpret):
 def _radix_pruned(groups: jax.Array, ordered_max: jax.Array, k: int, n: int, threshold=None) -> jax.Array:
   """Steps 2-3 with the radix select: -> key indices [R, k] ascending, -1 padded (n = unpadded length)."""
   rows, n_groups, g = groups.shape
-  kept = kernel.topk_indices(_from_ordered(ordered_max), k, threshold=threshold)  # ascending; -1: only -inf
+  kept = kernel.topk_indices(from_ordered(ordered_max), k, threshold=threshold)  # ascending; -1: only -inf
   kept = jnp.where(kept < 0, n_groups, kept)  # -> an all -inf group appended below (never selected)
   groups = jnp.concatenate([groups, jnp.full((rows, 1, g), -jnp.inf, groups.dtype)], axis=1)
   candidates = jnp.take_along_axis(groups, kept[..., None], axis=1).reshape(rows, k * g)
@@ -89,18 +99,13 @@ def topk_indices(scores: jax.Array, k: int, group: int | None = None, inner: str
     if inner == "xla":
       return reference.topk_indices(scores, k)
     return kernel.topk_indices(scores, k, threshold=threshold)
-  rows = scores.reshape(-1, n).astype(jnp.float32)
-  pad = -n % g
-  rows = jnp.pad(rows, ((0, 0), (0, pad)), constant_values=-jnp.inf)  # padded keys: -inf, never selected
-  groups = rows.reshape(rows.shape[0], -1, g)
-  # Maxima in the float total order that lax.top_k uses (-0.0 < +0.0): a plain max may return -0.0 for a
-  # group that holds +0.0 and so rank it too low.
-  ordered = (kernel.sortable_keys(groups) ^ jnp.uint32(0x80000000)).view(jnp.int32)
+  groups, ordered_max = group_maxima(scores.reshape(-1, n), g)
+  pad = groups.shape[1] * g - n
   if inner != "xla":
-    return _radix_pruned(groups, ordered.max(axis=-1), k, n, threshold).reshape(*lead, k)
-  _, kept = jax.lax.top_k(ordered.max(axis=-1), k)
+    return _radix_pruned(groups, ordered_max, k, n, threshold).reshape(*lead, k)
+  _, kept = jax.lax.top_k(ordered_max, k)
   kept = jnp.sort(kept, axis=-1)  # ascending groups: candidate position order = key index order
-  candidates = jnp.take_along_axis(groups, kept[..., None], axis=1).reshape(rows.shape[0], k * g)
+  candidates = jnp.take_along_axis(groups, kept[..., None], axis=1).reshape(groups.shape[0], k * g)
   values, position = jax.lax.top_k(candidates, k)
   index = jnp.take_along_axis(kept, position // g, axis=-1) * g + position % g
   index = jnp.where(values == -jnp.inf, n + pad, index)

@@ -3,7 +3,7 @@
 # 10-minute device command. One process per section, each with its own time limit; logs and JSON go to $OUT.
 # On the GPU machine, from the repository root:
 #   OUT=/some/dir bash benchmarks/run_pending.sh 1   # gather_warps, sparse-KL gradient errors, gmm loads
-#   OUT=/some/dir bash benchmarks/run_pending.sh 2   # top-k step breakdown; the sparse MLA section at 32K
+#   OUT=/some/dir bash benchmarks/run_pending.sh 2   # top-k steps; DSA core profile; sparse MLA at 32K
 set -u
 : "${OUT:?set OUT to the output folder}"
 export PYTHONPATH=.
@@ -21,7 +21,10 @@ case "${1:-}" in
     ;;
   2)
     run 120 topk_131072 --sections=topk --seq_lens=131072  # where the pruned_select's 1.34 ms go (per step)
-    run 420 sparse_mla_32768 --sections=sparse_mla --seq_lens=32768  # forward, backward and autodiff rows at 32K
+    timeout -k 5 90 python3 -u -m experiments.profile_kernels --target=dsa_layer --seq_len=131072 \
+      > "$OUT/profile_dsa_layer_131072.txt" 2>&1  # device time per op of the DSA core at 128K
+    echo "profile_dsa_layer_131072 rc=$?"
+    run 330 sparse_mla_32768 --sections=sparse_mla --seq_lens=32768  # forward, backward and autodiff rows at 32K
     ;;
   *) echo "usage: run_pending.sh 1|2" >&2; exit 2 ;;
 esac

@@ -1,0 +1,85 @@
+"""Where the device time of one benchmarked computation goes: a profiler trace of a few calls, summed per op.
+
+  python -m experiments.profile_kernels --target=index_topk --seq_len=131072
+  python -m experiments.profile_kernels --target=dsa_layer --seq_len=131072 --trace_dir=$OUT/trace
+
+Targets (the inputs of `experiments/bench_sections`, default implementations): "pruned_select" (top-k of
+1024 rows of causal indexer scores), "index_topk" (scores + top-k of a causal sequence), "dsa_layer" (the
+DSA attention core: index_topk + sparse MLA). After one warm-up call (compilation), `--iters` calls are
+traced with `jax.profiler` (a Perfetto trace); the table sums each op's time on the device streams (on a
+machine without an accelerator, on the host) and divides by the calls: ms per call, share, count per call.
+"""
+
+import collections
+import gzip
+import json
+import pathlib
+import tempfile
+
+import jax
+from absl import app, flags
+
+from experiments.bench_sections import dsa_layer, topk
+
+TARGETS = ("pruned_select", "index_topk", "dsa_layer")
+_TARGET = flags.DEFINE_enum("target", "index_topk", TARGETS, "What to profile.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 32768, "Sequence length T (keys per row).")
+_ITERS = flags.DEFINE_integer("iters", 3, "Traced calls.")
+_TOP = flags.DEFINE_integer("top", 25, "Ops listed.")
+_TRACE_DIR = flags.DEFINE_string("trace_dir", "", "Keep the trace here (default: a temporary folder).")
+
+
+def build(target: str, seq_len: int):
+  """-> (jitted function, its arguments) for `target` at `seq_len`."""
+  if target == "pruned_select":
+    return jax.jit(topk.SELECT_FNS["pruned_select"]), (topk._score_rows(seq_len)["indexer"],)  # noqa: SLF001
+  x, vis = dsa_layer._inputs(seq_len)  # noqa: SLF001
+  if target == "index_topk":
+    from pallas_kernels.lightning_indexer import api as indexer_api  # noqa: PLC0415
+    fn = lambda x, vis: indexer_api.index_topk(x["iq"], x["ik"], x["iw"], topk=dsa_layer.K, **vis)
+    return jax.jit(fn), (x, vis)
+  return jax.jit(lambda x, vis: dsa_layer._layer(x, vis, None, "pruned_select")), (x, vis)  # noqa: SLF001
+
+
+def op_times(trace_path: pathlib.Path) -> tuple[dict[str, float], dict[str, int], str]:
+  """Perfetto trace -> (microseconds per op name, events per op name, which processes were summed)."""
+  with gzip.open(trace_path) as f:
+    data = json.load(f)
+  events = data["traceEvents"] if isinstance(data, dict) else data
+  names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device = {pid for pid, name in names.items() if name.startswith("/device:")}
+  pids = device or set(names)
+  total, count = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in pids:
+      total[e["name"]] += e.get("dur", 0.0)
+      count[e["name"]] += 1
+  return total, count, ", ".join(sorted(names[p] for p in pids))
+
+
+def table(total: dict[str, float], count: dict[str, int], calls: int, top: int) -> str:
+  whole = sum(total.values()) or 1.0
+  lines = [f"{'ms/call':>9} {'share':>6} {'n/call':>7}  op", f"{sum(total.values()) / calls / 1e3:9.3f} {1:6.1%} "
+           f"{sum(count.values()) / calls:7.1f}  (all)"]
+  for name, us in sorted(total.items(), key=lambda kv: -kv[1])[:top]:
+    lines.append(f"{us / calls / 1e3:9.3f} {us / whole:6.1%} {count[name] / calls:7.1f}  {name[:110]}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  fn, args = build(_TARGET.value, _SEQ_LEN.value)
+  jax.block_until_ready(fn(*args))  # compile outside the trace
+  trace_dir = pathlib.Path(_TRACE_DIR.value or tempfile.mkdtemp(prefix="profile_kernels_"))
+  with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+    for _ in range(_ITERS.value):
+      jax.block_until_ready(fn(*args))
+  trace = max(trace_dir.glob("**/*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+  total, count, summed = op_times(trace)
+  print(f"{_TARGET.value} at T={_SEQ_LEN.value} on {jax.devices()[0].device_kind}; {_ITERS.value} calls; "
+        f"summed: {summed}; trace {trace}")
+  print(table(total, count, _ITERS.value, _TOP.value))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -5,7 +5,9 @@
 
 Targets (the inputs of `experiments/bench_sections`, default implementations): "pruned_select" (top-k of
 1024 rows of causal indexer scores), "index_topk" (scores + top-k of a causal sequence), "dsa_layer" (the
-DSA attention core: index_topk + sparse MLA). After one warm-up call (compilation), `--iters` calls are
+DSA attention core: index_topk + sparse MLA), and "train_step" (one training step of `--stage` with the
+model of `--train_config`, by default the parity run's `train_small`, on one row of `--seq_len` random
+tokens). After one warm-up call (compilation), `--iters` calls are
 traced with `jax.profiler` (a Perfetto trace); the table sums each op's time on the device streams (on a
 machine without an accelerator, on the host) and divides by the calls: ms per call, share, count per call.
 """
@@ -21,16 +23,43 @@ from absl import app, flags
 
 from experiments.bench_sections import dsa_layer, topk
 
-TARGETS = ("pruned_select", "index_topk", "dsa_layer")
+TARGETS = ("pruned_select", "index_topk", "dsa_layer", "train_step")
 _TARGET = flags.DEFINE_enum("target", "index_topk", TARGETS, "What to profile.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 32768, "Sequence length T (keys per row).")
 _ITERS = flags.DEFINE_integer("iters", 3, "Traced calls.")
 _TOP = flags.DEFINE_integer("top", 25, "Ops listed.")
 _TRACE_DIR = flags.DEFINE_string("trace_dir", "", "Keep the trace here (default: a temporary folder).")
+_STAGE = flags.DEFINE_enum("stage", "sparse", ("dense", "warmup", "sparse"), "Stage of --target=train_step.")
+_TRAIN_CONFIG = flags.DEFINE_enum("train_config", "train_small", ("train_small", "train_tiny"),
+                                  "Config file (experiments/configs) of --target=train_step.")
+
+
+def _train_step(stage: str, seq_len: int, config_name: str):
+  """One step of `stage` for the config's model on a random row -> (step function, (state, batch))."""
+  import importlib  # noqa: PLC0415
+
+  import numpy as np  # noqa: PLC0415
+
+  from dsa_jax.training import optimizer, recipe, state as state_lib, train_step  # noqa: PLC0415
+  from experiments import train_dsa  # noqa: PLC0415
+
+  c = importlib.import_module(f"experiments.configs.{config_name}").get_config()
+  c.data.seq_len = seq_len
+  cfg = train_dsa.recipe_config(c)
+  step_cfg = train_step.StepConfig(model=cfg.model, stage=stage, optimizer=cfg.optimizer, loss=cfg.loss,
+                                   bias_gamma=cfg.bias_gamma)
+  state = state_lib.start_stage(recipe.initial_state(cfg), optimizer.build(cfg.optimizer, stage))
+  ids = np.random.default_rng(0).integers(0, 256, (1, seq_len), dtype=np.int32)
+  batch = dict(ids=ids, positions=np.arange(seq_len, dtype=np.int32)[None], segment_ids=np.zeros_like(ids),
+               loss_mask=np.ones_like(ids))
+  # Not donated, so that every traced call can reuse the same state.
+  return jax.jit(lambda state, batch: train_step.step(state, batch, config=step_cfg)), (state, batch)
 
 
 def build(target: str, seq_len: int):
   """-> (jitted function, its arguments) for `target` at `seq_len`."""
+  if target == "train_step":
+    return _train_step(_STAGE.value, seq_len, _TRAIN_CONFIG.value)
   if target == "pruned_select":
     return jax.jit(topk.SELECT_FNS["pruned_select"]), (topk._score_rows(seq_len)["indexer"],)  # noqa: SLF001
   x, vis = dsa_layer._inputs(seq_len)  # noqa: SLF001

@@ -36,19 +36,24 @@ def load(run_dir: pathlib.Path) -> dict[str, list[dict]]:
   return found
 
 
+def pairs(runs: dict[str, list[dict]]) -> list[tuple[int, float, float]]:
+  """(sparse step, its LM loss, dense_cont's LM loss on the same batch) for every sparse step."""
+  if "sparse" not in runs or "dense_cont" not in runs:
+    return []
+  offset = len([r for r in runs.get("warmup", []) if "loss" in r])
+  dense = {r["step"]: r["lm_loss"] for r in runs["dense_cont"] if "lm_loss" in r}
+  return [(r["step"], r["lm_loss"], dense[offset + r["step"]]) for r in runs["sparse"]
+          if "lm_loss" in r and offset + r["step"] in dense]
+
+
 def paired_gap(runs: dict[str, list[dict]], last: int | None = None) -> tuple[float, float, int] | None:
   """(mean relative LM-loss gap sparse / dense_cont - 1, its standard error, batches) over the sparse
   stage's last `last` steps (all when None), each sparse batch paired with the same dense_cont batch."""
-  if "sparse" not in runs or "dense_cont" not in runs:
+  paired = pairs(runs)
+  paired = paired[-last:] if last else paired
+  if len(paired) < 2:
     return None
-  offset = len([r for r in runs.get("warmup", []) if "loss" in r])
-  dense = {r["step"]: r["lm_loss"] for r in runs["dense_cont"] if "lm_loss" in r}
-  pairs = [(r["lm_loss"], dense[offset + r["step"]]) for r in runs["sparse"]
-           if "lm_loss" in r and offset + r["step"] in dense]
-  pairs = pairs[-last:] if last else pairs
-  if len(pairs) < 2:
-    return None
-  sparse, base = np.array(pairs).T
+  _, sparse, base = np.array(paired).T
   diff = (sparse - base) / base.mean()
   return sparse.mean() / base.mean() - 1, diff.std(ddof=1) / np.sqrt(len(diff)), len(diff)
 
@@ -98,12 +103,9 @@ def main(argv):
   times = [np.median([r["step_time_s"] for r in runs[s] if "step_time_s" in r][1:] or [np.nan]) for s in names]
   axes[3].bar(names, times)
   axes[3].set(title="median step time (s)")
-  if paired_gap(runs) is not None:  # the per-batch gap of the two branches, raw and as a running mean
-    offset = trained("warmup")
-    dense = {r["step"]: r["lm_loss"] for r in runs["dense_cont"] if "lm_loss" in r}
-    rows = [r for r in runs["sparse"] if "lm_loss" in r and offset + r["step"] in dense]
-    gap = np.array([100 * (r["lm_loss"] / dense[offset + r["step"]] - 1) for r in rows])
-    steps = [r["step"] for r in rows]
+  if len(pairs(runs)) >= 2:  # the per-batch gap of the two branches, raw and as a running mean
+    steps, sparse, base = np.array(pairs(runs)).T
+    gap = 100 * (sparse / base - 1)
     axes[4].plot(steps, gap, ".", alpha=0.4, label="per batch")
     axes[4].plot(steps, np.cumsum(gap) / np.arange(1, len(gap) + 1), label="running mean")
     axes[4].axhline(0, color="gray", lw=0.5)

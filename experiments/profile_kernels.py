@@ -61,13 +61,13 @@ def build(target: str, seq_len: int):
   if target == "train_step":
     return _train_step(_STAGE.value, seq_len, _TRAIN_CONFIG.value)
   if target == "pruned_select":
-    return jax.jit(topk.SELECT_FNS["pruned_select"]), (topk._score_rows(seq_len)["indexer"],)  # noqa: SLF001
-  x, vis = dsa_layer._inputs(seq_len)  # noqa: SLF001
+    return jax.jit(topk.SELECT_FNS["pruned_select"]), (topk.score_rows(seq_len)["indexer"],)
+  x, vis = dsa_layer.inputs(seq_len)
   if target == "index_topk":
     from pallas_kernels.lightning_indexer import api as indexer_api  # noqa: PLC0415
     fn = lambda x, vis: indexer_api.index_topk(x["iq"], x["ik"], x["iw"], topk=dsa_layer.K, **vis)
     return jax.jit(fn), (x, vis)
-  return jax.jit(lambda x, vis: dsa_layer._layer(x, vis, None, "pruned_select")), (x, vis)  # noqa: SLF001
+  return jax.jit(lambda x, vis: dsa_layer.layer(x, vis, None, "pruned_select")), (x, vis)
 
 
 def op_times(trace_path: pathlib.Path) -> tuple[dict[str, float], dict[str, int], str]:

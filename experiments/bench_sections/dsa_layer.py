@@ -18,7 +18,7 @@ I, H, K, N, C, R = 64, 128, 2048, 128, 512, 64
 XLA_CHUNK = 512  # the reference indexer materialises [chunk, I, S] float32 logits (17 GB at 128K)
 
 
-def _inputs(T: int):  # noqa: N803
+def inputs(T: int):  # noqa: N803
   ks = jax.random.split(jax.random.key(0), 5)
   normal = lambda k, shape, dt=jnp.bfloat16: jax.random.normal(k, shape, dt)
   pos = jnp.arange(T, dtype=jnp.int32)[None]
@@ -28,7 +28,7 @@ def _inputs(T: int):  # noqa: N803
               q=normal(ks[3], (1, T, N, C + R)) * 0.05, kv=normal(ks[4], (1, T, C + R))), vis
 
 
-def _layer(x, vis, implementation, select="xla"):
+def layer(x, vis, implementation, select="xla"):
   idx = indexer_api.index_topk(x["iq"], x["ik"], x["iw"], topk=K, **vis, implementation=implementation,
                                select_implementation=select)
   return sparse_mla_api.sparse_mla(x["q"], x["kv"], idx, scale=(C + R) ** -0.5, v_dim=C,
@@ -44,7 +44,7 @@ def _xla_layer(x, vis):
   def chunk(args):
     iq, iw, q, qp, qs = args
     cvis = dict(vis, q_positions=qp, q_segment_ids=qs)
-    return _layer(dict(x, iq=iq, iw=iw, q=q), cvis, "xla")
+    return layer(dict(x, iq=iq, iw=iw, q=q), cvis, "xla")
 
   out = jax.lax.map(chunk, (split(x["iq"]), split(x["iw"]), split(x["q"]), split(vis["q_positions"]),
                             split(vis["q_segment_ids"])))
@@ -54,9 +54,9 @@ def _xla_layer(x, vis):
 def run(cfg: dict) -> list[dict]:
   rows = []
   for T in cfg["seq_lens"]:  # noqa: N806
-    x, vis = _inputs(T)
-    ours = jax.jit(lambda x, vis: _layer(x, vis, None, "pruned_select"))
-    pruned = jax.jit(lambda x, vis: _layer(x, vis, None, "pruned"))
+    x, vis = inputs(T)
+    ours = jax.jit(lambda x, vis: layer(x, vis, None, "pruned_select"))
+    pruned = jax.jit(lambda x, vis: layer(x, vis, None, "pruned"))
     xla = jax.jit(_xla_layer)
     ours_s = timing.time_fn(ours, x, vis, warmup=1, iters=3)
     pruned_s = timing.time_fn(pruned, x, vis, warmup=1, iters=3)

@@ -25,7 +25,7 @@ SCALE = 0.1352338
 ERR_QUERIES = 256
 
 
-def _inputs(T: int, heads: int, seed: int = 0):  # noqa: N803
+def inputs(T: int, heads: int, seed: int = 0):  # noqa: N803
   ks = jax.random.split(jax.random.key(seed), 4)
   tq = min(T, QUERIES)
   q = jax.random.normal(ks[0], (1, tq, heads, LATENT + ROPE), jnp.bfloat16)
@@ -35,7 +35,7 @@ def _inputs(T: int, heads: int, seed: int = 0):  # noqa: N803
   return q, kv, idx
 
 
-def _rel_err(got, want):
+def rel_err(got, want):
   finite = jnp.isfinite(want)
   got, want = (jnp.where(finite, x.astype(jnp.float32), 0.0) for x in (got, want))
   return float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
@@ -78,12 +78,12 @@ def _bwd_rows(q, kv, idx, out, lse, base: dict, flops: float) -> list[dict]:
   got["xla_autodiff"] = apply_vjp(autodiff_vjp(q, kv, idx), do, dlse)
   for row in rows:
     dq, dkv = got[row["impl"]]
-    row.update(err_queries=ERR_QUERIES, dq_rel_err=_rel_err(dq, want[0]), dkv_rel_err=_rel_err(dkv, want[1]))
+    row.update(err_queries=ERR_QUERIES, dq_rel_err=rel_err(dq, want[0]), dkv_rel_err=rel_err(dkv, want[1]))
   return rows
 
 
 def _rows_for(T: int, heads: int) -> list[dict]:  # noqa: N803
-  q, kv, idx = _inputs(T, heads)
+  q, kv, idx = inputs(T, heads)
   tq = q.shape[1]
   fwd = {impl: jax.jit(lambda q, kv, idx, impl=impl: api.sparse_mla(q, kv, idx, scale=SCALE, v_dim=LATENT,
                                                                      implementation=impl))
@@ -101,15 +101,15 @@ def _rows_for(T: int, heads: int) -> list[dict]:  # noqa: N803
   for impl in ("pallas", "xla"):
     seconds = timing.time_fn(fwd[impl], q, kv, idx)
     rows.append(dict(base, op="fwd", impl=impl, ms=seconds * 1e3, tflops=timing.tflops(flops, seconds)))
-  rows[0].update(out_rel_err=_rel_err(out, want_out), lse_rel_err=_rel_err(lse, want_lse))
+  rows[0].update(out_rel_err=rel_err(out, want_out), lse_rel_err=rel_err(lse, want_lse))
   grads = {}
   for impl in ("pallas", "xla"):
     grad = grad_fn(impl)
     grads[impl] = grad(q, kv, idx)
     seconds = timing.time_fn(grad, q, kv, idx, iters=3)
     rows.append(dict(base, op="fwd+bwd", impl=impl, ms=seconds * 1e3, tflops=timing.tflops(3.5 * flops, seconds)))
-  rows[2].update(dq_rel_err=_rel_err(grads["pallas"][0], grads["xla"][0]),
-                 dkv_rel_err=_rel_err(grads["pallas"][1], grads["xla"][1]))
+  rows[2].update(dq_rel_err=rel_err(grads["pallas"][0], grads["xla"][0]),
+                 dkv_rel_err=rel_err(grads["pallas"][1], grads["xla"][1]))
   del grads
   return rows + _bwd_rows(q, kv, idx, out, lse, base, flops)
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench_sections import timing
-from experiments.bench_sections.sparse_mla import HEADS, LATENT, ROPE, SCALE, TOPK, _inputs, _rel_err
+from experiments.bench_sections.sparse_mla import HEADS, LATENT, ROPE, SCALE, TOPK, inputs, rel_err
 from pallas_kernels.sparse_mla import kernel_bwd, kernel_fwd, reference
 
 GATHER_WARPS = (1, 2, 4)
@@ -33,7 +33,7 @@ def _timed(rows: list[dict], base: dict, fn, *args):
 def run(cfg: dict) -> list[dict]:
   rows = []
   for T in cfg["seq_lens"]:  # noqa: N806
-    q, kv, idx = _inputs(T, HEADS)
+    q, kv, idx = inputs(T, HEADS)
     tq = q.shape[1]
     flops = 2.0 * tq * TOPK * HEADS * (LATENT + ROPE + LATENT)
     want_out, want_lse = jax.jit(lambda q, kv, idx: reference.sparse_mla(q, kv, idx, scale=SCALE,
@@ -48,8 +48,8 @@ def run(cfg: dict) -> list[dict]:
           q, kv, idx, scale=SCALE, v_dim=LATENT, config=kernel_fwd.Config(gather_warps=warps)))
       got = _timed(rows, dict(base, op="fwd", gather_warps=warps), fwd, q, kv, idx)
       if got is not None:
-        rows[-1].update(tflops=timing.tflops(flops, rows[-1]["ms"] / 1e3), out_rel_err=_rel_err(got[0], want_out),
-                        lse_rel_err=_rel_err(got[1], want_lse))
+        rows[-1].update(tflops=timing.tflops(flops, rows[-1]["ms"] / 1e3), out_rel_err=rel_err(got[0], want_out),
+                        lse_rel_err=rel_err(got[1], want_lse))
       print(rows[-1], flush=True)
       bwd = jax.jit(lambda q, kv, idx, out, lse, do, dlse, warps=warps: kernel_bwd.sparse_mla_bwd(
           q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, gather_warps=warps))
@@ -59,6 +59,6 @@ def run(cfg: dict) -> list[dict]:
         if want_grads is None:
           want_grads = grads
         else:
-          rows[-1].update(dq_diff_vs_1=_rel_err(grads[0], want_grads[0]), dkv_diff_vs_1=_rel_err(grads[1], want_grads[1]))
+          rows[-1].update(dq_diff_vs_1=rel_err(grads[0], want_grads[0]), dkv_diff_vs_1=rel_err(grads[1], want_grads[1]))
       print(rows[-1], flush=True)
   return rows

@@ -38,7 +38,7 @@ def _indexer_inputs(T: int):  # noqa: N803
   return (q, k, w), vis
 
 
-def _score_rows(T: int):  # noqa: N803
+def score_rows(T: int):  # noqa: N803
   """Two [ROWS, T] float32 score sets: i.i.d. normal, and the last ROWS rows of causal indexer scores."""
   (q, k, w), vis = _indexer_inputs(T)
   rows = min(ROWS, T)
@@ -69,7 +69,7 @@ def run(cfg: dict) -> list[dict]:
   out = []
   for T in cfg["seq_lens"]:  # noqa: N806
     row = dict(section="topk", T=T, rows=min(ROWS, T), k=TOPK)
-    for kind, scores in _score_rows(T).items():
+    for kind, scores in score_rows(T).items():
       want = topk_reference.topk_indices(scores, TOPK)
       for select in SELECTS:
         fn = jax.jit(SELECT_FNS[select])

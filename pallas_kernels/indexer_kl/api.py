@@ -44,9 +44,6 @@ from pallas_kernels.indexer_kl.chunking import PAD_POSITION, pad_chunks, unchunk
 
 AVAILABLE = ("xla", "pallas")
 SPARSE_AVAILABLE = ("xla", "pallas")
-# The automatic choice of the sparse kernels: off, since they measured slower than "xla" and with a gradient
-# error on the H200 (module docstring; benchmarks/results/README.md).
-SPARSE_KERNEL_RUN_ON_GPU = False
 
 
 def _chunk_scores(q_chunk, k_chunk, attn_scale, idx_q, idx_k, idx_w):
@@ -160,8 +157,8 @@ def sparse_kl(attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w, indices
   slower on the H200 (module docstring); implementation="pallas" opts in.
   """
   attn_q, attn_k, attn_lse = jax.tree.map(jax.lax.stop_gradient, (attn_q, attn_k, attn_lse))
-  automatic = SPARSE_KERNEL_RUN_ON_GPU and sparse_pallas.supports(attn_q, idx_q)
-  if resolve_implementation(implementation, SPARSE_AVAILABLE, automatic) == "pallas":
+  # Never the automatic choice: the kernels measured slower than "xla" on the H200 (module docstring).
+  if resolve_implementation(implementation, SPARSE_AVAILABLE, False) == "pallas":
     return sparse_pallas.sparse_kl(attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w, indices,
                                    q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
                                    kv_segment_ids=kv_segment_ids, interpret=interpret)

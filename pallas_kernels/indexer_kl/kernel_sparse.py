@@ -67,7 +67,7 @@ def forward_stages(n_p: int, c_p: int, i_p: int, h_p: int, config: Config = Conf
 
 
 def supports(num_heads: int, key_dim: int, index_heads: int, index_dim: int) -> bool:
-  """Whether the forward kernel handles these sizes (the API asks this and `kernel_sparse_bwd.supports`)."""
+  """Whether the forward kernel handles these sizes (checked by `sparse_stats` below)."""
   n, c, i, h = padded_dims(num_heads, key_dim, index_heads, index_dim)
   return n <= MAX_HEADS and index_heads <= INDEX_HEADS and forward_stages(n, c, i, h) >= 2
 

@@ -50,7 +50,7 @@ def stages_for(n_p: int, c_p: int, i_p: int, h_p: int) -> int:
 
 
 def supports(num_heads: int, key_dim: int, index_heads: int, index_dim: int) -> bool:
-  """Whether the backward kernel handles these sizes (the API asks this and `kernel_sparse.supports`)."""
+  """Whether the backward kernel handles these sizes (checked by `sparse_grads` below)."""
   n, c, i, h = kernel_sparse.padded_dims(num_heads, key_dim, index_heads, index_dim)
   return n <= MAX_HEADS and index_heads <= INDEX_HEADS and stages_for(n, c, i, h) >= 2
 

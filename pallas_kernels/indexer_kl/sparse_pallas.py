@@ -9,17 +9,9 @@ recomputes p and I per selected block from the saved logsumexp(I) and z and writ
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels.indexer_kl import kernel_dense, kernel_sparse, kernel_sparse_bwd
 from pallas_kernels.indexer_kl.streaming import interpret_params
-
-
-def supports(attn_q: jax.Array, idx_q: jax.Array) -> bool:
-  """Automatic choice of the kernels: bf16 inputs (they compute in bf16) and sizes that fit their SMEM."""
-  sizes = (*attn_q.shape[2:], *idx_q.shape[2:])
-  return (attn_q.dtype == idx_q.dtype == jnp.bfloat16 and kernel_sparse.supports(*sizes)
-          and kernel_sparse_bwd.supports(*sizes))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

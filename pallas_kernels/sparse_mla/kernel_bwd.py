@@ -124,7 +124,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
 
   @pl.when(wg == 0)
   def _scores_left_half():
-    plgpu.set_max_registers(cfg.max_registers[0], action="increase")
+    plgpu.set_max_registers(kernel_fwd.COMPUTE_REGISTERS, action="increase")
     for (off, width), smem in zip(chunks, q_smem):
       plgpu.copy_gmem_to_smem(q_ref.at[b, t, heads, pl.ds(off, width)], smem, q_bar)
     for c, smem in enumerate(do_smem):
@@ -161,7 +161,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
 
   @pl.when(wg == 1)
   def _right_half_and_rope():
-    plgpu.set_max_registers(cfg.max_registers[0], action="increase")
+    plgpu.set_max_registers(kernel_fwd.COMPUTE_REGISTERS, action="increase")
     plgpu.barrier_wait(q_bar)
     v_dim = chunks[2][0]
     cols = range(half, v_dim + chunks[2][1], SLAB)
@@ -182,7 +182,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
 
   @pl.when(wg == 2)
   def _gather():
-    plgpu.set_max_registers(cfg.max_registers[1], action="decrease")
+    plgpu.set_max_registers(kernel_fwd.GATHER_REGISTERS, action="decrease")
 
     @pl.loop(0, steps)
     def _block(j):
@@ -257,7 +257,7 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   chunks = kernel_fwd.column_chunks(dk, v_dim)
   if block_k != 64:
     raise ValueError(f"block_k={block_k}: the dkv wgmma has the keys as its M, which is 64.")
-  cfg = kernel_fwd.Config(block_k=block_k, gather_warps=gather_warps)  # registers, gather warps
+  cfg = kernel_fwd.Config(block_k=block_k, gather_warps=gather_warps)  # validation, gather warps
   dtype = q.dtype
   delta = jnp.einsum("btnd,btnd->btn", out.astype(jnp.float32), do.astype(jnp.float32))
   lse2 = jnp.where(jnp.isfinite(lse), lse, 0.0) * math.log2(math.e)

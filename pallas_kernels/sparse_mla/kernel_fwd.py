@@ -35,6 +35,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 HEAD_TILE = 64
+# setmaxnreg of each compute warpgroup and of the gather warpgroup (multiples of 8): the three warpgroups
+# together must fit the SM's 65536 registers, (2 * 232 + 40) * 128.
+COMPUTE_REGISTERS, GATHER_REGISTERS = 232, 40
 _TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
@@ -59,11 +62,6 @@ class Config:
     if self.gather_warps not in (1, 2, 4):
       raise ValueError(f"gather_warps={self.gather_warps} must be one of (1, 2, 4).")
 
-  @property
-  def max_registers(self) -> tuple[int, int]:
-    """setmaxnreg of each compute and of the gather warpgroup (multiples of 8): all three warpgroups
-    together must fit the SM's 65536 registers, (2 * 232 + 40) * 128."""
-    return 232, 40
 
 
 def supports(dk: int, v_dim: int, dtype) -> bool:
@@ -116,7 +114,7 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
 
   @pl.when(wg == 0)
   def _scores_and_left_half():
-    plgpu.set_max_registers(cfg.max_registers[0], action="increase")
+    plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
     for (off, width), smem in zip(chunks, q_smem):
       plgpu.copy_gmem_to_smem(q_ref.at[b, t, pl.ds(h0, HEAD_TILE), pl.ds(off, width)], smem, q_bar)
     plgpu.barrier_wait(q_bar)
@@ -173,7 +171,7 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
 
   @pl.when(wg == 1)
   def _right_half():
-    plgpu.set_max_registers(cfg.max_registers[0], action="increase")
+    plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
 
     def step(j, acc):
       slot = slot_of(j)
@@ -194,7 +192,7 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
 
   @pl.when(wg == 2)
   def _gather():
-    plgpu.set_max_registers(cfg.max_registers[1], action="decrease")
+    plgpu.set_max_registers(GATHER_REGISTERS, action="decrease")
 
     def issue(j):
       slot = slot_of(j)

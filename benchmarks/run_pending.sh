@@ -4,6 +4,7 @@
 # On the GPU machine, from the repository root:
 #   OUT=/some/dir bash benchmarks/run_pending.sh 1   # gather_warps, sparse-KL gradient errors, gmm loads
 #   OUT=/some/dir bash benchmarks/run_pending.sh 2   # top-k steps; DSA core profile; sparse MLA at 32K
+#   OUT=/some/dir bash benchmarks/run_pending.sh 3   # cp.async gather; DSA core at 128K with 4 gather warps
 set -u
 : "${OUT:?set OUT to the output folder}"
 export PYTHONPATH=.
@@ -26,5 +27,9 @@ case "${1:-}" in
     echo "profile_dsa_layer_131072 rc=$?"
     run 330 sparse_mla_32768 --sections=sparse_mla --seq_lens=32768  # forward, backward and autodiff rows at 32K
     ;;
-  *) echo "usage: run_pending.sh 1|2" >&2; exit 2 ;;
+  3)
+    run 150 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192  # TMA 1 / 4 warps vs cp.async
+    run 300 dsa_layer_131072 --sections=dsa_layer --seq_lens=131072  # the whole DSA core, 4 gather warps
+    ;;
+  *) echo "usage: run_pending.sh 1|2|3" >&2; exit 2 ;;
 esac

@@ -4,7 +4,10 @@ Per sequence length T (batch 1, one causal document, 128 heads x 576-dim latent 
 the last QUERIES queries against S = T keys, each with K = 2048 distinct random causal (valid) indices in a
 random order, as top-k would hand them over. `indexer_kl.api.sparse_kl` forward and forward + backward
 (gradients of the summed KL w.r.t. the indexer's q, k, w), "pallas" (Mosaic GPU kernels both ways) and
-"xla" (chunked gather + einsum, differentiated by JAX), in ms; the forward also in TFLOP/s of useful work
+"xla" (chunked gather + einsum, differentiated by JAX), in ms. The "pallas" rows are there twice, column
+gather_warps: the default config (4 warps issue the row gathers) through the API, and gather_warps = 1 (one
+thread issues them, as before; `sparse_pallas.sparse_kl` with a `kernel_sparse.Config`), for the
+before / after of the warp-spread gather in one run; the forward also in TFLOP/s of useful work
 2 Tq K (N C + I H); the relative error of the Pallas KL and gradients against the XLA path
 (max |difference| / max |xla|); and, since the XLA path is not exact either, each implementation's error
 in each gradient (d idx_q, d idx_k, d idx_w) against the XLA path on float32 copies of the same inputs.
@@ -18,9 +21,12 @@ import jax.numpy as jnp
 
 from experiments.bench_sections import timing
 from experiments.bench_sections.indexer_kl import HEADS, INDEX_DIM, INDEX_HEADS, KEY_DIM, SCALE, add_rel_errors
-from pallas_kernels.indexer_kl import api
+from pallas_kernels.indexer_kl import api, kernel_sparse, sparse_pallas
 
 QUERIES, TOPK = 4096, 2048
+# (implementation, gather_warps): None = `api.sparse_kl`'s default config (which has 4 gather warps).
+VARIANTS = (("pallas", None), ("pallas", 1), ("xla", None))
+PASSES = ("fwd", "fwd+bwd")
 
 
 def causal_indices(key: jax.Array, q_positions: jax.Array, k: int) -> jax.Array:
@@ -54,12 +60,18 @@ def _inputs(T: int, seed: int = 0):  # noqa: N803
   return (attn_q, attn_k, attn_lse), idx, indices, vis
 
 
-def functions(implementation: str):
-  """(forward, forward + backward) of `sparse_kl`, jitted: f(attn, idx, indices, vis) -> KL [1, Tq] / grads."""
+def functions(implementation: str, gather_warps: int | None = None):
+  """(forward, forward + backward) of `sparse_kl`, jitted: f(attn, idx, indices, vis) -> KL [1, Tq] / grads.
+
+  With gather_warps, the "pallas" kernels with that `kernel_sparse.Config` (the API takes no config)."""
 
   def kl(attn, idx, indices, vis):
     attn_q, attn_k, attn_lse = attn
-    return api.sparse_kl(attn_q, attn_k, attn_lse, SCALE, *idx, indices, **vis, implementation=implementation)
+    if gather_warps is None:
+      return api.sparse_kl(attn_q, attn_k, attn_lse, SCALE, *idx, indices, **vis, implementation=implementation)
+    assert implementation == "pallas", implementation
+    return sparse_pallas.sparse_kl(attn_q, attn_k, attn_lse, SCALE, *idx, indices, **vis,
+                                   config=kernel_sparse.Config(gather_warps=gather_warps))
 
   grads = jax.grad(lambda idx, attn, indices, vis: kl(attn, idx, indices, vis).sum())
   return jax.jit(kl), jax.jit(lambda attn, idx, indices, vis: grads(idx, attn, indices, vis))
@@ -69,21 +81,27 @@ def _rows_for(T: int) -> list[dict]:  # noqa: N803
   args = _inputs(T)
   tq = args[0][0].shape[1]
   useful_flops = 2.0 * tq * TOPK * (HEADS * KEY_DIM + INDEX_HEADS * INDEX_DIM)
-  rows, outputs = [], {}
-  for impl in ("pallas", "xla"):
-    for pass_, fn in zip(("fwd", "fwd+bwd"), functions(impl)):
+  rows, outputs = [], {}  # outputs by (impl, gather_warps column or None, pass)
+  for impl, gather_warps in VARIANTS:
+    for pass_, fn in zip(PASSES, functions(impl, gather_warps)):
       seconds = timing.time_fn(fn, *args, iters=3)
-      outputs[impl, pass_] = fn(*args)
       row = dict(section="indexer_kl_sparse", T=T, queries=tq, k=TOPK, pass_=pass_, impl=impl, ms=seconds * 1e3)
+      if impl == "pallas":
+        row["gather_warps"] = kernel_sparse.Config().gather_warps if gather_warps is None else gather_warps
       if pass_ == "fwd":
         row["tflops"] = timing.tflops(useful_flops, seconds)
+      outputs[impl, row.get("gather_warps"), pass_] = fn(*args)
       rows.append(row)
-  add_rel_errors(rows, outputs)
+  xla = {("xla", pass_): outputs["xla", None, pass_] for pass_ in PASSES}
+  for warps in {row["gather_warps"] for row in rows if row["impl"] == "pallas"}:  # each against the "xla" rows
+    add_rel_errors([row for row in rows if row["impl"] == "pallas" and row["gather_warps"] == warps],
+                   {**xla, **{("pallas", pass_): outputs["pallas", warps, pass_] for pass_ in PASSES}})
   attn, idx, indices, vis = args
   exact = functions("xla")[1](attn, jax.tree.map(lambda x: x.astype(jnp.float32), idx), indices, vis)
   for row in rows:
     if row["pass_"] == "fwd+bwd":
-      for name, got, want in zip(("d_iq", "d_ik", "d_w"), outputs[row["impl"], "fwd+bwd"], exact):
+      got_grads = outputs[row["impl"], row.get("gather_warps"), "fwd+bwd"]
+      for name, got, want in zip(("d_iq", "d_ik", "d_w"), got_grads, exact):
         row[f"{name}_err_vs_f32"] = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
   return rows
 

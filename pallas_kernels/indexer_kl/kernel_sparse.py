@@ -14,7 +14,9 @@ One CTA owns one query token and two warpgroups:
     block into SMEM and then, per 64-column chunk of the keys (the 576-dim latent key is 9 chunks, the
     128-dim index key 2), gathers the 64 selected rows with one TMA each into a ring slot of 64 keys x 64
     columns. Hopper has no TMA gather; a single row lands in the swizzled, tiled layout that wgmma reads
-    through a second view of the slot as 128-byte lines (as in `sparse_mla.kernel_fwd`).
+    through a second view of the slot as 128-byte lines (as in `sparse_mla.kernel_fwd`). The row copies are
+    spread over `Config.gather_warps` warps of wg 1 (4, the default: each issues a quarter of every chunk's
+    rows from its own lane; 1 or 2 also allowed), through `sparse_mla.kernel_fwd.issue_row_copies`.
   * wg 0 (compute) holds the token's attention query [N, C] and index query [I, H] in SMEM and per block
     runs the dense kernel's two wgmmas with the keys as M: logits [64 keys, N heads] and index logits
     [64 keys, I heads], so the sums over heads are row reductions inside each warp. It releases each ring
@@ -22,8 +24,12 @@ One CTA owns one query token and two warpgroups:
 
 SMEM at V3.2 shapes (bf16): the query 144 KiB + the index query 16 KiB + small buffers leave room for 7 ring
 slots of 8 KiB (the dense kernel's budget: a whole 88 KiB key block does not fit beside the query).
-Each 64-key block costs 11 x 64 row copies of 128 bytes, issued by one thread: at ~15 cycles per copy
-the gather, not the tensor cores, is expected to bound this kernel.
+Each 64-key block costs 11 x 64 row copies of 128 bytes. Issued by one thread, at ~15 cycles per copy, the
+gather, not the tensor cores, is expected to bound this kernel: with one thread, on the H200 (T = 8K and
+32K, 4096 queries, K = 2048), the forward took 41 ms vs 17 ms for the XLA path. The sparse MLA forward had
+the same bottleneck (576 copies per 64-key block), and spreading its copies over four warps made it 2.08x
+faster on the H200; that is the reason to expect a gain here, but the warp-spread gather has not yet run on
+a GPU with these kernels (`experiments/bench_sections/indexer_kl_sparse.py` times gather_warps 4 against 1).
 
 Validity (causal order, segments, -1 slots) is folded into the index list by `selected_keys` in XLA, so
 the kernel only tests idx >= 0 (an invalid slot gathers row 0 and is masked). Indices within a row must
@@ -43,6 +49,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.indexer_kl import kernel_dense, streaming
 from pallas_kernels.indexer_kl.kernel_dense import HEAD_MULTIPLE, MAX_HEADS, NUM_STATS
 from pallas_kernels.indexer_kl.streaming import BLOCK_S, CHUNK, FLOOR, LOG2E, round_up
+from pallas_kernels.sparse_mla.kernel_fwd import issue_row_copies
 
 INDEX_HEADS = 64  # index heads padded to one wgmma M: the backward's d iq product has them as M
 _LINE_TRANSFORMS = (plgpu.TilingTransform((1, CHUNK)), plgpu.SwizzleTransform(128))
@@ -53,7 +60,15 @@ AUTO_BARRIERS = False
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  max_stages: int = 12  # ring slots, if they fit in SMEM
+  """Settings of the forward and the backward (the backward sizes its ring itself: `kernel_sparse_bwd`)."""
+  max_stages: int = 12  # ring slots of the forward, if they fit in SMEM
+  # Warps of the memory warpgroup that issue the row copies (1, 2 or 4; `gather`), forward and backward: one
+  # thread issuing a block's 704 copies is the expected bottleneck (module docstring; 4 not yet measured here).
+  gather_warps: int = 4
+
+  def __post_init__(self):
+    if self.gather_warps not in (1, 2, 4):
+      raise ValueError(f"gather_warps={self.gather_warps} must be one of (1, 2, 4).")
 
 
 def padded_dims(n: int, c: int, i: int, h: int) -> tuple[int, int, int, int]:
@@ -109,11 +124,13 @@ def ring_buffer(stages: int, interpret: bool):
 
 
 def gather(sel_ref, k_ref, ik_ref, ring, idx_smem, ready, free, idx_ready, idx_free, *, n_chunks, i_chunks,
-           stages):
+           stages, gather_warps):
   """Memory warpgroup: per block of 64 selected keys the index block, then chunk by chunk one TMA per row.
 
   Ring slot g % stages holds chunk g = block * (n_chunks + i_chunks) + k: the latent key's chunks first,
   then the index key's. idx_smem is double-buffered and released by the compute warpgroup (idx_free).
+  A chunk's row copies are issued by `gather_warps` warps (`issue_row_copies`): they all complete on the
+  slot's ready barrier, so any lane may issue them.
   """
   ring, lines = ring
   b, t = lax.axis_index("b"), lax.axis_index("t")
@@ -135,11 +152,11 @@ def gather(sel_ref, k_ref, ik_ref, ring, idx_smem, ready, free, idx_ready, idx_f
       slot = streaming.acquire_slot(free, n * per_block + k, stages)
       src, col = (k_ref, k) if k < n_chunks else (ik_ref, k - n_chunks)
 
-      @pl.loop(0, BLOCK_S)
-      def _row(r):
-        row = src.at[b, pl.ds(jnp.maximum(idx_smem[ps, r], 0), 1), pl.ds(col * CHUNK, CHUNK)]
+      def copy_row(r, row):
         dst = ring.at[slot, pl.ds(r, 1)] if lines is None else lines.at[pl.ds(slot * BLOCK_S + r, 1)]
-        plgpu.copy_gmem_to_smem(row, dst, ready.at[slot])
+        plgpu.copy_gmem_to_smem(src.at[b, pl.ds(row, 1), pl.ds(col * CHUNK, CHUNK)], dst, ready.at[slot])
+
+      issue_row_copies(BLOCK_S, gather_warps, lambda r: idx_smem[ps, r], copy_row)
 
     plgpu.commit_smem()  # order this block's index reads before the TMA that refills idx_smem
 
@@ -201,13 +218,14 @@ def _compute(q_ref, iq_ref, lse_ref, w_ref, out_ref, q_smem, iq_smem, lse_smem, 
 
 
 def _body(sel_ref, q_ref, k_ref, lse_ref, iq_ref, ik_ref, w_ref, out_ref, q_smem, iq_smem, lse_smem, w_smem, ring,
-          idx_smem, out_smem, q_bar, ready, free, idx_ready, idx_free, *, scale, stages):
+          idx_smem, out_smem, q_bar, ready, free, idx_ready, idx_free, *, scale, stages, gather_warps):
   streaming.split_warpgroups(
       functools.partial(_compute, q_ref, iq_ref, lse_ref, w_ref, out_ref, q_smem, iq_smem, lse_smem, w_smem,
                         tuple(ring), idx_smem, out_smem, q_bar, ready, free, idx_ready, idx_free, scale=scale,
                         stages=stages, blocks=sel_ref.shape[-1] // BLOCK_S),
       functools.partial(gather, sel_ref, k_ref, ik_ref, tuple(ring), idx_smem, ready, free, idx_ready, idx_free,
-                        n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages))
+                        n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages,
+                        gather_warps=gather_warps))
 
 
 def sparse_stats(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w, selected, *,
@@ -227,7 +245,7 @@ def sparse_stats(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_
   stages = forward_stages(n_p, c_p, i_p, h_p, config)
   q, k, lse, iq, ik, w = padded_operands(attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w)
   return streaming.launch_per_token(
-      functools.partial(_body, scale=float(attn_scale), stages=stages),
+      functools.partial(_body, scale=float(attn_scale), stages=stages, gather_warps=config.gather_warps),
       (bsz, t),
       out_type=jax.ShapeDtypeStruct((bsz, t, NUM_STATS, BLOCK_S), jnp.float32),
       scratch_types=(

@@ -10,11 +10,14 @@ I[s] = sum_j w_j ReLU(iq_j . ik_s), with A[s, j] = G[s] [iq_j . ik_s > 0]:
 The identity d w_j = iq_j . V_j saves a cross-thread column sum over keys per block.
 
 The CTA layout is the forward's (`kernel_sparse`): wg 1 gathers the selected rows into the same ring, in the
-same order; wg 0 recomputes the attention logits [64 keys, N] (p) and the index logits [64 keys, I], keeps
-the two index-key ring slots until V += A^T ik has read them, stages A and A w (bf16, 8 KiB each) for the
-wgmmas, and per 64-column chunk of d ik stages 64 keys x 64 f32 and adds it into the f32 d ik output with
-one TMA reduce-add per valid selected row (atomic per element: the summation order, hence the rounding,
-varies run to run). The index heads are the M of the V product: they are padded to INDEX_HEADS = 64.
+same order, its row copies spread over `Config.gather_warps` warps (not yet run on a GPU: see `kernel_sparse`);
+wg 0 recomputes the attention logits [64 keys, N] (p) and the index logits [64 keys, I], keeps the two
+index-key ring slots until V += A^T ik has read them, stages A and A w (bf16, 8 KiB each) for the wgmmas,
+and per 64-column chunk of d ik stages 64 keys x 64 f32 and adds it into the f32 d ik output with one TMA
+reduce-add per valid selected row (atomic per element: the summation order, hence the rounding, varies run
+to run). Those reduce-adds stay on one thread whatever gather_warps is: bulk async groups track them, and a
+group belongs to its issuing thread. The index heads are the M of the V product: they are padded to
+INDEX_HEADS = 64.
 
 SMEM at V3.2 shapes: the query 144 KiB + the index query 16 KiB + A, A w 16 KiB + the d ik stage 16 KiB
 leave 3 ring slots of 8 KiB (the stage is single-buffered: a chunk waits until the previous one's row
@@ -140,21 +143,24 @@ def _compute(tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q
 
 def _body(sel_ref, tok_ref, q_ref, k_ref, lse_ref, iq_ref, ik_ref, w_ref, diq_ref, dw_ref, dik_ref, q_smem, iq_smem,
           lse_smem, w_smem, ring, idx_smem, a_smem, aw_smem, stage, q_bar, ready, free, idx_ready, idx_free, *,
-          scale, stages, interpret):
+          scale, stages, gather_warps, interpret):
   streaming.split_warpgroups(
       functools.partial(_compute, tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q_smem, iq_smem,
                         lse_smem, w_smem, tuple(ring), idx_smem, a_smem, aw_smem, stage, q_bar, ready, free,
                         idx_ready, idx_free, scale=scale, stages=stages, blocks=sel_ref.shape[-1] // BLOCK_S,
                         interpret=interpret),
       functools.partial(kernel_sparse.gather, sel_ref, k_ref, ik_ref, tuple(ring), idx_smem, ready, free, idx_ready,
-                        idx_free, n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages))
+                        idx_free, n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages,
+                        gather_warps=gather_warps))
 
 
 def sparse_grads(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w, selected, lse_scores, z, g, *,
+                 config: kernel_sparse.Config = kernel_sparse.Config(),
                  interpret=False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(d idx_q, d idx_k, d idx_w) of sum_t g[t] KL[t], given the forward's logsumexp(I) and z per token [B, T].
 
-  Shapes as in `kernel_sparse.sparse_stats`; `selected` from `kernel_sparse.selected_keys`.
+  Shapes as in `kernel_sparse.sparse_stats`; `selected` from `kernel_sparse.selected_keys`. Of `config` only
+  gather_warps applies: the backward's ring is sized by `stages_for`.
   """
   bsz, t, n, c = attn_q.shape
   i, h = idx_q.shape[2:]
@@ -170,7 +176,8 @@ def sparse_grads(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_
                   axis=-1)
   q_scratch, iq_scratch, lse_scratch, w_scratch = streaming.query_scratch(n_p, c_p, i_p, h_p)
   kernel = streaming.launch_per_token(
-      functools.partial(_body, scale=float(attn_scale), stages=stages, interpret=bool(interpret)),
+      functools.partial(_body, scale=float(attn_scale), stages=stages, gather_warps=config.gather_warps,
+                        interpret=bool(interpret)),
       (bsz, t),
       out_type=(),
       scratch_types=(

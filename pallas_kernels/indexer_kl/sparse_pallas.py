@@ -3,7 +3,9 @@
 Forward: `kernel_sparse` (per-lane statistics of each token's selected keys, reduced by
 `kernel_dense.combine`), KL = c/z - log z - a/z + logsumexp(I) (`kernel_dense.kl_from_stats`). Backward: `kernel_sparse_bwd`, which
 recomputes p and I per selected block from the saved logsumexp(I) and z and writes d idx_q, d idx_w and
-(atomically) d idx_k. Both compute in bf16 with float32 accumulation and need a static attn_scale.
+(atomically) d idx_k. Both compute in bf16 with float32 accumulation and need a static attn_scale, and
+both take `sparse_kl`'s `kernel_sparse.Config` (the default one from `api.sparse_kl`), which sets the
+gather warps.
 """
 
 import functools
@@ -14,23 +16,23 @@ from pallas_kernels.indexer_kl import kernel_dense, kernel_sparse, kernel_sparse
 from pallas_kernels.indexer_kl.streaming import interpret_params
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _sparse_kl(attn_scale, interpret, *args):
-  return _sparse_kl_fwd(attn_scale, interpret, *args)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _sparse_kl(attn_scale, interpret, config, *args):
+  return _sparse_kl_fwd(attn_scale, interpret, config, *args)[0]
 
 
-def _sparse_kl_fwd(attn_scale, interpret, attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, selected):
+def _sparse_kl_fwd(attn_scale, interpret, config, attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, selected):
   partials = kernel_sparse.sparse_stats(attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w, selected,
-                                        interpret=interpret_params(interpret))
+                                        config=config, interpret=interpret_params(interpret))
   m, l, z, a, c = kernel_dense.combine(partials)
   kl, lse_scores = kernel_dense.kl_from_stats(m, l, z, a, c)
   return kl, (attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, selected, lse_scores, z)
 
 
-def _sparse_kl_bwd(attn_scale, interpret, residuals, g):
+def _sparse_kl_bwd(attn_scale, interpret, config, residuals, g):
   attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, selected, lse_scores, z = residuals
   grads = kernel_sparse_bwd.sparse_grads(attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w, selected,
-                                         lse_scores, z, g, interpret=interpret_params(interpret))
+                                         lse_scores, z, g, config=config, interpret=interpret_params(interpret))
   return (None, None, None, *grads, None)
 
 
@@ -38,7 +40,9 @@ _sparse_kl.defvjp(_sparse_kl_fwd, _sparse_kl_bwd)
 
 
 def sparse_kl(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w, indices, *, q_positions,
-              kv_positions, q_segment_ids, kv_segment_ids, interpret: bool = False) -> jax.Array:
-  """KL per query float32 [B, T]; arguments as `api.sparse_kl` (attn_* already stop-gradient)."""
+              kv_positions, q_segment_ids, kv_segment_ids, interpret: bool = False,
+              config: kernel_sparse.Config = kernel_sparse.Config()) -> jax.Array:
+  """KL per query float32 [B, T]; arguments as `api.sparse_kl` (attn_* already stop-gradient), plus the
+  kernels' `config` (the benchmark and tests pick gather_warps through it)."""
   selected = kernel_sparse.selected_keys(indices, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
-  return _sparse_kl(float(attn_scale), interpret, attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, selected)
+  return _sparse_kl(float(attn_scale), interpret, config, attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, selected)

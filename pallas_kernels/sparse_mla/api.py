@@ -30,7 +30,10 @@ def _interpret_params(interpret):
 
 
 def _forward(q, kv, indices, scale, v_dim, interpret):
-  return kernel_fwd.sparse_mla_fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=_interpret_params(interpret))
+  # Interpret mode cannot run the cp.async gather (inline Mosaic GPU code): there the TMA gather stands in.
+  config = kernel_fwd.Config(gather="tma") if interpret else kernel_fwd.Config()
+  return kernel_fwd.sparse_mla_fwd(q, kv, indices, scale=scale, v_dim=v_dim, config=config,
+                                   interpret=_interpret_params(interpret))
 
 
 def _pallas_fwd(q, kv, indices, scale, v_dim, deterministic, interpret):

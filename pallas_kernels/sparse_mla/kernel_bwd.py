@@ -44,7 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.sparse_mla import kernel_fwd
+from pallas_kernels.sparse_mla import cp_async_gather, kernel_fwd
 from pallas_kernels.sparse_mla.kernel_fwd import HEAD_TILE
 
 SLAB = 64  # dkv columns per staged slab
@@ -204,6 +204,12 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
             plgpu.copy_gmem_to_smem(kv_ref.at[b, pl.ds(row, 1), pl.ds(off + 64 * ct, 64)],
                                     lines.at[pl.ds(line, 1)], kv_ready)
 
+      if cfg.gather == "cp_async":  # all 128 threads copy 16-byte pieces; wait, fence, then all arrive
+        cp_async_gather.issue_block(kv_ref.at[b], idx_smem, kv_lines, chunks=chunks, rows=bk)
+        cp_async_gather.wait(0)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(kv_ready)
+        return
       # Only the row gathers are spread over warps (gather_warps > 1); the per-row dkv reduce-adds of wg 0
       # and wg 1 (`reduce_slab`) are tracked by bulk async groups, which belong to the issuing thread.
       kernel_fwd.issue_row_copies(bk, cfg.gather_warps, lambda r: idx_smem[r], copy_row)
@@ -211,23 +217,26 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     plgpu.barrier_wait(kv_free)  # observe the last release, so that every barrier phase is waited on
 
 
-def _kv_buffer(bk: int, width: int, dtype, stage: bool, interpret):
+def _kv_buffer(bk: int, width: int, dtype, stage: bool, interpret, gather: str = "tma"):
   """SMEM for one column chunk of the gathered key block: its wgmma view, its per-row TMA view (None in
   interpret mode) and, in the same bytes, two f32 dkv staging slots where `stage`.
 
   As in the forward (`kernel_fwd._kv_buffer`), single rows land through a view of the bytes as swizzled
-  128-byte lines. Interpret mode models views logically, so there the views are separate buffers.
+  128-byte lines; with gather="cp_async" the second view is flat, written at swizzled addresses by
+  `cp_async_gather`. Interpret mode models views logically, so there the views are separate buffers.
   """
   tiled = plgpu.SMEM((bk, width), dtype, transforms=_TRANSFORMS)
   slots = plgpu.SMEM((2, bk, SLAB), jnp.float32) if stage else None
   if interpret:
+    if gather == "cp_async":
+      raise ValueError("gather='cp_async' runs inline Mosaic GPU code, which GPU interpret mode cannot run.")
     return tiled, None, slots
-  lines = plgpu.SMEM((bk * width // 64, 64), dtype,
-                     transforms=(plgpu.TilingTransform((1, 64)), plgpu.SwizzleTransform(128)))
+  lines = plgpu.SMEM((bk * width,), dtype) if gather == "cp_async" else plgpu.SMEM(
+      (bk * width // 64, 64), dtype, transforms=(plgpu.TilingTransform((1, 64)), plgpu.SwizzleTransform(128)))
   return plgpu.RefUnion(tiled, lines, slots) if stage else plgpu.RefUnion(tiled, lines)
 
 
-def _scratch(chunks, bk, dtype, interpret):
+def _scratch(chunks, bk, dtype, interpret, gather="tma"):
   smem = functools.partial(plgpu.SMEM, dtype=dtype, transforms=_TRANSFORMS)
   half = chunks[0][1]
   copies_per_row = len(chunks) if interpret else sum(w // 64 for _, w in chunks)
@@ -235,13 +244,13 @@ def _scratch(chunks, bk, dtype, interpret):
   return (
       tuple(smem((HEAD_TILE, w)) for _, w in chunks),
       (smem((HEAD_TILE, half)), smem((HEAD_TILE, half))),
-      tuple(_kv_buffer(bk, w, dtype, c < 2, interpret) for c, (_, w) in enumerate(chunks)),
+      tuple(_kv_buffer(bk, w, dtype, c < 2, interpret, gather) for c, (_, w) in enumerate(chunks)),
       # The lse and (delta - dlse) rows are read into registers before P^T is first written.
       (plgpu.RefUnion if not interpret else lambda *refs: refs)(smem((bk, HEAD_TILE)), rows),
       smem((bk, HEAD_TILE)),
       plgpu.SMEM((bk,), jnp.int32),
       plgpu.Barrier(num_arrivals=len(chunks) + 4),
-      plgpu.Barrier(num_arrivals=copies_per_row * bk),
+      plgpu.Barrier(num_arrivals=1 if gather == "cp_async" else copies_per_row * bk),
       plgpu.Barrier(),
       plgpu.Barrier(num_arrivals=2),
       plgpu.Barrier(),
@@ -249,15 +258,15 @@ def _scratch(chunks, bk, dtype, interpret):
 
 
 def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: int, block_k: int = 64,
-                   gather_warps: int = 4, interpret=False) -> tuple[jax.Array, jax.Array]:
+                   gather_warps: int = 4, gather: str = "tma", interpret=False) -> tuple[jax.Array, jax.Array]:
   """Gradients of `reference.sparse_mla` w.r.t. q [B, T, N, Dk] and kv [B, S, Dk] from the saved lse,
-  given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N]). `gather_warps`
-  (1, 2 or 4) is `kernel_fwd.Config.gather_warps`: the warps of wg 2 that issue the row gathers."""
+  given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N]). `gather`
+  ("tma" or "cp_async") and `gather_warps` (1, 2 or 4) are those of `kernel_fwd.Config`."""
   bsz, t, n, dk = q.shape
   chunks = kernel_fwd.column_chunks(dk, v_dim)
   if block_k != 64:
     raise ValueError(f"block_k={block_k}: the dkv wgmma has the keys as its M, which is 64.")
-  cfg = kernel_fwd.Config(block_k=block_k, gather_warps=gather_warps)  # validation, gather warps
+  cfg = kernel_fwd.Config(block_k=block_k, gather_warps=gather_warps, gather=gather)  # validation
   dtype = q.dtype
   delta = jnp.einsum("btnd,btnd->btn", out.astype(jnp.float32), do.astype(jnp.float32))
   lse2 = jnp.where(jnp.isfinite(lse), lse, 0.0) * math.log2(math.e)
@@ -272,7 +281,7 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   kernel = plgpu.kernel(
       body,
       out_type=(),
-      scratch_types=_scratch(chunks, block_k, dtype, bool(interpret)),
+      scratch_types=_scratch(chunks, block_k, dtype, bool(interpret), gather),
       # Tokens last: Mosaic GPU launches the grid reversed and CUDA caps y and z at 65535 blocks.
       grid=((n + n_pad) // HEAD_TILE, bsz, t),
       grid_names=("h", "b", "t"),

@@ -14,9 +14,12 @@ One CTA owns one token and a tile of 64 heads (the wgmma M of one warpgroup), wi
     on the H200: ptxas caps four warpgroups (512 threads) at 65536 / 512 = 128 registers per thread,
     whatever setmaxnreg asks at run time, and wg 0 and wg 1 need more than 154. Instead
     `Config.gather_warps` = 4 (the default) splits each block's rows among the four warps of wg 2, each
-    issuing its copies from its own lane (`plgpu.warp_map`), at no register cost. Measured on the H200
-    (`experiments/bench_sections/sparse_mla_gather.py`, 8K tokens, 128 heads, k = 2048, 2026-11-29):
-    1 warp 19.4 ms (120 TFLOP/s), 2 warps 16.4 ms, 4 warps 9.35 ms (250 TFLOP/s), identical outputs.
+    issuing its copies from its own lane (`plgpu.warp_map`), at no register cost. Faster still, and the
+    default, `Config.gather="cp_async"` (`cp_async_gather`) skips the TMA unit: all 128 threads of wg 2
+    copy 16-byte pieces to their swizzled places, and block j + 1's copies fly while block j is consumed.
+    Measured on the H200 (`experiments/bench_sections/sparse_mla_gather.py`, 8K tokens, 128 heads,
+    k = 2048, 2026-11-29): TMA from 1 warp 19.0-19.4 ms (120 TFLOP/s), from 2 warps 16.4 ms, from 4 warps
+    9.35-9.74 ms (240-250 TFLOP/s); cp.async 6.35 ms (368 TFLOP/s); identical outputs.
   * wg 0: S = Q K^T over the three chunks, masking of invalid (-1) keys, online softmax (base 2), hands
     P and the rescale factor to wg 1 through SMEM, then O[:, :256] += P V[:, :256].
   * wg 1: O[:, 256:] += P V[:, 256:]. Splitting the value columns keeps each 64 x 256 f32 accumulator
@@ -35,11 +38,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.sparse_mla import cp_async_gather
+
 HEAD_TILE = 64
 # setmaxnreg of each compute warpgroup and of the gather warpgroup (multiples of 8): the three warpgroups
 # together must fit the SM's 65536 registers, (2 * 232 + 40) * 128.
 COMPUTE_REGISTERS, GATHER_REGISTERS = 232, 40
 _TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+GATHERS = ("tma", "cp_async")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +61,10 @@ class Config:
   # issuing from its own elected lane (`plgpu.warp_map`), without the registers a second warpgroup costs.
   # 4 was 2.08x faster than 1 on the H200 (module docstring).
   gather_warps: int = 4
+  # How rows are gathered: "cp_async" (16-byte cp.async copies by all 128 threads of the gather warpgroup,
+  # `cp_async_gather`; 1.53x faster than "tma" with 4 warps on the H200; GPU only: interpret mode cannot
+  # run it) or "tma" (per-row TMA copies, issued by `gather_warps` lanes).
+  gather: str = "cp_async"
 
   def __post_init__(self):
     if self.block_k % 64 or not 64 <= self.block_k <= 256:
@@ -63,6 +73,8 @@ class Config:
       raise ValueError(f"stages={self.stages} must be >= 1.")
     if self.gather_warps not in (1, 2, 4):
       raise ValueError(f"gather_warps={self.gather_warps} must be one of (1, 2, 4).")
+    if self.gather not in GATHERS:
+      raise ValueError(f"gather={self.gather!r} must be one of {GATHERS}.")
 
 
 
@@ -192,6 +204,35 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
     store_out(acc, inv_l, 1)
     plgpu.wait_smem_to_gmem(0)
 
+  def _cp_async_gather(j_steps):
+    """`cp_async_gather`: block j's copies are issued `stages` blocks ahead; once they have landed (all but
+    the newer groups waited for, then a proxy fence) every thread arrives on kv_ready (count 128)."""
+    def fetch(j):
+      slot = slot_of(j)
+      plgpu.copy_gmem_to_smem(idx_ref.at[b, t, pl.ds(j * bk, bk)], idx_smem.at[slot], idx_ready.at[slot])
+      plgpu.barrier_wait(idx_ready.at[slot])
+      flat = [lines.at[pl.ds(slot * bk * w, bk * w)] for (_, w), lines in zip(chunks, kv_lines)]
+      cp_async_gather.issue_block(kv_ref.at[b], idx_smem.at[slot], flat, chunks=chunks, rows=bk)
+
+    def publish(j, pending):
+      cp_async_gather.wait(pending)
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(kv_ready.at[slot_of(j)])
+
+    for j in range(min(cfg.stages, j_steps)):
+      fetch(jnp.int32(j))
+
+    @pl.loop(0, max(j_steps - cfg.stages, 0))
+    def _steady(j):
+      publish(j, cfg.stages - 1)
+      plgpu.barrier_wait(kv_free.at[slot_of(j)])
+      fetch(j + cfg.stages)
+
+    for j in range(max(j_steps - cfg.stages, 0), j_steps):
+      publish(jnp.int32(j), j_steps - 1 - j)
+    for j in range(max(j_steps - cfg.stages, 0), j_steps):
+      plgpu.barrier_wait(kv_free.at[j % cfg.stages])
+
   @pl.when(wg == 2)
   def _gather():
     plgpu.set_max_registers(GATHER_REGISTERS, action="decrease")
@@ -213,6 +254,10 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
                                     lines.at[pl.ds(line, 1)], kv_ready.at[slot])
 
       issue_row_copies(bk, cfg.gather_warps, lambda r: idx_smem[slot, r], copy_row)
+
+    if cfg.gather == "cp_async":
+      _cp_async_gather(j_steps=steps)
+      return
 
     for j in range(min(cfg.stages, steps)):
       issue(jnp.int32(j))
@@ -256,7 +301,7 @@ def issue_row_copies(bk: int, gather_warps: int, index_of, copy_row) -> None:
         copy_row(i * gather_warps + warp, row)
 
 
-def _kv_buffer(stages: int, bk: int, width: int, dtype, interpret):
+def _kv_buffer(stages: int, bk: int, width: int, dtype, interpret, gather="tma"):
   """SMEM for one column chunk of the gathered keys: (wgmma view, per-row TMA view or None).
 
   Mosaic only slices a tiled ref at whole 8-row tiles, so single gathered rows land through a second
@@ -265,6 +310,10 @@ def _kv_buffer(stages: int, bk: int, width: int, dtype, interpret):
   wgmma reads. GPU interpret mode models views logically, so there rows are copied into the tiled view.
   """
   tiled = plgpu.SMEM((stages, bk, width), dtype, transforms=_TRANSFORMS)
+  if gather == "cp_async":  # a flat view, written at swizzled addresses by `cp_async_gather`
+    if interpret:
+      raise ValueError("gather='cp_async' runs inline Mosaic GPU code, which GPU interpret mode cannot run.")
+    return plgpu.RefUnion(tiled, plgpu.SMEM((stages * bk * width,), dtype))
   if interpret:
     return tiled, None
   lines = plgpu.SMEM((stages * bk * width // 64, 64), dtype,
@@ -296,12 +345,13 @@ def sparse_mla_fwd(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: fl
                 jax.ShapeDtypeStruct((bsz, t, n + n_pad), jnp.float32)),
       scratch_types=(
           tuple(smem((HEAD_TILE, w)) for _, w in chunks),
-          tuple(_kv_buffer(stages, bk, w, dtype, interpret) for _, w in chunks),
+          tuple(_kv_buffer(stages, bk, w, dtype, interpret, config.gather) for _, w in chunks),
           smem((HEAD_TILE, bk)),
           plgpu.SMEM((stages, bk), jnp.int32),
           plgpu.SMEM((HEAD_TILE,), jnp.float32),
           plgpu.Barrier(num_arrivals=len(chunks)),
-          plgpu.Barrier(num_arrivals=_copies_per_row(chunks, interpret) * bk, num_barriers=stages),
+          plgpu.Barrier(num_arrivals=1 if config.gather == "cp_async" else _copies_per_row(chunks, interpret) * bk,
+                        num_barriers=stages),
           plgpu.Barrier(num_barriers=stages),
           plgpu.Barrier(num_arrivals=2, num_barriers=stages),
           plgpu.Barrier(),

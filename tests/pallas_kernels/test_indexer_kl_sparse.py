@@ -1,6 +1,6 @@
 """Sparse-stage indexer KL through the Mosaic GPU kernels: values and indexer gradients in GPU interpret mode
-(race detection on) against the materialising reference, and lowering of the forward and the gradient for
-an H200 at V3.2 shapes."""
+(race detection on) against the materialising reference, with the row gathers issued by one warp and by four,
+and lowering of the forward and the gradient for an H200 at V3.2 shapes."""
 
 import time
 
@@ -12,7 +12,7 @@ from absl.testing import absltest, parameterized
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # race-detector state (private)
 from jax.sharding import AbstractDevice, AbstractMesh
 
-from pallas_kernels.indexer_kl import api, kernel_sparse, kernel_sparse_bwd, reference
+from pallas_kernels.indexer_kl import api, kernel_sparse, kernel_sparse_bwd, reference, sparse_pallas
 from pallas_kernels.visibility import visible
 
 H200 = AbstractMesh((), (), abstract_device=AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132))
@@ -47,19 +47,23 @@ def _inputs(seed, B, T, S, N, C, I, H, K):  # noqa: N803
 
 
 class PallasSparseKLTest(parameterized.TestCase):
-  """The forward and backward kernels in interpret mode, through `api.sparse_kl`'s custom_vjp."""
+  """The forward and backward kernels in interpret mode, through `sparse_pallas`'s custom_vjp (from `api.sparse_kl`
+  or directly, with a config)."""
 
   def setUp(self):
     super().setUp()
     gpu_callbacks.reset_gpu_interpret_mode_state()
 
   @parameterized.named_parameters(
-      # ragged K (two 64-key blocks, the second partly padding), index heads padded 8 -> 64
-      ("ragged_k", 2, 2, 160, 16, 64, 8, 64, 70),
+      # ragged K (two 64-key blocks, the second partly padding), index heads padded 8 -> 64; gather_warps None:
+      # through `api.sparse_kl` with the default config (4 warps), otherwise `sparse_pallas` with that config
+      ("ragged_k", 2, 2, 160, 16, 64, 8, 64, 70, None),
+      ("ragged_k_gather_warps1", 2, 2, 160, 16, 64, 8, 64, 70, 1),
       # V3.2 key widths (576-dim latent key, 128-dim index key) with few heads; one block
-      ("v32_widths", 1, 2, 96, 16, 576, 16, 128, 40),
+      ("v32_widths_gather_warps4", 1, 2, 96, 16, 576, 16, 128, 40, 4),
+      ("v32_widths_gather_warps1", 1, 2, 96, 16, 576, 16, 128, 40, 1),
   )
-  def test_matches_reference(self, B, T, S, N, C, I, H, K):  # noqa: N803
+  def test_matches_reference(self, B, T, S, N, C, I, H, K, gather_warps):  # noqa: N803
     attn, idx, indices, vis = _inputs(time.time_ns(), B, T, S, N, C, I, H, K)
     g = jax.random.normal(jax.random.key(time.time_ns()), (B, T))
 
@@ -67,7 +71,11 @@ class PallasSparseKLTest(parameterized.TestCase):
       kl, vjp = jax.vjp(lambda *a: fn(*attn, *a, indices, **vis, **kw), *idx)
       return kl, vjp(g)
 
-    got, got_grads = value_and_vjp(api.sparse_kl, implementation="pallas", interpret=True)
+    if gather_warps is None:
+      got, got_grads = value_and_vjp(api.sparse_kl, implementation="pallas", interpret=True)
+    else:
+      got, got_grads = value_and_vjp(sparse_pallas.sparse_kl, interpret=True,
+                                     config=kernel_sparse.Config(gather_warps=gather_warps))
     self.assertFalse(gpu_callbacks.get_races().races_found)
     want, want_grads = value_and_vjp(reference.sparse_kl)
     chex.assert_shape(got, (B, T))
@@ -87,20 +95,34 @@ class PallasSparseKLTest(parameterized.TestCase):
     self.assertFalse(kernel_sparse.supports(128, 576, 128, 128))  # index heads beyond one wgmma M
     self.assertFalse(kernel_sparse_bwd.supports(160, 576, 64, 128))  # queries leave no room for the ring
 
+  def test_config_gather_warps(self):
+    self.assertEqual(kernel_sparse.Config().gather_warps, 4)
+    with self.assertRaisesRegex(ValueError, r"gather_warps=3 must be one of \(1, 2, 4\)"):
+      kernel_sparse.Config(gather_warps=3)
 
-class PallasSparseKLLoweringTest(absltest.TestCase):
-  """V3.2 shapes at T = S = 128K, K = 2048, through the whole Mosaic GPU lowering: forward and gradient."""
 
-  def test_forward_and_grad_lower_for_h200(self):
+class PallasSparseKLLoweringTest(parameterized.TestCase):
+  """V3.2 shapes at T = S = 128K, K = 2048, through the whole Mosaic GPU lowering: forward and gradient, with
+  the default config (4 gather warps, through `api.sparse_kl`) and with one gather warp."""
+
+  @parameterized.named_parameters(("default", None), ("gather_warps1", 1))
+  def test_forward_and_grad_lower_for_h200(self, gather_warps):
     sd = jax.ShapeDtypeStruct
     T = 131072  # noqa: N806  (the grid's token axis above CUDA's 65535 limit for y and z)
     args = (sd((1, T, 128, 576), jnp.bfloat16), sd((1, T, 576), jnp.bfloat16), sd((1, T, 128), jnp.float32),
             sd((1, T, 64, 128), jnp.bfloat16), sd((1, T, 128), jnp.bfloat16), sd((1, T, 64), jnp.float32),
             sd((1, T, 2048), jnp.int32), *[sd((1, T), jnp.int32)] * 4)
 
-    def loss(q, k, lse, iq, ik, w, indices, q_pos, kv_pos, q_seg, kv_seg):
-      return api.sparse_kl(q, k, lse, 0.1352338, iq, ik, w, indices, q_positions=q_pos, kv_positions=kv_pos,
-                           q_segment_ids=q_seg, kv_segment_ids=kv_seg, implementation="pallas").sum()
+    vis_names = ("q_positions", "kv_positions", "q_segment_ids", "kv_segment_ids")
+
+    def loss(q, k, lse, iq, ik, w, indices, *vis):
+      vis = dict(zip(vis_names, vis))
+      if gather_warps is None:
+        kl = api.sparse_kl(q, k, lse, 0.1352338, iq, ik, w, indices, **vis, implementation="pallas")
+      else:
+        kl = sparse_pallas.sparse_kl(q, k, lse, 0.1352338, iq, ik, w, indices, **vis,
+                                     config=kernel_sparse.Config(gather_warps=gather_warps))
+      return kl.sum()
 
     with jax.sharding.use_abstract_mesh(H200):
       for f, kernels in ((loss, 1), (jax.grad(loss, argnums=(3, 4, 5)), 2)):

@@ -40,7 +40,7 @@ class SparseMlaTest(parameterized.TestCase):
   def test_forward_kernel_matches_reference(self, B, T, N, K, gather_warps):  # noqa: N803
     q, kv, idx = _inputs(time.time_ns(), B, T, N, 40, K)
     out, lse = kernel_fwd.sparse_mla_fwd(q, kv, idx, scale=0.1, v_dim=128,
-                                         config=kernel_fwd.Config(gather_warps=gather_warps),
+                                         config=kernel_fwd.Config(gather="tma", gather_warps=gather_warps),
                                          interpret=plgpu.InterpretGPUParams(detect_races=True))
     self.assertFalse(gpu_callbacks.get_races().races_found)
     want_out, want_lse = reference.sparse_mla(q, kv, idx, scale=0.1, v_dim=128)
@@ -102,15 +102,29 @@ class SparseMlaTest(parameterized.TestCase):
   def test_config_rejects_gather_warps(self):
     with self.assertRaisesRegex(ValueError, r"gather_warps=3 must be one of \(1, 2, 4\)"):
       kernel_fwd.Config(gather_warps=3)
+    with self.assertRaisesRegex(ValueError, r"gather='ldg' must be one of \('tma', 'cp_async'\)"):
+      kernel_fwd.Config(gather="ldg")
 
-  @parameterized.parameters(1, 4)
-  def test_forward_lowers_for_h200(self, gather_warps):
-    """V3.2 shapes: T=128K queries, K=2048 of S=128K latent rows, 128 heads."""
+  def test_cp_async_gather_refuses_interpret_mode(self):
+    q, kv, idx = _inputs(0, 1, 1, 16, 40, 64)
+    with self.assertRaisesRegex(ValueError, "gather='cp_async' runs inline Mosaic GPU code"):
+      kernel_fwd.sparse_mla_fwd(q, kv, idx, scale=0.1, v_dim=128, config=kernel_fwd.Config(gather="cp_async"),
+                                interpret=plgpu.InterpretGPUParams())
+    with self.assertRaisesRegex(ValueError, "gather='cp_async' runs inline Mosaic GPU code"):
+      kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
+                                jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="cp_async",
+                                interpret=plgpu.InterpretGPUParams())
+
+  @parameterized.parameters(("tma", 1), ("tma", 4), ("cp_async", 4))
+  def test_forward_lowers_for_h200(self, gather, gather_warps):
+    """V3.2 shapes: T=128K queries, K=2048 of S=128K latent rows, 128 heads. For the cp.async gather this
+    is the only CPU check (interpret mode cannot run inline Mosaic GPU code): the H200 benchmark checks its
+    outputs (`experiments/bench_sections/sparse_mla_gather.py`)."""
     args = (jax.ShapeDtypeStruct((1, 131072, 128, 576), jnp.bfloat16),
             jax.ShapeDtypeStruct((1, 131072, 576), jnp.bfloat16),
             jax.ShapeDtypeStruct((1, 131072, 2048), jnp.int32))
     f = functools.partial(kernel_fwd.sparse_mla_fwd, scale=0.135, v_dim=512,
-                          config=kernel_fwd.Config(gather_warps=gather_warps))
+                          config=kernel_fwd.Config(gather=gather, gather_warps=gather_warps))
     with jax.sharding.use_abstract_mesh(H200):
       text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     self.assertIn("mosaic_gpu", text)
@@ -127,13 +141,14 @@ class SparseMlaTest(parameterized.TestCase):
       text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     self.assertGreaterEqual(text.count("mosaic_gpu"), 2)
 
-  def test_backward_kernel_lowers_for_h200_gather_warps4(self):
-    """The backward kernel itself with gather_warps=4 at the V3.2 shapes above."""
+  @parameterized.parameters("tma", "cp_async")
+  def test_backward_kernel_lowers_for_h200(self, gather):
+    """The backward kernel itself with each gather (TMA from 4 warps, cp.async) at the V3.2 shapes above."""
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     args = (bf16(1, 131072, 128, 576), bf16(1, 131072, 576), jax.ShapeDtypeStruct((1, 131072, 2048), jnp.int32),
             bf16(1, 131072, 128, 512), jax.ShapeDtypeStruct((1, 131072, 128), jnp.float32),
             bf16(1, 131072, 128, 512), jax.ShapeDtypeStruct((1, 131072, 128), jnp.float32))
-    f = functools.partial(kernel_bwd.sparse_mla_bwd, scale=0.135, v_dim=512, gather_warps=4)
+    f = functools.partial(kernel_bwd.sparse_mla_bwd, scale=0.135, v_dim=512, gather_warps=4, gather=gather)
     with jax.sharding.use_abstract_mesh(H200):
       text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     self.assertIn("mosaic_gpu", text)

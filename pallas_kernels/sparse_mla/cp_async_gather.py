@@ -1,0 +1,93 @@
+"""Row gather by all 128 threads of a warpgroup with 16-byte `cp.async` copies (Mosaic GPU, inline).
+
+Hopper has no TMA gather, and a TMA copy into a 128-byte-swizzled wgmma operand lands one row only as a
+128-byte line, so the TMA gather of `kernel_fwd` issues 9 copies per 576-wide row, 576 per 64-key block,
+from at most four lanes of the gather warpgroup. Here every thread of that warpgroup copies 16-byte pieces
+with `cp.async` (the LSU path, not the TMA unit): thread t takes piece t % 8 of each 128-byte line of rows
+t // 8, t // 8 + 16, ... of the block, 36 copies per thread for 64 rows of 576 columns, and writes them to
+their swizzled place itself. A warp reads 4 whole lines of 128 bytes, so global reads stay coalesced.
+
+Layout written (that of `plgpu.TilingTransform((8, 64))` + `plgpu.SwizzleTransform(128)` on a [rows, W]
+bf16 buffer, which wgmma reads): element (r, c) of a chunk of width W sits at tile (r // 8, c // 64), tiles
+row-major of 8 x 64 elements (1 KiB, 1024-byte aligned), row r % 8 of the tile at 128 bytes, and its 16-byte
+piece (c % 64) // 8 at position piece XOR (r % 8).
+
+Completion: one `cp.async` commit group per block; the warpgroup later waits for all but the newest
+groups (`wait`) and, after a proxy fence (the data were written through the generic proxy, wgmma reads
+through the async one: `plgpu.commit_smem`), one thread arrives on the block's barrier (count 1).
+
+Pallas GPU interpret mode cannot run inline Mosaic GPU code, so this path is checked by cross-lowering on
+CPU and by the GPU benchmark (`experiments/bench_sections/sparse_mla_gather.py`), which compares it with
+the TMA gather.
+"""
+
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, llvm, memref, nvvm
+
+PIECE = 8  # bf16 elements per 16-byte copy
+LINE = 64  # bf16 elements per 128-byte swizzled line
+WARPGROUP = 128
+
+
+def _i32(v: int) -> ir.Value:
+  return arith.constant(ir.IntegerType.get_signless(32), v)
+
+
+def _i64(v: int) -> ir.Value:
+  return arith.constant(ir.IntegerType.get_signless(64), v)
+
+
+def issue_block(kv_rows, indices, buffers, *, chunks, rows: int) -> None:
+  """Warpgroup code: cp.async copies of kv_rows[max(indices[r], 0), chunk] into buffers[i] for r < rows.
+
+  kv_rows: GMEM ref [S, Dk] (bf16); indices: SMEM ref [rows] int32; buffers: one flat SMEM ref [rows * W]
+  (bf16, untransformed view of the tiled and swizzled chunk buffer) per (offset, W) of `chunks`.
+  Commits one cp.async group.
+  """
+  widths = tuple(w for _, w in chunks)
+  if rows % (WARPGROUP // PIECE) or any(w % LINE for w in widths):
+    raise ValueError(f"rows={rows} must be a multiple of 16 and chunk widths {widths} multiples of 64.")
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), tuple(plgpu.RefType() for _ in chunks)))
+  def _issue(_, kv_ref, idx_ref, bufs):
+    i64 = ir.IntegerType.get_signless(64)
+    bf16 = ir.BF16Type.get()
+    dk = ir.MemRefType(kv_ref.type).shape[-1]
+    tid = arith.remui(mgpu_utils.thread_idx(), _i32(WARPGROUP))
+    piece = arith.remui(tid, _i32(PIECE))
+    row_in_pass = arith.divui(tid, _i32(PIECE))
+    kv_base = llvm.addrspacecast(llvm.PointerType.get(address_space=1), mgpu_utils.memref_ptr(kv_ref))
+    buf_bases = [mgpu_utils.memref_ptr(b) for b in bufs]
+    for p in range(rows // (WARPGROUP // PIECE)):
+      r = arith.addi(row_in_pass, _i32(p * (WARPGROUP // PIECE)))
+      row = memref.load(idx_ref, [arith.index_cast(ir.IndexType.get(), r)])
+      row = arith.maxsi(row, _i32(0))
+      src_row = arith.muli(arith.extui(i64, row), _i64(dk))
+      r8, sub = arith.divui(r, _i32(8)), arith.remui(r, _i32(8))
+      swizzled = arith.muli(arith.xori(piece, sub), _i32(PIECE))
+      in_tile = arith.addi(arith.muli(sub, _i32(LINE)), swizzled)
+      for (off, width), base in zip(chunks, buf_bases):
+        lines = width // LINE
+        for ct in range(lines):
+          col = arith.addi(_i64(off + LINE * ct), arith.extui(i64, arith.muli(piece, _i32(PIECE))))
+          src = mgpu_utils.getelementptr(kv_base, [arith.addi(src_row, col)], bf16)
+          tile = arith.addi(arith.muli(r8, _i32(lines)), _i32(ct))
+          dst_off = arith.addi(arith.muli(tile, _i32(8 * LINE)), in_tile)
+          dst = mgpu_utils.getelementptr(base, [dst_off], bf16)
+          nvvm.cp_async_shared_global(dst, src, 16, nvvm.LoadCacheModifierKind.CG)
+    nvvm.cp_async_commit_group()
+
+  _issue(kv_rows, indices, tuple(buffers))
+
+
+def wait(pending: int) -> None:
+  """Warpgroup code: wait until at most `pending` of this thread's newest cp.async groups are in flight."""
+
+  @plgpu.inline_mgpu()
+  def _wait(_):
+    nvvm.cp_async_wait_group(pending)
+
+  _wait()
+

@@ -1,12 +1,12 @@
 """Benchmark section: the sparse MLA kernels' gather variants (a short GPU call).
 
-Same inputs and FLOP counts as `sparse_mla` (last 4096 queries, 128 heads, K = 2048). The Mosaic GPU forward
-with its rows gathered by per-row TMA copies issued from one lane of the gather warpgroup or from one lane
-of each of its 4 warps (`kernel_fwd.Config.gather_warps`, 4 = the default), or by 16-byte cp.async copies
-from all 128 of its threads (`Config.gather="cp_async"`); the backward with 1 or 4 gather warps
-(`kernel_bwd.sparse_mla_bwd(gather_warps=)`). The forward is checked against the XLA reference, the backward
-(from the forward's out / lse and random cotangents) against the 1-warp kernel's dq / dkv (its reduce-adds
-make the rounding vary from run to run anyway).
+Same inputs and FLOP counts as `sparse_mla` (last 4096 queries, 128 heads, K = 2048). The Mosaic GPU
+forward with its rows gathered by per-row TMA copies issued from one lane of the gather warpgroup or from
+one lane of each of its 4 warps (`kernel_fwd.Config.gather_warps`), or by 16-byte cp.async copies from all
+128 of its threads (`Config.gather="cp_async"`, the default); the backward with the same three gathers
+(`kernel_bwd.sparse_mla_bwd(gather=, gather_warps=)`). The forward is checked against the XLA reference,
+the backward (from the forward's out / lse and random cotangents) against the 1-warp kernel's dq / dkv
+(its reduce-adds make the rounding vary from run to run anyway).
 """
 
 import jax
@@ -17,7 +17,7 @@ from experiments.bench_sections.sparse_mla import HEADS, LATENT, ROPE, SCALE, TO
 from pallas_kernels.sparse_mla import kernel_bwd, kernel_fwd, reference
 
 FORWARD_GATHERS = (("tma", 1), ("tma", 4), ("cp_async", 4))  # (Config.gather, Config.gather_warps)
-BACKWARD_GATHER_WARPS = (1, 4)
+BACKWARD_GATHERS = (("tma", 1), ("tma", 4), ("cp_async", 4))
 
 
 def _timed(rows: list[dict], base: dict, fn, *args):
@@ -55,10 +55,10 @@ def run(cfg: dict) -> list[dict]:
         rows[-1].update(tflops=timing.tflops(flops, rows[-1]["ms"] / 1e3), out_rel_err=rel_err(got[0], want_out),
                         lse_rel_err=rel_err(got[1], want_lse))
       print(rows[-1], flush=True)
-    for warps in BACKWARD_GATHER_WARPS:
-      bwd = jax.jit(lambda q, kv, idx, out, lse, do, dlse, warps=warps: kernel_bwd.sparse_mla_bwd(
-          q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, gather_warps=warps))
-      grads = _timed(rows, dict(base, op="bwd", gather="tma", gather_warps=warps), bwd, q, kv, idx, want_out,
+    for gather, warps in BACKWARD_GATHERS:
+      bwd = jax.jit(lambda q, kv, idx, out, lse, do, dlse, gather=gather, warps=warps: kernel_bwd.sparse_mla_bwd(
+          q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, gather_warps=warps, gather=gather))
+      grads = _timed(rows, dict(base, op="bwd", gather=gather, gather_warps=warps), bwd, q, kv, idx, want_out,
                      want_lse, do, dlse)
       if grads is not None:
         rows[-1]["tflops"] = timing.tflops(2.5 * flops, rows[-1]["ms"] / 1e3)

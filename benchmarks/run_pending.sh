@@ -5,6 +5,8 @@
 #   OUT=/some/dir bash benchmarks/run_pending.sh 1   # gather_warps, sparse-KL gradient errors, gmm loads
 #   OUT=/some/dir bash benchmarks/run_pending.sh 2   # top-k steps; DSA core profile; sparse MLA at 32K
 #   OUT=/some/dir bash benchmarks/run_pending.sh 3   # cp.async gather; DSA core at 128K with 4 gather warps
+#   OUT=/some/dir bash benchmarks/run_pending.sh 4   # backward cp.async; sparse KL warps; top-k compaction; DSA core
+#   OUT=/some/dir bash benchmarks/run_pending.sh 5   # grouped GEMM tile sweep
 set -u
 : "${OUT:?set OUT to the output folder}"
 export PYTHONPATH=.
@@ -31,5 +33,14 @@ case "${1:-}" in
     run 150 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192  # TMA 1 / 4 warps vs cp.async
     run 300 dsa_layer_131072 --sections=dsa_layer --seq_lens=131072  # the whole DSA core, 4 gather warps
     ;;
-  *) echo "usage: run_pending.sh 1|2|3" >&2; exit 2 ;;
+  4)
+    run 120 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192  # backward: TMA 1 / 4 warps vs cp.async
+    run 120 indexer_kl_sparse --sections=indexer_kl_sparse --seq_lens=8192  # row gathers from 4 warps vs 1
+    run 120 topk_131072 --sections=topk --seq_lens=131072  # compaction variants, step by step
+    run 150 dsa_layer_131072 --sections=dsa_layer --seq_lens=131072  # the DSA core with the cp.async forward
+    ;;
+  5)
+    run 560 moe_gmm_tiles --sections=moe_gmm_tiles  # tile configurations per pass and load
+    ;;
+  *) echo "usage: run_pending.sh 1|2|3|4|5" >&2; exit 2 ;;
 esac

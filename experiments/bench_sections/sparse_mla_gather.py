@@ -6,7 +6,9 @@ one lane of each of its 4 warps (`kernel_fwd.Config.gather_warps`), or by 16-byt
 128 of its threads (`Config.gather="cp_async"`, the default); the backward with the same three gathers
 (`kernel_bwd.sparse_mla_bwd(gather=, gather_warps=)`). The forward is checked against the XLA reference,
 the backward (from the forward's out / lse and random cotangents) against the 1-warp kernel's dq / dkv
-(its reduce-adds make the rounding vary from run to run anyway).
+(its reduce-adds make the rounding vary from run to run anyway). Two diagnostic forward rows
+(`Config.skip`) time the cp.async forward without its row copies and without its math: the first bounds
+what the compute pipeline alone costs, the second what the gather alone costs.
 """
 
 import jax
@@ -16,7 +18,10 @@ from experiments.bench_sections import timing
 from experiments.bench_sections.sparse_mla import HEADS, LATENT, ROPE, SCALE, TOPK, inputs, rel_err
 from pallas_kernels.sparse_mla import kernel_bwd, kernel_fwd, reference
 
-FORWARD_GATHERS = (("tma", 1), ("tma", 4), ("cp_async", 4))  # (Config.gather, Config.gather_warps)
+# (Config.gather, Config.gather_warps, Config.skip): the last two time the forward without its row copies and
+# without its math (diagnostics: their outputs are not checked).
+FORWARD_GATHERS = (("tma", 1, ""), ("tma", 4, ""), ("cp_async", 4, ""), ("cp_async", 4, "copies"),
+                   ("cp_async", 4, "math"))
 BACKWARD_GATHERS = (("tma", 1), ("tma", 4), ("cp_async", 4))
 
 
@@ -46,12 +51,13 @@ def run(cfg: dict) -> list[dict]:
     dlse = jax.random.normal(ks[1], want_lse.shape, jnp.float32)
     base = dict(section="sparse_mla_gather", T=T, queries=tq, heads=HEADS, k=TOPK)
     want_grads = None
-    for gather, warps in FORWARD_GATHERS:
-      config = kernel_fwd.Config(gather=gather, gather_warps=warps)
+    for gather, warps, skip in FORWARD_GATHERS:
+      config = kernel_fwd.Config(gather=gather, gather_warps=warps, skip=skip)
       fwd = jax.jit(lambda q, kv, idx, config=config: kernel_fwd.sparse_mla_fwd(
           q, kv, idx, scale=SCALE, v_dim=LATENT, config=config))
-      got = _timed(rows, dict(base, op="fwd", gather=gather, gather_warps=warps), fwd, q, kv, idx)
-      if got is not None:
+      got = _timed(rows, dict(base, op="fwd" if not skip else f"fwd without {skip}", gather=gather,
+                              gather_warps=warps), fwd, q, kv, idx)
+      if got is not None and not skip:
         rows[-1].update(tflops=timing.tflops(flops, rows[-1]["ms"] / 1e3), out_rel_err=rel_err(got[0], want_out),
                         lse_rel_err=rel_err(got[1], want_lse))
       print(rows[-1], flush=True)

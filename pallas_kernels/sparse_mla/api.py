@@ -3,7 +3,9 @@
 "pallas": the Mosaic GPU forward kernel (`kernel_fwd`) under a custom_vjp whose backward is the Mosaic
 GPU kernel of `kernel_bwd` (recompute from the saved logsumexp, dkv by atomic TMA reduce-adds), or with
 `deterministic=True` the chunked XLA computation of `chunked_bwd` (a fixed summation order). "xla":
-`reference`, differentiated by JAX. None picks by backend (`dispatch.resolve_implementation`).
+`reference`, differentiated by JAX. None picks by backend (`dispatch.resolve_implementation`). Both kernels
+gather rows with cp.async (`cp_async_gather`) on the GPU; in interpret mode, which cannot run that inline
+Mosaic GPU code, with their TMA gather.
 """
 
 import functools
@@ -50,6 +52,7 @@ def _pallas_bwd(scale, v_dim, deterministic, interpret, res, cotangents):
                                          deterministic=True)
   else:
     dq, dkv = kernel_bwd.sparse_mla_bwd(q, kv, indices, out, lse, dout, dlse, scale=scale, v_dim=v_dim,
+                                        gather="tma" if interpret else "cp_async",
                                         interpret=_interpret_params(interpret))
   return dq, dkv, None
 

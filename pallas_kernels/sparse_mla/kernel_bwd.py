@@ -12,9 +12,10 @@ One CTA owns one token and a tile of 64 heads, as in the forward (`kernel_fwd`),
   * wg 2 (memory): per block of `block_k` selected keys, the index block, then one TMA per selected row
     and 64-column line, all on one barrier (the forward's gather). As in the forward, a second gather
     warpgroup does not fit the H200: ptxas caps four warpgroups at 65536 / 512 = 128 registers per
-    thread, and wg 1's dq accumulators alone (64 x 320 f32 at 576 / 512) take 160. `gather_warps` = 4
-    (the default; 1 or 2 also allowed) splits each block's row gathers among the warps of wg 2 as in the
-    forward (`plgpu.warp_map`): 58.6 ms vs 68.5 ms with one warp on the H200 (8K tokens, 128 heads).
+    thread, and wg 1's dq accumulators alone (64 x 320 f32 at 576 / 512) take 160. As in the forward, the
+    default gather is `cp_async_gather` (all 128 threads of wg 2 copy 16-byte pieces); `gather="tma"`
+    issues per-row TMA copies from `gather_warps` warps instead. On the H200 (8K tokens, 128 heads,
+    2026-11-29): TMA from 1 warp 68.3-69.2 ms, from 4 warps 58.3-59.3 ms, cp.async 53.3 ms (110 TFLOP/s).
   * wg 0: S^T = K Q^T and dP^T = V dO^T (keys x heads, so that P^T and dS^T are ready-made wgmma
     operands for dkv), P^T, dS^T to SMEM; then dq[:, :C/2] += dS K and the dkv columns [0, C/2).
   * wg 1: dq[:, C/2:] += dS K (latent right half and rope) and the dkv columns [C/2, C + R).
@@ -32,7 +33,8 @@ block is therefore single-buffered: the gather does not overlap this CTA's matmu
 GPU interpret mode does not implement TMA reductions: there each staged slab is copied whole into a
 [B, T, N/64, K, Dk] buffer of per-token partials that XLA scatter-adds, so the tests check everything
 but the reduce-add TMAs (which the cross-lowering test compiles). On the H200 (benchmarks/results, 2026-11-29)
-the kernel's dq / dkv errors equal the chunked path's (3.2e-3 / 4.8e-3 rel.) at 84 TFLOP/s for 128 heads.
+the kernel's dq / dkv errors equal the chunked path's (3.2e-3 / 4.8e-3 rel.); with the cp.async gather it
+runs at 110 TFLOP/s for 128 heads (84 with one TMA gather warp).
 """
 
 import functools
@@ -258,7 +260,7 @@ def _scratch(chunks, bk, dtype, interpret, gather="tma"):
 
 
 def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: int, block_k: int = 64,
-                   gather_warps: int = 4, gather: str = "tma", interpret=False) -> tuple[jax.Array, jax.Array]:
+                   gather_warps: int = 4, gather: str = "cp_async", interpret=False) -> tuple[jax.Array, jax.Array]:
   """Gradients of `reference.sparse_mla` w.r.t. q [B, T, N, Dk] and kv [B, S, Dk] from the saved lse,
   given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N]). `gather`
   ("tma" or "cp_async") and `gather_warps` (1, 2 or 4) are those of `kernel_fwd.Config`."""

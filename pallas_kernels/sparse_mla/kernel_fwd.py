@@ -65,6 +65,9 @@ class Config:
   # `cp_async_gather`; 1.53x faster than "tma" with 4 warps on the H200; GPU only: interpret mode cannot
   # run it) or "tma" (per-row TMA copies, issued by `gather_warps` lanes).
   gather: str = "cp_async"
+  # Benchmark diagnostics only, the output is then meaningless: "copies" leaves out the cp.async row copies
+  # (the pipeline and barriers stay), "math" the two compute warpgroups' work; either time bounds the other.
+  skip: str = ""
 
   def __post_init__(self):
     if self.block_k % 64 or not 64 <= self.block_k <= 256:
@@ -75,6 +78,8 @@ class Config:
       raise ValueError(f"gather_warps={self.gather_warps} must be one of (1, 2, 4).")
     if self.gather not in GATHERS:
       raise ValueError(f"gather={self.gather!r} must be one of {GATHERS}.")
+    if self.skip not in ("", "copies", "math") or (self.skip == "copies" and self.gather != "cp_async"):
+      raise ValueError(f"skip={self.skip!r} must be '', 'math' or (with gather='cp_async') 'copies'.")
 
 
 
@@ -139,6 +144,9 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
       slot = slot_of(j)
       plgpu.barrier_wait(idx_ready.at[slot])
       plgpu.barrier_wait(kv_ready.at[slot])
+      if cfg.skip == "math":
+        plgpu.barrier_arrive(kv_free.at[slot])
+        return carry
 
       def qk(s_ref):
         for q_chunk, k_chunk in zip(q_smem, kv_smem):
@@ -172,7 +180,8 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
     acc, m, l = lax.fori_loop(0, steps, step, (zeros_acc(), m0, l0))
     empty = l == 0.0
     inv_l = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l))
-    plgpu.barrier_wait(p_free)
+    if cfg.skip != "math":  # wg 1's release of the last block's P
+      plgpu.barrier_wait(p_free)
     row_smem[...] = inv_l
     plgpu.commit_smem()
     plgpu.barrier_arrive(p_ready)
@@ -190,6 +199,9 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
     def step(j, acc):
       slot = slot_of(j)
       plgpu.barrier_wait(kv_ready.at[slot])
+      if cfg.skip == "math":
+        plgpu.barrier_arrive(kv_free.at[slot])
+        return acc
       plgpu.barrier_wait(p_ready)
       alpha = plgpu.load(row_smem, layout=row_layout)
       acc = pv(acc, alpha, kv_smem[1].at[slot])
@@ -212,7 +224,8 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
       plgpu.copy_gmem_to_smem(idx_ref.at[b, t, pl.ds(j * bk, bk)], idx_smem.at[slot], idx_ready.at[slot])
       plgpu.barrier_wait(idx_ready.at[slot])
       flat = [lines.at[pl.ds(slot * bk * w, bk * w)] for (_, w), lines in zip(chunks, kv_lines)]
-      cp_async_gather.issue_block(kv_ref.at[b], idx_smem.at[slot], flat, chunks=chunks, rows=bk)
+      if cfg.skip != "copies":
+        cp_async_gather.issue_block(kv_ref.at[b], idx_smem.at[slot], flat, chunks=chunks, rows=bk)
 
     def publish(j, pending):
       cp_async_gather.wait(pending)

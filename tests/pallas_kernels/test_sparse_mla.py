@@ -82,7 +82,7 @@ class SparseMlaTest(parameterized.TestCase):
     dlse = jnp.where(jnp.isfinite(lse), jax.random.normal(keys[1], lse.shape), 0.0)
     want = vjp((f32(do), dlse))
     got = kernel_bwd.sparse_mla_bwd(q, kv, idx, out.astype(jnp.bfloat16), lse, do, dlse, scale=0.1, v_dim=128,
-                                    gather_warps=gather_warps,
+                                    gather="tma", gather_warps=gather_warps,
                                     interpret=plgpu.InterpretGPUParams(detect_races=True))
     self.assertFalse(gpu_callbacks.get_races().races_found)
     chex.assert_trees_all_equal_shapes_and_dtypes(got, (q, kv))
@@ -104,6 +104,8 @@ class SparseMlaTest(parameterized.TestCase):
       kernel_fwd.Config(gather_warps=3)
     with self.assertRaisesRegex(ValueError, r"gather='ldg' must be one of \('tma', 'cp_async'\)"):
       kernel_fwd.Config(gather="ldg")
+    with self.assertRaisesRegex(ValueError, r"skip='copies' must be '', 'math' or \(with gather='cp_async'\)"):
+      kernel_fwd.Config(gather="tma", skip="copies")
 
   def test_cp_async_gather_refuses_interpret_mode(self):
     q, kv, idx = _inputs(0, 1, 1, 16, 40, 64)

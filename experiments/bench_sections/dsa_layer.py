@@ -5,6 +5,8 @@ Per T (batch 1, causal): indexer scores + top-k (64 x 128, k = 2048) + sparse ML
 the pruned select with the threshold kernel, the default, and with sorts; speedups use the faster) and with the
 plain-XLA path (reference scores, lax.top_k, gather attention; query chunks of 512 so it fits) — against
 cuDNN dense causal MLA attention (128 heads, q/k 192, v 128). Projections are excluded from all three.
+A fourth row runs ours with the FP8 indexer of the official V3.2 numerics (`index_topk(fp8=True)`; its
+selection differs from the bf16 one by FP8 rounding, so its error is reported on its own).
 """
 
 import jax
@@ -28,9 +30,9 @@ def inputs(T: int):  # noqa: N803
               q=normal(ks[3], (1, T, N, C + R)) * 0.05, kv=normal(ks[4], (1, T, C + R))), vis
 
 
-def layer(x, vis, implementation, select="xla"):
+def layer(x, vis, implementation, select="xla", fp8=False):
   idx = indexer_api.index_topk(x["iq"], x["ik"], x["iw"], topk=K, **vis, implementation=implementation,
-                               select_implementation=select)
+                               select_implementation=select, fp8=fp8)
   return sparse_mla_api.sparse_mla(x["q"], x["kv"], idx, scale=(C + R) ** -0.5, v_dim=C,
                                    implementation=implementation)[0]
 
@@ -58,16 +60,21 @@ def run(cfg: dict) -> list[dict]:
     ours = jax.jit(lambda x, vis: layer(x, vis, None, "pruned_select"))
     pruned = jax.jit(lambda x, vis: layer(x, vis, None, "pruned"))
     xla = jax.jit(_xla_layer)
+    fp8 = jax.jit(lambda x, vis: layer(x, vis, None, "pruned_select", fp8=True))
     ours_s = timing.time_fn(ours, x, vis, warmup=1, iters=3)
+    fp8_s = timing.time_fn(fp8, x, vis, warmup=1, iters=3)
     pruned_s = timing.time_fn(pruned, x, vis, warmup=1, iters=3)
     xla_s = timing.time_fn(xla, x, vis, warmup=1, iters=2)
     dense_s = baselines.cudnn_dense_mla_layer_seconds(T)
     last = slice(T - 256, T)  # check the last rows, where DSA is really sparse
     got, want = ours(x, vis)[:, last].astype(jnp.float32), xla(x, vis)[:, last].astype(jnp.float32)
     err = float(jnp.abs(got - want).max() / jnp.abs(want).max())
+    got_fp8 = fp8(x, vis)[:, last].astype(jnp.float32)
+    err_fp8 = float(jnp.abs(got_fp8 - want).max() / jnp.abs(want).max())
     row = dict(section="dsa_layer", T=T, dsa_kernels_s=ours_s, dsa_kernels_pruned_sort_topk_s=pruned_s, dsa_xla_s=xla_s,
                cudnn_dense_s=dense_s, speedup_vs_dense=dense_s / min(ours_s, pruned_s),
-               speedup_vs_xla=xla_s / min(ours_s, pruned_s), rel_err_last256=err)
+               speedup_vs_xla=xla_s / min(ours_s, pruned_s), rel_err_last256=err, dsa_kernels_fp8_indexer_s=fp8_s,
+               fp8_indexer_speedup_vs_dense=dense_s / fp8_s, fp8_indexer_rel_err_last256=err_fp8)
     print(row, flush=True)
     rows.append(row)
   return rows

@@ -18,10 +18,10 @@ from experiments.bench_sections import timing
 from experiments.bench_sections.sparse_mla import HEADS, LATENT, ROPE, SCALE, TOPK, inputs, rel_err
 from pallas_kernels.sparse_mla import kernel_bwd, kernel_fwd, reference
 
-# (Config.gather, Config.gather_warps, Config.skip): the last two time the forward without its row copies and
-# without its math (diagnostics: their outputs are not checked).
-FORWARD_GATHERS = (("tma", 1, ""), ("tma", 4, ""), ("cp_async", 4, ""), ("cp_async", 4, "copies"),
-                   ("cp_async", 4, "math"))
+# Forward configurations (`kernel_fwd.Config` fields); those with `skip` time the forward without its row
+# copies or without its math (diagnostics: their outputs are not checked).
+FORWARD_CONFIGS = (dict(gather="tma", gather_warps=1), dict(gather="tma", gather_warps=4), dict(gather="cp_async"),
+                   dict(gather="cp_async", skip="copies"), dict(gather="cp_async", skip="math"))
 BACKWARD_GATHERS = (("tma", 1), ("tma", 4), ("cp_async", 4))
 
 
@@ -51,16 +51,6 @@ def run(cfg: dict) -> list[dict]:
     dlse = jax.random.normal(ks[1], want_lse.shape, jnp.float32)
     base = dict(section="sparse_mla_gather", T=T, queries=tq, heads=HEADS, k=TOPK)
     want_grads = None
-    for gather, warps, skip in FORWARD_GATHERS:
-      config = kernel_fwd.Config(gather=gather, gather_warps=warps, skip=skip)
-      fwd = jax.jit(lambda q, kv, idx, config=config: kernel_fwd.sparse_mla_fwd(
-          q, kv, idx, scale=SCALE, v_dim=LATENT, config=config))
-      got = _timed(rows, dict(base, op="fwd" if not skip else f"fwd without {skip}", gather=gather,
-                              gather_warps=warps), fwd, q, kv, idx)
-      if got is not None and not skip:
-        rows[-1].update(tflops=timing.tflops(flops, rows[-1]["ms"] / 1e3), out_rel_err=rel_err(got[0], want_out),
-                        lse_rel_err=rel_err(got[1], want_lse))
-      print(rows[-1], flush=True)
     for gather, warps in BACKWARD_GATHERS:
       bwd = jax.jit(lambda q, kv, idx, out, lse, do, dlse, gather=gather, warps=warps: kernel_bwd.sparse_mla_bwd(
           q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, gather_warps=warps, gather=gather))
@@ -72,5 +62,15 @@ def run(cfg: dict) -> list[dict]:
           want_grads = grads
         else:
           rows[-1].update(dq_diff_vs_1=rel_err(grads[0], want_grads[0]), dkv_diff_vs_1=rel_err(grads[1], want_grads[1]))
+      print(rows[-1], flush=True)
+    for fields in FORWARD_CONFIGS:
+      config = kernel_fwd.Config(**fields)
+      fwd = jax.jit(lambda q, kv, idx, config=config: kernel_fwd.sparse_mla_fwd(
+          q, kv, idx, scale=SCALE, v_dim=LATENT, config=config))
+      got = _timed(rows, dict(base, op=f"fwd without {config.skip}" if config.skip else "fwd", gather=config.gather,
+                              gather_warps=config.gather_warps), fwd, q, kv, idx)
+      if got is not None and not config.skip:
+        rows[-1].update(tflops=timing.tflops(flops, rows[-1]["ms"] / 1e3), out_rel_err=rel_err(got[0], want_out),
+                        lse_rel_err=rel_err(got[1], want_lse))
       print(rows[-1], flush=True)
   return rows

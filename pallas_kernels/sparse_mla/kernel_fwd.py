@@ -7,19 +7,20 @@ latent entries [c (512) | k_rope (64)]; the value of an entry is its latent c. S
 
 One CTA owns one token and a tile of 64 heads (the wgmma M of one warpgroup), with three warpgroups:
   * wg 2 (memory): per block of `block_k` selected keys, copies the index block into SMEM, then gathers
-    each selected row with one TMA per 64-column line (Hopper has no TMA gather; the 128-byte swizzle
-    lands single rows only as 128-byte lines, so a 576-wide row takes 9 copies), all completing on one
-    barrier per pipeline slot. One thread issues every copy, and at 576 per 64-key block that issue
-    rate, not the wgmma work, bounds the kernel. A second gather warpgroup was tried and does not compile
+    the selected rows (Hopper has no TMA gather). By default (`Config.gather="cp_async"`,
+    `cp_async_gather`) all 128 threads copy 16-byte pieces to their swizzled places, and block j + 1's
+    copies fly while block j is consumed. The first version ("tma") issued one TMA per row and 64-column
+    line (the 128-byte swizzle lands single rows only as 128-byte lines: 9 copies per 576-wide row, all
+    completing on one barrier per pipeline slot) from one thread, and at 576 copies per 64-key block
+    that issue rate, not the wgmma work, bounded the kernel. A second gather warpgroup does not compile
     on the H200: ptxas caps four warpgroups (512 threads) at 65536 / 512 = 128 registers per thread,
-    whatever setmaxnreg asks at run time, and wg 0 and wg 1 need more than 154. Instead
-    `Config.gather_warps` = 4 (the default) splits each block's rows among the four warps of wg 2, each
-    issuing its copies from its own lane (`plgpu.warp_map`), at no register cost. Faster still, and the
-    default, `Config.gather="cp_async"` (`cp_async_gather`) skips the TMA unit: all 128 threads of wg 2
-    copy 16-byte pieces to their swizzled places, and block j + 1's copies fly while block j is consumed.
-    Measured on the H200 (`experiments/bench_sections/sparse_mla_gather.py`, 8K tokens, 128 heads,
-    k = 2048, 2026-11-29): TMA from 1 warp 19.0-19.4 ms (120 TFLOP/s), from 2 warps 16.4 ms, from 4 warps
-    9.35-9.74 ms (240-250 TFLOP/s); cp.async 6.35 ms (368 TFLOP/s); identical outputs.
+    whatever setmaxnreg asks at run time, and wg 0 and wg 1 need more than 154. `Config.gather_warps`
+    splits the TMA path's rows among up to four warps of wg 2 (`plgpu.warp_map`).
+    Measured on the H200 (`experiments/bench_sections/sparse_mla_gather.py`, 4096 queries, 128 heads,
+    k = 2048, 2026-11-29): TMA from 1 warp 18.9-19.4 ms (120 TFLOP/s), from 2 warps 16.4 ms, from 4 warps
+    9.2-9.7 ms (240-254 TFLOP/s); cp.async 4.65 ms (502 TFLOP/s) over 8K keys, 5.07 ms (460 TFLOP/s) over
+    128K keys; identical outputs. Without its math the kernel takes 3.4 / 4.6 ms, without its copies
+    4.1 / 4.2 ms (`Config.skip`): the gather and the two compute warpgroups are now about even.
   * wg 0: S = Q K^T over the three chunks, masking of invalid (-1) keys, online softmax (base 2), hands
     P and the rescale factor to wg 1 through SMEM, then O[:, :256] += P V[:, :256].
   * wg 1: O[:, 256:] += P V[:, 256:]. Splitting the value columns keeps each 64 x 256 f32 accumulator
@@ -62,7 +63,7 @@ class Config:
   # 4 was 2.08x faster than 1 on the H200 (module docstring).
   gather_warps: int = 4
   # How rows are gathered: "cp_async" (16-byte cp.async copies by all 128 threads of the gather warpgroup,
-  # `cp_async_gather`; 1.53x faster than "tma" with 4 warps on the H200; GPU only: interpret mode cannot
+  # `cp_async_gather`; 2.0x faster than "tma" with 4 warps on the H200; GPU only: interpret mode cannot
   # run it) or "tma" (per-row TMA copies, issued by `gather_warps` lanes).
   gather: str = "cp_async"
   # Benchmark diagnostics only, the output is then meaningless: "copies" leaves out the cp.async row copies
@@ -139,21 +140,20 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
     plgpu.barrier_wait(q_bar)
     log2_scale = scale * math.log2(math.e)
 
-    def step(j, carry):
-      acc, m, l = carry
-      slot = slot_of(j)
+    def wait_block(slot):
       plgpu.barrier_wait(idx_ready.at[slot])
       plgpu.barrier_wait(kv_ready.at[slot])
-      if cfg.skip == "math":
-        plgpu.barrier_arrive(kv_free.at[slot])
-        return carry
 
-      def qk(s_ref):
-        for q_chunk, k_chunk in zip(q_smem, kv_smem):
-          plgpu.wgmma(s_ref, q_chunk, k_chunk.at[slot].transpose((1, 0)))
-        return s_ref[...]
+    def issue_qk(s_ref, slot):
+      for q_chunk, k_chunk in zip(q_smem, kv_smem):
+        plgpu.wgmma(s_ref, q_chunk, k_chunk.at[slot].transpose((1, 0)))
 
-      s = pl.run_scoped(qk, plgpu.ACC((HEAD_TILE, bk), jnp.float32))
+    def qk(slot):
+      return pl.run_scoped(lambda s_ref: (issue_qk(s_ref, slot), s_ref[...])[1],
+                           plgpu.ACC((HEAD_TILE, bk), jnp.float32))
+
+    def softmax_and_pv(j, slot, s, acc, m, l):
+      """Online softmax of block j's scores s, P to wg 1, then O[:, :256] += P V; releases the block."""
       idx = plgpu.load(idx_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
       bias = jnp.where(idx >= 0, 0.0, -jnp.inf).astype(jnp.float32)
       s = s * log2_scale + lax.broadcast_in_dim(bias, s.shape, [1])
@@ -173,6 +173,15 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
       acc = pv(acc, alpha, kv_smem[0].at[slot])
       plgpu.barrier_arrive(kv_free.at[slot])
       return acc, m_new, l
+
+    def step(j, carry):
+      acc, m, l = carry
+      slot = slot_of(j)
+      wait_block(slot)
+      if cfg.skip == "math":
+        plgpu.barrier_arrive(kv_free.at[slot])
+        return carry
+      return softmax_and_pv(j, slot, qk(slot), acc, m, l)
 
     # A finite floor keeps alpha finite while every key seen so far is invalid.
     m0 = plgpu.layout_cast(jnp.full((HEAD_TILE,), -1e30, jnp.float32), row_layout)
@@ -217,8 +226,8 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
     plgpu.wait_smem_to_gmem(0)
 
   def _cp_async_gather(j_steps):
-    """`cp_async_gather`: block j's copies are issued `stages` blocks ahead; once they have landed (all but
-    the newer groups waited for, then a proxy fence) every thread arrives on kv_ready (count 128)."""
+    """`cp_async_gather`: block j's copies are issued up to `stages` blocks ahead; once they have landed (all
+    but the newer groups waited for, then a proxy fence) every thread arrives on kv_ready (count 128)."""
     def fetch(j):
       slot = slot_of(j)
       plgpu.copy_gmem_to_smem(idx_ref.at[b, t, pl.ds(j * bk, bk)], idx_smem.at[slot], idx_ready.at[slot])
@@ -232,17 +241,24 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
       plgpu.commit_smem()
       plgpu.barrier_arrive(kv_ready.at[slot_of(j)])
 
-    for j in range(min(cfg.stages, j_steps)):
+    # Block j + 1 is published before block j's release is awaited, as soon as its copies have landed: on the
+    # H200 that took the forward from 5.96 to 4.65 ms (8K tokens, 128 heads), against publishing block j + 1
+    # only after block j - 1's release had been awaited. (It also lets a consumer hold block j while it waits
+    # for block j + 1: a wg 0 that issued block j + 1's QK^T before block j's softmax did that, and ran
+    # slower, 6.42 ms, with one more accumulator in its registers; it was removed.)
+    issued = min(cfg.stages, j_steps)
+    for j in range(issued):
       fetch(jnp.int32(j))
+    publish(jnp.int32(0), issued - 1)
 
     @pl.loop(0, max(j_steps - cfg.stages, 0))
     def _steady(j):
-      publish(j, cfg.stages - 1)
+      publish(j + 1, cfg.stages - 2)
       plgpu.barrier_wait(kv_free.at[slot_of(j)])
       fetch(j + cfg.stages)
 
-    for j in range(max(j_steps - cfg.stages, 0), j_steps):
-      publish(jnp.int32(j), j_steps - 1 - j)
+    for j in range(max(j_steps - cfg.stages, 0), j_steps - 1):
+      publish(jnp.int32(j + 1), j_steps - 2 - j)
     for j in range(max(j_steps - cfg.stages, 0), j_steps):
       plgpu.barrier_wait(kv_free.at[j % cfg.stages])
 

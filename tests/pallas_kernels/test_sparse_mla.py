@@ -39,8 +39,8 @@ class SparseMlaTest(parameterized.TestCase):
                                   ("heads16_pad_gather_warps4", 1, 3, 16, 150, 4))
   def test_forward_kernel_matches_reference(self, B, T, N, K, gather_warps):  # noqa: N803
     q, kv, idx = _inputs(time.time_ns(), B, T, N, 40, K)
-    out, lse = kernel_fwd.sparse_mla_fwd(q, kv, idx, scale=0.1, v_dim=128,
-                                         config=kernel_fwd.Config(gather="tma", gather_warps=gather_warps),
+    config = kernel_fwd.Config(gather="tma", gather_warps=gather_warps)
+    out, lse = kernel_fwd.sparse_mla_fwd(q, kv, idx, scale=0.1, v_dim=128, config=config,
                                          interpret=plgpu.InterpretGPUParams(detect_races=True))
     self.assertFalse(gpu_callbacks.get_races().races_found)
     want_out, want_lse = reference.sparse_mla(q, kv, idx, scale=0.1, v_dim=128)

@@ -8,7 +8,8 @@ one lane of each of its 4 warps (`kernel_fwd.Config.gather_warps`), or by 16-byt
 the backward (from the forward's out / lse and random cotangents) against the 1-warp kernel's dq / dkv
 (its reduce-adds make the rounding vary from run to run anyway). Two diagnostic forward rows
 (`Config.skip`) time the cp.async forward without its row copies and without its math: the first bounds
-what the compute pipeline alone costs, the second what the gather alone costs.
+what the compute pipeline alone costs, the second what the gather alone costs; two backward rows do the same
+without its row copies and without its dkv reduce-adds.
 """
 
 import jax
@@ -22,7 +23,10 @@ from pallas_kernels.sparse_mla import kernel_bwd, kernel_fwd, reference
 # copies or without its math (diagnostics: their outputs are not checked).
 FORWARD_CONFIGS = (dict(gather="tma", gather_warps=1), dict(gather="tma", gather_warps=4), dict(gather="cp_async"),
                    dict(gather="cp_async", skip="copies"), dict(gather="cp_async", skip="math"))
-BACKWARD_GATHERS = (("tma", 1), ("tma", 4), ("cp_async", 4))
+# (gather, gather_warps, skip): the last two time the cp.async backward without its row copies and without its
+# dkv reduce-adds (diagnostics: their gradients are not checked).
+BACKWARD_GATHERS = (("tma", 1, ""), ("tma", 4, ""), ("cp_async", 4, ""), ("cp_async", 4, "copies"),
+                    ("cp_async", 4, "reduce"))
 
 
 def _timed(rows: list[dict], base: dict, fn, *args):
@@ -51,12 +55,13 @@ def run(cfg: dict) -> list[dict]:
     dlse = jax.random.normal(ks[1], want_lse.shape, jnp.float32)
     base = dict(section="sparse_mla_gather", T=T, queries=tq, heads=HEADS, k=TOPK)
     want_grads = None
-    for gather, warps in BACKWARD_GATHERS:
-      bwd = jax.jit(lambda q, kv, idx, out, lse, do, dlse, gather=gather, warps=warps: kernel_bwd.sparse_mla_bwd(
-          q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, gather_warps=warps, gather=gather))
-      grads = _timed(rows, dict(base, op="bwd", gather=gather, gather_warps=warps), bwd, q, kv, idx, want_out,
-                     want_lse, do, dlse)
-      if grads is not None:
+    for gather, warps, skip in BACKWARD_GATHERS:
+      bwd = jax.jit(lambda q, kv, idx, out, lse, do, dlse, gather=gather, warps=warps, skip=skip:
+                    kernel_bwd.sparse_mla_bwd(q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT,
+                                              gather_warps=warps, gather=gather, skip=skip))
+      grads = _timed(rows, dict(base, op=f"bwd without {skip}" if skip else "bwd", gather=gather, gather_warps=warps),
+                     bwd, q, kv, idx, want_out, want_lse, do, dlse)
+      if grads is not None and not skip:
         rows[-1]["tflops"] = timing.tflops(2.5 * flops, rows[-1]["ms"] / 1e3)
         if want_grads is None:
           want_grads = grads

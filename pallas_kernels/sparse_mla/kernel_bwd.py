@@ -68,7 +68,7 @@ def _mma(acc, pairs, shape, interpret):
 
 def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_smem, do_smem, kv_smem, p_smem,
           ds_smem, idx_smem, q_bar, kv_ready, idx_ready, kv_free, ds_ready, *, chunks, steps, scale, bk, cfg,
-          interpret):
+          interpret, skip):
   p_smem, (lse_smem, dd_smem) = p_smem
   kv_parts = [tuple(parts) for parts in kv_smem]  # a RefUnion iterates over its views
   kv_smem, kv_lines, stage_smem = zip(*(parts + (None,) * (3 - len(parts)) for parts in kv_parts))
@@ -88,6 +88,9 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     if interpret:  # per-block partial sums, scatter-added outside
       plgpu.copy_smem_to_gmem(stage.at[slot], dkv_ref.at[b, t, lax.axis_index("h"), pl.ds(j * bk, bk),
                                                             pl.ds(col, SLAB)])
+      return
+
+    if skip == "reduce":  # benchmark diagnostics: no dkv reduce-adds
       return
 
     @pl.loop(0, bk)
@@ -207,7 +210,8 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
                                     lines.at[pl.ds(line, 1)], kv_ready)
 
       if cfg.gather == "cp_async":  # all 128 threads copy 16-byte pieces; wait, fence, then all arrive
-        cp_async_gather.issue_block(kv_ref.at[b], idx_smem, kv_lines, chunks=chunks, rows=bk)
+        if skip != "copies":
+          cp_async_gather.issue_block(kv_ref.at[b], idx_smem, kv_lines, chunks=chunks, rows=bk)
         cp_async_gather.wait(0)
         plgpu.commit_smem()
         plgpu.barrier_arrive(kv_ready)
@@ -260,15 +264,20 @@ def _scratch(chunks, bk, dtype, interpret, gather="tma"):
 
 
 def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: int, block_k: int = 64,
-                   gather_warps: int = 4, gather: str = "cp_async", interpret=False) -> tuple[jax.Array, jax.Array]:
+                   gather_warps: int = 4, gather: str = "cp_async", skip: str = "",
+                   interpret=False) -> tuple[jax.Array, jax.Array]:
   """Gradients of `reference.sparse_mla` w.r.t. q [B, T, N, Dk] and kv [B, S, Dk] from the saved lse,
   given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N]). `gather`
-  ("tma" or "cp_async") and `gather_warps` (1, 2 or 4) are those of `kernel_fwd.Config`."""
+  ("tma" or "cp_async") and `gather_warps` (1, 2 or 4) are those of `kernel_fwd.Config`. `skip` is for
+  benchmark diagnostics only (the gradients are then wrong): "copies" leaves out the cp.async row copies,
+  "reduce" the dkv reduce-adds, so that their share of the time shows."""
   bsz, t, n, dk = q.shape
   chunks = kernel_fwd.column_chunks(dk, v_dim)
   if block_k != 64:
     raise ValueError(f"block_k={block_k}: the dkv wgmma has the keys as its M, which is 64.")
   cfg = kernel_fwd.Config(block_k=block_k, gather_warps=gather_warps, gather=gather)  # validation
+  if skip not in ("", "reduce") and not (skip == "copies" and gather == "cp_async"):
+    raise ValueError(f"skip={skip!r} must be '', 'reduce' or (with gather='cp_async') 'copies'.")
   dtype = q.dtype
   delta = jnp.einsum("btnd,btnd->btn", out.astype(jnp.float32), do.astype(jnp.float32))
   lse2 = jnp.where(jnp.isfinite(lse), lse, 0.0) * math.log2(math.e)
@@ -279,7 +288,7 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   k_pad = -indices.shape[-1] % block_k
   indices = jnp.pad(indices.astype(jnp.int32), ((0, 0), (0, 0), (0, k_pad)), constant_values=-1)
   body = functools.partial(_body, chunks=chunks, steps=indices.shape[-1] // block_k, scale=scale, bk=block_k,
-                           cfg=cfg, interpret=bool(interpret))
+                           cfg=cfg, interpret=bool(interpret), skip=skip)
   kernel = plgpu.kernel(
       body,
       out_type=(),

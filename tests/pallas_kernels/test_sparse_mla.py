@@ -107,6 +107,12 @@ class SparseMlaTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"skip='copies' must be '', 'math' or \(with gather='cp_async'\)"):
       kernel_fwd.Config(gather="tma", skip="copies")
 
+  def test_backward_rejects_skip(self):
+    q, kv, idx = _inputs(0, 1, 1, 16, 40, 64)
+    with self.assertRaisesRegex(ValueError, r"skip='copies' must be '', 'reduce' or \(with gather='cp_async'\)"):
+      kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
+                                jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", skip="copies")
+
   def test_cp_async_gather_refuses_interpret_mode(self):
     q, kv, idx = _inputs(0, 1, 1, 16, 40, 64)
     with self.assertRaisesRegex(ValueError, "gather='cp_async' runs inline Mosaic GPU code"):

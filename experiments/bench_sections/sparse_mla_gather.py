@@ -9,7 +9,8 @@ the backward (from the forward's out / lse and random cotangents) against the 1-
 (its reduce-adds make the rounding vary from run to run anyway). Two diagnostic forward rows
 (`Config.skip`) time the cp.async forward without its row copies and without its math: the first bounds
 what the compute pipeline alone costs, the second what the gather alone costs; two backward rows do the same
-without its row copies and without its dkv reduce-adds.
+without its row copies and without its dkv reduce-adds, and one issues the reduce-adds from 4 warps per
+warpgroup (`reduce_warps`).
 """
 
 import jax
@@ -23,10 +24,10 @@ from pallas_kernels.sparse_mla import kernel_bwd, kernel_fwd, reference
 # copies or without its math (diagnostics: their outputs are not checked).
 FORWARD_CONFIGS = (dict(gather="tma", gather_warps=1), dict(gather="tma", gather_warps=4), dict(gather="cp_async"),
                    dict(gather="cp_async", skip="copies"), dict(gather="cp_async", skip="math"))
-# (gather, gather_warps, skip): the last two time the cp.async backward without its row copies and without its
-# dkv reduce-adds (diagnostics: their gradients are not checked).
-BACKWARD_GATHERS = (("tma", 1, ""), ("tma", 4, ""), ("cp_async", 4, ""), ("cp_async", 4, "copies"),
-                    ("cp_async", 4, "reduce"))
+# (gather, gather_warps, reduce_warps, skip): the last two time the cp.async backward without its row copies
+# and without its dkv reduce-adds (diagnostics: their gradients are not checked).
+BACKWARD_GATHERS = (("tma", 1, 1, ""), ("tma", 4, 1, ""), ("cp_async", 4, 1, ""), ("cp_async", 4, 4, ""),
+                    ("cp_async", 4, 1, "copies"), ("cp_async", 4, 1, "reduce"))
 
 
 def _timed(rows: list[dict], base: dict, fn, *args):
@@ -55,12 +56,12 @@ def run(cfg: dict) -> list[dict]:
     dlse = jax.random.normal(ks[1], want_lse.shape, jnp.float32)
     base = dict(section="sparse_mla_gather", T=T, queries=tq, heads=HEADS, k=TOPK)
     want_grads = None
-    for gather, warps, skip in BACKWARD_GATHERS:
-      bwd = jax.jit(lambda q, kv, idx, out, lse, do, dlse, gather=gather, warps=warps, skip=skip:
+    for gather, warps, reduce_warps, skip in BACKWARD_GATHERS:
+      bwd = jax.jit(lambda q, kv, idx, out, lse, do, dlse, gather=gather, warps=warps, rw=reduce_warps, skip=skip:
                     kernel_bwd.sparse_mla_bwd(q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT,
-                                              gather_warps=warps, gather=gather, skip=skip))
-      grads = _timed(rows, dict(base, op=f"bwd without {skip}" if skip else "bwd", gather=gather, gather_warps=warps),
-                     bwd, q, kv, idx, want_out, want_lse, do, dlse)
+                                              gather_warps=warps, gather=gather, reduce_warps=rw, skip=skip))
+      grads = _timed(rows, dict(base, op=f"bwd without {skip}" if skip else "bwd", gather=gather, gather_warps=warps,
+                                reduce_warps=reduce_warps), bwd, q, kv, idx, want_out, want_lse, do, dlse)
       if grads is not None and not skip:
         rows[-1]["tflops"] = timing.tflops(2.5 * flops, rows[-1]["ms"] / 1e3)
         if want_grads is None:

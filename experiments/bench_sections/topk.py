@@ -3,11 +3,14 @@
 Per sequence length T (k = 2048):
 - 1024 rows of T float32 scores, two kinds: i.i.d. normal, and real causal indexer scores (the last 1024
   query rows of a random 64 x 128 indexer, so -inf beyond each row's position): `lax.top_k` vs the radix
-  select vs the pruned select (inner selections by lax.top_k, by the radix select, and by the Mosaic GPU
-  threshold kernel `kernel_select`), each checked exact against the reference;
+  select vs the pruned select (inner selections by lax.top_k, by the radix select, by the Mosaic GPU
+  threshold kernel `kernel_select`, and "pruned_group_select": the same with step 1 and the first threshold
+  fused into the Mosaic GPU kernel `kernel_group_select`), each checked exact against the reference;
 - where the pruned_select's time goes, on the indexer rows (`_breakdown`): step 1 (group maxima, one read of
   the rows), the threshold kernel alone on the maxima, the first selection (threshold + compaction into the
-  kept groups), and the rest (candidate gather, second threshold, compaction) as the remainder;
+  kept groups), and the rest (candidate gather, second threshold, compaction) as the remainder; and the fused
+  kernel alone (`group_max_and_threshold`, to compare with group_max + threshold_on_maxima; its default
+  16 KiB chunks, 2 CTAs per SM, and `_c16384`: 64 KiB chunks, 1 CTA per SM);
 - `index_topk` end to end (Pallas scores per row block) with lax.top_k vs pruned vs pruned_select selection,
   against the matmul floor 2 * 64 * 128 * T(T+1)/2 FLOP at the XLA matmul rate of the same run.
 """
@@ -18,12 +21,12 @@ import jax.numpy as jnp
 from experiments.bench_sections import baselines, timing
 from pallas_kernels.lightning_indexer import api as indexer_api
 from pallas_kernels.topk import api as topk_api
-from pallas_kernels.topk import kernel, kernel_select, pruned
+from pallas_kernels.topk import kernel, kernel_group_select, kernel_select, pruned
 from pallas_kernels.topk import reference as topk_reference
 
 HEADS, DIM, TOPK, ROWS = 64, 128, 2048, 1024
 SELECT_FNS = {name: lambda x, s=name: topk_api.topk_indices(x, TOPK, implementation=s)
-              for name in ("xla", "radix", "pruned", "pruned_select")}
+              for name in ("xla", "radix", "pruned", "pruned_select", "pruned_group_select")}
 SELECT_FNS["pruned_radix"] = lambda x: pruned.topk_indices(x, TOPK, inner="radix")
 SELECTS = tuple(SELECT_FNS)
 
@@ -57,9 +60,13 @@ def _breakdown(scores: jax.Array) -> dict:
   first = jax.jit(lambda o: kernel.topk_indices(pruned.from_ordered(o), TOPK,
                                                 threshold=kernel_select.kth_largest_keys))
   whole = jax.jit(SELECT_FNS["pruned_select"])
+  g_fused = max(g, kernel_group_select.GROUPS[0])  # as pruned's "group_select": g = 2 (T < 16K) becomes 4
+  fused = {f"group_max_and_threshold{suffix}": jax.jit(
+      lambda x, c=chunk: kernel_group_select.group_maxima_and_threshold(x, g_fused, TOPK, chunk_keys=c))
+      for suffix, chunk in (("", kernel_group_select.CHUNK_KEYS), ("_c16384", 16384))}
   times = dict(group_max=timing.time_fn(maxima, scores), threshold_on_maxima=timing.time_fn(
       jax.jit(kernel_select.kth_largest_keys), keys, want), first_selection=timing.time_fn(first, ordered),
-      whole=timing.time_fn(whole, scores))
+      whole=timing.time_fn(whole, scores), **{name: timing.time_fn(fn, scores) for name, fn in fused.items()})
   times["candidates_rest"] = times["whole"] - times["group_max"] - times["first_selection"]
   return {f"indexer_pruned_select_{name}_ms": seconds * 1e3 for name, seconds in times.items()}
 

@@ -62,13 +62,17 @@ AUTO_BARRIERS = False
 class Config:
   """Settings of the forward and the backward (the backward sizes its ring itself: `kernel_sparse_bwd`)."""
   max_stages: int = 12  # ring slots of the forward, if they fit in SMEM
-  # Warps of the memory warpgroup that issue the row copies (1, 2 or 4; `gather`), forward and backward: one
-  # thread issuing a block's 704 copies is the expected bottleneck (module docstring; 4 not yet measured here).
+  # Warps of the memory warpgroup that issue the row copies (1, 2 or 4; `gather`), forward and backward: with
+  # 4 the forward took 11.7 ms instead of 40.7 on the H200 (module docstring).
   gather_warps: int = 4
+  # Warps of the backward's compute warpgroup that issue its d ik reduce-adds (1, 2 or 4; more than 1 has
+  # not yet run on a GPU).
+  reduce_warps: int = 1
 
   def __post_init__(self):
-    if self.gather_warps not in (1, 2, 4):
-      raise ValueError(f"gather_warps={self.gather_warps} must be one of (1, 2, 4).")
+    for name in ("gather_warps", "reduce_warps"):
+      if getattr(self, name) not in (1, 2, 4):
+        raise ValueError(f"{name}={getattr(self, name)} must be one of (1, 2, 4).")
 
 
 def padded_dims(n: int, c: int, i: int, h: int) -> tuple[int, int, int, int]:

@@ -15,8 +15,9 @@ wg 0 recomputes the attention logits [64 keys, N] (p) and the index logits [64 k
 index-key ring slots until V += A^T ik has read them, stages A and A w (bf16, 8 KiB each) for the wgmmas,
 and per 64-column chunk of d ik stages 64 keys x 64 f32 and adds it into the f32 d ik output with one TMA
 reduce-add per valid selected row (atomic per element: the summation order, hence the rounding, varies run
-to run). Those reduce-adds stay on one thread whatever gather_warps is: bulk async groups track them, and a
-group belongs to its issuing thread. The index heads are the M of the V product: they are padded to
+to run). By default one thread issues them; `Config.reduce_warps` spreads them over up to 4 warps (not yet
+run on a GPU): a bulk async group belongs to its issuing thread, but the warpgroup-wide commit and wait run
+on every thread, each for its own copies. The index heads are the M of the V product: they are padded to
 INDEX_HEADS = 64.
 
 SMEM at V3.2 shapes: the query 144 KiB + the index query 16 KiB + A, A w 16 KiB + the d ik stage 16 KiB
@@ -41,6 +42,7 @@ from pallas_kernels.indexer_kl import kernel_sparse, streaming
 from pallas_kernels.indexer_kl.kernel_dense import MAX_HEADS
 from pallas_kernels.indexer_kl.kernel_sparse import INDEX_HEADS
 from pallas_kernels.indexer_kl.streaming import BLOCK_S, CHUNK, LOG2E
+from pallas_kernels.sparse_mla.kernel_fwd import issue_row_copies
 
 MAX_STAGES = 12
 
@@ -69,7 +71,7 @@ def _product(a, b, shape):
 
 def _compute(tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q_smem, iq_smem, lse_smem, w_smem,
              ring, idx_smem, a_smem, aw_smem, stage, q_bar, ready, free, idx_ready, idx_free, *, scale, stages, blocks,
-             interpret):
+             interpret, reduce_warps):
   b, t = lax.axis_index("b"), lax.axis_index("t")
   # w goes to two buffers: one SMEM ref is read in one register layout (Mosaic's layout inference found no
   # solution for both), and the second one, read per index head, later stages d w.
@@ -93,6 +95,15 @@ def _compute(tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q
     plgpu.commit_smem()
     if interpret:  # per-token partials, scatter-added outside
       plgpu.copy_smem_to_gmem(stage, dik_ref.at[b, t, pl.ds(n * BLOCK_S, BLOCK_S), pl.ds(c * CHUNK, CHUNK)])
+      return
+
+    if reduce_warps > 1:  # invalid rows (-1 -> row 0) add their zero rows of acc: harmless
+      def add_row(r, row):
+        plgpu.copy_smem_to_gmem(stage.at[pl.ds(r, 1)], dik_ref.at[b, pl.ds(row, 1), pl.ds(c * CHUNK, CHUNK)],
+                                commit_group=False, reduction_op="add")
+
+      issue_row_copies(BLOCK_S, reduce_warps, lambda r: idx_smem[ps, r], add_row)
+      plgpu.commit_smem_to_gmem_group()  # every thread commits (and later awaits) its own bulk group
       return
 
     @pl.loop(0, BLOCK_S)
@@ -143,12 +154,12 @@ def _compute(tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q
 
 def _body(sel_ref, tok_ref, q_ref, k_ref, lse_ref, iq_ref, ik_ref, w_ref, diq_ref, dw_ref, dik_ref, q_smem, iq_smem,
           lse_smem, w_smem, ring, idx_smem, a_smem, aw_smem, stage, q_bar, ready, free, idx_ready, idx_free, *,
-          scale, stages, gather_warps, interpret):
+          scale, stages, gather_warps, reduce_warps, interpret):
   streaming.split_warpgroups(
       functools.partial(_compute, tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q_smem, iq_smem,
                         lse_smem, w_smem, tuple(ring), idx_smem, a_smem, aw_smem, stage, q_bar, ready, free,
                         idx_ready, idx_free, scale=scale, stages=stages, blocks=sel_ref.shape[-1] // BLOCK_S,
-                        interpret=interpret),
+                        interpret=interpret, reduce_warps=reduce_warps),
       functools.partial(kernel_sparse.gather, sel_ref, k_ref, ik_ref, tuple(ring), idx_smem, ready, free, idx_ready,
                         idx_free, n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages,
                         gather_warps=gather_warps))
@@ -159,8 +170,8 @@ def sparse_grads(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_
                  interpret=False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(d idx_q, d idx_k, d idx_w) of sum_t g[t] KL[t], given the forward's logsumexp(I) and z per token [B, T].
 
-  Shapes as in `kernel_sparse.sparse_stats`; `selected` from `kernel_sparse.selected_keys`. Of `config` only
-  gather_warps applies: the backward's ring is sized by `stages_for`.
+  Shapes as in `kernel_sparse.sparse_stats`; `selected` from `kernel_sparse.selected_keys`. Of `config`
+  gather_warps and reduce_warps apply: the backward's ring is sized by `stages_for`.
   """
   bsz, t, n, c = attn_q.shape
   i, h = idx_q.shape[2:]
@@ -177,6 +188,7 @@ def sparse_grads(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_
   q_scratch, iq_scratch, lse_scratch, w_scratch = streaming.query_scratch(n_p, c_p, i_p, h_p)
   kernel = streaming.launch_per_token(
       functools.partial(_body, scale=float(attn_scale), stages=stages, gather_warps=config.gather_warps,
+                        reduce_warps=config.reduce_warps,
                         interpret=bool(interpret)),
       (bsz, t),
       out_type=(),

@@ -68,7 +68,7 @@ def _mma(acc, pairs, shape, interpret):
 
 def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_smem, do_smem, kv_smem, p_smem,
           ds_smem, idx_smem, q_bar, kv_ready, idx_ready, kv_free, ds_ready, *, chunks, steps, scale, bk, cfg,
-          interpret, skip):
+          interpret, skip, reduce_warps):
   p_smem, (lse_smem, dd_smem) = p_smem
   kv_parts = [tuple(parts) for parts in kv_smem]  # a RefUnion iterates over its views
   kv_smem, kv_lines, stage_smem = zip(*(parts + (None,) * (3 - len(parts)) for parts in kv_parts))
@@ -93,12 +93,12 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     if skip == "reduce":  # benchmark diagnostics: no dkv reduce-adds
       return
 
-    @pl.loop(0, bk)
-    def _row(r):
-      plgpu.copy_smem_to_gmem(stage.at[slot, pl.ds(r, 1)],
-                              dkv_ref.at[b, pl.ds(jnp.maximum(idx_smem[r], 0), 1), pl.ds(col, SLAB)],
+    def add_row(r, row):
+      plgpu.copy_smem_to_gmem(stage.at[slot, pl.ds(r, 1)], dkv_ref.at[b, pl.ds(row, 1), pl.ds(col, SLAB)],
                               commit_group=False, reduction_op="add")
 
+    # From `reduce_warps` lanes; every thread then commits (and later awaits) its own bulk group.
+    kernel_fwd.issue_row_copies(bk, reduce_warps, lambda r: idx_smem[r], add_row)
     plgpu.commit_smem_to_gmem_group()
 
   def dkv_slabs(j, cols, stage):
@@ -264,11 +264,13 @@ def _scratch(chunks, bk, dtype, interpret, gather="tma"):
 
 
 def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: int, block_k: int = 64,
-                   gather_warps: int = 4, gather: str = "cp_async", skip: str = "",
-                   interpret=False) -> tuple[jax.Array, jax.Array]:
+                   gather_warps: int = 4, gather: str = "cp_async", reduce_warps: int = 1,
+                   skip: str = "", interpret=False) -> tuple[jax.Array, jax.Array]:
   """Gradients of `reference.sparse_mla` w.r.t. q [B, T, N, Dk] and kv [B, S, Dk] from the saved lse,
   given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N]). `gather`
-  ("tma" or "cp_async") and `gather_warps` (1, 2 or 4) are those of `kernel_fwd.Config`. `skip` is for
+  ("tma" or "cp_async") and `gather_warps` (1, 2 or 4) are those of `kernel_fwd.Config`. `reduce_warps`
+  (1, 2 or 4; more than 1 has not yet run on a GPU) spreads each warpgroup's dkv reduce-adds over that many
+  of its warps, as `gather_warps` does the TMA gathers. `skip` is for
   benchmark diagnostics only (the gradients are then wrong): "copies" leaves out the cp.async row copies,
   "reduce" the dkv reduce-adds, so that their share of the time shows."""
   bsz, t, n, dk = q.shape
@@ -276,6 +278,8 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   if block_k != 64:
     raise ValueError(f"block_k={block_k}: the dkv wgmma has the keys as its M, which is 64.")
   cfg = kernel_fwd.Config(block_k=block_k, gather_warps=gather_warps, gather=gather)  # validation
+  if reduce_warps not in (1, 2, 4):
+    raise ValueError(f"reduce_warps={reduce_warps} must be one of (1, 2, 4).")
   if skip not in ("", "reduce") and not (skip == "copies" and gather == "cp_async"):
     raise ValueError(f"skip={skip!r} must be '', 'reduce' or (with gather='cp_async') 'copies'.")
   dtype = q.dtype
@@ -288,7 +292,7 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   k_pad = -indices.shape[-1] % block_k
   indices = jnp.pad(indices.astype(jnp.int32), ((0, 0), (0, 0), (0, k_pad)), constant_values=-1)
   body = functools.partial(_body, chunks=chunks, steps=indices.shape[-1] // block_k, scale=scale, bk=block_k,
-                           cfg=cfg, interpret=bool(interpret), skip=skip)
+                           cfg=cfg, interpret=bool(interpret), skip=skip, reduce_warps=reduce_warps)
   kernel = plgpu.kernel(
       body,
       out_type=(),

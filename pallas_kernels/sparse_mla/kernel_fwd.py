@@ -302,13 +302,15 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
 
 
 def issue_row_copies(bk: int, gather_warps: int, index_of, copy_row) -> None:
-  """copy_row(r, max(index_of(r), 0)) for the rows r < bk of a key block, inside the gather warpgroup.
+  """copy_row(r, max(index_of(r), 0)) for the rows r < bk of a key block, inside one warpgroup.
 
   gather_warps = 1: one loop, every copy issued by the warpgroup's one elected thread. G > 1: warp w of the
   warpgroup copies rows w, w + G, ... from its own lane (`plgpu.warp_map`). Warp code cannot read SMEM
   scalars (memref.load has no warp semantics), so the warpgroup reads each group's G indices first and
-  each warp picks its own. Copies that complete on an mbarrier may be issued from any lane; copies tracked
-  by bulk async groups may not (a group belongs to its issuing thread), so only the former go through here.
+  each warp picks its own. Copies that complete on an mbarrier may be issued from any lane. So may SMEM ->
+  GMEM copies tracked by bulk async groups (the dkv reduce-adds of `kernel_bwd`): a group belongs to its
+  issuing thread, but `plgpu.commit_smem_to_gmem_group` and `plgpu.wait_smem_to_gmem` in warpgroup code
+  run on all 128 threads, each committing and awaiting its own copies, before a warpgroup barrier.
   """
   if gather_warps == 1:
     @pl.loop(0, bk)

@@ -69,11 +69,17 @@ def _kernel(keys_ref, k_ref, out_ref, *, keys_smem, barrier):
   plgpu.copy_gmem_to_smem(keys_ref.at[r], keys_smem, barrier)
   want = k_ref[r]
   plgpu.barrier_wait(barrier)
-  values = keys_smem[...]  # [M / 128, 128] in registers, strided layout: read once
+  out_ref[r] = bisect(keys_smem[...], want)  # [M / 128, 128] in registers, strided layout: read once
+
+
+def bisect(values: jax.Array, want: jax.Array) -> jax.Array:
+  """Inside a kernel: the 32 bisection steps on uint32 `values` held in registers (the row is a loop
+  invariant) -> uint32 scalar, the largest x with #(values >= x) >= want (0 if none). Also used by
+  `kernel_group_select`."""
 
   def step(i, prefix):
     candidate = prefix | (jnp.uint32(0x80000000) >> i.astype(jnp.uint32))
     count = (values >= candidate).astype(jnp.int32).sum()
     return jnp.where(count >= want, candidate, prefix)
 
-  out_ref[r] = lax.fori_loop(0, 32, step, jnp.uint32(0))
+  return lax.fori_loop(0, 32, step, jnp.uint32(0))

@@ -19,6 +19,12 @@ result; its ascending output is the order step 3 needs, so no sorts at all); `in
 with the thresholds found by the Mosaic GPU kernel of `kernel_select.py` (each row read once instead of 32
 times; rows of at most 16384 values, else the XLA bisection). Measured on the H200 at 1024 x 128K, all
 exact: lax.top_k 9.5 ms; inner "xla" 3.5 ms, "radix" 2.5 ms, "select" 1.34 ms (7.1x lax.top_k).
+
+`inner="group_select"` is "select" with step 1 and the first threshold fused into one Mosaic GPU kernel
+(`kernel_group_select.py`: the rows are streamed once through SMEM, the maxima and their k-th largest come
+out together), instead of an XLA group-max pass plus the threshold kernel re-reading the maxima. Same
+result; g must be 4, 8 or 16 (or 1: then it is "select"; an automatic g = 2, 4k <= S < 8k, becomes 4) with at
+most 16384 groups per row. Not yet run on a GPU, so not the default.
 """
 
 import math
@@ -26,7 +32,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.topk import kernel, kernel_select, reference
+from pallas_kernels.topk import kernel, kernel_group_select, kernel_select, reference
 
 
 def group_size(n: int, k: int) -> int:
@@ -36,15 +42,20 @@ def group_size(n: int, k: int) -> int:
   return 1 << round(math.log2(math.sqrt(n / k)))
 
 
-INNER = ("xla", "radix", "select")
+INNER = ("xla", "radix", "select", "group_select")
+
+
+def group_rows(rows: jax.Array, g: int) -> jax.Array:
+  """rows [R, S] -> groups [R, ceil(S / g), g] float32, -inf padded (padded keys are never selected)."""
+  rows = jnp.pad(rows.astype(jnp.float32), ((0, 0), (0, -rows.shape[1] % g)), constant_values=-jnp.inf)
+  return rows.reshape(rows.shape[0], -1, g)
 
 
 def group_maxima(rows: jax.Array, g: int) -> tuple[jax.Array, jax.Array]:
   """Step 1: rows [R, S] -> (groups [R, ceil(S / g), g] float32, -inf padded; their maxima [R, S / g] as int32
   in the float total order that lax.top_k uses, -0.0 < +0.0: a plain max may return -0.0 for a group that
   holds +0.0 and so rank it too low)."""
-  rows = jnp.pad(rows.astype(jnp.float32), ((0, 0), (0, -rows.shape[1] % g)), constant_values=-jnp.inf)
-  groups = rows.reshape(rows.shape[0], -1, g)  # padded keys are -inf: never selected
+  groups = group_rows(rows, g)
   ordered = (kernel.sortable_keys(groups) ^ jnp.uint32(0x80000000)).view(jnp.int32)
   return groups, ordered.max(axis=-1)
 
@@ -58,7 +69,7 @@ def from_ordered(ordered: jax.Array) -> jax.Array:
 
 def _threshold_fn(inner: str, interpret):
   """None (the XLA bisection) or the Mosaic GPU threshold kernel for rows it takes."""
-  if inner != "select":
+  if inner not in ("select", "group_select"):
     return None
 
   def threshold(keys, want):
@@ -68,10 +79,15 @@ def _threshold_fn(inner: str, interpret):
   return threshold
 
 
-def _radix_pruned(groups: jax.Array, ordered_max: jax.Array, k: int, n: int, threshold=None) -> jax.Array:
-  """Steps 2-3 with the radix select: -> key indices [R, k] ascending, -1 padded (n = unpadded length)."""
+def _radix_pruned(groups: jax.Array, ordered_max: jax.Array, k: int, n: int, threshold=None,
+                  first: jax.Array | None = None) -> jax.Array:
+  """Steps 2-3 with the radix select: -> key indices [R, k] ascending, -1 padded (n = unpadded length).
+
+  first: the k-th largest maximum's uint32 key per row [R], when already known (`inner="group_select"`).
+  """
   rows, n_groups, g = groups.shape
-  kept = kernel.topk_indices(from_ordered(ordered_max), k, threshold=threshold)  # ascending; -1: only -inf
+  first_threshold = threshold if first is None else lambda keys, want: first
+  kept = kernel.topk_indices(from_ordered(ordered_max), k, threshold=first_threshold)  # ascending; -1: only -inf
   kept = jnp.where(kept < 0, n_groups, kept)  # -> an all -inf group appended below (never selected)
   groups = jnp.concatenate([groups, jnp.full((rows, 1, g), -jnp.inf, groups.dtype)], axis=1)
   candidates = jnp.take_along_axis(groups, kept[..., None], axis=1).reshape(rows, k * g)
@@ -84,21 +100,31 @@ def topk_indices(scores: jax.Array, k: int, group: int | None = None, inner: str
                  interpret=False) -> jax.Array:
   """scores [..., S] float32 (-inf = not visible) -> int32 [..., min(k, S)], as `reference.topk_indices`.
 
-  interpret: GPU interpret-mode parameters for the `inner="select"` kernel (CPU tests).
+  interpret: GPU interpret-mode parameters for the Mosaic GPU kernels of `inner="select"` and
+  `inner="group_select"` (CPU tests).
   """
   if inner not in INNER:
     raise ValueError(f"inner={inner!r} is invalid; allowed: {INNER}.")
   *lead, n = scores.shape
   k = min(k, n)
   g = group_size(n, k) if group is None else group
+  if inner == "group_select" and group is None and g > 1:  # the fused kernel's smallest group: 4 (n >= 4k here)
+    g = max(g, kernel_group_select.GROUPS[0])
   if g < 1 or (g > 1 and -(-n // g) < k):
     raise ValueError(f"group={g} is invalid for rows of {n} keys and k={k}; allowed: >= 1 with at least k "
                      "groups per row.")
+  if inner == "group_select" and g > 1 and g not in kernel_group_select.GROUPS:
+    raise ValueError(f"group={g} is not supported by inner='group_select'; allowed: 1 or "
+                     f"{kernel_group_select.GROUPS}.")
   threshold = _threshold_fn(inner, interpret)
   if g == 1:
     if inner == "xla":
       return reference.topk_indices(scores, k)
     return kernel.topk_indices(scores, k, threshold=threshold)
+  if inner == "group_select":  # step 1 and the first threshold in one kernel
+    rows = scores.reshape(-1, n)
+    ordered_max, first = kernel_group_select.group_maxima_and_threshold(rows, g, k, interpret=interpret)
+    return _radix_pruned(group_rows(rows, g), ordered_max, k, n, threshold, first).reshape(*lead, k)
   groups, ordered_max = group_maxima(scores.reshape(-1, n), g)
   pad = groups.shape[1] * g - n
   if inner != "xla":

@@ -97,16 +97,20 @@ class PallasSparseKLTest(parameterized.TestCase):
 
   def test_config_gather_warps(self):
     self.assertEqual(kernel_sparse.Config().gather_warps, 4)
+    self.assertEqual(kernel_sparse.Config().reduce_warps, 1)
     with self.assertRaisesRegex(ValueError, r"gather_warps=3 must be one of \(1, 2, 4\)"):
       kernel_sparse.Config(gather_warps=3)
+    with self.assertRaisesRegex(ValueError, r"reduce_warps=8 must be one of \(1, 2, 4\)"):
+      kernel_sparse.Config(reduce_warps=8)
 
 
 class PallasSparseKLLoweringTest(parameterized.TestCase):
   """V3.2 shapes at T = S = 128K, K = 2048, through the whole Mosaic GPU lowering: forward and gradient, with
-  the default config (4 gather warps, through `api.sparse_kl`) and with one gather warp."""
+  the default config (4 gather warps, through `api.sparse_kl`), with one gather warp, and with the backward's
+  d ik reduce-adds from 4 warps (interpret mode replaces them by partials, so only this compiles them)."""
 
-  @parameterized.named_parameters(("default", None), ("gather_warps1", 1))
-  def test_forward_and_grad_lower_for_h200(self, gather_warps):
+  @parameterized.named_parameters(("default", None, 1), ("gather_warps1", 1, 1), ("reduce_warps4", 4, 4))
+  def test_forward_and_grad_lower_for_h200(self, gather_warps, reduce_warps):
     sd = jax.ShapeDtypeStruct
     T = 131072  # noqa: N806  (the grid's token axis above CUDA's 65535 limit for y and z)
     args = (sd((1, T, 128, 576), jnp.bfloat16), sd((1, T, 576), jnp.bfloat16), sd((1, T, 128), jnp.float32),
@@ -121,7 +125,8 @@ class PallasSparseKLLoweringTest(parameterized.TestCase):
         kl = api.sparse_kl(q, k, lse, 0.1352338, iq, ik, w, indices, **vis, implementation="pallas")
       else:
         kl = sparse_pallas.sparse_kl(q, k, lse, 0.1352338, iq, ik, w, indices, **vis,
-                                     config=kernel_sparse.Config(gather_warps=gather_warps))
+                                     config=kernel_sparse.Config(gather_warps=gather_warps,
+                                                                 reduce_warps=reduce_warps))
       return kl.sum()
 
     with jax.sharding.use_abstract_mesh(H200):

@@ -43,7 +43,7 @@ class RadixTopkTest(parameterized.TestCase):
   def test_pruned_matches_reference(self, case, inner):
     n, k, group = case
     scores = jnp.asarray(_scores(np.random.default_rng(time.time_ns()), 8, n))
-    interpret = plgpu.InterpretGPUParams(detect_races=True) if inner == "select" else False
+    interpret = plgpu.InterpretGPUParams(detect_races=True) if inner in ("select", "group_select") else False
     got = jax.jit(pruned.topk_indices, static_argnums=(1, 2, 3, 4))(scores, k, group, inner, interpret)
     chex.assert_trees_all_equal(got, reference.topk_indices(scores, k))
 
@@ -63,7 +63,8 @@ class RadixTopkTest(parameterized.TestCase):
     """1024 query rows of 128K keys, k = 2048 (one row block of a 128K-token layer)."""
     scores = jax.ShapeDtypeStruct((1024, 131072), jnp.float32)
     pruned_select = lambda x, k: pruned.topk_indices(x, k, inner="select")  # the Mosaic GPU threshold kernel
-    for select in (kernel.topk_indices, pruned.topk_indices, pruned_select):
+    group_select = lambda x, k: pruned.topk_indices(x, k, inner="group_select")  # the fused group-max kernel
+    for select in (kernel.topk_indices, pruned.topk_indices, pruned_select, group_select):
       with jax.sharding.use_abstract_mesh(H200):
         lowered = jax.jit(select, static_argnums=1).trace(scores, 2048).lower(lowering_platforms=("cuda",))
       self.assertIn("stablehlo", lowered.as_text()[:2000])

@@ -2,7 +2,7 @@
 # GPU measurements still owed (docs/kernels.md, "Pending GPU measurements"); each part fits one 10-minute device
 # command. One process per section, each with its own time limit; logs and JSON go to $OUT.
 # On the GPU machine, from the repository root:
-#   OUT=/some/dir bash benchmarks/run_pending.sh 1   # sparse MLA backward diagnostics; fused top-k kernel
+#   OUT=/some/dir bash benchmarks/run_pending.sh 1   # backward diagnostics, reduce_warps; fused top-k kernel
 set -u
 : "${OUT:?set OUT to the output folder}"
 export PYTHONPATH=.
@@ -14,9 +14,11 @@ run() {  # run LIMIT_S NAME FLAGS...
 }
 case "${1:-}" in
   1)
-    # Where the sparse MLA backward's time goes (without its row copies, without its dkv reduce-adds), at 8K
-    # and 128K keys.
-    run 150 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192,131072
+    # Where the sparse MLA backward's time goes (without its row copies, without its dkv reduce-adds), and its
+    # reduce-adds from 4 warps (reduce_warps=4), at 8K and 128K keys.
+    run 170 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192,131072
+    # The sparse KL backward with its d ik reduce-adds from 4 warps.
+    run 130 indexer_kl_sparse --sections=indexer_kl_sparse --seq_lens=8192
     # The fused group-maxima + threshold kernel against the XLA maxima + threshold kernel (pruned_group_select).
     run 150 topk_131072 --sections=topk --seq_lens=131072
     ;;

@@ -4,10 +4,11 @@ Per sequence length T (batch 1, one causal document, 128 heads x 576-dim latent 
 the last QUERIES queries against S = T keys, each with K = 2048 distinct random causal (valid) indices in a
 random order, as top-k would hand them over. `indexer_kl.api.sparse_kl` forward and forward + backward
 (gradients of the summed KL w.r.t. the indexer's q, k, w), "pallas" (Mosaic GPU kernels both ways) and
-"xla" (chunked gather + einsum, differentiated by JAX), in ms. The "pallas" rows are there twice, column
-gather_warps: the default config (4 warps issue the row gathers) through the API, and gather_warps = 1 (one
-thread issues them, as before; `sparse_pallas.sparse_kl` with a `kernel_sparse.Config`), for the
-before / after of the warp-spread gather in one run; the forward also in TFLOP/s of useful work
+"xla" (chunked gather + einsum, differentiated by JAX), in ms. The "pallas" rows are there three times,
+columns gather_warps / reduce_warps: the default config (4 warps issue the row gathers, one thread the
+backward's d ik reduce-adds) through the API, gather_warps = 1 (one thread issues the gathers, as at
+first), and reduce_warps = 4 (the reduce-adds from 4 warps; the last two through `sparse_pallas.sparse_kl`
+with a `kernel_sparse.Config`), for the before / after of each in one run; the forward also in TFLOP/s of useful work
 2 Tq K (N C + I H); the relative error of the Pallas KL and gradients against the XLA path
 (max |difference| / max |xla|); and, since the XLA path is not exact either, each implementation's error
 in each gradient (d idx_q, d idx_k, d idx_w) against the XLA path on float32 copies of the same inputs.
@@ -25,7 +26,9 @@ from pallas_kernels.indexer_kl import api, kernel_sparse, sparse_pallas
 
 QUERIES, TOPK = 4096, 2048
 # (implementation, gather_warps): None = `api.sparse_kl`'s default config (which has 4 gather warps).
-VARIANTS = (("pallas", None), ("pallas", 1), ("xla", None))
+# (implementation, kernel_sparse.Config or None for the API's default)
+VARIANTS = (("pallas", None), ("pallas", kernel_sparse.Config(gather_warps=1)),
+            ("pallas", kernel_sparse.Config(reduce_warps=4)), ("xla", None))
 PASSES = ("fwd", "fwd+bwd")
 
 
@@ -60,18 +63,17 @@ def _inputs(T: int, seed: int = 0):  # noqa: N803
   return (attn_q, attn_k, attn_lse), idx, indices, vis
 
 
-def functions(implementation: str, gather_warps: int | None = None):
+def functions(implementation: str, config: kernel_sparse.Config | None = None):
   """(forward, forward + backward) of `sparse_kl`, jitted: f(attn, idx, indices, vis) -> KL [1, Tq] / grads.
 
-  With gather_warps, the "pallas" kernels with that `kernel_sparse.Config` (the API takes no config)."""
+  With a config, the "pallas" kernels with that `kernel_sparse.Config` (the API takes no config)."""
 
   def kl(attn, idx, indices, vis):
     attn_q, attn_k, attn_lse = attn
-    if gather_warps is None:
+    if config is None:
       return api.sparse_kl(attn_q, attn_k, attn_lse, SCALE, *idx, indices, **vis, implementation=implementation)
     assert implementation == "pallas", implementation
-    return sparse_pallas.sparse_kl(attn_q, attn_k, attn_lse, SCALE, *idx, indices, **vis,
-                                   config=kernel_sparse.Config(gather_warps=gather_warps))
+    return sparse_pallas.sparse_kl(attn_q, attn_k, attn_lse, SCALE, *idx, indices, **vis, config=config)
 
   grads = jax.grad(lambda idx, attn, indices, vis: kl(attn, idx, indices, vis).sum())
   return jax.jit(kl), jax.jit(lambda attn, idx, indices, vis: grads(idx, attn, indices, vis))
@@ -81,28 +83,33 @@ def _rows_for(T: int) -> list[dict]:  # noqa: N803
   args = _inputs(T)
   tq = args[0][0].shape[1]
   useful_flops = 2.0 * tq * TOPK * (HEADS * KEY_DIM + INDEX_HEADS * INDEX_DIM)
-  rows, outputs = [], {}  # outputs by (impl, gather_warps column or None, pass)
-  for impl, gather_warps in VARIANTS:
-    for pass_, fn in zip(PASSES, functions(impl, gather_warps)):
+  rows, outputs = [], {}  # outputs by (impl, variant number, pass)
+  for v, (impl, config) in enumerate(VARIANTS):
+    for pass_, fn in zip(PASSES, functions(impl, config)):
       seconds = timing.time_fn(fn, *args, iters=3)
       row = dict(section="indexer_kl_sparse", T=T, queries=tq, k=TOPK, pass_=pass_, impl=impl, ms=seconds * 1e3)
       if impl == "pallas":
-        row["gather_warps"] = kernel_sparse.Config().gather_warps if gather_warps is None else gather_warps
+        used = config or kernel_sparse.Config()
+        row.update(gather_warps=used.gather_warps, reduce_warps=used.reduce_warps)
       if pass_ == "fwd":
         row["tflops"] = timing.tflops(useful_flops, seconds)
-      outputs[impl, row.get("gather_warps"), pass_] = fn(*args)
-      rows.append(row)
-  xla = {("xla", pass_): outputs["xla", None, pass_] for pass_ in PASSES}
-  for warps in {row["gather_warps"] for row in rows if row["impl"] == "pallas"}:  # each against the "xla" rows
-    add_rel_errors([row for row in rows if row["impl"] == "pallas" and row["gather_warps"] == warps],
-                   {**xla, **{("pallas", pass_): outputs["pallas", warps, pass_] for pass_ in PASSES}})
+      outputs[impl, v, pass_] = fn(*args)
+      rows.append(dict(row, variant=v))
+  xla_variant = next(v for v, (impl, _) in enumerate(VARIANTS) if impl == "xla")
+  xla = {("xla", pass_): outputs["xla", xla_variant, pass_] for pass_ in PASSES}
+  for v, (impl, _) in enumerate(VARIANTS):  # each Pallas variant against the "xla" rows
+    if impl == "pallas":
+      add_rel_errors([row for row in rows if row["variant"] == v],
+                     {**xla, **{("pallas", pass_): outputs["pallas", v, pass_] for pass_ in PASSES}})
   attn, idx, indices, vis = args
   exact = functions("xla")[1](attn, jax.tree.map(lambda x: x.astype(jnp.float32), idx), indices, vis)
   for row in rows:
     if row["pass_"] == "fwd+bwd":
-      got_grads = outputs[row["impl"], row.get("gather_warps"), "fwd+bwd"]
+      got_grads = outputs[row["impl"], row["variant"], "fwd+bwd"]
       for name, got, want in zip(("d_iq", "d_ik", "d_w"), got_grads, exact):
         row[f"{name}_err_vs_f32"] = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
+  for row in rows:
+    del row["variant"]
   return rows
 
 

@@ -46,6 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.row_copies import issue_row_copies
 from pallas_kernels.sparse_mla import cp_async_gather, kernel_fwd
 from pallas_kernels.sparse_mla.kernel_fwd import HEAD_TILE
 
@@ -98,7 +99,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
                               commit_group=False, reduction_op="add")
 
     # From `reduce_warps` lanes; every thread then commits (and later awaits) its own bulk group.
-    kernel_fwd.issue_row_copies(bk, reduce_warps, lambda r: idx_smem[r], add_row)
+    issue_row_copies(bk, reduce_warps, lambda r: idx_smem[r], add_row)
     plgpu.commit_smem_to_gmem_group()
 
   def dkv_slabs(j, cols, stage):
@@ -218,7 +219,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
         return
       # Only the row gathers are spread over warps (gather_warps > 1); the per-row dkv reduce-adds of wg 0
       # and wg 1 (`reduce_slab`) are tracked by bulk async groups, which belong to the issuing thread.
-      kernel_fwd.issue_row_copies(bk, cfg.gather_warps, lambda r: idx_smem[r], copy_row)
+      issue_row_copies(bk, cfg.gather_warps, lambda r: idx_smem[r], copy_row)
 
     plgpu.barrier_wait(kv_free)  # observe the last release, so that every barrier phase is waited on
 

@@ -39,6 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.row_copies import issue_row_copies
 from pallas_kernels.sparse_mla import cp_async_gather
 
 HEAD_TILE = 64
@@ -299,37 +300,6 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
     # Observe the last releases too, so that every barrier phase has been waited on at exit.
     for j in range(max(steps - cfg.stages, 0), steps):
       plgpu.barrier_wait(kv_free.at[j % cfg.stages])
-
-
-def issue_row_copies(bk: int, gather_warps: int, index_of, copy_row) -> None:
-  """copy_row(r, max(index_of(r), 0)) for the rows r < bk of a key block, inside one warpgroup.
-
-  gather_warps = 1: one loop, every copy issued by the warpgroup's one elected thread. G > 1: warp w of the
-  warpgroup copies rows w, w + G, ... from its own lane (`plgpu.warp_map`). Warp code cannot read SMEM
-  scalars (memref.load has no warp semantics), so the warpgroup reads each group's G indices first and
-  each warp picks its own. Copies that complete on an mbarrier may be issued from any lane. So may SMEM ->
-  GMEM copies tracked by bulk async groups (the dkv reduce-adds of `kernel_bwd`): a group belongs to its
-  issuing thread, but `plgpu.commit_smem_to_gmem_group` and `plgpu.wait_smem_to_gmem` in warpgroup code
-  run on all 128 threads, each committing and awaiting its own copies, before a warpgroup barrier.
-  """
-  if gather_warps == 1:
-    @pl.loop(0, bk)
-    def _row(r):
-      copy_row(r, jnp.maximum(index_of(r), 0))
-    return
-
-  @pl.loop(0, bk // gather_warps)
-  def _group(i):
-    rows = [jnp.maximum(index_of(i * gather_warps + w), 0) for w in range(gather_warps)]
-
-    @plgpu.warp_map
-    def _per_warp(warp):
-      @pl.when(warp < gather_warps)
-      def _():
-        row = rows[0]
-        for w in range(1, gather_warps):
-          row = jnp.where(warp == w, rows[w], row)
-        copy_row(i * gather_warps + warp, row)
 
 
 def _kv_buffer(stages: int, bk: int, width: int, dtype, interpret, gather="tma"):

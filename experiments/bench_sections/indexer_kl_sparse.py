@@ -4,12 +4,12 @@ Per sequence length T (batch 1, one causal document, 128 heads x 576-dim latent 
 the last QUERIES queries against S = T keys, each with K = 2048 distinct random causal (valid) indices in a
 random order, as top-k would hand them over. `indexer_kl.api.sparse_kl` forward and forward + backward
 (gradients of the summed KL w.r.t. the indexer's q, k, w), "pallas" (Mosaic GPU kernels both ways) and
-"xla" (chunked gather + einsum, differentiated by JAX), in ms. The "pallas" rows are there three times,
-columns gather_warps / reduce_warps: the default config (4 warps issue the row gathers, one thread the
-backward's d ik reduce-adds) through the API, gather_warps = 1 (one thread issues the gathers, as at
-first), and reduce_warps = 4 (the reduce-adds from 4 warps; the last two through `sparse_pallas.sparse_kl`
-with a `kernel_sparse.Config`), for the before / after of each in one run; the forward also in TFLOP/s of useful work
-2 Tq K (N C + I H); the relative error of the Pallas KL and gradients against the XLA path
+"xla" (chunked gather + einsum, differentiated by JAX), in ms. The "pallas" rows are there five times,
+columns gather / gather_warps / reduce_warps: the default config (TMA row gathers from 4 warps, one thread
+for the backward's d ik reduce-adds) through the API; then, through `sparse_pallas.sparse_kl` with a
+`kernel_sparse.Config`: gather_warps = 1 (as at first), reduce_warps = 4, the cp.async gather, and the
+cp.async gather with reduce_warps = 4, for the before / after of each in one run; the forward also in TFLOP/s
+of useful work 2 Tq K (N C + I H); the relative error of the Pallas KL and gradients against the XLA path
 (max |difference| / max |xla|); and, since the XLA path is not exact either, each implementation's error
 in each gradient (d idx_q, d idx_k, d idx_w) against the XLA path on float32 copies of the same inputs.
 
@@ -28,7 +28,8 @@ QUERIES, TOPK = 4096, 2048
 # (implementation, gather_warps): None = `api.sparse_kl`'s default config (which has 4 gather warps).
 # (implementation, kernel_sparse.Config or None for the API's default)
 VARIANTS = (("pallas", None), ("pallas", kernel_sparse.Config(gather_warps=1)),
-            ("pallas", kernel_sparse.Config(reduce_warps=4)), ("xla", None))
+            ("pallas", kernel_sparse.Config(reduce_warps=4)), ("pallas", kernel_sparse.Config(gather="cp_async")),
+            ("pallas", kernel_sparse.Config(gather="cp_async", reduce_warps=4)), ("xla", None))
 PASSES = ("fwd", "fwd+bwd")
 
 
@@ -90,7 +91,7 @@ def _rows_for(T: int) -> list[dict]:  # noqa: N803
       row = dict(section="indexer_kl_sparse", T=T, queries=tq, k=TOPK, pass_=pass_, impl=impl, ms=seconds * 1e3)
       if impl == "pallas":
         used = config or kernel_sparse.Config()
-        row.update(gather_warps=used.gather_warps, reduce_warps=used.reduce_warps)
+        row.update(gather=used.gather, gather_warps=used.gather_warps, reduce_warps=used.reduce_warps)
       if pass_ == "fwd":
         row["tflops"] = timing.tflops(useful_flops, seconds)
       outputs[impl, v, pass_] = fn(*args)

@@ -46,6 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import cp_async_gather
 from pallas_kernels.indexer_kl import kernel_dense, streaming
 from pallas_kernels.indexer_kl.kernel_dense import HEAD_MULTIPLE, MAX_HEADS, NUM_STATS
 from pallas_kernels.indexer_kl.streaming import BLOCK_S, CHUNK, FLOOR, LOG2E, round_up
@@ -53,6 +54,7 @@ from pallas_kernels.row_copies import issue_row_copies
 
 INDEX_HEADS = 64  # index heads padded to one wgmma M: the backward's d iq product has them as M
 _LINE_TRANSFORMS = (plgpu.TilingTransform((1, CHUNK)), plgpu.SwizzleTransform(128))
+GATHERS = ("tma", "cp_async")
 # No automatic warpgroup barriers (here and in the backward): each 64-key block issues 704 row copies, and every
 # SMEM region is written and read by the same threads or ordered by commit_smem (sparse_mla measured 2.5x).
 AUTO_BARRIERS = False
@@ -68,11 +70,21 @@ class Config:
   # Warps of the backward's compute warpgroup that issue its d ik reduce-adds (1, 2 or 4; more than 1 has
   # not yet run on a GPU).
   reduce_warps: int = 1
+  # "tma" (per-row TMA copies from `gather_warps` warps) or "cp_async" (`pallas_kernels.cp_async_gather`: all
+  # 128 threads of the memory warpgroup copy 16-byte pieces, as in the sparse MLA kernels, where it was 2.0x
+  # faster than 4 TMA warps; here not yet run on a GPU, and GPU only: interpret mode cannot run it).
+  gather: str = "tma"
 
   def __post_init__(self):
     for name in ("gather_warps", "reduce_warps"):
       if getattr(self, name) not in (1, 2, 4):
         raise ValueError(f"{name}={getattr(self, name)} must be one of (1, 2, 4).")
+    if self.gather not in GATHERS:
+      raise ValueError(f"gather={self.gather!r} must be one of {GATHERS}.")
+
+  def ring_arrivals(self) -> int:
+    """Arrivals on a ring slot's ready barrier: one per row TMA, or one (per thread) after the cp.async wait."""
+    return 1 if self.gather == "cp_async" else BLOCK_S
 
 
 def padded_dims(n: int, c: int, i: int, h: int) -> tuple[int, int, int, int]:
@@ -117,30 +129,46 @@ def padded_operands(attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w):
           _pad(bf16(idx_k), {2: h_p}), _pad(idx_w.astype(jnp.float32), {2: i_p}))
 
 
-def ring_buffer(stages: int, interpret: bool):
-  """The ring (wgmma view [stages, 64 keys, 64 columns], per-row TMA view as 128-byte lines or None).
+def ring_buffer(stages: int, interpret: bool, gather: str = "tma"):
+  """The ring (wgmma view [stages, 64 keys, 64 columns], per-row TMA view as 128-byte lines or None; with
+  gather="cp_async" a flat view instead, written at swizzled addresses by `cp_async_gather`).
 
   Interpret mode models views logically, so there rows are copied into the tiled view directly."""
   tiled = streaming.wgmma_smem((stages, BLOCK_S, CHUNK))
+  if gather == "cp_async":
+    if interpret:
+      raise ValueError("gather='cp_async' runs inline Mosaic GPU code, which GPU interpret mode cannot run.")
+    return plgpu.RefUnion(tiled, plgpu.SMEM((stages * BLOCK_S * CHUNK,), jnp.bfloat16))
   if interpret:
     return tiled, None
   return plgpu.RefUnion(tiled, plgpu.SMEM((stages * BLOCK_S, CHUNK), jnp.bfloat16, transforms=_LINE_TRANSFORMS))
 
 
 def gather(sel_ref, k_ref, ik_ref, ring, idx_smem, ready, free, idx_ready, idx_free, *, n_chunks, i_chunks,
-           stages, gather_warps):
-  """Memory warpgroup: per block of 64 selected keys the index block, then chunk by chunk one TMA per row.
+           stages, gather_warps, mode="tma"):
+  """Memory warpgroup: per block of 64 selected keys the index block, then chunk by chunk the selected rows.
 
   Ring slot g % stages holds chunk g = block * (n_chunks + i_chunks) + k: the latent key's chunks first,
   then the index key's. idx_smem is double-buffered and released by the compute warpgroup (idx_free).
-  A chunk's row copies are issued by `gather_warps` warps (`issue_row_copies`): they all complete on the
-  slot's ready barrier, so any lane may issue them.
+  mode "tma": one TMA per row, issued by `gather_warps` warps (`issue_row_copies`); they all complete on the
+  slot's ready barrier, so any lane may issue them. mode "cp_async" (`Config.gather`): all 128 threads copy
+  16-byte pieces (`cp_async_gather`), one commit group per chunk; chunk g is published (its copies awaited,
+  a proxy fence, every thread arrives on its ready barrier) once chunk g + lag has been issued. lag =
+  stages - 2: the backward holds two slots (the index key's chunks) while it waits for the next chunk, so
+  publishing must not wait on a slot that a held chunk's release frees.
   """
   ring, lines = ring
   b, t = lax.axis_index("b"), lax.axis_index("t")
   blocks = sel_ref.shape[-1] // BLOCK_S
   per_block = n_chunks + i_chunks
   slot_of = lambda g: lax.rem(g, jnp.int32(stages))
+  lag = max(stages - 2, 0)
+  total = blocks * per_block
+
+  def publish(g, pending):
+    cp_async_gather.wait(pending)
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(ready.at[slot_of(g)])
 
   @pl.loop(0, blocks)
   def _block(n):
@@ -155,6 +183,16 @@ def gather(sel_ref, k_ref, ik_ref, ring, idx_smem, ready, free, idx_ready, idx_f
     for k in range(per_block):
       slot = streaming.acquire_slot(free, n * per_block + k, stages)
       src, col = (k_ref, k) if k < n_chunks else (ik_ref, k - n_chunks)
+      if mode == "cp_async":
+        g = n * per_block + k
+        view = lines.at[pl.ds(slot * BLOCK_S * CHUNK, BLOCK_S * CHUNK)]
+        cp_async_gather.issue_block(src.at[b], idx_smem.at[ps], [view], chunks=((col * CHUNK, CHUNK),),
+                                    rows=BLOCK_S)
+
+        @pl.when(g >= lag)
+        def _():
+          publish(g - lag, lag)
+        continue
 
       def copy_row(r, row):
         dst = ring.at[slot, pl.ds(r, 1)] if lines is None else lines.at[pl.ds(slot * BLOCK_S + r, 1)]
@@ -164,8 +202,11 @@ def gather(sel_ref, k_ref, ik_ref, ring, idx_smem, ready, free, idx_ready, idx_f
 
     plgpu.commit_smem()  # order this block's index reads before the TMA that refills idx_smem
 
+  if mode == "cp_async":
+    for g in range(max(total - lag, 0), total):
+      publish(jnp.int32(g), total - 1 - g)
+
   # Observe the last releases too, so that every barrier phase has been waited on at exit.
-  total = blocks * per_block
 
   @pl.loop(max(total - stages, 0), total)
   def _drain(g):
@@ -222,14 +263,14 @@ def _compute(q_ref, iq_ref, lse_ref, w_ref, out_ref, q_smem, iq_smem, lse_smem, 
 
 
 def _body(sel_ref, q_ref, k_ref, lse_ref, iq_ref, ik_ref, w_ref, out_ref, q_smem, iq_smem, lse_smem, w_smem, ring,
-          idx_smem, out_smem, q_bar, ready, free, idx_ready, idx_free, *, scale, stages, gather_warps):
+          idx_smem, out_smem, q_bar, ready, free, idx_ready, idx_free, *, scale, stages, gather_warps, mode):
   streaming.split_warpgroups(
       functools.partial(_compute, q_ref, iq_ref, lse_ref, w_ref, out_ref, q_smem, iq_smem, lse_smem, w_smem,
                         tuple(ring), idx_smem, out_smem, q_bar, ready, free, idx_ready, idx_free, scale=scale,
                         stages=stages, blocks=sel_ref.shape[-1] // BLOCK_S),
       functools.partial(gather, sel_ref, k_ref, ik_ref, tuple(ring), idx_smem, ready, free, idx_ready, idx_free,
                         n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages,
-                        gather_warps=gather_warps))
+                        gather_warps=gather_warps, mode=mode))
 
 
 def sparse_stats(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w, selected, *,
@@ -249,15 +290,16 @@ def sparse_stats(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_
   stages = forward_stages(n_p, c_p, i_p, h_p, config)
   q, k, lse, iq, ik, w = padded_operands(attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w)
   return streaming.launch_per_token(
-      functools.partial(_body, scale=float(attn_scale), stages=stages, gather_warps=config.gather_warps),
+      functools.partial(_body, scale=float(attn_scale), stages=stages, gather_warps=config.gather_warps,
+                        mode=config.gather),
       (bsz, t),
       out_type=jax.ShapeDtypeStruct((bsz, t, NUM_STATS, BLOCK_S), jnp.float32),
       scratch_types=(
           *streaming.query_scratch(n_p, c_p, i_p, h_p),
-          ring_buffer(stages, bool(interpret)),
+          ring_buffer(stages, bool(interpret), config.gather),
           plgpu.SMEM((2, BLOCK_S), jnp.int32),
           plgpu.SMEM((NUM_STATS, BLOCK_S), jnp.float32),
-          *streaming.barriers(c_p // CHUNK + h_p // CHUNK + 2, stages, ring_arrivals=BLOCK_S),
+          *streaming.barriers(c_p // CHUNK + h_p // CHUNK + 2, stages, ring_arrivals=config.ring_arrivals()),
       ),
       params=streaming.compiler_params(auto_barriers=AUTO_BARRIERS),
       interpret=interpret,

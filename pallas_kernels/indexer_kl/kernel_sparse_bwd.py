@@ -154,7 +154,7 @@ def _compute(tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q
 
 def _body(sel_ref, tok_ref, q_ref, k_ref, lse_ref, iq_ref, ik_ref, w_ref, diq_ref, dw_ref, dik_ref, q_smem, iq_smem,
           lse_smem, w_smem, ring, idx_smem, a_smem, aw_smem, stage, q_bar, ready, free, idx_ready, idx_free, *,
-          scale, stages, gather_warps, reduce_warps, interpret):
+          scale, stages, gather_warps, reduce_warps, mode, interpret):
   streaming.split_warpgroups(
       functools.partial(_compute, tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q_smem, iq_smem,
                         lse_smem, w_smem, tuple(ring), idx_smem, a_smem, aw_smem, stage, q_bar, ready, free,
@@ -162,7 +162,7 @@ def _body(sel_ref, tok_ref, q_ref, k_ref, lse_ref, iq_ref, ik_ref, w_ref, diq_re
                         interpret=interpret, reduce_warps=reduce_warps),
       functools.partial(kernel_sparse.gather, sel_ref, k_ref, ik_ref, tuple(ring), idx_smem, ready, free, idx_ready,
                         idx_free, n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages,
-                        gather_warps=gather_warps))
+                        gather_warps=gather_warps, mode=mode))
 
 
 def sparse_grads(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w, selected, lse_scores, z, g, *,
@@ -171,7 +171,7 @@ def sparse_grads(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_
   """(d idx_q, d idx_k, d idx_w) of sum_t g[t] KL[t], given the forward's logsumexp(I) and z per token [B, T].
 
   Shapes as in `kernel_sparse.sparse_stats`; `selected` from `kernel_sparse.selected_keys`. Of `config`
-  gather_warps and reduce_warps apply: the backward's ring is sized by `stages_for`.
+  gather, gather_warps and reduce_warps apply: the backward's ring is sized by `stages_for`.
   """
   bsz, t, n, c = attn_q.shape
   i, h = idx_q.shape[2:]
@@ -188,18 +188,17 @@ def sparse_grads(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_
   q_scratch, iq_scratch, lse_scratch, w_scratch = streaming.query_scratch(n_p, c_p, i_p, h_p)
   kernel = streaming.launch_per_token(
       functools.partial(_body, scale=float(attn_scale), stages=stages, gather_warps=config.gather_warps,
-                        reduce_warps=config.reduce_warps,
-                        interpret=bool(interpret)),
+                        reduce_warps=config.reduce_warps, mode=config.gather, interpret=bool(interpret)),
       (bsz, t),
       out_type=(),
       scratch_types=(
           q_scratch, iq_scratch, lse_scratch, (w_scratch, w_scratch),  # w twice: see `_compute`
-          kernel_sparse.ring_buffer(stages, bool(interpret)),
+          kernel_sparse.ring_buffer(stages, bool(interpret), config.gather),
           plgpu.SMEM((2, BLOCK_S), jnp.int32),
           streaming.wgmma_smem((BLOCK_S, i_p)),
           streaming.wgmma_smem((BLOCK_S, i_p)),
           plgpu.SMEM((BLOCK_S, CHUNK), jnp.float32),
-          *streaming.barriers(c_p // CHUNK + h_p // CHUNK + 3, stages, ring_arrivals=BLOCK_S),
+          *streaming.barriers(c_p // CHUNK + h_p // CHUNK + 3, stages, ring_arrivals=config.ring_arrivals()),
       ),
       params=streaming.compiler_params(auto_barriers=kernel_sparse.AUTO_BARRIERS),
       interpret=interpret,

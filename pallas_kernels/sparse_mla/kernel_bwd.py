@@ -46,8 +46,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import cp_async_gather
 from pallas_kernels.row_copies import issue_row_copies
-from pallas_kernels.sparse_mla import cp_async_gather, kernel_fwd
+from pallas_kernels.sparse_mla import kernel_fwd
 from pallas_kernels.sparse_mla.kernel_fwd import HEAD_TILE
 
 SLAB = 64  # dkv columns per staged slab

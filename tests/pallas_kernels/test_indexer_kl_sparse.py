@@ -102,15 +102,21 @@ class PallasSparseKLTest(parameterized.TestCase):
       kernel_sparse.Config(gather_warps=3)
     with self.assertRaisesRegex(ValueError, r"reduce_warps=8 must be one of \(1, 2, 4\)"):
       kernel_sparse.Config(reduce_warps=8)
+    with self.assertRaisesRegex(ValueError, r"gather='ldg' must be one of \('tma', 'cp_async'\)"):
+      kernel_sparse.Config(gather="ldg")
+    with self.assertRaisesRegex(ValueError, "gather='cp_async' runs inline Mosaic GPU code"):
+      kernel_sparse.ring_buffer(3, True, "cp_async")
 
 
 class PallasSparseKLLoweringTest(parameterized.TestCase):
   """V3.2 shapes at T = S = 128K, K = 2048, through the whole Mosaic GPU lowering: forward and gradient, with
-  the default config (4 gather warps, through `api.sparse_kl`), with one gather warp, and with the backward's
-  d ik reduce-adds from 4 warps (interpret mode replaces them by partials, so only this compiles them)."""
+  the default config (4 gather warps, through `api.sparse_kl`), with one gather warp, with the backward's
+  d ik reduce-adds from 4 warps (interpret mode replaces them by partials, so only this compiles them) and
+  with the cp.async gather (which interpret mode cannot run at all)."""
 
-  @parameterized.named_parameters(("default", None, 1), ("gather_warps1", 1, 1), ("reduce_warps4", 4, 4))
-  def test_forward_and_grad_lower_for_h200(self, gather_warps, reduce_warps):
+  @parameterized.named_parameters(("default", None, 1, "tma"), ("gather_warps1", 1, 1, "tma"),
+                                  ("reduce_warps4", 4, 4, "tma"), ("cp_async", 4, 4, "cp_async"))
+  def test_forward_and_grad_lower_for_h200(self, gather_warps, reduce_warps, gather):
     sd = jax.ShapeDtypeStruct
     T = 131072  # noqa: N806  (the grid's token axis above CUDA's 65535 limit for y and z)
     args = (sd((1, T, 128, 576), jnp.bfloat16), sd((1, T, 576), jnp.bfloat16), sd((1, T, 128), jnp.float32),
@@ -126,7 +132,7 @@ class PallasSparseKLLoweringTest(parameterized.TestCase):
       else:
         kl = sparse_pallas.sparse_kl(q, k, lse, 0.1352338, iq, ik, w, indices, **vis,
                                      config=kernel_sparse.Config(gather_warps=gather_warps,
-                                                                 reduce_warps=reduce_warps))
+                                                                 reduce_warps=reduce_warps, gather=gather))
       return kl.sum()
 
     with jax.sharding.use_abstract_mesh(H200):

@@ -1,8 +1,9 @@
 """Row gather by all 128 threads of a warpgroup with 16-byte `cp.async` copies (Mosaic GPU, inline).
 
 Hopper has no TMA gather, and a TMA copy into a 128-byte-swizzled wgmma operand lands one row only as a
-128-byte line, so the TMA gather of `kernel_fwd` issues 9 copies per 576-wide row, 576 per 64-key block,
-from at most four lanes of the gather warpgroup. Here every thread of that warpgroup copies 16-byte pieces
+128-byte line, so the TMA gather of `sparse_mla.kernel_fwd` issues 9 copies per 576-wide row, 576 per 64-key
+block, from at most four lanes of the gather warpgroup (`row_copies`). Used by the sparse MLA kernels (the
+default) and the sparse indexer-KL kernels (opt-in). Here every thread of that warpgroup copies 16-byte pieces
 with `cp.async` (the LSU path, not the TMA unit): thread t takes piece t % 8 of each 128-byte line of rows
 t // 8, t // 8 + 16, ... of the block, 36 copies per thread for 64 rows of 576 columns, and writes them to
 their swizzled place itself. A warp reads 4 whole lines of 128 bytes, so global reads stay coalesced.
@@ -14,11 +15,12 @@ piece (c % 64) // 8 at position piece XOR (r % 8).
 
 Completion: one `cp.async` commit group per block; the warpgroup later waits for all but the newest
 groups (`wait`) and, after a proxy fence (the data were written through the generic proxy, wgmma reads
-through the async one: `plgpu.commit_smem`), one thread arrives on the block's barrier (count 1).
+through the async one: `plgpu.commit_smem`), every thread arrives on the block's barrier (a Pallas barrier
+of one arrival: in Lane semantics that is one per thread of the warpgroup).
 
 Pallas GPU interpret mode cannot run inline Mosaic GPU code, so this path is checked by cross-lowering on
-CPU and by the GPU benchmark (`experiments/bench_sections/sparse_mla_gather.py`), which compares it with
-the TMA gather.
+CPU and by the GPU benchmarks (`experiments/bench_sections/sparse_mla_gather.py`, `indexer_kl_sparse.py`),
+which compare it with the TMA gather.
 """
 
 from jax.experimental.mosaic.gpu import utils as mgpu_utils

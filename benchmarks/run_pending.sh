@@ -16,11 +16,11 @@ case "${1:-}" in
   1)
     # Where the sparse MLA backward's time goes (without its row copies, without its dkv reduce-adds), and its
     # reduce-adds from 4 warps (reduce_warps=4), at 8K and 128K keys.
-    run 170 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192,131072
+    run 200 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192,131072
     # The sparse KL kernels with their d ik reduce-adds from 4 warps and with the cp.async gather.
-    run 130 indexer_kl_sparse --sections=indexer_kl_sparse --seq_lens=8192
+    run 200 indexer_kl_sparse --sections=indexer_kl_sparse --seq_lens=8192
     # The fused group-maxima + threshold kernel against the XLA maxima + threshold kernel (pruned_group_select).
-    run 150 topk_131072 --sections=topk --seq_lens=131072
+    run 140 topk_131072 --sections=topk --seq_lens=131072
     ;;
   *) echo "usage: run_pending.sh 1" >&2; exit 2 ;;
 esac

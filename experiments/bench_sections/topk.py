@@ -10,7 +10,10 @@ Per sequence length T (k = 2048):
   the rows), the threshold kernel alone on the maxima, the first selection (threshold + compaction into the
   kept groups), and the rest (candidate gather, second threshold, compaction) as the remainder; and the fused
   kernel alone (`group_max_and_threshold`, to compare with group_max + threshold_on_maxima; its default
-  16 KiB chunks, 2 CTAs per SM, and `_c16384`: 64 KiB chunks, 1 CTA per SM);
+  16 KiB chunks, 2 CTAs per SM, and `_c16384`: 64 KiB chunks, 1 CTA per SM). The threshold kernel also with
+  its counting options (`kernel_select`): `_b2` / `_b4` decide 2 / 4 bits per bisection step (16 / 8 steps,
+  2^b - 1 counts reduced together), `_b1_p4` 1 bit in 4 partial sums (stacked counting); each with an
+  `_exact` flag (bitwise the default's thresholds);
 - `index_topk` end to end (Pallas scores per row block) with lax.top_k vs pruned vs pruned_select selection,
   against the matmul floor 2 * 64 * 128 * T(T+1)/2 FLOP at the XLA matmul rate of the same run.
 """
@@ -29,6 +32,8 @@ SELECT_FNS = {name: lambda x, s=name: topk_api.topk_indices(x, TOPK, implementat
               for name in ("xla", "radix", "pruned", "pruned_select", "pruned_group_select")}
 SELECT_FNS["pruned_radix"] = lambda x: pruned.topk_indices(x, TOPK, inner="radix")
 SELECTS = tuple(SELECT_FNS)
+# Threshold kernel variants timed on the maxima (`_breakdown`): (key suffix, bits_per_step, partial_sums).
+THRESHOLD_OPTIONS = (("", 1, None), ("_b2", 2, None), ("_b4", 4, None), ("_b1_p4", 1, 4))
 
 
 def _indexer_inputs(T: int):  # noqa: N803
@@ -64,11 +69,20 @@ def _breakdown(scores: jax.Array) -> dict:
   fused = {f"group_max_and_threshold{suffix}": jax.jit(
       lambda x, c=chunk: kernel_group_select.group_maxima_and_threshold(x, g_fused, TOPK, chunk_keys=c))
       for suffix, chunk in (("", kernel_group_select.CHUNK_KEYS), ("_c16384", 16384))}
-  times = dict(group_max=timing.time_fn(maxima, scores), threshold_on_maxima=timing.time_fn(
-      jax.jit(kernel_select.kth_largest_keys), keys, want), first_selection=timing.time_fn(first, ordered),
-      whole=timing.time_fn(whole, scores), **{name: timing.time_fn(fn, scores) for name, fn in fused.items()})
+  thresholds = {f"threshold_on_maxima{suffix}": jax.jit(
+      lambda x, w, b=b, p=p: kernel_select.kth_largest_keys(x, w, bits_per_step=b, partial_sums=p))
+      for suffix, b, p in THRESHOLD_OPTIONS}
+  times = dict(group_max=timing.time_fn(maxima, scores),
+               **{name: timing.time_fn(fn, keys, want) for name, fn in thresholds.items()},
+               first_selection=timing.time_fn(first, ordered), whole=timing.time_fn(whole, scores),
+               **{name: timing.time_fn(fn, scores) for name, fn in fused.items()})
   times["candidates_rest"] = times["whole"] - times["group_max"] - times["first_selection"]
-  return {f"indexer_pruned_select_{name}_ms": seconds * 1e3 for name, seconds in times.items()}
+  out = {f"indexer_pruned_select_{name}_ms": seconds * 1e3 for name, seconds in times.items()}
+  default = thresholds["threshold_on_maxima"](keys, want)
+  for name, fn in thresholds.items():  # the counting options must give bitwise the default's thresholds
+    if name != "threshold_on_maxima":
+      out[f"indexer_pruned_select_{name}_exact"] = bool(jnp.array_equal(fn(keys, want), default))
+  return out
 
 
 def run(cfg: dict) -> list[dict]:

@@ -21,7 +21,11 @@ Design (one CTA = one warpgroup of 128 threads = one row; grid = (R,)):
 3. After the last chunk the maxima go to GMEM in one bulk store (issued first, it overlaps the bisection),
    come back from SMEM into registers in the strided layout (128 per thread at M = 16384), are XORed to
    uint32 keys, and `kernel_select.bisect` runs the same 32 bisection steps on them; the threshold is stored
-   as a scalar.
+   as a scalar. `bits_per_step` / `partial_sums` pick `kernel_select`'s counting options (same threshold):
+   b > 1 or P given load the maxima in `kernel_select.COLUMNS` instead (`kernel_select.load_row`; this kernel
+   is in Lane semantics already) and count 2^b - 1 candidates per step, all reduced in one cross-warp
+   exchange; the reduction scratch then grows to max(2048, 512 (2^b - 1)) B: lowered at b = 4, 106512 B
+   (2 CTAs per SM still fit), 204816 B with chunk_keys=16384; b = 2: 100368 B as the default.
 SMEM at the defaults (chunks of 4096 keys, 2 buffers): 2 x 16 KiB + 64 KiB maxima + the 2 KiB reduction
 scratch; lowered at 1024 x 131072, g = 8: grid 1024 x 1 x 1, 128 threads, 100368 B dynamic SMEM, so 2 CTAs
 fit on an SM (228 KiB): one CTA's bisection (ALU and latency bound) can overlap the other's streaming (HBM
@@ -52,10 +56,13 @@ bytes at 4g * t: Mosaic planned conflict-free loads at g = 4 and 8; g = 16 is a 
 conflicts, whose bandwidth should still exceed an SM's HBM share); the cost of the automatic barriers
 (~4 `bar.sync` per chunk: around the maxima store, the proxy fence, the copy issue); whether the proxy fence
 (`commit_smem`) before refilling a slot, which the interpret-mode race detector requires (the slot's reads
-are generic-proxy accesses, the bulk copy's writes async-proxy ones), costs anything. The bisection's
-per-thread adds form one dependent chain (as in `kernel_select`); if it dominates, counting in 2-4
-independent partial sums would shorten it (same result).
+are generic-proxy accesses, the bulk copy's writes async-proxy ones), costs anything. The bisection is
+`kernel_select`'s (latency bound: a dependent add chain and a warpgroup reduction per step); whether its
+counting options (b = 2, 4: half or a quarter of the steps and barriers; P: shorter add chains) pay off here,
+where the other CTA's streaming may already hide that latency, is for the GPU to tell.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -86,13 +93,16 @@ def group_layout(g: int):
 
 
 def group_maxima_and_threshold(rows: jax.Array, g: int, k: jax.Array | int, *, chunk_keys: int = CHUNK_KEYS,
-                               buffers: int = BUFFERS, interpret=False) -> tuple[jax.Array, jax.Array]:
+                               buffers: int = BUFFERS, bits_per_step: int = 1, partial_sums: int | None = None,
+                               interpret=False) -> tuple[jax.Array, jax.Array]:
   """rows float32 [R, S], k int32 [R] or int -> (maxima int32 [R, ceil(S / g)], threshold uint32 [R]).
 
   maxima = `pruned.group_maxima(rows, g)[1]`, bitwise; threshold = `kernel_select.kth_largest_keys` of their
   uint32 keys (maxima ^ 0x80000000): the largest x with #(keys >= x) >= k, 0 if none.
+  bits_per_step, partial_sums: the bisection's counting options (`kernel_select`; same result for all).
   interpret: GPU interpret-mode parameters (CPU tests).
   """
+  kernel_select.check_options(bits_per_step, partial_sums)
   if g not in GROUPS:
     raise ValueError(f"g={g} is not supported; allowed: {GROUPS}.")
   slab = LANES * g
@@ -115,7 +125,7 @@ def group_maxima_and_threshold(rows: jax.Array, g: int, k: jax.Array | int, *, c
   n_buffers = min(buffers, n_chunks)
   want = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (n_rows,))
   maxima, threshold = plgpu.kernel(
-      _kernel,
+      functools.partial(_kernel, bits_per_step=bits_per_step, partial_sums=partial_sums),
       out_type=(jax.ShapeDtypeStruct((n_rows, padded // g // LANES, LANES), jnp.int32),
                 jax.ShapeDtypeStruct((n_rows,), jnp.uint32)),
       scratch_types=dict(chunks_smem=plgpu.SMEM((n_buffers, slabs, LANES, g), jnp.int32),
@@ -123,13 +133,17 @@ def group_maxima_and_threshold(rows: jax.Array, g: int, k: jax.Array | int, *, c
                          maxima_smem=plgpu.SMEM((padded // g // LANES, LANES), jnp.int32)),
       grid=(n_rows,),
       grid_names=("r",),
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Lane,
+          reduction_scratch_bytes=kernel_select.reduction_scratch_bytes(bits_per_step)),  # 2048 B at b = 1
+      kernel_name="_kernel",  # not "anonymous" (the name of a partial) in lowered modules and profiles
       interpret=interpret,
   )(bits.reshape(n_rows, n_chunks, slabs, LANES, g), want)
   return maxima.reshape(n_rows, -1)[:, :-(-n // g)], threshold
 
 
-def _kernel(bits_ref, k_ref, maxima_ref, out_ref, *, chunks_smem, barriers, maxima_smem):
+def _kernel(bits_ref, k_ref, maxima_ref, out_ref, *, chunks_smem, barriers, maxima_smem, bits_per_step,
+            partial_sums):
   r = lax.axis_index("r")
   n_chunks, slabs, _, g = bits_ref.shape[1:]
   n_buffers = chunks_smem.shape[0]
@@ -160,6 +174,8 @@ def _kernel(bits_ref, k_ref, maxima_ref, out_ref, *, chunks_smem, barriers, maxi
   lax.fori_loop(0, n_chunks, chunk, 0)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(maxima_smem, maxima_ref.at[r])  # overlaps the bisection (both only read the SMEM)
-  keys = (maxima_smem[...] ^ _SIGN).astype(jnp.uint32)  # [M / 128, 128] in registers, strided layout
-  out_ref[r] = kernel_select.bisect(keys, k_ref[r])
+  options = dict(bits_per_step=bits_per_step, partial_sums=partial_sums)
+  maxima = kernel_select.load_row(maxima_smem, **options)  # [M / 128, 128]: strided, or `COLUMNS` if stacked
+  keys = (maxima ^ _SIGN).astype(jnp.uint32)
+  out_ref[r] = kernel_select.bisect(keys, k_ref[r], **options)
   plgpu.wait_smem_to_gmem(0)

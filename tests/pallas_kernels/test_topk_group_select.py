@@ -68,6 +68,22 @@ class GroupMaximaAndThresholdTest(parameterized.TestCase):
     chex.assert_trees_all_equal(maxima, want)  # int32 equality: bitwise
     chex.assert_trees_all_equal(threshold, kernel.kth_largest(_keys(want), k, 32, 1))
 
+  @parameterized.parameters((1, None), (2, None), (4, None), (2, 2), (1, 4))
+  def test_counting_options(self, bits_per_step, partial_sums):
+    """b bits per step, P partial sums: the same maxima and threshold as the XLA group max and bisection, with
+    k = 1, m and k > m (threshold 0) among the rows (m = 625 maxima: 5 rows of 128, P falls back to 1 chain)."""
+    rng = np.random.default_rng(time.time_ns())
+    rows = jnp.asarray(_scores(rng, 8, 5000))
+    m = 625
+    k = jnp.asarray(np.array([1, m // 2, 10, m, m + 1, rng.integers(1, m + 1), 4 * m, m - 1], np.int32))
+    maxima, threshold = jax.jit(lambda x, k: kernel_group_select.group_maxima_and_threshold(
+        x, 8, k, chunk_keys=1024, bits_per_step=bits_per_step, partial_sums=partial_sums, interpret=INTERPRET))(
+            rows, k)
+    self.assertFalse(gpu_callbacks.get_races().races_found)
+    want = pruned.group_maxima(rows, 8)[1]
+    chex.assert_trees_all_equal(maxima, want)
+    chex.assert_trees_all_equal(threshold, kernel.kth_largest(_keys(want), k, 32, 1))
+
   def test_threshold_matches_select_kernel_and_scalar_k(self):
     rows = jnp.asarray(_scores(np.random.default_rng(time.time_ns()), 8, 8192))
     maxima, threshold = kernel_group_select.group_maxima_and_threshold(rows, 8, 300, chunk_keys=2048,
@@ -85,10 +101,13 @@ class GroupMaximaAndThresholdTest(parameterized.TestCase):
       kernel_group_select.group_maxima_and_threshold(jnp.zeros((1, 131073), jnp.float32), 8, 10)
     with self.assertRaisesRegex(ValueError, r"group=2 is not supported by inner='group_select'"):
       pruned.topk_indices(rows, 64, group=2, inner="group_select")
+    with self.assertRaisesRegex(ValueError, "bits_per_step=8 is invalid"):
+      kernel_group_select.group_maxima_and_threshold(rows, 8, 10, bits_per_step=8)
 
   def test_lowers_for_h200(self):
-    """1024 rows of 128K keys, g = 8, k = 2048: the fused kernel alone (default and 64 KiB chunks) and the whole
-    pruned top-k around it; and g = 4, 16 at their largest rows (16384 groups)."""
+    """1024 rows of 128K keys, g = 8, k = 2048: the fused kernel alone (default and 64 KiB chunks, and with b = 2
+    and 4 bits per bisection step) and the whole pruned top-k around it; and g = 4, 16 at their largest rows
+    (16384 groups)."""
     scores = jax.ShapeDtypeStruct((1024, 131072), jnp.float32)
     fused = lambda x: kernel_group_select.group_maxima_and_threshold(x, 8, 2048)
     fused_64k = lambda x: kernel_group_select.group_maxima_and_threshold(x, 8, 2048, chunk_keys=16384)  # 1 CTA/SM
@@ -97,6 +116,10 @@ class GroupMaximaAndThresholdTest(parameterized.TestCase):
     for g in (4, 16):
       rows = jax.ShapeDtypeStruct((1024, kernel_group_select.MAX_GROUPS * g), jnp.float32)
       cases.append((lambda x, g=g: kernel_group_select.group_maxima_and_threshold(x, g, 2048), rows))
+    for b in (2, 4):  # the counting options: b bits per step (7680 B of reduction scratch at b = 4)
+      cases.append((lambda x, b=b: kernel_group_select.group_maxima_and_threshold(x, 8, 2048, bits_per_step=b), scores))
+    cases.append((lambda x: kernel_group_select.group_maxima_and_threshold(x, 8, 2048, chunk_keys=16384,
+                                                                            bits_per_step=4), scores))
     for fn, arg in cases:
       with jax.sharding.use_abstract_mesh(H200):
         lowered = jax.jit(fn).trace(arg).lower(lowering_platforms=("cuda",))

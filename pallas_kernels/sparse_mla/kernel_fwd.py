@@ -141,17 +141,12 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
     plgpu.barrier_wait(q_bar)
     log2_scale = scale * math.log2(math.e)
 
-    def wait_block(slot):
-      plgpu.barrier_wait(idx_ready.at[slot])
-      plgpu.barrier_wait(kv_ready.at[slot])
-
-    def issue_qk(s_ref, slot):
-      for q_chunk, k_chunk in zip(q_smem, kv_smem):
-        plgpu.wgmma(s_ref, q_chunk, k_chunk.at[slot].transpose((1, 0)))
-
     def qk(slot):
-      return pl.run_scoped(lambda s_ref: (issue_qk(s_ref, slot), s_ref[...])[1],
-                           plgpu.ACC((HEAD_TILE, bk), jnp.float32))
+      def scores(s_ref):
+        for q_chunk, k_chunk in zip(q_smem, kv_smem):
+          plgpu.wgmma(s_ref, q_chunk, k_chunk.at[slot].transpose((1, 0)))
+        return s_ref[...]
+      return pl.run_scoped(scores, plgpu.ACC((HEAD_TILE, bk), jnp.float32))
 
     def softmax_and_pv(j, slot, s, acc, m, l):
       """Online softmax of block j's scores s, P to wg 1, then O[:, :256] += P V; releases the block."""
@@ -178,7 +173,8 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
     def step(j, carry):
       acc, m, l = carry
       slot = slot_of(j)
-      wait_block(slot)
+      plgpu.barrier_wait(idx_ready.at[slot])
+      plgpu.barrier_wait(kv_ready.at[slot])
       if cfg.skip == "math":
         plgpu.barrier_arrive(kv_free.at[slot])
         return carry

@@ -24,12 +24,11 @@ One CTA owns one query token and two warpgroups:
 
 SMEM at V3.2 shapes (bf16): the query 144 KiB + the index query 16 KiB + small buffers leave room for 7 ring
 slots of 8 KiB (the dense kernel's budget: a whole 88 KiB key block does not fit beside the query).
-Each 64-key block costs 11 x 64 row copies of 128 bytes. Issued by one thread, at ~15 cycles per copy, the
-gather, not the tensor cores, is expected to bound this kernel: with one thread, on the H200 (T = 8K and
-32K, 4096 queries, K = 2048), the forward took 41 ms vs 17 ms for the XLA path. The sparse MLA forward had
-the same bottleneck (576 copies per 64-key block), and spreading its copies over four warps made it 2.08x
-faster on the H200; that is the reason to expect a gain here, but the warp-spread gather has not yet run on
-a GPU with these kernels (`experiments/bench_sections/indexer_kl_sparse.py` times gather_warps 4 against 1).
+Each 64-key block costs 11 x 64 row copies of 128 bytes, and their issue, not the tensor cores, bounds this
+kernel. On the H200 (4096 queries, K = 2048, 2026-11-29) the forward took 40.7 ms with one issuing thread
+and 11.7 ms with four warps, against 16.8 ms for the XLA path; forward + backward 81.8 / 27.8 ms against
+23.4 ms (`experiments/bench_sections/indexer_kl_sparse.py`). `Config.gather="cp_async"` (all 128 threads of
+wg 1 copy 16-byte pieces, as in the sparse MLA kernels) is opt-in, not yet run on a GPU.
 
 Validity (causal order, segments, -1 slots) is folded into the index list by `selected_keys` in XLA, so
 the kernel only tests idx >= 0 (an invalid slot gathers row 0 and is masked). Indices within a row must

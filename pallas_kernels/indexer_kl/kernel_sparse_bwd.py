@@ -10,7 +10,8 @@ I[s] = sum_j w_j ReLU(iq_j . ik_s), with A[s, j] = G[s] [iq_j . ik_s > 0]:
 The identity d w_j = iq_j . V_j saves a cross-thread column sum over keys per block.
 
 The CTA layout is the forward's (`kernel_sparse`): wg 1 gathers the selected rows into the same ring, in the
-same order, its row copies spread over `Config.gather_warps` warps (not yet run on a GPU: see `kernel_sparse`);
+same order, its row copies spread over `Config.gather_warps` warps (forward + backward 27.8 ms with 4 warps
+vs 81.8 ms with one on the H200, 4096 queries, K = 2048);
 wg 0 recomputes the attention logits [64 keys, N] (p) and the index logits [64 keys, I], keeps the two
 index-key ring slots until V += A^T ik has read them, stages A and A w (bf16, 8 KiB each) for the wgmmas,
 and per 64-column chunk of d ik stages 64 keys x 64 f32 and adds it into the f32 d ik output with one TMA
@@ -103,17 +104,15 @@ def _compute(tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q
                                 commit_group=False, reduction_op="add")
 
       issue_row_copies(BLOCK_S, reduce_warps, lambda r: idx_smem[ps, r], add_row)
-      plgpu.commit_smem_to_gmem_group()  # every thread commits (and later awaits) its own bulk group
-      return
+    else:
+      @pl.loop(0, BLOCK_S)
+      def _row(r):
+        row = idx_smem[ps, r]
+        plgpu.copy_smem_to_gmem(stage.at[pl.ds(r, 1)],
+                                dik_ref.at[b, pl.ds(jnp.maximum(row, 0), 1), pl.ds(c * CHUNK, CHUNK)],
+                                predicate=row >= 0, commit_group=False, reduction_op="add")
 
-    @pl.loop(0, BLOCK_S)
-    def _row(r):
-      row = idx_smem[ps, r]
-      plgpu.copy_smem_to_gmem(stage.at[pl.ds(r, 1)],
-                              dik_ref.at[b, pl.ds(jnp.maximum(row, 0), 1), pl.ds(c * CHUNK, CHUNK)],
-                              predicate=row >= 0, commit_group=False, reduction_op="add")
-
-    plgpu.commit_smem_to_gmem_group()
+    plgpu.commit_smem_to_gmem_group()  # every thread commits (and later awaits) its own bulk group
 
   def block(n, v):
     g0 = n * per_block

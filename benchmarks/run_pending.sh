@@ -15,9 +15,9 @@ run() {  # run LIMIT_S NAME FLAGS...
 }
 case "${1:-}" in
   1)
-    # Where the sparse MLA backward's time goes (without its row copies, without its dkv reduce-adds), and its
-    # reduce-adds from 4 warps (reduce_warps=4), at 8K and 128K keys.
-    run 200 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192,131072
+    # The sparse MLA backward with its dkv added from registers (reduce="red") beside the TMA reduce-adds, with
+    # the diagnostics (without copies / without additions), at 8K keys.
+    run 200 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192
     # The sparse KL kernels with their d ik reduce-adds from 4 warps and with the cp.async gather.
     run 200 indexer_kl_sparse --sections=indexer_kl_sparse --seq_lens=8192
     ;;

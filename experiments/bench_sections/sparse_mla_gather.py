@@ -4,13 +4,13 @@ Same inputs and FLOP counts as `sparse_mla` (last 4096 queries, 128 heads, K = 2
 forward with its rows gathered by per-row TMA copies issued from one lane of the gather warpgroup or from
 one lane of each of its 4 warps (`kernel_fwd.Config.gather_warps`), or by 16-byte cp.async copies from all
 128 of its threads (`Config.gather="cp_async"`, the default); the backward with the same three gathers
-(`kernel_bwd.sparse_mla_bwd(gather=, gather_warps=)`). The forward is checked against the XLA reference,
+(`kernel_bwd.sparse_mla_bwd(gather=, gather_warps=)`), its dkv TMA reduce-adds issued from 1 or 4 warps per
+warpgroup (`reduce_warps`) or added from registers with `red.global.add` (`reduce="red"`). The forward is checked against the XLA reference,
 the backward (from the forward's out / lse and random cotangents) against the 1-warp kernel's dq / dkv
 (its reduce-adds make the rounding vary from run to run anyway). Two diagnostic forward rows
 (`Config.skip`) time the cp.async forward without its row copies and without its math: the first bounds
 what the compute pipeline alone costs, the second what the gather alone costs; two backward rows do the same
-without its row copies and without its dkv reduce-adds, and one issues the reduce-adds from 4 warps per
-warpgroup (`reduce_warps`).
+without its row copies and without its dkv additions.
 """
 
 import jax
@@ -24,10 +24,13 @@ from pallas_kernels.sparse_mla import kernel_bwd, kernel_fwd, reference
 # copies or without its math (diagnostics: their outputs are not checked).
 FORWARD_CONFIGS = (dict(gather="tma", gather_warps=1), dict(gather="tma", gather_warps=4), dict(gather="cp_async"),
                    dict(gather="cp_async", skip="copies"), dict(gather="cp_async", skip="math"))
-# (gather, gather_warps, reduce_warps, skip): the last two time the cp.async backward without its row copies
-# and without its dkv reduce-adds (diagnostics: their gradients are not checked).
-BACKWARD_GATHERS = (("tma", 1, 1, ""), ("tma", 4, 1, ""), ("cp_async", 4, 1, ""), ("cp_async", 4, 4, ""),
-                    ("cp_async", 4, 1, "copies"), ("cp_async", 4, 1, "reduce"))
+# Backward configurations (`kernel_bwd.sparse_mla_bwd` arguments; the first is the baseline the others' gradients
+# are compared with); those with `skip` time the backward without its row copies or its dkv additions
+# (diagnostics: their gradients are not checked). reduce="red" / "red2" (dkv added from registers, `red_add`, 4 or
+# 2 floats per reduction) come last: a new synchronisation that hangs must not cost the other rows.
+BACKWARD_CONFIGS = (dict(gather="tma", gather_warps=1, reduce_warps=1), dict(gather="cp_async", reduce_warps=4),
+                    dict(gather="cp_async", reduce_warps=4, skip="reduce"), dict(gather="cp_async", reduce="red"),
+                    dict(gather="cp_async", reduce="red2"), dict(gather="cp_async", reduce="red", skip="reduce"))
 
 
 def _timed(rows: list[dict], base: dict, fn, *args):
@@ -56,12 +59,14 @@ def run(cfg: dict) -> list[dict]:
     dlse = jax.random.normal(ks[1], want_lse.shape, jnp.float32)
     base = dict(section="sparse_mla_gather", T=T, queries=tq, heads=HEADS, k=TOPK)
     want_grads = None
-    for gather, warps, reduce_warps, skip in BACKWARD_GATHERS:
-      bwd = jax.jit(lambda q, kv, idx, out, lse, do, dlse, gather=gather, warps=warps, rw=reduce_warps, skip=skip:
-                    kernel_bwd.sparse_mla_bwd(q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT,
-                                              gather_warps=warps, gather=gather, reduce_warps=rw, skip=skip))
-      grads = _timed(rows, dict(base, op=f"bwd without {skip}" if skip else "bwd", gather=gather, gather_warps=warps,
-                                reduce_warps=reduce_warps), bwd, q, kv, idx, want_out, want_lse, do, dlse)
+    for fields in BACKWARD_CONFIGS:
+      fields = dict(dict(gather_warps=4, reduce_warps=4, reduce="tma", skip=""), **fields)
+      bwd = jax.jit(lambda q, kv, idx, out, lse, do, dlse, fields=fields: kernel_bwd.sparse_mla_bwd(
+          q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, **fields))
+      skip = fields["skip"]
+      shown = {k: v for k, v in fields.items() if k != "skip"}
+      grads = _timed(rows, dict(base, op=f"bwd without {skip}" if skip else "bwd", **shown), bwd, q, kv, idx,
+                     want_out, want_lse, do, dlse)
       if grads is not None and not skip:
         rows[-1]["tflops"] = timing.tflops(2.5 * flops, rows[-1]["ms"] / 1e3)
         if want_grads is None:

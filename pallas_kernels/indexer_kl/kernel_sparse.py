@@ -25,10 +25,13 @@ One CTA owns one query token and two warpgroups:
 SMEM at V3.2 shapes (bf16): the query 144 KiB + the index query 16 KiB + small buffers leave room for 7 ring
 slots of 8 KiB (the dense kernel's budget: a whole 88 KiB key block does not fit beside the query).
 Each 64-key block costs 11 x 64 row copies of 128 bytes, and their issue, not the tensor cores, bounds this
-kernel. On the H200 (4096 queries, K = 2048, 2026-11-29) the forward took 40.7 ms with one issuing thread
-and 11.7 ms with four warps, against 16.8 ms for the XLA path; forward + backward 81.8 / 27.8 ms against
-23.4 ms (`experiments/bench_sections/indexer_kl_sparse.py`). `Config.gather="cp_async"` (all 128 threads of
-wg 1 copy 16-byte pieces, as in the sparse MLA kernels) is opt-in, not yet run on a GPU.
+kernel. On the H200 (4096 queries, K = 2048, 2026-11-29): the forward took 40.7 ms with one issuing thread,
+11.7-11.9 ms with four warps and 8.7 ms with the cp.async gather (`Config.gather="cp_async"`, the default: all
+128 threads of wg 1 copy 16-byte pieces, as in the sparse MLA kernels), against 16.9 ms for the XLA path;
+forward + backward 81.8 (one thread) / 27.8 (four TMA warps) / 24.6 (cp.async) / **20.3 ms (cp.async, the
+backward's d ik reduce-adds from 4 warps: the defaults)** against 23.6 ms for XLA
+(`experiments/bench_sections/indexer_kl_sparse.py`, benchmarks/results session 5). The defaults are therefore
+the automatic choice on the GPU (`api.sparse_kl`).
 
 Validity (causal order, segments, -1 slots) is folded into the index list by `selected_keys` in XLA, so
 the kernel only tests idx >= 0 (an invalid slot gathers row 0 and is masked). Indices within a row must
@@ -66,13 +69,14 @@ class Config:
   # Warps of the memory warpgroup that issue the row copies (1, 2 or 4; `gather`), forward and backward: with
   # 4 the forward took 11.7 ms instead of 40.7 on the H200 (module docstring).
   gather_warps: int = 4
-  # Warps of the backward's compute warpgroup that issue its d ik reduce-adds (1, 2 or 4; more than 1 has
-  # not yet run on a GPU).
-  reduce_warps: int = 1
-  # "tma" (per-row TMA copies from `gather_warps` warps) or "cp_async" (`pallas_kernels.cp_async_gather`: all
-  # 128 threads of the memory warpgroup copy 16-byte pieces, as in the sparse MLA kernels, where it was 2.0x
-  # faster than 4 TMA warps; here not yet run on a GPU, and GPU only: interpret mode cannot run it).
-  gather: str = "tma"
+  # Warps of the backward's compute warpgroup that issue its d ik reduce-adds (1, 2 or 4): with 4 (the default)
+  # forward + backward took 20.3 ms instead of 24.6 with 1 on the H200 (cp.async gather; module docstring).
+  reduce_warps: int = 4
+  # "cp_async" (the default; `pallas_kernels.cp_async_gather`: all 128 threads of the memory warpgroup copy
+  # 16-byte pieces, as in the sparse MLA kernels; forward 8.7 ms vs 11.9 with 4 TMA warps on the H200) or "tma"
+  # (per-row TMA copies from `gather_warps` warps). GPU interpret mode cannot run cp.async: `sparse_pallas`
+  # substitutes "tma" there.
+  gather: str = "cp_async"
 
   def __post_init__(self):
     for name in ("gather_warps", "reduce_warps"):

@@ -10,14 +10,14 @@ I[s] = sum_j w_j ReLU(iq_j . ik_s), with A[s, j] = G[s] [iq_j . ik_s > 0]:
 The identity d w_j = iq_j . V_j saves a cross-thread column sum over keys per block.
 
 The CTA layout is the forward's (`kernel_sparse`): wg 1 gathers the selected rows into the same ring, in the
-same order, its row copies spread over `Config.gather_warps` warps (forward + backward 27.8 ms with 4 warps
-vs 81.8 ms with one on the H200, 4096 queries, K = 2048);
+same order (by default with cp.async; forward + backward on the H200, 4096 queries, K = 2048: 81.8 ms with
+one TMA-issuing thread, 27.8 with 4 TMA warps, 24.6 with cp.async, 20.3 with cp.async and 4 reduce warps);
 wg 0 recomputes the attention logits [64 keys, N] (p) and the index logits [64 keys, I], keeps the two
 index-key ring slots until V += A^T ik has read them, stages A and A w (bf16, 8 KiB each) for the wgmmas,
 and per 64-column chunk of d ik stages 64 keys x 64 f32 and adds it into the f32 d ik output with one TMA
 reduce-add per valid selected row (atomic per element: the summation order, hence the rounding, varies run
-to run). By default one thread issues them; `Config.reduce_warps` spreads them over up to 4 warps (not yet
-run on a GPU): a bulk async group belongs to its issuing thread, but the warpgroup-wide commit and wait run
+to run). `Config.reduce_warps` spreads them over 4 warps (the default; 1 or 2 also allowed; 20.3 vs 24.6 ms
+forward + backward with 1): a bulk async group belongs to its issuing thread, but the warpgroup-wide commit and wait run
 on every thread, each for its own copies. The index heads are the M of the V product: they are padded to
 INDEX_HEADS = 64.
 

@@ -5,9 +5,11 @@ Forward: `kernel_sparse` (per-lane statistics of each token's selected keys, red
 recomputes p and I per selected block from the saved logsumexp(I) and z and writes d idx_q, d idx_w and
 (atomically) d idx_k. Both compute in bf16 with float32 accumulation and need a static attn_scale, and
 both take `sparse_kl`'s `kernel_sparse.Config` (the default one from `api.sparse_kl`), which sets the
-gather warps.
+gather and the warps that issue the copies. GPU interpret mode cannot run the cp.async gather (inline Mosaic
+GPU code): there the TMA gather stands in.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -44,5 +46,7 @@ def sparse_kl(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w, 
               config: kernel_sparse.Config = kernel_sparse.Config()) -> jax.Array:
   """KL per query float32 [B, T]; arguments as `api.sparse_kl` (attn_* already stop-gradient), plus the
   kernels' `config` (the benchmark and tests pick gather_warps through it)."""
+  if interpret and config.gather == "cp_async":
+    config = dataclasses.replace(config, gather="tma")
   selected = kernel_sparse.selected_keys(indices, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
   return _sparse_kl(float(attn_scale), interpret, config, attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, selected)

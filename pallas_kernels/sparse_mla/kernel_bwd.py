@@ -30,11 +30,21 @@ block (two 16 KiB f32 slots, reused once the TMA has read them) once its dq prod
 the next block's gather starts when both warpgroups' reductions have been read out of SMEM. The key
 block is therefore single-buffered: the gather does not overlap this CTA's matmuls.
 
+`reduce="red"` (the default while dkv is at most 32 MiB: `automatic_reduce`) adds dkv from registers instead
+(`pallas_kernels.red_add`: `red.global.add.v4.f32`, every thread its own fragments), so nothing is staged: each
+warpgroup releases the key block and the index block right after its dq product (having loaded its rows'
+indices), and a `ds_free` barrier keeps wg 0 from overwriting P^T / dS^T while wg 1's dkv slabs still read them.
+Measured on the H200 (4096 queries, 128 heads, K = 2048, session 5 of 2026-11-29): without any dkv additions
+this structure takes 11.0 ms against 22.2 for the staged one (the gather now overlaps the matmuls); with them,
+over 8K keys (an 18 MiB dkv) 39.0 ms = 150 TFLOP/s against 42.4 ms (138) for the TMA reduce-adds from 4 warps,
+but over 128K keys (302 MiB) 62.4 ms against 53.2: per-thread reductions that miss L2 cost more than the TMA
+unit's bulk ones. The dkv additions (~20-30 ms of atomic traffic, 38.7 GB of float32 adds) bound the kernel.
+
 GPU interpret mode does not implement TMA reductions: there each staged slab is copied whole into a
 [B, T, N/64, K, Dk] buffer of per-token partials that XLA scatter-adds, so the tests check everything
 but the reduce-add TMAs (which the cross-lowering test compiles). On the H200 (benchmarks/results, 2026-11-29)
 the kernel's dq / dkv errors equal the chunked path's (3.2e-3 / 4.8e-3 rel.); with the cp.async gather it
-runs at 110 TFLOP/s for 128 heads (84 with one TMA gather warp).
+runs at 110 TFLOP/s for 128 heads (84 with one TMA gather warp), 138 with the reduce-adds from 4 warps.
 """
 
 import functools
@@ -46,12 +56,25 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import cp_async_gather
+from pallas_kernels import cp_async_gather, red_add
 from pallas_kernels.row_copies import issue_row_copies
 from pallas_kernels.sparse_mla import kernel_fwd
 from pallas_kernels.sparse_mla.kernel_fwd import HEAD_TILE
 
 SLAB = 64  # dkv columns per staged slab
+# How dkv is added: staged in SMEM + TMA reduce-adds, or `red_add` from registers with 4-float (red) or 2-float
+# (red2) reductions.
+REDUCES = ("tma", "red", "red2")
+# dkv (float32) up to this size is added with `red_add` by default: on the H200 (4096 queries, 128 heads, K = 2048)
+# "red" took 39.0 ms vs 42.4 for "tma" over 8K keys (an 18 MiB dkv, L2-resident), but 62.4 vs 53.2 ms over 128K
+# keys (302 MiB): there the TMA unit's bulk reduce-adds cope better with lines that miss L2.
+RED_MAX_DKV_BYTES = 32 << 20
+
+
+def automatic_reduce(keys: int, key_dim: int, interpret: bool) -> str:
+  """The default `reduce` of `sparse_mla_bwd`: "red" while dkv fits comfortably in L2 (and not in interpret
+  mode, which cannot run it), else "tma"."""
+  return "red" if not interpret and keys * key_dim * 4 <= RED_MAX_DKV_BYTES else "tma"
 _TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
@@ -69,8 +92,8 @@ def _mma(acc, pairs, shape, interpret):
 
 
 def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_smem, do_smem, kv_smem, p_smem,
-          ds_smem, idx_smem, q_bar, kv_ready, idx_ready, kv_free, ds_ready, *, chunks, steps, scale, bk, cfg,
-          interpret, skip, reduce_warps):
+          ds_smem, idx_smem, q_bar, kv_ready, idx_ready, kv_free, ds_ready, ds_free, *, chunks, steps, scale, bk,
+          cfg, interpret, skip, reduce_warps, reduce):
   p_smem, (lse_smem, dd_smem) = p_smem
   kv_parts = [tuple(parts) for parts in kv_smem]  # a RefUnion iterates over its views
   kv_smem, kv_lines, stage_smem = zip(*(parts + (None,) * (3 - len(parts)) for parts in kv_parts))
@@ -80,8 +103,12 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
   half, dtype = chunks[0][1], q_ref.dtype
   heads = pl.ds(h0, HEAD_TILE)
 
-  def reduce_slab(acc, stage, j, slab, col):
+  def reduce_slab(acc, stage, j, slab, col, rows):
     """dkv[b, idx[r], col:col+64] += acc[r] for the 64 rows of block j (slab counts from 0 per block)."""
+    if reduce != "tma":  # from registers, every thread its own fragments (`red_add`); rows: idx broadcast
+      if skip != "reduce":
+        red_add.add_rows(dkv_ref.at[b], rows, acc, col=col, width=2 if reduce == "red2" else 4)
+      return
     slot = slab % 2
     if slab >= 2:
       plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the slab staged two slabs ago has been read
@@ -103,15 +130,20 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     issue_row_copies(bk, reduce_warps, lambda r: idx_smem[r], add_row)
     plgpu.commit_smem_to_gmem_group()
 
-  def dkv_slabs(j, cols, stage):
+  def dkv_slabs(j, cols, stage, rows=None):
     """dkv columns `cols` (64-wide slabs) of this block: dS^T q (+ P^T dO on the latent columns)."""
     for i, col in enumerate(cols):
       (qc, qoff), = [(k, col - off) for k, (off, w) in enumerate(chunks) if off <= col < off + w]
       pairs = [(ds_smem, q_smem[qc].at[:, pl.ds(qoff, SLAB)])]
       if qc < 2:
         pairs.append((p_smem, do_smem[qc].at[:, pl.ds(qoff, SLAB)]))
-      reduce_slab(_mma(None, pairs, (bk, SLAB), interpret), stage, j, i, col)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      reduce_slab(_mma(None, pairs, (bk, SLAB), interpret), stage, j, i, col, rows)
+    if reduce == "tma":
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  def dest_rows(idx):
+    """The dkv row of every element of a (keys x 64 columns) slab: idx (invalid -1 -> row 0, adding zeros)."""
+    return lax.broadcast_in_dim(jnp.maximum(idx, 0), (bk, SLAB), [0])
 
   def dq_product(acc, chunk):
     return _mma(acc, [(ds_smem.transpose((1, 0)), kv_smem[chunk])], acc.shape, interpret)
@@ -153,16 +185,26 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
       idx = plgpu.load(idx_smem, layout=plgpu.Layout.WGMMA.reduce(1))
       bias = lax.broadcast_in_dim(jnp.where(idx >= 0, 0.0, -jnp.inf).astype(jnp.float32), st.shape, [0])
       pt = jnp.exp2(st * log2_scale - lse + bias)
+      if reduce != "tma":  # wg 1 may still read the previous block's P^T and dS^T (its dkv slabs)
+        @pl.when(j > 0)
+        def _():
+          plgpu.barrier_wait(ds_free)
       p_smem[...] = pt.astype(dtype)
       ds_smem[...] = (pt * (dpt - dd) * scale).astype(dtype)
       plgpu.commit_smem()
       plgpu.barrier_arrive(ds_ready)
       dq = dq_product(dq, 0)
-      dkv_slabs(j, cols, stage_smem[0])
-      plgpu.barrier_arrive(kv_free)
+      if reduce != "tma":  # the dkv slabs read neither the key block nor idx_smem: release them now
+        plgpu.barrier_arrive(kv_free)
+        dkv_slabs(j, cols, None, dest_rows(idx))
+      else:
+        dkv_slabs(j, cols, stage_smem[0])
+        plgpu.barrier_arrive(kv_free)
       return dq
 
     dq = lax.fori_loop(0, steps, step, zeros(half))
+    if reduce != "tma":
+      plgpu.barrier_wait(ds_free)  # observe wg 1's last release
     store_dq(dq, 0)
     plgpu.wait_smem_to_gmem(0)
 
@@ -177,9 +219,16 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
       dq, dq_rope = carry
       wait_block()
       plgpu.barrier_wait(ds_ready)
+      if reduce != "tma":
+        rows = dest_rows(plgpu.load(idx_smem, (), layout=plgpu.Layout.WGMMA.reduce(1)))
       dq, dq_rope = dq_product(dq, 1), dq_product(dq_rope, 2)
-      dkv_slabs(j, cols, stage_smem[1])
-      plgpu.barrier_arrive(kv_free)
+      if reduce != "tma":  # as wg 0: release the key block and idx_smem, then P^T and dS^T after the slabs
+        plgpu.barrier_arrive(kv_free)
+        dkv_slabs(j, cols, None, rows)
+        plgpu.barrier_arrive(ds_free)
+      else:
+        dkv_slabs(j, cols, stage_smem[1])
+        plgpu.barrier_arrive(kv_free)
       return dq, dq_rope
 
     dq, dq_rope = lax.fori_loop(0, steps, step, (zeros(half), zeros(chunks[2][1])))
@@ -262,17 +311,22 @@ def _scratch(chunks, bk, dtype, interpret, gather="tma"):
       plgpu.Barrier(),
       plgpu.Barrier(num_arrivals=2),
       plgpu.Barrier(),
+      plgpu.Barrier(),  # ds_free: wg 1 has finished reading P^T and dS^T (reduce="red")
   )
 
 
 def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: int, block_k: int = 64,
-                   gather_warps: int = 4, gather: str = "cp_async", reduce_warps: int = 1,
-                   skip: str = "", interpret=False) -> tuple[jax.Array, jax.Array]:
+                   gather_warps: int = 4, gather: str = "cp_async", reduce_warps: int = 4,
+                   reduce: str | None = None, skip: str = "", interpret=False) -> tuple[jax.Array, jax.Array]:
   """Gradients of `reference.sparse_mla` w.r.t. q [B, T, N, Dk] and kv [B, S, Dk] from the saved lse,
   given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N]). `gather`
   ("tma" or "cp_async") and `gather_warps` (1, 2 or 4) are those of `kernel_fwd.Config`. `reduce_warps`
-  (1, 2 or 4; more than 1 has not yet run on a GPU) spreads each warpgroup's dkv reduce-adds over that many
-  of its warps, as `gather_warps` does the TMA gathers. `skip` is for
+  (1, 2 or 4; default 4: 138 vs 110 TFLOP/s with 1 on the H200) spreads each warpgroup's dkv reduce-adds over
+  that many of its warps, as `gather_warps` does the TMA gathers. `reduce` ("tma", "red" or "red2"; None:
+  `automatic_reduce`) picks how dkv is added: TMA reduce-adds of slabs staged in the key block's SMEM, or
+  `red_add` reductions from registers (4 or 2 floats each), which need no staging, so that both compute
+  warpgroups release the key block (and the gather of the next block starts) right after their dq products
+  instead of after their dkv slabs. `skip` is for
   benchmark diagnostics only (the gradients are then wrong): "copies" leaves out the cp.async row copies,
   "reduce" the dkv reduce-adds, so that their share of the time shows."""
   bsz, t, n, dk = q.shape
@@ -282,6 +336,12 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   cfg = kernel_fwd.Config(block_k=block_k, gather_warps=gather_warps, gather=gather)  # validation
   if reduce_warps not in (1, 2, 4):
     raise ValueError(f"reduce_warps={reduce_warps} must be one of (1, 2, 4).")
+  if reduce is None:
+    reduce = automatic_reduce(kv.shape[1], dk, bool(interpret))
+  if reduce not in REDUCES:
+    raise ValueError(f"reduce={reduce!r} must be one of {REDUCES}.")
+  if reduce != "tma" and interpret:
+    raise ValueError(f"reduce={reduce!r} runs inline Mosaic GPU code, which GPU interpret mode cannot run.")
   if skip not in ("", "reduce") and not (skip == "copies" and gather == "cp_async"):
     raise ValueError(f"skip={skip!r} must be '', 'reduce' or (with gather='cp_async') 'copies'.")
   dtype = q.dtype
@@ -294,7 +354,8 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   k_pad = -indices.shape[-1] % block_k
   indices = jnp.pad(indices.astype(jnp.int32), ((0, 0), (0, 0), (0, k_pad)), constant_values=-1)
   body = functools.partial(_body, chunks=chunks, steps=indices.shape[-1] // block_k, scale=scale, bk=block_k,
-                           cfg=cfg, interpret=bool(interpret), skip=skip, reduce_warps=reduce_warps)
+                           cfg=cfg, interpret=bool(interpret), skip=skip, reduce_warps=reduce_warps,
+                           reduce=reduce)
   kernel = plgpu.kernel(
       body,
       out_type=(),

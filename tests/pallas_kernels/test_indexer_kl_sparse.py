@@ -95,9 +95,18 @@ class PallasSparseKLTest(parameterized.TestCase):
     self.assertFalse(kernel_sparse.supports(128, 576, 128, 128))  # index heads beyond one wgmma M
     self.assertFalse(kernel_sparse_bwd.supports(160, 576, 64, 128))  # queries leave no room for the ring
 
+  def test_automatic_choice_needs_bf16_and_fitting_sizes(self):
+    """On the GPU, `api.sparse_kl` picks the kernels by `_sparse_kernel_supports` (they beat XLA on the H200)."""
+    q = jnp.zeros((1, 4, 128, 576), jnp.bfloat16)
+    iq = jnp.zeros((1, 4, 64, 128), jnp.bfloat16)
+    self.assertTrue(api._sparse_kernel_supports(q, iq))
+    self.assertFalse(api._sparse_kernel_supports(q.astype(jnp.float32), iq.astype(jnp.float32)))
+    self.assertFalse(api._sparse_kernel_supports(jnp.zeros((1, 4, 160, 576), jnp.bfloat16), iq))
+
   def test_config_gather_warps(self):
     self.assertEqual(kernel_sparse.Config().gather_warps, 4)
-    self.assertEqual(kernel_sparse.Config().reduce_warps, 1)
+    self.assertEqual(kernel_sparse.Config().reduce_warps, 4)
+    self.assertEqual(kernel_sparse.Config().gather, "cp_async")
     with self.assertRaisesRegex(ValueError, r"gather_warps=3 must be one of \(1, 2, 4\)"):
       kernel_sparse.Config(gather_warps=3)
     with self.assertRaisesRegex(ValueError, r"reduce_warps=8 must be one of \(1, 2, 4\)"):
@@ -110,12 +119,13 @@ class PallasSparseKLTest(parameterized.TestCase):
 
 class PallasSparseKLLoweringTest(parameterized.TestCase):
   """V3.2 shapes at T = S = 128K, K = 2048, through the whole Mosaic GPU lowering: forward and gradient, with
-  the default config (4 gather warps, through `api.sparse_kl`), with one gather warp, with the backward's
-  d ik reduce-adds from 4 warps (interpret mode replaces them by partials, so only this compiles them) and
-  with the cp.async gather (which interpret mode cannot run at all)."""
+  the default config (cp.async gather, d ik reduce-adds from 4 warps; through `api.sparse_kl`), with one TMA
+  gather warp, with the TMA gather and 4 reduce warps, and with the cp.async gather and one reduce warp.
+  Interpret mode replaces the reduce-adds by partials and cannot run the cp.async gather, so only this
+  compiles them."""
 
-  @parameterized.named_parameters(("default", None, 1, "tma"), ("gather_warps1", 1, 1, "tma"),
-                                  ("reduce_warps4", 4, 4, "tma"), ("cp_async", 4, 4, "cp_async"))
+  @parameterized.named_parameters(("default", None, 4, "cp_async"), ("gather_warps1", 1, 1, "tma"),
+                                  ("reduce_warps4", 4, 4, "tma"), ("cp_async_reduce_warps1", 4, 1, "cp_async"))
   def test_forward_and_grad_lower_for_h200(self, gather_warps, reduce_warps, gather):
     sd = jax.ShapeDtypeStruct
     T = 131072  # noqa: N806  (the grid's token axis above CUDA's 65535 limit for y and z)

@@ -112,9 +112,22 @@ class SparseMlaTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"reduce_warps=3 must be one of \(1, 2, 4\)"):
       kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
                                 jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", reduce_warps=3)
+    with self.assertRaisesRegex(ValueError, r"reduce='atomic' must be one of \('tma', 'red', 'red2'\)"):
+      kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
+                                jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", reduce="atomic")
+    with self.assertRaisesRegex(ValueError, "reduce='red' runs inline Mosaic GPU code"):
+      kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
+                                jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", reduce="red",
+                                interpret=plgpu.InterpretGPUParams())
     with self.assertRaisesRegex(ValueError, r"skip='copies' must be '', 'reduce' or \(with gather='cp_async'\)"):
       kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
                                 jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", skip="copies")
+
+  def test_automatic_reduce(self):
+    """`red_add` while dkv (float32) is at most 32 MiB and not in interpret mode, else TMA reduce-adds."""
+    self.assertEqual(kernel_bwd.automatic_reduce(8192, 576, False), "red")  # 18 MiB: faster on the H200
+    self.assertEqual(kernel_bwd.automatic_reduce(131072, 576, False), "tma")  # 302 MiB: slower there
+    self.assertEqual(kernel_bwd.automatic_reduce(8192, 576, True), "tma")
 
   def test_cp_async_gather_refuses_interpret_mode(self):
     q, kv, idx = _inputs(0, 1, 1, 16, 40, 64)
@@ -152,17 +165,19 @@ class SparseMlaTest(parameterized.TestCase):
       text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     self.assertGreaterEqual(text.count("mosaic_gpu"), 2)
 
-  @parameterized.parameters(("tma", 1), ("cp_async", 1), ("cp_async", 4))
-  def test_backward_kernel_lowers_for_h200(self, gather, reduce_warps):
-    """The backward kernel itself with each gather (TMA from 4 warps, cp.async), its dkv reduce-adds from one
-    or four warps, at the V3.2 shapes above. (Interpret mode replaces the reduce-adds by per-token partials,
-    so only this test compiles them.)"""
+  @parameterized.parameters(("tma", 1, "tma"), ("cp_async", 1, "tma"), ("cp_async", 4, "tma"),
+                            ("cp_async", 4, "red"), ("cp_async", 4, "red2"))
+  def test_backward_kernel_lowers_for_h200(self, gather, reduce_warps, reduce):
+    """The backward kernel itself with each gather (TMA from 4 warps, cp.async), its dkv TMA reduce-adds from
+    one or four warps or its `red_add` reductions from registers, at the V3.2 shapes above. (Interpret mode
+    replaces the reduce-adds by per-token partials and cannot run `red_add`, so only this test compiles
+    them.)"""
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     args = (bf16(1, 131072, 128, 576), bf16(1, 131072, 576), jax.ShapeDtypeStruct((1, 131072, 2048), jnp.int32),
             bf16(1, 131072, 128, 512), jax.ShapeDtypeStruct((1, 131072, 128), jnp.float32),
             bf16(1, 131072, 128, 512), jax.ShapeDtypeStruct((1, 131072, 128), jnp.float32))
     f = functools.partial(kernel_bwd.sparse_mla_bwd, scale=0.135, v_dim=512, gather_warps=4, gather=gather,
-                          reduce_warps=reduce_warps)
+                          reduce_warps=reduce_warps, reduce=reduce)
     with jax.sharding.use_abstract_mesh(H200):
       text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     self.assertIn("mosaic_gpu", text)

@@ -147,6 +147,19 @@ def ring_buffer(stages: int, interpret: bool, gather: str = "tma"):
   return plgpu.RefUnion(tiled, plgpu.SMEM((stages * BLOCK_S, CHUNK), jnp.bfloat16, transforms=_LINE_TRANSFORMS))
 
 
+def publish_lag(stages: int, per_block: int) -> int:
+  """Chunks the cp.async gather issues before it publishes the oldest unpublished one: min(stages - 2, per_block).
+
+  At most stages - 2: the backward holds two slots (the index key's chunks) while it waits for the next chunk,
+  so publishing must not wait on a slot that a held chunk's release frees. At most per_block (the chunks of
+  one block of keys): before the gather refills an index buffer (block n) it waits until the compute
+  warpgroup has released block n - 2, which needs all of block n - 2's chunks published; with a longer lag
+  they are not, and the kernel deadlocks. That happened on the H200 at the parity model's shapes (6 chunks per
+  block, 12 forward slots: lag 10), not at V3.2's (11 chunks per block, lag 5 / 1).
+  """
+  return max(min(stages - 2, per_block), 0)
+
+
 def gather(sel_ref, k_ref, ik_ref, ring, idx_smem, ready, free, idx_ready, idx_free, *, n_chunks, i_chunks,
            stages, gather_warps, mode="tma"):
   """Memory warpgroup: per block of 64 selected keys the index block, then chunk by chunk the selected rows.
@@ -156,16 +169,14 @@ def gather(sel_ref, k_ref, ik_ref, ring, idx_smem, ready, free, idx_ready, idx_f
   mode "tma": one TMA per row, issued by `gather_warps` warps (`issue_row_copies`); they all complete on the
   slot's ready barrier, so any lane may issue them. mode "cp_async" (`Config.gather`): all 128 threads copy
   16-byte pieces (`cp_async_gather`), one commit group per chunk; chunk g is published (its copies awaited,
-  a proxy fence, every thread arrives on its ready barrier) once chunk g + lag has been issued. lag =
-  stages - 2: the backward holds two slots (the index key's chunks) while it waits for the next chunk, so
-  publishing must not wait on a slot that a held chunk's release frees.
+  a proxy fence, every thread arrives on its ready barrier) once chunk g + lag has been issued (`publish_lag`).
   """
   ring, lines = ring
   b, t = lax.axis_index("b"), lax.axis_index("t")
   blocks = sel_ref.shape[-1] // BLOCK_S
   per_block = n_chunks + i_chunks
   slot_of = lambda g: lax.rem(g, jnp.int32(stages))
-  lag = max(stages - 2, 0)
+  lag = publish_lag(stages, per_block)
   total = blocks * per_block
 
   def publish(g, pending):

@@ -30,15 +30,17 @@ block (two 16 KiB f32 slots, reused once the TMA has read them) once its dq prod
 the next block's gather starts when both warpgroups' reductions have been read out of SMEM. The key
 block is therefore single-buffered: the gather does not overlap this CTA's matmuls.
 
-`reduce="red"` (the default while dkv is at most 32 MiB: `automatic_reduce`) adds dkv from registers instead
+`reduce="red"` (opt-in) adds dkv from registers instead
 (`pallas_kernels.red_add`: `red.global.add.v4.f32`, every thread its own fragments), so nothing is staged: each
 warpgroup releases the key block and the index block right after its dq product (having loaded its rows'
 indices), and a `ds_free` barrier keeps wg 0 from overwriting P^T / dS^T while wg 1's dkv slabs still read them.
 Measured on the H200 (4096 queries, 128 heads, K = 2048, session 5 of 2026-11-29): without any dkv additions
 this structure takes 11.0 ms against 22.2 for the staged one (the gather now overlaps the matmuls); with them,
 over 8K keys (an 18 MiB dkv) 39.0 ms = 150 TFLOP/s against 42.4 ms (138) for the TMA reduce-adds from 4 warps,
-but over 128K keys (302 MiB) 62.4 ms against 53.2: per-thread reductions that miss L2 cost more than the TMA
-unit's bulk ones. The dkv additions (~20-30 ms of atomic traffic, 38.7 GB of float32 adds) bound the kernel.
+but over 128K keys (302 MiB) 62.4 ms against 53.2 (per-thread reductions that miss L2 cost more than the TMA
+unit's bulk ones), and at the parity model's shapes (16 heads, 320-dim entries, K = 512, 8K keys) 5.72 ms against
+5.23. So "tma" stays the default. The dkv additions (~20-30 ms of atomic traffic, 38.7 GB of float32 adds at V3.2
+shapes) bound the kernel.
 
 GPU interpret mode does not implement TMA reductions: there each staged slab is copied whole into a
 [B, T, N/64, K, Dk] buffer of per-token partials that XLA scatter-adds, so the tests check everything
@@ -65,16 +67,7 @@ SLAB = 64  # dkv columns per staged slab
 # How dkv is added: staged in SMEM + TMA reduce-adds, or `red_add` from registers with 4-float (red) or 2-float
 # (red2) reductions.
 REDUCES = ("tma", "red", "red2")
-# dkv (float32) up to this size is added with `red_add` by default: on the H200 (4096 queries, 128 heads, K = 2048)
-# "red" took 39.0 ms vs 42.4 for "tma" over 8K keys (an 18 MiB dkv, L2-resident), but 62.4 vs 53.2 ms over 128K
-# keys (302 MiB): there the TMA unit's bulk reduce-adds cope better with lines that miss L2.
-RED_MAX_DKV_BYTES = 32 << 20
 
-
-def automatic_reduce(keys: int, key_dim: int, interpret: bool) -> str:
-  """The default `reduce` of `sparse_mla_bwd`: "red" while dkv fits comfortably in L2 (and not in interpret
-  mode, which cannot run it), else "tma"."""
-  return "red" if not interpret and keys * key_dim * 4 <= RED_MAX_DKV_BYTES else "tma"
 _TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
@@ -317,13 +310,13 @@ def _scratch(chunks, bk, dtype, interpret, gather="tma"):
 
 def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: int, block_k: int = 64,
                    gather_warps: int = 4, gather: str = "cp_async", reduce_warps: int = 4,
-                   reduce: str | None = None, skip: str = "", interpret=False) -> tuple[jax.Array, jax.Array]:
+                   reduce: str = "tma", skip: str = "", interpret=False) -> tuple[jax.Array, jax.Array]:
   """Gradients of `reference.sparse_mla` w.r.t. q [B, T, N, Dk] and kv [B, S, Dk] from the saved lse,
   given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N]). `gather`
   ("tma" or "cp_async") and `gather_warps` (1, 2 or 4) are those of `kernel_fwd.Config`. `reduce_warps`
   (1, 2 or 4; default 4: 138 vs 110 TFLOP/s with 1 on the H200) spreads each warpgroup's dkv reduce-adds over
-  that many of its warps, as `gather_warps` does the TMA gathers. `reduce` ("tma", "red" or "red2"; None:
-  `automatic_reduce`) picks how dkv is added: TMA reduce-adds of slabs staged in the key block's SMEM, or
+  that many of its warps, as `gather_warps` does the TMA gathers. `reduce` ("tma", the default, "red" or "red2")
+  picks how dkv is added: TMA reduce-adds of slabs staged in the key block's SMEM, or
   `red_add` reductions from registers (4 or 2 floats each), which need no staging, so that both compute
   warpgroups release the key block (and the gather of the next block starts) right after their dq products
   instead of after their dkv slabs. `skip` is for
@@ -336,8 +329,6 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   cfg = kernel_fwd.Config(block_k=block_k, gather_warps=gather_warps, gather=gather)  # validation
   if reduce_warps not in (1, 2, 4):
     raise ValueError(f"reduce_warps={reduce_warps} must be one of (1, 2, 4).")
-  if reduce is None:
-    reduce = automatic_reduce(kv.shape[1], dk, bool(interpret))
   if reduce not in REDUCES:
     raise ValueError(f"reduce={reduce!r} must be one of {REDUCES}.")
   if reduce != "tma" and interpret:

@@ -103,6 +103,13 @@ class PallasSparseKLTest(parameterized.TestCase):
     self.assertFalse(api._sparse_kernel_supports(q.astype(jnp.float32), iq.astype(jnp.float32)))
     self.assertFalse(api._sparse_kernel_supports(jnp.zeros((1, 4, 160, 576), jnp.bfloat16), iq))
 
+  def test_publish_lag_never_exceeds_a_block(self):
+    """The cp.async gather's publish lag (a longer one deadlocked on the H200 at the parity model's shapes)."""
+    self.assertEqual(kernel_sparse.publish_lag(12, 6), 6)  # parity `small`: 5 latent + 1 index chunks
+    self.assertEqual(kernel_sparse.publish_lag(7, 11), 5)  # V3.2 forward
+    self.assertEqual(kernel_sparse.publish_lag(3, 11), 1)  # V3.2 backward
+    self.assertEqual(kernel_sparse.publish_lag(2, 11), 0)
+
   def test_config_gather_warps(self):
     self.assertEqual(kernel_sparse.Config().gather_warps, 4)
     self.assertEqual(kernel_sparse.Config().reduce_warps, 4)

@@ -123,12 +123,6 @@ class SparseMlaTest(parameterized.TestCase):
       kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
                                 jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", skip="copies")
 
-  def test_automatic_reduce(self):
-    """`red_add` while dkv (float32) is at most 32 MiB and not in interpret mode, else TMA reduce-adds."""
-    self.assertEqual(kernel_bwd.automatic_reduce(8192, 576, False), "red")  # 18 MiB: faster on the H200
-    self.assertEqual(kernel_bwd.automatic_reduce(131072, 576, False), "tma")  # 302 MiB: slower there
-    self.assertEqual(kernel_bwd.automatic_reduce(8192, 576, True), "tma")
-
   def test_cp_async_gather_refuses_interpret_mode(self):
     q, kv, idx = _inputs(0, 1, 1, 16, 40, 64)
     with self.assertRaisesRegex(ValueError, "gather='cp_async' runs inline Mosaic GPU code"):

@@ -1,0 +1,100 @@
+"""Benchmark section: the training kernels at the parity model's shapes (`small`, `experiments/configs/train_small`).
+
+The V3.2-shape sections check the kernels at 128 heads and 576-dim entries; the parity run trains `small`: 16
+heads of 320-dim entries (latent 256 + rope 64, values 256), top-k 512, an indexer of 16 heads x 64, T = 8K.
+Per variant, on one row of T = `seq_lens` tokens (all queries, causal random indices, 5% invalid): the sparse
+MLA backward kernel with each dkv addition (`reduce="tma"` / `"red"`), its dq / dkv against the float32
+reference's vjp, and the sparse indexer KL (value and indexer gradients) through the kernels with each gather
+against the XLA path on float32 inputs. Each row says which variant it is before it runs (printed), so that a
+variant that hangs on the GPU is named in the log even when a timeout kills the process.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from experiments.bench_sections import timing
+from pallas_kernels.indexer_kl import api as kl_api
+from pallas_kernels.indexer_kl import kernel_sparse, sparse_pallas
+from pallas_kernels.sparse_mla import kernel_bwd, reference
+
+HEADS, LATENT, ROPE, TOPK, INDEX_HEADS, INDEX_DIM = 16, 256, 64, 512, 16, 64
+SCALE = (64 + 64) ** -0.5
+
+
+def _rel(got, want) -> float:
+  got, want = (jnp.asarray(x, jnp.float32) for x in (got, want))
+  return float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+
+
+def _inputs(T: int):  # noqa: N803
+  ks = jax.random.split(jax.random.key(3), 8)
+  pos = jnp.arange(T, dtype=jnp.int32)
+  q = jax.random.normal(ks[0], (1, T, HEADS, LATENT + ROPE), jnp.bfloat16)
+  kv = jax.random.normal(ks[1], (1, T, LATENT + ROPE), jnp.bfloat16)
+  idx = (jax.random.uniform(ks[2], (1, T, TOPK)) * (pos[None, :, None] + 1)).astype(jnp.int32)  # causal
+  idx = jnp.where(jax.random.uniform(ks[3], idx.shape) < 0.05, -1, idx)
+  iq = jax.random.normal(ks[4], (1, T, INDEX_HEADS, INDEX_DIM), jnp.bfloat16)
+  ik = jax.random.normal(ks[5], (1, T, INDEX_DIM), jnp.bfloat16)
+  w = jax.random.normal(ks[6], (1, T, INDEX_HEADS), jnp.float32) * (INDEX_HEADS * INDEX_DIM) ** -0.5
+  return q, kv, idx, (iq, ik, w), dict(q_positions=pos[None], kv_positions=pos[None],
+                                      q_segment_ids=jnp.zeros((1, T), jnp.int32),
+                                      kv_segment_ids=jnp.zeros((1, T), jnp.int32))
+
+
+def _mla_rows(T, q, kv, idx) -> list[dict]:  # noqa: N803
+  ref = lambda q, kv: reference.sparse_mla(q, kv, idx, scale=SCALE, v_dim=LATENT)
+  f32 = lambda x: x.astype(jnp.float32)
+  (out, lse), vjp = jax.vjp(ref, f32(q), f32(kv))
+  ks = jax.random.split(jax.random.key(9))
+  do, dlse = jax.random.normal(ks[0], out.shape, jnp.float32), jax.random.normal(ks[1], lse.shape, jnp.float32)
+  want_dq, want_dkv = vjp((do, dlse))
+  rows = []
+  for reduce in ("tma", "red"):
+    print(f"parity_shapes: sparse MLA backward, reduce={reduce} ...", flush=True)
+    fn = jax.jit(lambda q, kv, idx, out, lse, do, dlse, reduce=reduce: kernel_bwd.sparse_mla_bwd(
+        q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, reduce=reduce))
+    args = (q, kv, idx, out.astype(q.dtype), lse, do.astype(q.dtype), dlse)
+    dq, dkv = jax.block_until_ready(fn(*args))
+    rows.append(dict(section="parity_shapes", T=T, op="sparse_mla_bwd", variant=reduce,
+                     ms=timing.time_fn(fn, *args) * 1e3, dq_err=_rel(dq, want_dq), dkv_err=_rel(dkv, want_dkv)))
+    print(rows[-1], flush=True)
+  return rows
+
+
+def _kl_rows(T, q, kv, idx, idx_args, vis) -> list[dict]:  # noqa: N803
+  lse = reference.sparse_mla(q.astype(jnp.float32), kv.astype(jnp.float32), idx, scale=SCALE, v_dim=LATENT)[1]
+  fixed = (q, kv, lse, idx, vis)  # arguments, not closure constants: XLA would constant-fold their gathers
+
+  def kl(config):
+    """(indexer args, fixed) -> KL [1, T] through the kernels with `config`, or the XLA path (None)."""
+    def f(idx_args, fixed):
+      q, kv, lse, idx, vis = fixed
+      if config is None:
+        return kl_api.sparse_kl(q, kv, lse, SCALE, *idx_args, idx, **vis, implementation="xla")
+      return sparse_pallas.sparse_kl(q, kv, lse, SCALE, *idx_args, idx, **vis, config=config)
+    return f
+
+  value_and_grads = lambda f: jax.jit(jax.value_and_grad(lambda idx_args, fixed: f(idx_args, fixed).sum()))
+  want_kl, want_grads = value_and_grads(kl(None))(jax.tree.map(lambda x: x.astype(jnp.float32), idx_args), fixed)
+  rows = []
+  for name, config in (("tma", kernel_sparse.Config(gather="tma", reduce_warps=1)),
+                       ("tma_reduce4", kernel_sparse.Config(gather="tma")),
+                       ("cp_async_reduce4", kernel_sparse.Config())):
+    print(f"parity_shapes: sparse indexer KL, {name} ...", flush=True)
+    step = value_and_grads(kl(config))
+    got_kl, got = jax.block_until_ready(step(idx_args, fixed))
+    row = dict(section="parity_shapes", T=T, op="sparse_kl fwd+bwd", variant=name,
+               ms=timing.time_fn(step, idx_args, fixed) * 1e3, kl_err=_rel(got_kl, want_kl))
+    row.update({f"{n}_err": _rel(g, w) for n, g, w in zip(("d_iq", "d_ik", "d_w"), got, want_grads)})
+    rows.append(row)
+    print(rows[-1], flush=True)
+  return rows
+
+
+def run(cfg: dict) -> list[dict]:
+  rows = []
+  for T in cfg["seq_lens"]:  # noqa: N806
+    q, kv, idx, idx_args, vis = _inputs(T)
+    rows += _mla_rows(T, q, kv, idx)
+    rows += _kl_rows(T, q, kv, idx, idx_args, vis)
+  return rows

@@ -5,16 +5,17 @@ Per sequence length T (k = 2048):
   query rows of a random 64 x 128 indexer, so -inf beyond each row's position): `lax.top_k` vs the radix
   select vs the pruned select (inner selections by lax.top_k, by the radix select, by the Mosaic GPU
   threshold kernel `kernel_select`, and "pruned_group_select": the same with step 1 and the first threshold
-  fused into the Mosaic GPU kernel `kernel_group_select`), each checked exact against the reference;
+  fused into the Mosaic GPU kernel `kernel_group_select`, and "pruned_fused_select": each selection's
+  compaction inside the threshold kernel, `kernel_compact`), each checked exact against the reference;
 - where the pruned_select's time goes, on the indexer rows (`_breakdown`): step 1 (group maxima, one read of
   the rows), the threshold kernel alone on the maxima, the first selection (threshold + compaction into the
-  kept groups), and the rest (candidate gather, second threshold, compaction) as the remainder; and the fused
+  kept groups; `first_selection_fused`: the same by `kernel_compact`, with an `_exact` flag), and the rest (candidate gather, second threshold, compaction) as the remainder; and the fused
   kernel alone (`group_max_and_threshold`, to compare with group_max + threshold_on_maxima; its default
   16 KiB chunks, 2 CTAs per SM, and `_c16384`: 64 KiB chunks, 1 CTA per SM). The threshold kernel also with
   its counting options (`kernel_select`): `_b2` / `_b4` decide 2 / 4 bits per bisection step (16 / 8 steps,
   2^b - 1 counts reduced together), `_b1_p4` 1 bit in 4 partial sums (stacked counting); each with an
   `_exact` flag (bitwise the default's thresholds);
-- `index_topk` end to end (Pallas scores per row block) with lax.top_k vs pruned vs pruned_select selection,
+- `index_topk` end to end (Pallas scores per row block) with lax.top_k vs pruned_select vs pruned_fused_select,
   against the matmul floor 2 * 64 * 128 * T(T+1)/2 FLOP at the XLA matmul rate of the same run.
 """
 
@@ -24,12 +25,12 @@ import jax.numpy as jnp
 from experiments.bench_sections import baselines, timing
 from pallas_kernels.lightning_indexer import api as indexer_api
 from pallas_kernels.topk import api as topk_api
-from pallas_kernels.topk import kernel, kernel_group_select, kernel_select, pruned
+from pallas_kernels.topk import kernel, kernel_compact, kernel_group_select, kernel_select, pruned
 from pallas_kernels.topk import reference as topk_reference
 
 HEADS, DIM, TOPK, ROWS = 64, 128, 2048, 1024
 SELECT_FNS = {name: lambda x, s=name: topk_api.topk_indices(x, TOPK, implementation=s)
-              for name in ("xla", "radix", "pruned", "pruned_select", "pruned_group_select")}
+              for name in ("xla", "radix", "pruned", "pruned_select", "pruned_group_select", "pruned_fused_select")}
 SELECT_FNS["pruned_radix"] = lambda x: pruned.topk_indices(x, TOPK, inner="radix")
 SELECTS = tuple(SELECT_FNS)
 # Threshold kernel variants timed on the maxima (`_breakdown`): (key suffix, bits_per_step, partial_sums).
@@ -64,6 +65,7 @@ def _breakdown(scores: jax.Array) -> dict:
   want = jnp.full((keys.shape[0],), TOPK, jnp.int32)
   first = jax.jit(lambda o: kernel.topk_indices(pruned.from_ordered(o), TOPK,
                                                 threshold=kernel_select.kth_largest_keys))
+  first_fused = jax.jit(lambda o: kernel_compact.topk_positions(kernel.sortable_keys(pruned.from_ordered(o)), TOPK))
   whole = jax.jit(SELECT_FNS["pruned_select"])
   g_fused = max(g, kernel_group_select.GROUPS[0])  # as pruned's "group_select": g = 2 (T < 16K) becomes 4
   fused = {f"group_max_and_threshold{suffix}": jax.jit(
@@ -75,9 +77,12 @@ def _breakdown(scores: jax.Array) -> dict:
   times = dict(group_max=timing.time_fn(maxima, scores),
                **{name: timing.time_fn(fn, keys, want) for name, fn in thresholds.items()},
                first_selection=timing.time_fn(first, ordered), whole=timing.time_fn(whole, scores),
+               first_selection_fused=timing.time_fn(first_fused, ordered),
                **{name: timing.time_fn(fn, scores) for name, fn in fused.items()})
   times["candidates_rest"] = times["whole"] - times["group_max"] - times["first_selection"]
   out = {f"indexer_pruned_select_{name}_ms": seconds * 1e3 for name, seconds in times.items()}
+  out["indexer_pruned_select_first_selection_fused_exact"] = bool(jnp.array_equal(first_fused(ordered),
+                                                                                   first(ordered)))
   default = thresholds["threshold_on_maxima"](keys, want)
   for name, fn in thresholds.items():  # the counting options must give bitwise the default's thresholds
     if name != "threshold_on_maxima":
@@ -100,11 +105,17 @@ def run(cfg: dict) -> list[dict]:
         row[f"{kind}_{select}_speedup"] = row[f"{kind}_xla_ms"] / row[f"{kind}_{select}_ms"]
       if kind == "indexer":
         row.update(_breakdown(scores))
+      else:  # ties everywhere (scores in steps of 1/2, a quarter -inf): the tie rules of each selection
+        tied = jnp.where(jax.random.uniform(jax.random.key(5), scores.shape) < 0.25, -jnp.inf,
+                         jnp.round(scores * 2) / 2)
+        want_tied = topk_reference.topk_indices(tied, TOPK)
+        for select in ("pruned_select", "pruned_fused_select"):
+          row[f"tied_{select}_exact"] = bool(jnp.array_equal(jax.jit(SELECT_FNS[select])(tied), want_tied))
     args, vis = _indexer_inputs(T)
     floor = 2.0 * HEADS * DIM * T * (T + 1) / 2 / (rate * 1e12)
     row.update(matmul_tflops=rate, floor_s=floor)
     selections = {}
-    for select in ("xla", "pruned", "pruned_select"):
+    for select in ("xla", "pruned_select", "pruned_fused_select"):
       fn = jax.jit(lambda q, k, w, vis, s=select: indexer_api.index_topk(
           q, k, w, topk=TOPK, **vis, implementation="pallas", select_implementation=s))
       row[f"index_topk_{select}_s"] = timing.time_fn(fn, *args, vis, warmup=1, iters=3)

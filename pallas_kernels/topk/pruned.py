@@ -24,7 +24,12 @@ exact: lax.top_k 9.5 ms; inner "xla" 3.5 ms, "radix" 2.5 ms, "select" 1.34 ms (7
 (`kernel_group_select.py`: the rows are streamed once through SMEM, the maxima and their k-th largest come
 out together), instead of an XLA group-max pass plus the threshold kernel re-reading the maxima. Same
 result; g must be 4, 8 or 16 (or 1: then it is "select"; an automatic g = 2, 4k <= S < 8k, becomes 4) with at
-most 16384 groups per row. Not yet run on a GPU, so not the default.
+most 16384 groups per row. On the H200 (1024 x 128K) it was exact but not measurably faster than "select"
+(1.28-1.37 vs 1.29-1.38 ms), so not the default.
+
+`inner="fused_select"` is "select" with each selection's XLA compaction (a cumsum over the row and a scatter,
+~0.45 of the 1.0 ms of device time) moved into the threshold kernel (`kernel_compact`: the row already sits in
+SMEM; ballots, popc and one scan give every selected key its output slot). Not yet run on a GPU, so opt-in.
 """
 
 import math
@@ -32,7 +37,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.topk import kernel, kernel_group_select, kernel_select, reference
+from pallas_kernels.topk import kernel, kernel_compact, kernel_group_select, kernel_select, reference
 
 
 def group_size(n: int, k: int) -> int:
@@ -42,7 +47,7 @@ def group_size(n: int, k: int) -> int:
   return 1 << round(math.log2(math.sqrt(n / k)))
 
 
-INNER = ("xla", "radix", "select", "group_select")
+INNER = ("xla", "radix", "select", "group_select", "fused_select")
 
 
 def group_rows(rows: jax.Array, g: int) -> jax.Array:
@@ -69,7 +74,7 @@ def from_ordered(ordered: jax.Array) -> jax.Array:
 
 def _threshold_fn(inner: str, interpret):
   """None (the XLA bisection) or the Mosaic GPU threshold kernel for rows it takes."""
-  if inner not in ("select", "group_select"):
+  if inner not in ("select", "group_select", "fused_select"):
     return None
 
   def threshold(keys, want):
@@ -79,19 +84,35 @@ def _threshold_fn(inner: str, interpret):
   return threshold
 
 
+def _selection_fn(inner: str, threshold, interpret):
+  """(scores [R, n] float32, k) -> ascending positions [R, k], -1 padded: `kernel.topk_indices` with `threshold`,
+  or for inner="fused_select" the threshold-and-compaction kernel `kernel_compact` on rows it takes."""
+  def select(scores, k):
+    if inner == "fused_select" and scores.shape[-1] <= kernel_select.MAX_KEYS:
+      return kernel_compact.topk_positions(kernel.sortable_keys(scores), k, interpret=interpret)
+    return kernel.topk_indices(scores, k, threshold=threshold)
+  return select
+
+
 def _radix_pruned(groups: jax.Array, ordered_max: jax.Array, k: int, n: int, threshold=None,
-                  first: jax.Array | None = None) -> jax.Array:
+                  first: jax.Array | None = None, select=None) -> jax.Array:
   """Steps 2-3 with the radix select: -> key indices [R, k] ascending, -1 padded (n = unpadded length).
 
   first: the k-th largest maximum's uint32 key per row [R], when already known (`inner="group_select"`).
+  select: (scores, k) -> ascending positions, for both selections (default: `kernel.topk_indices` with
+  `threshold`); not with `first`.
   """
   rows, n_groups, g = groups.shape
-  first_threshold = threshold if first is None else lambda keys, want: first
-  kept = kernel.topk_indices(from_ordered(ordered_max), k, threshold=first_threshold)  # ascending; -1: only -inf
+  if select is None:
+    select = lambda scores, k: kernel.topk_indices(scores, k, threshold=threshold)
+  if first is None:
+    kept = select(from_ordered(ordered_max), k)  # ascending; -1: only -inf
+  else:
+    kept = kernel.topk_indices(from_ordered(ordered_max), k, threshold=lambda keys, want: first)
   kept = jnp.where(kept < 0, n_groups, kept)  # -> an all -inf group appended below (never selected)
   groups = jnp.concatenate([groups, jnp.full((rows, 1, g), -jnp.inf, groups.dtype)], axis=1)
   candidates = jnp.take_along_axis(groups, kept[..., None], axis=1).reshape(rows, k * g)
-  position = kernel.topk_indices(candidates, k, threshold=threshold)  # ascending = ascending key indices
+  position = select(candidates, k)  # ascending = ascending key indices
   index = jnp.take_along_axis(kept, jnp.maximum(position, 0) // g, axis=-1) * g + jnp.maximum(position, 0) % g
   return jnp.where((position < 0) | (index >= n), -1, index).astype(jnp.int32)
 
@@ -117,10 +138,11 @@ def topk_indices(scores: jax.Array, k: int, group: int | None = None, inner: str
     raise ValueError(f"group={g} is not supported by inner='group_select'; allowed: 1 or "
                      f"{kernel_group_select.GROUPS}.")
   threshold = _threshold_fn(inner, interpret)
+  select = _selection_fn(inner, threshold, interpret)
   if g == 1:
     if inner == "xla":
       return reference.topk_indices(scores, k)
-    return kernel.topk_indices(scores, k, threshold=threshold)
+    return select(scores.reshape(-1, n), k).reshape(*lead, k)
   if inner == "group_select":  # step 1 and the first threshold in one kernel
     rows = scores.reshape(-1, n)
     ordered_max, first = kernel_group_select.group_maxima_and_threshold(rows, g, k, interpret=interpret)
@@ -128,7 +150,7 @@ def topk_indices(scores: jax.Array, k: int, group: int | None = None, inner: str
   groups, ordered_max = group_maxima(scores.reshape(-1, n), g)
   pad = groups.shape[1] * g - n
   if inner != "xla":
-    return _radix_pruned(groups, ordered_max, k, n, threshold).reshape(*lead, k)
+    return _radix_pruned(groups, ordered_max, k, n, threshold, select=select).reshape(*lead, k)
   _, kept = jax.lax.top_k(ordered_max, k)
   kept = jnp.sort(kept, axis=-1)  # ascending groups: candidate position order = key index order
   candidates = jnp.take_along_axis(groups, kept[..., None], axis=1).reshape(groups.shape[0], k * g)

@@ -3,7 +3,8 @@
   python -m experiments.profile_kernels --target=index_topk --seq_len=131072
   python -m experiments.profile_kernels --target=dsa_layer --seq_len=131072 --trace_dir=$OUT/trace
 
-Targets (the inputs of `experiments/bench_sections`, default implementations): "pruned_select" (top-k of
+Targets (the inputs of `experiments/bench_sections`, default implementations): "pruned_select" (the default top-k,
+"pruned_fused_select", of
 1024 rows of causal indexer scores), "index_topk" (scores + top-k of a causal sequence), "dsa_layer" (the
 DSA attention core: index_topk + sparse MLA), and "train_step" (one training step of `--stage` with the
 model of `--train_config`, by default the parity run's `train_small`, on one row of `--seq_len` random
@@ -61,13 +62,13 @@ def build(target: str, seq_len: int):
   if target == "train_step":
     return _train_step(_STAGE.value, seq_len, _TRAIN_CONFIG.value)
   if target == "pruned_select":
-    return jax.jit(topk.SELECT_FNS["pruned_select"]), (topk.score_rows(seq_len)["indexer"],)
+    return jax.jit(topk.SELECT_FNS["pruned_fused_select"]), (topk.score_rows(seq_len)["indexer"],)
   x, vis = dsa_layer.inputs(seq_len)
   if target == "index_topk":
     from pallas_kernels.lightning_indexer import api as indexer_api  # noqa: PLC0415
     fn = lambda x, vis: indexer_api.index_topk(x["iq"], x["ik"], x["iw"], topk=dsa_layer.K, **vis)
     return jax.jit(fn), (x, vis)
-  return jax.jit(lambda x, vis: dsa_layer.layer(x, vis, None, "pruned_select")), (x, vis)
+  return jax.jit(lambda x, vis: dsa_layer.layer(x, vis, None, "pruned_fused_select")), (x, vis)
 
 
 def op_times(trace_path: pathlib.Path) -> tuple[dict[str, float], dict[str, int], str]:

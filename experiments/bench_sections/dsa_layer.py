@@ -2,7 +2,7 @@
 
 Per T (batch 1, causal): indexer scores + top-k (64 x 128, k = 2048) + sparse MLA over the selected
 576-dim entries (128 heads) — with our kernels (`implementation=None`, i.e. Pallas on the GPU; top-k by
-the pruned select with the threshold kernel, the default, and with sorts; speedups use the faster) and with the
+the pruned select whose threshold kernel also compacts, the default, and with sorts; speedups use the faster) and with the
 plain-XLA path (reference scores, lax.top_k, gather attention; query chunks of 512 so it fits) — against
 cuDNN dense causal MLA attention (128 heads, q/k 192, v 128). Projections are excluded from all three.
 A fourth row runs ours with the FP8 indexer of the official V3.2 numerics (`index_topk(fp8=True)`; its
@@ -57,10 +57,10 @@ def run(cfg: dict) -> list[dict]:
   rows = []
   for T in cfg["seq_lens"]:  # noqa: N806
     x, vis = inputs(T)
-    ours = jax.jit(lambda x, vis: layer(x, vis, None, "pruned_select"))
+    ours = jax.jit(lambda x, vis: layer(x, vis, None, "pruned_fused_select"))
     pruned = jax.jit(lambda x, vis: layer(x, vis, None, "pruned"))
     xla = jax.jit(_xla_layer)
-    fp8 = jax.jit(lambda x, vis: layer(x, vis, None, "pruned_select", fp8=True))
+    fp8 = jax.jit(lambda x, vis: layer(x, vis, None, "pruned_fused_select", fp8=True))
     ours_s = timing.time_fn(ours, x, vis, warmup=1, iters=3)
     fp8_s = timing.time_fn(fp8, x, vis, warmup=1, iters=3)
     pruned_s = timing.time_fn(pruned, x, vis, warmup=1, iters=3)

@@ -93,16 +93,16 @@ def index_scores_fp8(q8: jax.Array, q_scale: jax.Array, k8: jax.Array, k_scale: 
 def index_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, q_positions: jax.Array,
                kv_positions: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
                implementation: str | None = None, rows_per_block: int | None = None,
-               select_implementation: str = "pruned_select", fp8: bool = False) -> jax.Array:
+               select_implementation: str = "pruned_fused_select", fp8: bool = False) -> jax.Array:
   """Top-k keys by indexer score -> int32 [B, T, min(topk, S)], sorted ascending, -1 padded.
 
   "pallas" computes the scores of `rows_per_block` queries at a time with the Mosaic GPU kernel and selects
   with `topk.api.topk_indices(implementation=select_implementation)`, so at most B x rows_per_block x S
   float32 scores exist at once (default: 2 GiB), never [B, T, S]. The default selection is the exact pruned
-  select with the Mosaic GPU threshold kernel (`topk/pruned.py`, inner "select"): on the H200 at T = 128K the
-  whole index_topk took 0.44 s with it, 0.65 s with the sorting pruned select and 1.38 s with lax.top_k
-  (identical selections; the bf16 matmul floor is 0.24 s); the radix select ran 20x slower inside this
-  lax.map (see `topk/kernel.py`). "xla" is the reference path (materialises [B, T, S]).
+  select whose threshold kernel also compacts (`topk/pruned.py`, inner "fused_select"): on the H200 at T = 128K
+  the whole index_topk took 0.394 s with it (1.69x the bf16 matmul floor of 0.233 s), 0.440 s with the XLA
+  compaction ("pruned_select"), 0.65 s with the sorting pruned select and 1.40 s with lax.top_k (identical
+  selections); the radix select ran 20x slower inside this lax.map (see `topk/kernel.py`). "xla" is the reference path (materialises [B, T, S]).
   fp8: quantise q and k with `quantize_fp8` and score in FP8 (`index_scores_fp8`). Exact on inputs that are
   already dequantised e4m3 values (the model's `fp8_numerics`): requantising them changes nothing.
   """

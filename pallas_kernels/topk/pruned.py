@@ -29,7 +29,9 @@ most 16384 groups per row. On the H200 (1024 x 128K) it was exact but not measur
 
 `inner="fused_select"` is "select" with each selection's XLA compaction (a cumsum over the row and a scatter,
 ~0.45 of the 1.0 ms of device time) moved into the threshold kernel (`kernel_compact`: the row already sits in
-SMEM; ballots, popc and one scan give every selected key its output slot). Not yet run on a GPU, so opt-in.
+SMEM; ballots, popc and one scan give every selected key its output slot). On the H200 at 1024 x 128K, k = 2048:
+0.73-0.79 ms against 1.24-1.28 for "select" (12.1-12.9x lax.top_k), exact, also on rows full of ties; the
+first selection alone 0.39 ms against 0.69. The default of `api.topk_indices` on the GPU.
 """
 
 import math

@@ -43,7 +43,7 @@ class RadixTopkTest(parameterized.TestCase):
   def test_pruned_matches_reference(self, case, inner):
     n, k, group = case
     scores = jnp.asarray(_scores(np.random.default_rng(time.time_ns()), 8, n))
-    interpret = plgpu.InterpretGPUParams(detect_races=True) if inner in ("select", "group_select") else False
+    interpret = plgpu.InterpretGPUParams(detect_races=True) if inner in ("select", "group_select", "fused_select") else False
     got = jax.jit(pruned.topk_indices, static_argnums=(1, 2, 3, 4))(scores, k, group, inner, interpret)
     chex.assert_trees_all_equal(got, reference.topk_indices(scores, k))
 

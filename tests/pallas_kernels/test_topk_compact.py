@@ -48,6 +48,13 @@ class TopkPositionsTest(parameterized.TestCase):
     np.testing.assert_array_equal(pruned.topk_indices(scores, 256, inner="fused_select", interpret=INTERPRET), want)
     self.assertIn("pruned_fused_select", api.AVAILABLE)
 
+  def test_forced_interpret_mode_falls_back(self):
+    """Under `force_gpu_interpret_mode` (as the model's CPU tests run) the XLA compaction stands in too."""
+    scores = _scores(1, 2, 512)
+    with plgpu.force_gpu_interpret_mode(INTERPRET):
+      got = kernel_compact.topk_positions(kernel.sortable_keys(scores), 40)
+    np.testing.assert_array_equal(got, reference.topk_indices(scores, 40))
+
   def test_rejects_bad_sizes(self):
     with self.assertRaisesRegex(ValueError, r"rows of 20000 keys with k=5: allowed M <= 16384"):
       kernel_compact.topk_positions(jnp.zeros((1, 20000), jnp.uint32), 5)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# GPU measurements still owed (docs/kernels.md, "Pending GPU measurements"); each part fits one 10-minute device
+# Re-measures what the latest session changed (docs/kernels.md, "Pending GPU measurements"); each part fits one 10-minute device
 # command. One process per section, each with its own time limit; logs and JSON go to $OUT.
 # On the GPU machine, from the repository root:
-#   OUT=/some/dir bash benchmarks/run_pending.sh 1   # sparse MLA backward diagnostics, reduce_warps; sparse KL variants
-#   OUT=/some/dir bash benchmarks/run_pending.sh 2   # top-k: fused group kernel, multi-bit bisection
+#   OUT=/some/dir bash benchmarks/run_pending.sh 1   # sparse MLA backward variants; sparse KL variants; parity shapes
+#   OUT=/some/dir bash benchmarks/run_pending.sh 2   # top-k variants; DSA core at 128K
 set -u
 : "${OUT:?set OUT to the output folder}"
 export PYTHONPATH=.
@@ -15,16 +15,17 @@ run() {  # run LIMIT_S NAME FLAGS...
 }
 case "${1:-}" in
   1)
-    # The sparse MLA backward with its dkv added from registers (reduce="red") beside the TMA reduce-adds, with
-    # the diagnostics (without copies / without additions), at 8K keys.
-    run 200 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192
-    # The sparse KL kernels with their d ik reduce-adds from 4 warps and with the cp.async gather.
-    run 200 indexer_kl_sparse --sections=indexer_kl_sparse --seq_lens=8192
+    # The sparse MLA backward (TMA reduce-adds / red_add, with diagnostics) at 8K and 128K keys, the sparse KL
+    # variants, and the training kernels at the parity model's shapes (a hang there names its variant in the log).
+    run 200 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192,131072
+    run 120 indexer_kl_sparse --sections=indexer_kl_sparse --seq_lens=8192
+    run 150 parity_shapes --sections=parity_shapes --seq_lens=8192
     ;;
   2)
-    # The fused group-maxima + threshold kernel against the XLA maxima + threshold kernel (pruned_group_select),
-    # and the threshold kernel with 2 / 4 bits per bisection step or 4 partial sums.
-    run 300 topk_131072 --sections=topk --seq_lens=131072
+    # Top-k (fused compaction beside the XLA-compaction and group variants, rows full of ties, index_topk) and the
+    # DSA core at 128K.
+    run 200 topk_131072 --sections=topk --seq_lens=131072
+    run 300 dsa_layer_131072 --sections=dsa_layer --seq_lens=131072
     ;;
   *) echo "usage: run_pending.sh 1|2" >&2; exit 2 ;;
 esac

@@ -4,6 +4,7 @@
 # On the GPU machine, from the repository root:
 #   OUT=/some/dir bash benchmarks/run_pending.sh 1   # sparse MLA backward variants; sparse KL variants; parity shapes
 #   OUT=/some/dir bash benchmarks/run_pending.sh 2   # top-k variants; DSA core at 128K
+#   OUT=/some/dir bash benchmarks/run_pending.sh 3   # scores kernel pipeline depth (opt-in, unmeasured); index_topk
 set -u
 : "${OUT:?set OUT to the output folder}"
 export PYTHONPATH=.
@@ -27,5 +28,10 @@ case "${1:-}" in
     run 200 topk_131072 --sections=topk --seq_lens=131072
     run 300 dsa_layer_131072 --sections=dsa_layer --seq_lens=131072
     ;;
-  *) echo "usage: run_pending.sh 1|2" >&2; exit 2 ;;
+  3)
+    # The scores kernel with 2 query buffers (two CTAs per SM: opt-in, never run on a GPU) beside the default 4,
+    # and index_topk end to end, at 128K.
+    run 300 indexer_topk_131072 --sections=indexer_topk --seq_lens=131072
+    ;;
+  *) echo "usage: run_pending.sh 1|2|3" >&2; exit 2 ;;
 esac

@@ -3,7 +3,8 @@
 Per sequence length T (batch 1, causal, 64 index heads x 128, k = 2048):
 - `index_topk` end to end, Pallas path (Mosaic GPU scores per row block + radix select), against the
   matmul floor: 2 * 64 * 128 * T(T+1)/2 FLOP at the XLA bf16 matmul rate measured in the same run;
-- the scores kernel alone on the last 4096 query rows (all keys visible), in TFLOP/s, bf16 and FP8 (e4m3
+- the scores kernel alone on the last 4096 query rows (all keys visible), in TFLOP/s, bf16 (also with 2 query
+  buffers instead of 4, `scores_steps2_*`: two CTAs per SM) and FP8 (e4m3
   wgmma on the same inputs quantised with ue8m0 row scales; error against the f32 reference of the
   dequantised inputs), and `index_topk(fp8=True)` end to end with its peak memory;
 - radix select vs `lax.top_k` on the same 1024 random rows of T float32 scores (exactness and speed);
@@ -18,6 +19,7 @@ import numpy as np
 
 from experiments.bench_sections import baselines, timing
 from pallas_kernels.lightning_indexer import api as indexer_api
+from pallas_kernels.lightning_indexer import kernel as indexer_kernel
 from pallas_kernels.topk import kernel as topk_kernel
 from pallas_kernels.topk import reference as topk_reference
 
@@ -84,6 +86,15 @@ def _topk_check(T: int):  # noqa: N803
   return timing.time_fn(radix, scores), baselines.lax_topk_seconds(TOPK_ROWS, T, TOPK), exact
 
 
+def _scores_with_steps(steps: int):
+  """`index_scores` whose "pallas" runs the bf16 kernel with `max_concurrent_steps=steps` (its "xla" unchanged)."""
+  def scores(q, k, w, *, implementation, **vis):
+    if implementation == "xla":
+      return indexer_api.index_scores(q, k, w, **vis, implementation="xla")
+    return indexer_kernel.index_scores(q, k, w, **vis, max_concurrent_steps=steps)
+  return scores
+
+
 def run(cfg: dict) -> list[dict]:
   """cfg["seq_lens"]: sequence lengths. Returns one row per length."""
   rate = baselines.matmul_tflops()
@@ -100,6 +111,9 @@ def run(cfg: dict) -> list[dict]:
     scores_s, scores_tf, err, same_mask = _scores_block_check(indexer_api.index_scores, dict(q=q, w=w), dict(k=k),
                                                               vis, min(SCORE_ROWS, T))
     row.update(scores_block_s=scores_s, scores_tflops=scores_tf, scores_rel_err=err, scores_mask_ok=same_mask)
+    steps2 = _scores_block_check(_scores_with_steps(2), dict(q=q, w=w), dict(k=k), vis, min(SCORE_ROWS, T))
+    row.update(dict(zip(("scores_steps2_block_s", "scores_steps2_tflops", "scores_steps2_rel_err",
+                         "scores_steps2_mask_ok"), steps2)))
     row.update(_fp8_checks(args, vis, min(SCORE_ROWS, T)))
     row["scores_fp8_speedup"] = scores_s / row["scores_fp8_block_s"]
     radix_s, lax_s, exact = _topk_check(T)

@@ -22,6 +22,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 BLOCK_T = 64  # one warpgroup's wgmma M
 BLOCK_S = 128
+# Query-tile buffers of the head pipeline. With 4, SMEM is 32 (keys) + 16 (w) + 32 (out) + 4 x 16 KiB = 144 KiB:
+# one CTA per SM, so nothing overlaps a head's epilogue (ReLU, scale, sum) with the next head's wgmma. With 2
+# (112 KiB) two CTAs fit per SM and can overlap each other's epilogues: opt-in (`max_concurrent_steps=2`), not
+# yet measured on a GPU (`experiments/bench_sections/indexer_topk.py`, `scores_steps2_*`).
 MAX_CONCURRENT_STEPS = 4
 
 
@@ -34,22 +38,27 @@ def _tile_summaries(positions: jax.Array, segment_ids: jax.Array, block: int, re
 
 
 def index_scores(q: jax.Array, k: jax.Array, w: jax.Array, *, q_positions: jax.Array, kv_positions: jax.Array,
-                 q_segment_ids: jax.Array, kv_segment_ids: jax.Array, interpret=None) -> jax.Array:
+                 q_segment_ids: jax.Array, kv_segment_ids: jax.Array, interpret=None,
+                 max_concurrent_steps: int = MAX_CONCURRENT_STEPS) -> jax.Array:
   """q [B, T, I, H] bf16, k [B, S, H] bf16, w [B, T, I] -> float32 [B, T, S] (as `reference.index_scores`).
 
   T must be a multiple of 64 and S of 128 (the API pads).
   """
   return launch(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), w, None, q_positions=q_positions,
                 kv_positions=kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                interpret=interpret)
+                interpret=interpret, max_concurrent_steps=max_concurrent_steps)
 
 
 def launch(q: jax.Array, k: jax.Array, w: jax.Array, k_scale: jax.Array | None, *, q_positions: jax.Array,
-           kv_positions: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array, interpret=None) -> jax.Array:
+           kv_positions: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array, interpret=None,
+           max_concurrent_steps: int = MAX_CONCURRENT_STEPS) -> jax.Array:
   """The scores kernel for q [B, T, I, H] and k [B, S, H] of one wgmma dtype (bf16 here, e4m3 in `kernel_fp8`).
 
   k_scale [B, S] float32 (or None): a per-key factor applied to each score column in the epilogue.
+  max_concurrent_steps: query-tile buffers of the head pipeline (1 to 4; see MAX_CONCURRENT_STEPS).
   """
+  if not 1 <= max_concurrent_steps <= MAX_CONCURRENT_STEPS:
+    raise ValueError(f"max_concurrent_steps={max_concurrent_steps} must be in [1, {MAX_CONCURRENT_STEPS}].")
   B, T, I, H = q.shape  # noqa: N806
   S = k.shape[1]  # noqa: N806
   if T % BLOCK_T or S % BLOCK_S:
@@ -64,7 +73,7 @@ def launch(q: jax.Array, k: jax.Array, w: jax.Array, k_scale: jax.Array | None, 
   itemsize = jnp.dtype(q.dtype).itemsize
   swizzle = plgpu.find_swizzle(H * 8 * itemsize)  # rows of H elements
   transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-  body = functools.partial(_kernel, num_heads=I, head_dim=H, transforms=transforms)
+  body = functools.partial(_kernel, num_heads=I, head_dim=H, transforms=transforms, steps=max_concurrent_steps)
   scratch = dict(
       k_smem=plgpu.SMEM((BLOCK_S, H), q.dtype, transforms=transforms),
       w_smem=plgpu.SMEM((I, BLOCK_T), jnp.float32),
@@ -87,7 +96,7 @@ def launch(q: jax.Array, k: jax.Array, w: jax.Array, k_scale: jax.Array | None, 
 
 def _kernel(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_sum_ref, kv_sum_ref,
             *k_scale_and_out, k_smem, w_smem, q_pos_smem, kv_pos_smem, k_scale_smem, out_smem, barriers, num_heads,
-            head_dim, transforms):
+            head_dim, transforms, steps):
   *k_scale_ref, out_ref = k_scale_and_out  # k_scale_ref and k_scale_smem: one ref each with key scales, or none
   si, ti, b = lax.axis_index("s"), lax.axis_index("t"), lax.axis_index("b")
   t_slice, s_slice = pl.ds(ti * BLOCK_T, BLOCK_T), pl.ds(si * BLOCK_S, BLOCK_S)
@@ -122,7 +131,7 @@ def _kernel(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q
     scores = plgpu.emit_pipeline(
         head_step, grid=(num_heads,),
         in_specs=[plgpu.BlockSpec((BLOCK_T, head_dim), lambda j: (ti, j), transforms=transforms)],
-        max_concurrent_steps=min(MAX_CONCURRENT_STEPS, num_heads), init_carry=zeros,
+        max_concurrent_steps=min(steps, num_heads), init_carry=zeros,
     )(q_ref.at[b])
     shape = scores.shape
     q_pos = lax.broadcast_in_dim(plgpu.load(q_pos_smem.at[0], layout=rows), shape, [0])

@@ -11,7 +11,7 @@ from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # race-detector 
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.sharding import AbstractDevice, AbstractMesh
 
-from pallas_kernels.lightning_indexer import api, reference
+from pallas_kernels.lightning_indexer import api, kernel, reference
 from pallas_kernels.topk import reference as topk_reference
 
 H200 = AbstractMesh((), (), abstract_device=AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132))
@@ -126,6 +126,34 @@ class PallasFP8IndexerTest(parameterized.TestCase):
     picked = lambda idx: jnp.where(idx >= 0, jnp.take_along_axis(scores, jnp.maximum(idx, 0), -1), 0.0).sum(-1)
     chex.assert_trees_all_equal(got >= 0, want >= 0)
     np.testing.assert_allclose(picked(got), picked(want), rtol=1e-5)
+
+
+class PipelineDepthTest(parameterized.TestCase):
+  """The scores kernel with 2 query buffers instead of 4 (two CTAs per SM; opt-in, not yet measured on a GPU)."""
+
+  def setUp(self):
+    super().setUp()
+    gpu_callbacks.reset_gpu_interpret_mode_state()
+
+  def test_two_buffers_match_reference(self):
+    args, vis = _inputs(time.time_ns(), 1, 128, 256, 4, 128, 0)
+    scores = lambda q, k, w, implementation, **vis: kernel.index_scores(q, k, w, **vis, max_concurrent_steps=2)
+    _check_kernel_scores(self, scores, reference.index_scores, args, vis, (1, 128, 256))
+
+  def test_rejects_bad_depth(self):
+    args, vis = _inputs(0, 1, 64, 128, 4, 128, 0)
+    with self.assertRaisesRegex(ValueError, r"max_concurrent_steps=5 must be in \[1, 4\]"):
+      kernel.index_scores(*args, **vis, max_concurrent_steps=5)
+
+  def test_two_buffers_lower_for_h200(self):
+    sd = jax.ShapeDtypeStruct
+    args = (sd((1, 4096, 64, 128), jnp.bfloat16), sd((1, 131072, 128), jnp.bfloat16), sd((1, 4096, 64), jnp.float32))
+    vis = (sd((1, 4096), jnp.int32), sd((1, 131072), jnp.int32)) * 2
+    f = lambda q, k, w, qp, kp, qs, ks: kernel.index_scores(q, k, w, q_positions=qp, kv_positions=kp, q_segment_ids=qs,
+                                                            kv_segment_ids=ks, max_concurrent_steps=2)
+    with jax.sharding.use_abstract_mesh(H200):
+      lowered = jax.jit(f).trace(*args, vis[0], vis[1], vis[2], vis[3]).lower(lowering_platforms=("cuda",))
+    self.assertIn("mosaic_gpu", lowered.as_text())
 
 
 class LoweringTest(parameterized.TestCase):

@@ -4,7 +4,7 @@
 # On the GPU machine, from the repository root:
 #   OUT=/some/dir bash benchmarks/run_pending.sh 1   # sparse MLA backward variants; sparse KL variants; parity shapes
 #   OUT=/some/dir bash benchmarks/run_pending.sh 2   # top-k variants; DSA core at 128K
-#   OUT=/some/dir bash benchmarks/run_pending.sh 3   # scores kernel pipeline depth (opt-in, unmeasured); index_topk
+#   OUT=/some/dir bash benchmarks/run_pending.sh 3   # scores kernel pipeline options (opt-in, unmeasured); index_topk
 set -u
 : "${OUT:?set OUT to the output folder}"
 export PYTHONPATH=.
@@ -29,8 +29,8 @@ case "${1:-}" in
     run 300 dsa_layer_131072 --sections=dsa_layer --seq_lens=131072
     ;;
   3)
-    # The scores kernel with 2 query buffers (two CTAs per SM: opt-in, never run on a GPU) beside the default 4,
-    # and index_topk end to end, at 128K.
+    # The scores kernel's opt-in options (2 query buffers: two CTAs per SM; 2 heads per step: a wgmma overlapping
+    # the previous head's epilogue; never run on a GPU) beside the default, and index_topk end to end, at 128K.
     run 300 indexer_topk_131072 --sections=indexer_topk --seq_lens=131072
     ;;
   *) echo "usage: run_pending.sh 1|2|3" >&2; exit 2 ;;

@@ -3,8 +3,9 @@
 Per sequence length T (batch 1, causal, 64 index heads x 128, k = 2048):
 - `index_topk` end to end, Pallas path (Mosaic GPU scores per row block + radix select), against the
   matmul floor: 2 * 64 * 128 * T(T+1)/2 FLOP at the XLA bf16 matmul rate measured in the same run;
-- the scores kernel alone on the last 4096 query rows (all keys visible), in TFLOP/s, bf16 (also with 2 query
-  buffers instead of 4, `scores_steps2_*`: two CTAs per SM) and FP8 (e4m3
+- the scores kernel alone on the last 4096 query rows (all keys visible), in TFLOP/s, bf16 (also with the opt-in
+  options `SCORE_VARIANTS`: 2 query buffers instead of 4 (two CTAs per SM) and 2 heads per pipeline step (the
+  second head's wgmma overlapping the first one's epilogue), rows `scores_h{heads}_s{buffers}_*`) and FP8 (e4m3
   wgmma on the same inputs quantised with ue8m0 row scales; error against the f32 reference of the
   dequantised inputs), and `index_topk(fp8=True)` end to end with its peak memory;
 - radix select vs `lax.top_k` on the same 1024 random rows of T float32 scores (exactness and speed);
@@ -86,12 +87,16 @@ def _topk_check(T: int):  # noqa: N803
   return timing.time_fn(radix, scores), baselines.lax_topk_seconds(TOPK_ROWS, T, TOPK), exact
 
 
-def _scores_with_steps(steps: int):
-  """`index_scores` whose "pallas" runs the bf16 kernel with `max_concurrent_steps=steps` (its "xla" unchanged)."""
+# Scores kernel options timed beside the default (heads per pipeline step, query buffers): `scores_h{h}_s{s}_*`.
+SCORE_VARIANTS = ((1, 2), (2, 4), (2, 2))
+
+
+def _scores_variant(heads_per_step: int, steps: int):
+  """`index_scores` whose "pallas" runs the bf16 kernel with these options (its "xla" unchanged)."""
   def scores(q, k, w, *, implementation, **vis):
     if implementation == "xla":
       return indexer_api.index_scores(q, k, w, **vis, implementation="xla")
-    return indexer_kernel.index_scores(q, k, w, **vis, max_concurrent_steps=steps)
+    return indexer_kernel.index_scores(q, k, w, **vis, max_concurrent_steps=steps, heads_per_step=heads_per_step)
   return scores
 
 
@@ -111,9 +116,15 @@ def run(cfg: dict) -> list[dict]:
     scores_s, scores_tf, err, same_mask = _scores_block_check(indexer_api.index_scores, dict(q=q, w=w), dict(k=k),
                                                               vis, min(SCORE_ROWS, T))
     row.update(scores_block_s=scores_s, scores_tflops=scores_tf, scores_rel_err=err, scores_mask_ok=same_mask)
-    steps2 = _scores_block_check(_scores_with_steps(2), dict(q=q, w=w), dict(k=k), vis, min(SCORE_ROWS, T))
-    row.update(dict(zip(("scores_steps2_block_s", "scores_steps2_tflops", "scores_steps2_rel_err",
-                         "scores_steps2_mask_ok"), steps2)))
+    for heads_per_step, steps in SCORE_VARIANTS:  # a variant that fails must not cost the row
+      name = f"scores_h{heads_per_step}_s{steps}"
+      try:
+        got = _scores_block_check(_scores_variant(heads_per_step, steps), dict(q=q, w=w), dict(k=k), vis,
+                                  min(SCORE_ROWS, T))
+      except Exception as e:  # noqa: BLE001
+        row[f"{name}_error"] = str(e).splitlines()[0][:200]
+        continue
+      row.update(dict(zip((f"{name}_block_s", f"{name}_tflops", f"{name}_rel_err", f"{name}_mask_ok"), got)))
     row.update(_fp8_checks(args, vis, min(SCORE_ROWS, T)))
     row["scores_fp8_speedup"] = scores_s / row["scores_fp8_block_s"]
     radix_s, lax_s, exact = _topk_check(T)

@@ -10,6 +10,10 @@ later than every query, or disjoint segment ranges) skip the matmuls and only wr
 
 Consecutive CTAs share one query tile (the grid's fastest axis runs over key tiles), so the per-head q
 tiles, the large operand (16 KiB per token in bf16), are re-read from L2 rather than HBM.
+
+Measured on the H200: 451-487 TF/s (bf16) against 600+ for XLA's plain matmul: by default each head's epilogue
+waits for its wgmma and the next wgmma for the epilogue. Two opt-in options attack that (MAX_CONCURRENT_STEPS,
+HEADS_PER_STEP; not yet measured on a GPU).
 """
 
 import functools
@@ -27,6 +31,11 @@ BLOCK_S = 128
 # (112 KiB) two CTAs fit per SM and can overlap each other's epilogues: opt-in (`max_concurrent_steps=2`), not
 # yet measured on a GPU (`experiments/bench_sections/indexer_topk.py`, `scores_steps2_*`).
 MAX_CONCURRENT_STEPS = 4
+# Index heads per pipeline step. 1: each head's wgmma is awaited before its epilogue, so the tensor cores idle
+# during it. 2 (opt-in, not yet measured on a GPU): a step issues both heads' wgmmas into two accumulators, waits
+# for the first only (`wgmma_accumulator_load(wait_n=1)`) and runs its epilogue while the second one computes.
+# Query buffers are then 64 x 2H (32 KiB in bf16).
+HEADS_PER_STEP = (1, 2)
 
 
 def _tile_summaries(positions: jax.Array, segment_ids: jax.Array, block: int, reduce_position) -> jax.Array:
@@ -39,26 +48,30 @@ def _tile_summaries(positions: jax.Array, segment_ids: jax.Array, block: int, re
 
 def index_scores(q: jax.Array, k: jax.Array, w: jax.Array, *, q_positions: jax.Array, kv_positions: jax.Array,
                  q_segment_ids: jax.Array, kv_segment_ids: jax.Array, interpret=None,
-                 max_concurrent_steps: int = MAX_CONCURRENT_STEPS) -> jax.Array:
+                 max_concurrent_steps: int = MAX_CONCURRENT_STEPS, heads_per_step: int = 1) -> jax.Array:
   """q [B, T, I, H] bf16, k [B, S, H] bf16, w [B, T, I] -> float32 [B, T, S] (as `reference.index_scores`).
 
   T must be a multiple of 64 and S of 128 (the API pads).
   """
   return launch(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), w, None, q_positions=q_positions,
                 kv_positions=kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                interpret=interpret, max_concurrent_steps=max_concurrent_steps)
+                interpret=interpret, max_concurrent_steps=max_concurrent_steps, heads_per_step=heads_per_step)
 
 
 def launch(q: jax.Array, k: jax.Array, w: jax.Array, k_scale: jax.Array | None, *, q_positions: jax.Array,
            kv_positions: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array, interpret=None,
-           max_concurrent_steps: int = MAX_CONCURRENT_STEPS) -> jax.Array:
+           max_concurrent_steps: int = MAX_CONCURRENT_STEPS, heads_per_step: int = 1) -> jax.Array:
   """The scores kernel for q [B, T, I, H] and k [B, S, H] of one wgmma dtype (bf16 here, e4m3 in `kernel_fp8`).
 
   k_scale [B, S] float32 (or None): a per-key factor applied to each score column in the epilogue.
   max_concurrent_steps: query-tile buffers of the head pipeline (1 to 4; see MAX_CONCURRENT_STEPS).
+  heads_per_step: 1, or 2 to overlap a head's epilogue with the next head's wgmma (see HEADS_PER_STEP).
   """
   if not 1 <= max_concurrent_steps <= MAX_CONCURRENT_STEPS:
     raise ValueError(f"max_concurrent_steps={max_concurrent_steps} must be in [1, {MAX_CONCURRENT_STEPS}].")
+  if heads_per_step not in HEADS_PER_STEP or q.shape[2] % heads_per_step:
+    raise ValueError(f"heads_per_step={heads_per_step} must be one of {HEADS_PER_STEP} and divide the "
+                     f"{q.shape[2]} index heads.")
   B, T, I, H = q.shape  # noqa: N806
   S = k.shape[1]  # noqa: N806
   if T % BLOCK_T or S % BLOCK_S:
@@ -73,7 +86,8 @@ def launch(q: jax.Array, k: jax.Array, w: jax.Array, k_scale: jax.Array | None, 
   itemsize = jnp.dtype(q.dtype).itemsize
   swizzle = plgpu.find_swizzle(H * 8 * itemsize)  # rows of H elements
   transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-  body = functools.partial(_kernel, num_heads=I, head_dim=H, transforms=transforms, steps=max_concurrent_steps)
+  body = functools.partial(_kernel, num_heads=I, head_dim=H, transforms=transforms, steps=max_concurrent_steps,
+                           heads_per_step=heads_per_step)
   scratch = dict(
       k_smem=plgpu.SMEM((BLOCK_S, H), q.dtype, transforms=transforms),
       w_smem=plgpu.SMEM((I, BLOCK_T), jnp.float32),
@@ -96,7 +110,7 @@ def launch(q: jax.Array, k: jax.Array, w: jax.Array, k_scale: jax.Array | None, 
 
 def _kernel(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_sum_ref, kv_sum_ref,
             *k_scale_and_out, k_smem, w_smem, q_pos_smem, kv_pos_smem, k_scale_smem, out_smem, barriers, num_heads,
-            head_dim, transforms, steps):
+            head_dim, transforms, steps, heads_per_step):
   *k_scale_ref, out_ref = k_scale_and_out  # k_scale_ref and k_scale_smem: one ref each with key scales, or none
   si, ti, b = lax.axis_index("s"), lax.axis_index("t"), lax.axis_index("b")
   t_slice, s_slice = pl.ds(ti * BLOCK_T, BLOCK_T), pl.ds(si * BLOCK_S, BLOCK_S)
@@ -119,19 +133,30 @@ def _kernel(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q
     def head_step(idx, q_smem, acc):
       (j,) = idx
 
-      def logits_of(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, k_smem.transpose((1, 0)))
-        return acc_ref[...]
+      def epilogue(acc, logits, head):
+        w_h = plgpu.load(w_smem.at[head], layout=rows)
+        return acc + jnp.maximum(logits, 0.0) * lax.broadcast_in_dim(w_h, logits.shape, [0])
 
-      logits = pl.run_scoped(logits_of, plgpu.ACC((BLOCK_T, BLOCK_S), jnp.float32))
-      w_j = plgpu.load(w_smem.at[j], layout=rows)
-      return acc + jnp.maximum(logits, 0.0) * lax.broadcast_in_dim(w_j, logits.shape, [0])
+      if heads_per_step == 1:
+        def logits_of(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, k_smem.transpose((1, 0)))
+          return acc_ref[...]
+
+        return epilogue(acc, pl.run_scoped(logits_of, plgpu.ACC((BLOCK_T, BLOCK_S), jnp.float32)), j)
+
+      def both_heads(first_ref, second_ref):  # the second wgmma runs during the first head's epilogue
+        for h, ref in enumerate((first_ref, second_ref)):
+          plgpu.wgmma(ref, q_smem.at[:, pl.ds(h * head_dim, head_dim)], k_smem.transpose((1, 0)))
+        out = epilogue(acc, plgpu.wgmma_accumulator_load(first_ref, wait_n=1), 2 * j)
+        return epilogue(out, plgpu.wgmma_accumulator_load(second_ref, wait_n=0), 2 * j + 1)
+
+      return pl.run_scoped(both_heads, *[plgpu.ACC((BLOCK_T, BLOCK_S), jnp.float32)] * 2)
 
     zeros = plgpu.layout_cast(jnp.zeros((BLOCK_T, BLOCK_S), jnp.float32), plgpu.Layout.WGMMA)
     scores = plgpu.emit_pipeline(
-        head_step, grid=(num_heads,),
-        in_specs=[plgpu.BlockSpec((BLOCK_T, head_dim), lambda j: (ti, j), transforms=transforms)],
-        max_concurrent_steps=min(steps, num_heads), init_carry=zeros,
+        head_step, grid=(num_heads // heads_per_step,),
+        in_specs=[plgpu.BlockSpec((BLOCK_T, heads_per_step * head_dim), lambda j: (ti, j), transforms=transforms)],
+        max_concurrent_steps=min(steps, num_heads // heads_per_step), init_carry=zeros,
     )(q_ref.at[b])
     shape = scores.shape
     q_pos = lax.broadcast_in_dim(plgpu.load(q_pos_smem.at[0], layout=rows), shape, [0])

@@ -128,29 +128,36 @@ class PallasFP8IndexerTest(parameterized.TestCase):
     np.testing.assert_allclose(picked(got), picked(want), rtol=1e-5)
 
 
-class PipelineDepthTest(parameterized.TestCase):
-  """The scores kernel with 2 query buffers instead of 4 (two CTAs per SM; opt-in, not yet measured on a GPU)."""
+class PipelineOptionsTest(parameterized.TestCase):
+  """The scores kernel's opt-in pipeline options (not yet measured on a GPU): 2 query buffers instead of 4 (two CTAs
+  per SM), 2 heads per step (the second head's wgmma overlapping the first one's epilogue)."""
 
   def setUp(self):
     super().setUp()
     gpu_callbacks.reset_gpu_interpret_mode_state()
 
-  def test_two_buffers_match_reference(self):
-    args, vis = _inputs(time.time_ns(), 1, 128, 256, 4, 128, 0)
-    scores = lambda q, k, w, implementation, **vis: kernel.index_scores(q, k, w, **vis, max_concurrent_steps=2)
+  @parameterized.parameters((1, 2), (2, 4), (2, 2))
+  def test_options_match_reference(self, heads_per_step, steps):
+    args, vis = _inputs(time.time_ns(), 1, 128, 256, 6, 128, 0)
+    scores = lambda q, k, w, implementation, **vis: kernel.index_scores(
+        q, k, w, **vis, max_concurrent_steps=steps, heads_per_step=heads_per_step)
     _check_kernel_scores(self, scores, reference.index_scores, args, vis, (1, 128, 256))
 
   def test_rejects_bad_depth(self):
     args, vis = _inputs(0, 1, 64, 128, 4, 128, 0)
     with self.assertRaisesRegex(ValueError, r"max_concurrent_steps=5 must be in \[1, 4\]"):
       kernel.index_scores(*args, **vis, max_concurrent_steps=5)
+    with self.assertRaisesRegex(ValueError, r"heads_per_step=3 must be one of \(1, 2\) and divide the 4 index"):
+      kernel.index_scores(*args, **vis, heads_per_step=3)
 
-  def test_two_buffers_lower_for_h200(self):
+  @parameterized.parameters((1, 2), (2, 4), (2, 2))
+  def test_options_lower_for_h200(self, heads_per_step, steps):
     sd = jax.ShapeDtypeStruct
     args = (sd((1, 4096, 64, 128), jnp.bfloat16), sd((1, 131072, 128), jnp.bfloat16), sd((1, 4096, 64), jnp.float32))
     vis = (sd((1, 4096), jnp.int32), sd((1, 131072), jnp.int32)) * 2
     f = lambda q, k, w, qp, kp, qs, ks: kernel.index_scores(q, k, w, q_positions=qp, kv_positions=kp, q_segment_ids=qs,
-                                                            kv_segment_ids=ks, max_concurrent_steps=2)
+                                                            kv_segment_ids=ks, max_concurrent_steps=steps,
+                                                            heads_per_step=heads_per_step)
     with jax.sharding.use_abstract_mesh(H200):
       lowered = jax.jit(f).trace(*args, vis[0], vis[1], vis[2], vis[3]).lower(lowering_platforms=("cuda",))
     self.assertIn("mosaic_gpu", lowered.as_text())

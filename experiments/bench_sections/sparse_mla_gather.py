@@ -27,10 +27,12 @@ FORWARD_CONFIGS = (dict(gather="tma", gather_warps=1), dict(gather="tma", gather
 # Backward configurations (`kernel_bwd.sparse_mla_bwd` arguments; the first is the baseline the others' gradients
 # are compared with); those with `skip` time the backward without its row copies or its dkv additions
 # (diagnostics: their gradients are not checked). reduce="red" / "red2" (dkv added from registers, `red_add`, 4 or
-# 2 floats per reduction) come last: a new synchronisation that hangs must not cost the other rows.
+# 2 floats per reduction) and pair_sum (the two head tiles' dkv slabs summed in a 2-CTA cluster, then half the
+# reduce-adds; not yet run on a GPU) come last: a new synchronisation that hangs must not cost the other rows.
 BACKWARD_CONFIGS = (dict(gather="tma", gather_warps=1, reduce_warps=1), dict(gather="cp_async", reduce_warps=4),
                     dict(gather="cp_async", reduce_warps=4, skip="reduce"), dict(gather="cp_async", reduce="red"),
-                    dict(gather="cp_async", reduce="red2"), dict(gather="cp_async", reduce="red", skip="reduce"))
+                    dict(gather="cp_async", reduce="red2"), dict(gather="cp_async", reduce="red", skip="reduce"),
+                    dict(gather="cp_async", pair_sum=True))
 
 
 def _timed(rows: list[dict], base: dict, fn, *args):
@@ -60,7 +62,7 @@ def run(cfg: dict) -> list[dict]:
     base = dict(section="sparse_mla_gather", T=T, queries=tq, heads=HEADS, k=TOPK)
     want_grads = None
     for fields in BACKWARD_CONFIGS:
-      fields = dict(dict(gather_warps=4, reduce_warps=4, reduce="tma", skip=""), **fields)
+      fields = dict(dict(gather_warps=4, reduce_warps=4, reduce="tma", pair_sum=False, skip=""), **fields)
       bwd = jax.jit(lambda q, kv, idx, out, lse, do, dlse, fields=fields: kernel_bwd.sparse_mla_bwd(
           q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, **fields))
       skip = fields["skip"]

@@ -96,17 +96,15 @@ def _selection_fn(inner: str, threshold, interpret):
   return select
 
 
-def _radix_pruned(groups: jax.Array, ordered_max: jax.Array, k: int, n: int, threshold=None,
-                  first: jax.Array | None = None, select=None) -> jax.Array:
-  """Steps 2-3 with the radix select: -> key indices [R, k] ascending, -1 padded (n = unpadded length).
+def _radix_pruned(groups: jax.Array, ordered_max: jax.Array, k: int, n: int, select,
+                  first: jax.Array | None = None) -> jax.Array:
+  """Steps 2-3 without sorts: -> key indices [R, k] ascending, -1 padded (n = unpadded length).
 
-  first: the k-th largest maximum's uint32 key per row [R], when already known (`inner="group_select"`).
-  select: (scores, k) -> ascending positions, for both selections (default: `kernel.topk_indices` with
-  `threshold`); not with `first`.
+  select: (scores, k) -> ascending positions (`_selection_fn`), for both selections;
+  first: the k-th largest maximum's uint32 key per row [R], when already known (`inner="group_select"`): the
+  first selection then only compacts.
   """
   rows, n_groups, g = groups.shape
-  if select is None:
-    select = lambda scores, k: kernel.topk_indices(scores, k, threshold=threshold)
   if first is None:
     kept = select(from_ordered(ordered_max), k)  # ascending; -1: only -inf
   else:
@@ -148,11 +146,11 @@ def topk_indices(scores: jax.Array, k: int, group: int | None = None, inner: str
   if inner == "group_select":  # step 1 and the first threshold in one kernel
     rows = scores.reshape(-1, n)
     ordered_max, first = kernel_group_select.group_maxima_and_threshold(rows, g, k, interpret=interpret)
-    return _radix_pruned(group_rows(rows, g), ordered_max, k, n, threshold, first).reshape(*lead, k)
+    return _radix_pruned(group_rows(rows, g), ordered_max, k, n, select, first).reshape(*lead, k)
   groups, ordered_max = group_maxima(scores.reshape(-1, n), g)
   pad = groups.shape[1] * g - n
   if inner != "xla":
-    return _radix_pruned(groups, ordered_max, k, n, threshold, select=select).reshape(*lead, k)
+    return _radix_pruned(groups, ordered_max, k, n, select).reshape(*lead, k)
   _, kept = jax.lax.top_k(ordered_max, k)
   kept = jnp.sort(kept, axis=-1)  # ascending groups: candidate position order = key index order
   candidates = jnp.take_along_axis(groups, kept[..., None], axis=1).reshape(groups.shape[0], k * g)

@@ -16,12 +16,13 @@ run() {  # run LIMIT_S NAME FLAGS...
 }
 case "${1:-}" in
   1)
-    # The sparse MLA backward (TMA reduce-adds / red_add, with diagnostics, and last the never-run pair_sum: a 2-CTA
-    # cluster summing the head tiles' dkv) at 8K and 128K keys, the sparse KL variants, and the training kernels at
-    # the parity model's shapes (a hang there names its variant in the log).
-    run 200 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192,131072
-    run 120 indexer_kl_sparse --sections=indexer_kl_sparse --seq_lens=8192
-    run 150 parity_shapes --sections=parity_shapes --seq_lens=8192
+    # The sparse MLA backward (TMA reduce-adds / red_add, with diagnostics) at 8K and 128K keys, the sparse KL
+    # variants, the training kernels at the parity model's shapes (a hang there names its variant in the log), and
+    # last, in its own process, the never-run pair_sum backward (a 2-CTA cluster summing the head tiles' dkv).
+    run 180 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192,131072
+    run 100 indexer_kl_sparse --sections=indexer_kl_sparse --seq_lens=8192
+    run 120 parity_shapes --sections=parity_shapes --seq_lens=8192
+    run 120 sparse_mla_pair --sections=sparse_mla_pair --seq_lens=8192,131072
     ;;
   2)
     # Top-k (fused compaction beside the XLA-compaction and group variants, rows full of ties, index_topk) and the

@@ -27,12 +27,11 @@ FORWARD_CONFIGS = (dict(gather="tma", gather_warps=1), dict(gather="tma", gather
 # Backward configurations (`kernel_bwd.sparse_mla_bwd` arguments; the first is the baseline the others' gradients
 # are compared with); those with `skip` time the backward without its row copies or its dkv additions
 # (diagnostics: their gradients are not checked). reduce="red" / "red2" (dkv added from registers, `red_add`, 4 or
-# 2 floats per reduction) and pair_sum (the two head tiles' dkv slabs summed in a 2-CTA cluster, then half the
-# reduce-adds; not yet run on a GPU) come last: a new synchronisation that hangs must not cost the other rows.
+# 2 floats per reduction) come last: a new synchronisation that hangs must not cost the other rows (pair_sum, never
+# run on a GPU, has its own section and process: `sparse_mla_pair`).
 BACKWARD_CONFIGS = (dict(gather="tma", gather_warps=1, reduce_warps=1), dict(gather="cp_async", reduce_warps=4),
                     dict(gather="cp_async", reduce_warps=4, skip="reduce"), dict(gather="cp_async", reduce="red"),
-                    dict(gather="cp_async", reduce="red2"), dict(gather="cp_async", reduce="red", skip="reduce"),
-                    dict(gather="cp_async", pair_sum=True))
+                    dict(gather="cp_async", reduce="red2"), dict(gather="cp_async", reduce="red", skip="reduce"))
 
 
 def _timed(rows: list[dict], base: dict, fn, *args):
@@ -48,7 +47,8 @@ def _timed(rows: list[dict], base: dict, fn, *args):
   return out
 
 
-def run(cfg: dict) -> list[dict]:
+def run(cfg: dict, backward_configs=BACKWARD_CONFIGS, forward_configs=FORWARD_CONFIGS,
+        section: str = "sparse_mla_gather") -> list[dict]:
   rows = []
   for T in cfg["seq_lens"]:  # noqa: N806
     q, kv, idx = inputs(T, HEADS)
@@ -59,9 +59,9 @@ def run(cfg: dict) -> list[dict]:
     ks = jax.random.split(jax.random.key(1), 2)
     do = jax.random.normal(ks[0], want_out.shape, jnp.bfloat16)
     dlse = jax.random.normal(ks[1], want_lse.shape, jnp.float32)
-    base = dict(section="sparse_mla_gather", T=T, queries=tq, heads=HEADS, k=TOPK)
+    base = dict(section=section, T=T, queries=tq, heads=HEADS, k=TOPK)
     want_grads = None
-    for fields in BACKWARD_CONFIGS:
+    for fields in backward_configs:
       fields = dict(dict(gather_warps=4, reduce_warps=4, reduce="tma", pair_sum=False, skip=""), **fields)
       bwd = jax.jit(lambda q, kv, idx, out, lse, do, dlse, fields=fields: kernel_bwd.sparse_mla_bwd(
           q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, **fields))
@@ -76,7 +76,7 @@ def run(cfg: dict) -> list[dict]:
         else:
           rows[-1].update(dq_diff_vs_1=rel_err(grads[0], want_grads[0]), dkv_diff_vs_1=rel_err(grads[1], want_grads[1]))
       print(rows[-1], flush=True)
-    for fields in FORWARD_CONFIGS:
+    for fields in forward_configs:
       config = kernel_fwd.Config(**fields)
       fwd = jax.jit(lambda q, kv, idx, config=config: kernel_fwd.sparse_mla_fwd(
           q, kv, idx, scale=SCALE, v_dim=LATENT, config=config))

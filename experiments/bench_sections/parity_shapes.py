@@ -13,17 +13,13 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench_sections import timing
+from experiments.bench_sections.sparse_mla import rel_err
 from pallas_kernels.indexer_kl import api as kl_api
 from pallas_kernels.indexer_kl import kernel_sparse, sparse_pallas
 from pallas_kernels.sparse_mla import kernel_bwd, reference
 
 HEADS, LATENT, ROPE, TOPK, INDEX_HEADS, INDEX_DIM = 16, 256, 64, 512, 16, 64
 SCALE = (64 + 64) ** -0.5
-
-
-def _rel(got, want) -> float:
-  got, want = (jnp.asarray(x, jnp.float32) for x in (got, want))
-  return float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
 
 
 def _inputs(T: int):  # noqa: N803
@@ -56,7 +52,7 @@ def _mla_rows(T, q, kv, idx) -> list[dict]:  # noqa: N803
     args = (q, kv, idx, out.astype(q.dtype), lse, do.astype(q.dtype), dlse)
     dq, dkv = jax.block_until_ready(fn(*args))
     rows.append(dict(section="parity_shapes", T=T, op="sparse_mla_bwd", variant=reduce,
-                     ms=timing.time_fn(fn, *args) * 1e3, dq_err=_rel(dq, want_dq), dkv_err=_rel(dkv, want_dkv)))
+                     ms=timing.time_fn(fn, *args) * 1e3, dq_err=rel_err(dq, want_dq), dkv_err=rel_err(dkv, want_dkv)))
     print(rows[-1], flush=True)
   return rows
 
@@ -84,8 +80,8 @@ def _kl_rows(T, q, kv, idx, idx_args, vis) -> list[dict]:  # noqa: N803
     step = value_and_grads(kl(config))
     got_kl, got = jax.block_until_ready(step(idx_args, fixed))
     row = dict(section="parity_shapes", T=T, op="sparse_kl fwd+bwd", variant=name,
-               ms=timing.time_fn(step, idx_args, fixed) * 1e3, kl_err=_rel(got_kl, want_kl))
-    row.update({f"{n}_err": _rel(g, w) for n, g, w in zip(("d_iq", "d_ik", "d_w"), got, want_grads)})
+               ms=timing.time_fn(step, idx_args, fixed) * 1e3, kl_err=rel_err(got_kl, want_kl))
+    row.update({f"{n}_err": rel_err(g, w) for n, g, w in zip(("d_iq", "d_ik", "d_w"), got, want_grads)})
     rows.append(row)
     print(rows[-1], flush=True)
   return rows

@@ -26,12 +26,11 @@ FORWARD_CONFIGS = (dict(gather="tma", gather_warps=1), dict(gather="tma", gather
                    dict(gather="cp_async", skip="copies"), dict(gather="cp_async", skip="math"))
 # Backward configurations (`kernel_bwd.sparse_mla_bwd` arguments; the first is the baseline the others' gradients
 # are compared with); those with `skip` time the backward without its row copies or its dkv additions
-# (diagnostics: their gradients are not checked). reduce="red" / "red2" (dkv added from registers, `red_add`, 4 or
-# 2 floats per reduction) come last: a new synchronisation that hangs must not cost the other rows (pair_sum, never
-# run on a GPU, has its own section and process: `sparse_mla_pair`).
+# (diagnostics: their gradients are not checked). reduce="red" (dkv added from registers, `red_add`) comes last
+# (pair_sum, a new cross-CTA synchronisation that may hang, has its own section and process: `sparse_mla_pair`).
 BACKWARD_CONFIGS = (dict(gather="tma", gather_warps=1, reduce_warps=1), dict(gather="cp_async", reduce_warps=4),
                     dict(gather="cp_async", reduce_warps=4, skip="reduce"), dict(gather="cp_async", reduce="red"),
-                    dict(gather="cp_async", reduce="red2"), dict(gather="cp_async", reduce="red", skip="reduce"))
+                    dict(gather="cp_async", reduce="red", skip="reduce"))
 
 
 def _timed(rows: list[dict], base: dict, fn, *args):

@@ -14,6 +14,7 @@ import functools
 
 import jax
 
+from pallas_kernels.dispatch import interpreting
 from pallas_kernels.indexer_kl import kernel_dense, kernel_sparse, kernel_sparse_bwd
 from pallas_kernels.indexer_kl.streaming import interpret_params
 
@@ -46,7 +47,7 @@ def sparse_kl(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w, 
               config: kernel_sparse.Config = kernel_sparse.Config()) -> jax.Array:
   """KL per query float32 [B, T]; arguments as `api.sparse_kl` (attn_* already stop-gradient), plus the
   kernels' `config` (the benchmark and tests pick gather_warps through it)."""
-  if interpret and config.gather == "cp_async":
+  if interpreting(interpret) and config.gather == "cp_async":
     config = dataclasses.replace(config, gather="tma")
   selected = kernel_sparse.selected_keys(indices, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
   return _sparse_kl(float(attn_scale), interpret, config, attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, selected)

@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from pallas_kernels.dispatch import resolve_implementation
+from pallas_kernels.dispatch import interpreting, resolve_implementation
 from pallas_kernels.sparse_mla import chunked_bwd
 from pallas_kernels.sparse_mla import kernel_bwd
 from pallas_kernels.sparse_mla import kernel_fwd
@@ -33,7 +33,7 @@ def _interpret_params(interpret):
 
 def _forward(q, kv, indices, scale, v_dim, interpret):
   # Interpret mode cannot run the cp.async gather (inline Mosaic GPU code): there the TMA gather stands in.
-  config = kernel_fwd.Config(gather="tma") if interpret else kernel_fwd.Config()
+  config = kernel_fwd.Config(gather="tma") if interpreting(interpret) else kernel_fwd.Config()
   return kernel_fwd.sparse_mla_fwd(q, kv, indices, scale=scale, v_dim=v_dim, config=config,
                                    interpret=_interpret_params(interpret))
 
@@ -52,7 +52,7 @@ def _pallas_bwd(scale, v_dim, deterministic, interpret, res, cotangents):
                                          deterministic=True)
   else:
     dq, dkv = kernel_bwd.sparse_mla_bwd(q, kv, indices, out, lse, dout, dlse, scale=scale, v_dim=v_dim,
-                                        gather="tma" if interpret else "cp_async",
+                                        gather="tma" if interpreting(interpret) else "cp_async",
                                         interpret=_interpret_params(interpret))
   return dq, dkv, None
 

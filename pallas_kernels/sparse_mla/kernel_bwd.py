@@ -74,9 +74,8 @@ from pallas_kernels.sparse_mla import kernel_fwd
 from pallas_kernels.sparse_mla.kernel_fwd import HEAD_TILE
 
 SLAB = 64  # dkv columns per staged slab
-# How dkv is added: staged in SMEM + TMA reduce-adds, or `red_add` from registers with 4-float (red) or 2-float
-# (red2) reductions.
-REDUCES = ("tma", "red", "red2")
+# How dkv is added: staged in SMEM + TMA reduce-adds, or `red_add` from registers.
+REDUCES = ("tma", "red")
 
 _TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
@@ -173,7 +172,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     """dkv[b, idx[r], col:col+64] += acc[r] for the 64 rows of block j (slab counts from 0 per block)."""
     if reduce != "tma":  # from registers, every thread its own fragments (`red_add`); rows: idx broadcast
       if skip != "reduce":
-        red_add.add_rows(dkv_ref.at[b], rows, acc, col=col, width=2 if reduce == "red2" else 4)
+        red_add.add_rows(dkv_ref.at[b], rows, acc, col=col)
       return
     if pair_sum:
       reduce_pair_slab(acc, stage, j, slab, col, wgi)
@@ -392,9 +391,9 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N]). `gather`
   ("tma" or "cp_async") and `gather_warps` (1, 2 or 4) are those of `kernel_fwd.Config`. `reduce_warps`
   (1, 2 or 4; default 4: 138 vs 110 TFLOP/s with 1 on the H200) spreads each warpgroup's dkv reduce-adds over
-  that many of its warps, as `gather_warps` does the TMA gathers. `reduce` ("tma", the default, "red" or "red2")
+  that many of its warps, as `gather_warps` does the TMA gathers. `reduce` ("tma", the default, or "red")
   picks how dkv is added: TMA reduce-adds of slabs staged in the key block's SMEM, or
-  `red_add` reductions from registers (4 or 2 floats each), which need no staging, so that both compute
+  `red_add` reductions from registers, which need no staging, so that both compute
   warpgroups release the key block (and the gather of the next block starts) right after their dq products
   instead of after their dkv slabs. `pair_sum` (with "tma"; an even number of 64-head tiles; not in interpret mode)
   launches the two head tiles of a token as one 2-CTA cluster that sums its dkv slabs through DSMEM before the

@@ -35,12 +35,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax._src import config as jax_config
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, llvm, math as mlir_math, memref, nvvm, scf
 
+from pallas_kernels.dispatch import interpreting
 from pallas_kernels.topk import kernel, kernel_select
 
 LANES = kernel_select.LANES
@@ -59,7 +59,7 @@ def topk_positions(keys: jax.Array, k: int, *, bits_per_step: int = 1, partial_s
   if m > kernel_select.MAX_KEYS or not 0 < k <= m:
     raise ValueError(f"rows of {m} keys with k={k}: allowed M <= {kernel_select.MAX_KEYS} and 0 < k <= M.")
   keys = keys.astype(jnp.uint32)
-  if interpret or _interpret_mode_forced():  # no inline compaction there: the kernel's threshold, XLA's compaction
+  if interpreting(interpret):  # no inline compaction there: the kernel's threshold, XLA's compaction
     threshold = kernel_select.kth_largest_keys(keys, k, bits_per_step=bits_per_step, partial_sums=partial_sums,
                                                interpret=interpret)
     return kernel._select(keys, threshold, k, 1)
@@ -83,12 +83,6 @@ def topk_positions(keys: jax.Array, k: int, *, bits_per_step: int = 1, partial_s
   )(padded.reshape(rows, blocks, LANES))
 
 
-def _interpret_mode_forced() -> bool:
-  """Whether `plgpu.force_gpu_interpret_mode` is active (it runs every Mosaic GPU kernel in interpret mode, which
-  cannot run the inline compaction; read from jax's private config, as the context manager sets it)."""
-  return jax_config.pallas_tpu_interpret_mode_context_manager.value is not None
-
-
 def _kernel(keys_ref, out_ref, *, keys_smem, barrier, threshold_smem, counts_smem, totals_smem, k, m,
             bits_per_step, partial_sums):
   r = lax.axis_index("r")
@@ -100,8 +94,9 @@ def _kernel(keys_ref, out_ref, *, keys_smem, barrier, threshold_smem, counts_sme
   _compact(keys_smem, threshold_smem, counts_smem, totals_smem, out_ref.at[r], k=k, m=m)
 
 
-def _c(v: int, t=None) -> ir.Value:
-  return arith.constant(t or ir.IntegerType.get_signless(32), v)
+def _c(v: int) -> ir.Value:
+  """An int32 constant (`mgpu_utils.c` with the type this code always uses)."""
+  return mgpu_utils.c(v, ir.IntegerType.get_signless(32))
 
 
 def _compact(keys_smem, threshold_smem, counts_smem, totals_smem, out_row, *, k: int, m: int) -> None:

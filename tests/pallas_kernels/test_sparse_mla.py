@@ -112,7 +112,7 @@ class SparseMlaTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"reduce_warps=3 must be one of \(1, 2, 4\)"):
       kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
                                 jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", reduce_warps=3)
-    with self.assertRaisesRegex(ValueError, r"reduce='atomic' must be one of \('tma', 'red', 'red2'\)"):
+    with self.assertRaisesRegex(ValueError, r"reduce='atomic' must be one of \('tma', 'red'\)"):
       kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
                                 jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", reduce="atomic")
     with self.assertRaisesRegex(ValueError, r"pair_sum=True needs reduce='tma' \(got 'red'\), an even number"):
@@ -166,7 +166,7 @@ class SparseMlaTest(parameterized.TestCase):
     self.assertGreaterEqual(text.count("mosaic_gpu"), 2)
 
   @parameterized.parameters(("tma", 1, "tma", False), ("cp_async", 1, "tma", False), ("cp_async", 4, "tma", False),
-                            ("cp_async", 4, "red", False), ("cp_async", 4, "red2", False),
+                            ("cp_async", 4, "red", False),
                             ("cp_async", 4, "tma", True))
   def test_backward_kernel_lowers_for_h200(self, gather, reduce_warps, reduce, pair_sum):
     """The backward kernel itself with each gather (TMA from 4 warps, cp.async), its dkv TMA reduce-adds from

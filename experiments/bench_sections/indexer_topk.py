@@ -1,13 +1,14 @@
 """Benchmark section: lightning-indexer scores + top-k selection at V3.2 shapes (issue 3 targets).
 
 Per sequence length T (batch 1, causal, 64 index heads x 128, k = 2048):
-- `index_topk` end to end, Pallas path (Mosaic GPU scores per row block + radix select), against the
-  matmul floor: 2 * 64 * 128 * T(T+1)/2 FLOP at the XLA bf16 matmul rate measured in the same run;
-- the scores kernel alone on the last 4096 query rows (all keys visible), in TFLOP/s, bf16 (also with the opt-in
-  options `SCORE_VARIANTS`: 2 query buffers instead of 4 (two CTAs per SM) and 2 heads per pipeline step (the
-  second head's wgmma overlapping the first one's epilogue), rows `scores_h{heads}_s{buffers}_*`) and FP8 (e4m3
-  wgmma on the same inputs quantised with ue8m0 row scales; error against the f32 reference of the
-  dequantised inputs), and `index_topk(fp8=True)` end to end with its peak memory;
+- `index_topk` end to end, Pallas path (Mosaic GPU scores per row block + the default selection, the row blocks in
+  causal key-prefix stages), against the matmul floor: 2 * 64 * 128 * T(T+1)/2 FLOP at the XLA bf16 matmul rate
+  measured in the same run; and with every row block over all keys (`causal_prefix=False`: time, same indices);
+- the scores kernel alone on the last 4096 query rows (all keys visible), in TFLOP/s, bf16 (with the default
+  pipeline options and the others of `SCORE_VARIANTS`, rows `scores_h{heads per step}_s{query buffers}_*`) and
+  FP8 (e4m3 wgmma on the same inputs quantised with ue8m0 row scales; error against the f32 reference of the
+  dequantised inputs; options `FP8_SCORE_VARIANTS`, rows `scores_fp8_h{h}_s{s}_*`), and `index_topk(fp8=True)`
+  end to end with its peak memory;
 - radix select vs `lax.top_k` on the same 1024 random rows of T float32 scores (exactness and speed);
 - the XLA reference `index_topk` where it fits (T <= 8192: it materialises [T, I, S]);
 - cuDNN dense causal MLA attention of the same layer (128 heads, q/k 192, v 128) for scale;
@@ -21,6 +22,7 @@ import numpy as np
 from experiments.bench_sections import baselines, timing
 from pallas_kernels.lightning_indexer import api as indexer_api
 from pallas_kernels.lightning_indexer import kernel as indexer_kernel
+from pallas_kernels.lightning_indexer import kernel_fp8
 from pallas_kernels.topk import kernel as topk_kernel
 from pallas_kernels.topk import reference as topk_reference
 
@@ -38,9 +40,9 @@ def _inputs(T: int, seed: int = 0):  # noqa: N803
                          kv_segment_ids=jnp.zeros_like(positions))
 
 
-def _index_topk(implementation, fp8: bool = False):
-  return jax.jit(lambda q, k, w, vis: indexer_api.index_topk(q, k, w, topk=TOPK, **vis,
-                                                              implementation=implementation, fp8=fp8))
+def _index_topk(implementation, fp8: bool = False, causal_prefix: bool | None = None):
+  return jax.jit(lambda q, k, w, vis: indexer_api.index_topk(q, k, w, topk=TOPK, **vis, implementation=implementation,
+                                                              fp8=fp8, causal_prefix=causal_prefix))
 
 
 def _scores_block_check(scores, t_args: dict, s_args: dict, vis: dict, rows: int):
@@ -77,7 +79,9 @@ def _fp8_checks(args, vis, rows: int) -> dict:
   return dict(scores_fp8_block_s=seconds, scores_fp8_tflops=tflops, scores_fp8_rel_err=err,
               scores_fp8_mask_ok=same_mask,
               index_topk_fp8_pallas_s=timing.time_fn(fused, *args, vis, warmup=1, iters=3),
-              index_topk_fp8_peak_gib=(timing.peak_bytes_of(fused, *args, vis) or float("nan")) / 2**30)
+              index_topk_fp8_peak_gib=(timing.peak_bytes_of(fused, *args, vis) or float("nan")) / 2**30,
+              **_variant_rows("scores_fp8", FP8_SCORE_VARIANTS, _fp8_scores_variant,
+                              dict(q8=q8, q_scale=q_scale, w=w), dict(k8=k8, k_scale=k_scale), vis, rows))
 
 
 def _topk_check(T: int):  # noqa: N803
@@ -87,8 +91,10 @@ def _topk_check(T: int):  # noqa: N803
   return timing.time_fn(radix, scores), baselines.lax_topk_seconds(TOPK_ROWS, T, TOPK), exact
 
 
-# Scores kernel options timed beside the default (heads per pipeline step, query buffers): `scores_h{h}_s{s}_*`.
-SCORE_VARIANTS = ((1, 2), (2, 4), (2, 2))
+# Scores kernel options timed beside the default (2 heads per pipeline step, 2 query buffers): `scores_h{h}_s{s}_*`
+# for bf16, `scores_fp8_h{h}_s{s}_*` for FP8.
+SCORE_VARIANTS = ((1, 4),)
+FP8_SCORE_VARIANTS = ((1, 4),)
 
 
 def _scores_variant(heads_per_step: int, steps: int):
@@ -98,6 +104,30 @@ def _scores_variant(heads_per_step: int, steps: int):
       return indexer_api.index_scores(q, k, w, **vis, implementation="xla")
     return indexer_kernel.index_scores(q, k, w, **vis, max_concurrent_steps=steps, heads_per_step=heads_per_step)
   return scores
+
+
+def _fp8_scores_variant(heads_per_step: int, steps: int):
+  """`index_scores_fp8` whose "pallas" runs the FP8 kernel with these options (padded shapes only: T % 64 == 0)."""
+  def scores(q8, q_scale, k8, k_scale, w, *, implementation, **vis):
+    if implementation == "xla":
+      return indexer_api.index_scores_fp8(q8, q_scale, k8, k_scale, w, **vis, implementation="xla")
+    return kernel_fp8.index_scores_fp8(q8, q_scale, k8, k_scale, w, **vis, max_concurrent_steps=steps,
+                                       heads_per_step=heads_per_step)
+  return scores
+
+
+def _variant_rows(prefix: str, variants, make, t_args: dict, s_args: dict, vis: dict, rows: int) -> dict:
+  """One `_scores_block_check` per (heads per step, buffers) option; a variant that fails must not cost the row."""
+  out = {}
+  for heads_per_step, steps in variants:
+    name = f"{prefix}_h{heads_per_step}_s{steps}"
+    try:
+      got = _scores_block_check(make(heads_per_step, steps), t_args, s_args, vis, rows)
+    except Exception as e:  # noqa: BLE001
+      out[f"{name}_error"] = str(e).splitlines()[0][:200]
+      continue
+    out.update(dict(zip((f"{name}_block_s", f"{name}_tflops", f"{name}_rel_err", f"{name}_mask_ok"), got)))
+  return out
 
 
 def run(cfg: dict) -> list[dict]:
@@ -112,19 +142,16 @@ def run(cfg: dict) -> list[dict]:
     row = dict(section="indexer_topk", T=T, matmul_tflops=rate, floor_s=flops / (rate * 1e12),
                index_topk_pallas_s=seconds, vs_floor=seconds / (flops / (rate * 1e12)),
                index_topk_peak_gib=(timing.peak_bytes_of(fused, *args, vis) or float("nan")) / 2**30)
+    full = _index_topk("pallas", causal_prefix=False)  # every row block over all S keys
+    row["index_topk_all_keys_s"] = timing.time_fn(full, *args, vis, warmup=1, iters=3)
+    row["causal_prefix_speedup"] = row["index_topk_all_keys_s"] / seconds
+    row["causal_prefix_same"] = bool(jnp.array_equal(fused(*args, vis), full(*args, vis)))
     q, k, w = args
     scores_s, scores_tf, err, same_mask = _scores_block_check(indexer_api.index_scores, dict(q=q, w=w), dict(k=k),
                                                               vis, min(SCORE_ROWS, T))
     row.update(scores_block_s=scores_s, scores_tflops=scores_tf, scores_rel_err=err, scores_mask_ok=same_mask)
-    for heads_per_step, steps in SCORE_VARIANTS:  # a variant that fails must not cost the row
-      name = f"scores_h{heads_per_step}_s{steps}"
-      try:
-        got = _scores_block_check(_scores_variant(heads_per_step, steps), dict(q=q, w=w), dict(k=k), vis,
-                                  min(SCORE_ROWS, T))
-      except Exception as e:  # noqa: BLE001
-        row[f"{name}_error"] = str(e).splitlines()[0][:200]
-        continue
-      row.update(dict(zip((f"{name}_block_s", f"{name}_tflops", f"{name}_rel_err", f"{name}_mask_ok"), got)))
+    row.update(_variant_rows("scores", SCORE_VARIANTS, _scores_variant, dict(q=q, w=w), dict(k=k), vis,
+                             min(SCORE_ROWS, T)))
     row.update(_fp8_checks(args, vis, min(SCORE_ROWS, T)))
     row["scores_fp8_speedup"] = scores_s / row["scores_fp8_block_s"]
     radix_s, lax_s, exact = _topk_check(T)

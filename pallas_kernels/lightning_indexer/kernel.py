@@ -11,9 +11,13 @@ later than every query, or disjoint segment ranges) skip the matmuls and only wr
 Consecutive CTAs share one query tile (the grid's fastest axis runs over key tiles), so the per-head q
 tiles, the large operand (16 KiB per token in bf16), are re-read from L2 rather than HBM.
 
-Measured on the H200: 451-487 TF/s (bf16) against 600+ for XLA's plain matmul: by default each head's epilogue
-waits for its wgmma and the next wgmma for the epilogue. Two opt-in options attack that (MAX_CONCURRENT_STEPS,
-HEADS_PER_STEP; not yet measured on a GPU).
+Pipeline options (measured on the H200 at T = 128K, 4096 query rows x 128K keys, session 6 of 2026-11-29; every
+option exact: same error and mask):
+- 1 head per step, 4 query buffers: each head's epilogue waits for its wgmma and the next wgmma for the epilogue;
+  bf16 448-487 TF/s against 583-608 for XLA's plain matmul, FP8 922;
+- 1 head per step, 2 buffers (two CTAs per SM): bf16 422 TF/s;
+- 2 heads per step (the second head's wgmma runs during the first head's epilogue), 4 buffers: bf16 500, FP8 812;
+- **2 heads per step, 2 buffers: bf16 502-513 TF/s, FP8 1008: the default** (BEST_OPTIONS).
 """
 
 import functools
@@ -26,16 +30,16 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 BLOCK_T = 64  # one warpgroup's wgmma M
 BLOCK_S = 128
-# Query-tile buffers of the head pipeline. With 4, SMEM is 32 (keys) + 16 (w) + 32 (out) + 4 x 16 KiB = 144 KiB:
-# one CTA per SM, so nothing overlaps a head's epilogue (ReLU, scale, sum) with the next head's wgmma. With 2
-# (112 KiB) two CTAs fit per SM and can overlap each other's epilogues: opt-in (`max_concurrent_steps=2`), not
-# yet measured on a GPU (`experiments/bench_sections/indexer_topk.py`, `scores_steps2_*`).
+# Query-tile buffers of the head pipeline (1 to 4). With 4 and 1 head per step, SMEM is 32 (keys) + 16 (w) + 32
+# (out) + 4 x 16 KiB = 144 KiB: one CTA per SM. With 2 buffers two CTAs fit per SM and overlap each other's
+# epilogues (ReLU, scale, sum).
 MAX_CONCURRENT_STEPS = 4
 # Index heads per pipeline step. 1: each head's wgmma is awaited before its epilogue, so the tensor cores idle
-# during it. 2 (opt-in, not yet measured on a GPU): a step issues both heads' wgmmas into two accumulators, waits
-# for the first only (`wgmma_accumulator_load(wait_n=1)`) and runs its epilogue while the second one computes.
-# Query buffers are then 64 x 2H (32 KiB in bf16).
+# during it. 2: a step issues both heads' wgmmas into two accumulators, waits for the first only
+# (`wgmma_accumulator_load(wait_n=1)`) and runs its epilogue while the second one computes. Query buffers are
+# then 64 x 2H (32 KiB in bf16).
 HEADS_PER_STEP = (1, 2)
+BEST_OPTIONS = dict(heads_per_step=2, max_concurrent_steps=2)  # the fastest measured (module docstring)
 
 
 def _tile_summaries(positions: jax.Array, segment_ids: jax.Array, block: int, reduce_position) -> jax.Array:
@@ -48,25 +52,35 @@ def _tile_summaries(positions: jax.Array, segment_ids: jax.Array, block: int, re
 
 def index_scores(q: jax.Array, k: jax.Array, w: jax.Array, *, q_positions: jax.Array, kv_positions: jax.Array,
                  q_segment_ids: jax.Array, kv_segment_ids: jax.Array, interpret=None,
-                 max_concurrent_steps: int = MAX_CONCURRENT_STEPS, heads_per_step: int = 1) -> jax.Array:
+                 max_concurrent_steps: int = BEST_OPTIONS["max_concurrent_steps"],
+                 heads_per_step: int | None = None) -> jax.Array:
   """q [B, T, I, H] bf16, k [B, S, H] bf16, w [B, T, I] -> float32 [B, T, S] (as `reference.index_scores`).
 
-  T must be a multiple of 64 and S of 128 (the API pads).
+  T must be a multiple of 64 and S of 128 (the API pads). heads_per_step None: `default_heads_per_step`.
   """
   return launch(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), w, None, q_positions=q_positions,
                 kv_positions=kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                 interpret=interpret, max_concurrent_steps=max_concurrent_steps, heads_per_step=heads_per_step)
 
 
+def default_heads_per_step(num_heads: int) -> int:
+  """BEST_OPTIONS' 2 heads per pipeline step when the index heads are even, else 1."""
+  return BEST_OPTIONS["heads_per_step"] if num_heads % 2 == 0 else 1
+
+
 def launch(q: jax.Array, k: jax.Array, w: jax.Array, k_scale: jax.Array | None, *, q_positions: jax.Array,
            kv_positions: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array, interpret=None,
-           max_concurrent_steps: int = MAX_CONCURRENT_STEPS, heads_per_step: int = 1) -> jax.Array:
+           max_concurrent_steps: int = BEST_OPTIONS["max_concurrent_steps"],
+           heads_per_step: int | None = None) -> jax.Array:
   """The scores kernel for q [B, T, I, H] and k [B, S, H] of one wgmma dtype (bf16 here, e4m3 in `kernel_fp8`).
 
   k_scale [B, S] float32 (or None): a per-key factor applied to each score column in the epilogue.
   max_concurrent_steps: query-tile buffers of the head pipeline (1 to 4; see MAX_CONCURRENT_STEPS).
-  heads_per_step: 1, or 2 to overlap a head's epilogue with the next head's wgmma (see HEADS_PER_STEP).
+  heads_per_step: 1, or 2 to overlap a head's epilogue with the next head's wgmma (see HEADS_PER_STEP); None:
+  `default_heads_per_step`.
   """
+  if heads_per_step is None:
+    heads_per_step = default_heads_per_step(q.shape[2])
   if not 1 <= max_concurrent_steps <= MAX_CONCURRENT_STEPS:
     raise ValueError(f"max_concurrent_steps={max_concurrent_steps} must be in [1, {MAX_CONCURRENT_STEPS}].")
   if heads_per_step not in HEADS_PER_STEP or q.shape[2] % heads_per_step:

@@ -42,13 +42,10 @@ unit's bulk ones), and at the parity model's shapes (16 heads, 320-dim entries, 
 5.23. So "tma" stays the default. The dkv additions (~20-30 ms of atomic traffic, 38.7 GB of float32 adds at V3.2
 shapes) bound the kernel.
 
-`pair_sum=True` (opt-in; written at the end of session 5, lowered for the H200 on CPU, not yet run on a GPU)
-launches the two 64-head tiles of a token as one 2-CTA cluster. Both CTAs stage each dkv slab as before; per
-block, each CTA owns one of the two stage slots: for its slabs the owner adds the other CTA's staged slab, read
-through DSMEM (`pallas_kernels.dsmem.add_peer`), to its own and issues the reduce-adds of the sum; the other CTA
-only stages. Two cluster barriers per (warpgroup, slot) order it: "staged" (both slabs are in SMEM) and "read"
-(the owner has read the other's), with cluster-scope fences around them. Each dkv element then gets one atomic
-addition per token instead of two: half of the traffic that bounds the kernel.
+Tried and removed (session 6 of 2026-11-29): summing the two 64-head tiles' dkv slabs inside a 2-CTA cluster
+through DSMEM before the reduce-adds (half the atomics). Exact, but 80.6 ms against 42.6 over 8K keys and 85.2
+against 53.5 over 128K; 61 ms even without any reduce-adds: the per-slab cluster barriers and fences serialise the
+two CTAs (benchmarks/results/README.md).
 
 GPU interpret mode does not implement TMA reductions: there each staged slab is copied whole into a
 [B, T, N/64, K, Dk] buffer of per-token partials that XLA scatter-adds, so the tests check everything
@@ -65,10 +62,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import llvm
 
-from pallas_kernels import cp_async_gather, dsmem, red_add
+from pallas_kernels import cp_async_gather, red_add
 from pallas_kernels.row_copies import issue_row_copies
 from pallas_kernels.sparse_mla import kernel_fwd
 from pallas_kernels.sparse_mla.kernel_fwd import HEAD_TILE
@@ -93,26 +88,14 @@ def _mma(acc, pairs, shape, interpret):
   return pl.run_state(products)(plgpu.ACC.init(acc))
 
 
-def _cluster_fence() -> None:
-  """Warpgroup code: `fence.acq_rel.cluster`, ordering this thread's SMEM accesses for the other CTA of the
-  cluster (the cluster barriers' arrive / wait order at CTA scope only)."""
-
-  @plgpu.inline_mgpu()
-  def _fence(_):
-    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.acq_rel.cluster;", "", has_side_effects=True)
-
-  _fence()
-
-
 def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_smem, do_smem, kv_smem, p_smem,
-          ds_smem, idx_smem, q_bar, kv_ready, idx_ready, kv_free, ds_ready, ds_free, pair_bars, *, chunks, steps,
-          scale, bk, cfg, interpret, skip, reduce_warps, reduce, pair_sum):
+          ds_smem, idx_smem, q_bar, kv_ready, idx_ready, kv_free, ds_ready, ds_free, *, chunks, steps,
+          scale, bk, cfg, interpret, skip, reduce_warps, reduce):
   p_smem, (lse_smem, dd_smem) = p_smem
   kv_parts = [tuple(parts) for parts in kv_smem]  # a RefUnion iterates over its views
   kv_smem, kv_lines, stage_smem = zip(*(parts + (None,) * (3 - len(parts)) for parts in kv_parts))
   b, t = lax.axis_index("b"), lax.axis_index("t")
-  pair = lax.axis_index("pair") if pair_sum else 0  # this CTA's head tile within its cluster (pair_sum)
-  h0 = (lax.axis_index("h") * 2 + pair if pair_sum else lax.axis_index("h")) * HEAD_TILE
+  h0 = lax.axis_index("h") * HEAD_TILE
   wg = lax.axis_index("wg")
   half, dtype = chunks[0][1], q_ref.dtype
   heads = pl.ds(h0, HEAD_TILE)
@@ -127,55 +110,11 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     issue_row_copies(bk, reduce_warps, lambda r: idx_smem[r], add_row)
     plgpu.commit_smem_to_gmem_group()
 
-  def owned_slot(j):
-    """pair_sum: the stage slot whose slabs this CTA adds in block j (the other CTA adds the other slot's)."""
-    return lax.rem(j + pair, 2)
-
-  def reduce_pair_slab(acc, stage, j, slab, col, wgi):
-    """pair_sum: both CTAs stage their slab; the slot's owner adds the other's (read through DSMEM) to its own
-    and issues the reduce-adds of the sum, so each dkv element gets one addition per token instead of two."""
-    staged, read = pair_bars
-    slot = slab % 2
-    mine = owned_slot(j) == slot
-    if slab >= 2:  # the slot's previous slab: its reduce-adds have read it / the owner has read it
-      @pl.when(mine)
-      def _():
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-      @pl.when(jnp.logical_not(mine))
-      def _():
-        plgpu.barrier_wait(read.at[wgi, slot])
-        _cluster_fence()  # the owner's reads of this slot happen before it is overwritten
-    stage.at[slot][...] = acc
-    plgpu.commit_smem()
-    _cluster_fence()
-    plgpu.barrier_arrive(staged.at[wgi, slot])
-    plgpu.barrier_wait(staged.at[wgi, slot])
-
-    @pl.when(jnp.logical_not(mine))
-    def _():
-      plgpu.barrier_arrive(read.at[wgi, slot])  # the owner's arrival completes the phase
-
-    @pl.when(mine)
-    def _():
-      _cluster_fence()
-      total = dsmem.add_peer(stage.at[slot], acc)
-      _cluster_fence()  # the reads complete before the other CTA may overwrite its slot
-      plgpu.barrier_arrive(read.at[wgi, slot])
-      plgpu.barrier_wait(read.at[wgi, slot])
-      stage.at[slot][...] = total
-      plgpu.commit_smem()
-      if skip != "reduce":
-        add_rows(stage, slot, col)
-
-  def reduce_slab(acc, stage, j, slab, col, rows, wgi):
+  def reduce_slab(acc, stage, j, slab, col, rows):
     """dkv[b, idx[r], col:col+64] += acc[r] for the 64 rows of block j (slab counts from 0 per block)."""
     if reduce != "tma":  # from registers, every thread its own fragments (`red_add`); rows: idx broadcast
       if skip != "reduce":
         red_add.add_rows(dkv_ref.at[b], rows, acc, col=col)
-      return
-    if pair_sum:
-      reduce_pair_slab(acc, stage, j, slab, col, wgi)
       return
     slot = slab % 2
     if slab >= 2:
@@ -191,19 +130,16 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
       return
     add_rows(stage, slot, col)
 
-  def dkv_slabs(j, cols, stage, rows=None, wgi=0):
+  def dkv_slabs(j, cols, stage, rows=None):
     """dkv columns `cols` (64-wide slabs) of this block: dS^T q (+ P^T dO on the latent columns)."""
     for i, col in enumerate(cols):
       (qc, qoff), = [(k, col - off) for k, (off, w) in enumerate(chunks) if off <= col < off + w]
       pairs = [(ds_smem, q_smem[qc].at[:, pl.ds(qoff, SLAB)])]
       if qc < 2:
         pairs.append((p_smem, do_smem[qc].at[:, pl.ds(qoff, SLAB)]))
-      reduce_slab(_mma(None, pairs, (bk, SLAB), interpret), stage, j, i, col, rows, wgi)
+      reduce_slab(_mma(None, pairs, (bk, SLAB), interpret), stage, j, i, col, rows)
     if reduce == "tma":
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    if pair_sum:  # the other CTA has read this CTA's last slab of the slot it owns in this block
-      plgpu.barrier_wait(pair_bars[1].at[wgi, 1 - owned_slot(j)])
-      _cluster_fence()
 
   def dest_rows(idx):
     """The dkv row of every element of a (keys x 64 columns) slab: idx (invalid -1 -> row 0, adding zeros)."""
@@ -262,7 +198,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
         plgpu.barrier_arrive(kv_free)
         dkv_slabs(j, cols, None, dest_rows(idx))
       else:
-        dkv_slabs(j, cols, stage_smem[0], wgi=0)
+        dkv_slabs(j, cols, stage_smem[0])
         plgpu.barrier_arrive(kv_free)
       return dq
 
@@ -291,7 +227,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
         dkv_slabs(j, cols, None, rows)
         plgpu.barrier_arrive(ds_free)
       else:
-        dkv_slabs(j, cols, stage_smem[1], wgi=1)
+        dkv_slabs(j, cols, stage_smem[1])
         plgpu.barrier_arrive(kv_free)
       return dq, dq_rope
 
@@ -357,7 +293,7 @@ def _kv_buffer(bk: int, width: int, dtype, stage: bool, interpret, gather: str =
   return plgpu.RefUnion(tiled, lines, slots) if stage else plgpu.RefUnion(tiled, lines)
 
 
-def _scratch(chunks, bk, dtype, interpret, gather="tma", pair_sum=False):
+def _scratch(chunks, bk, dtype, interpret, gather="tma"):
   smem = functools.partial(plgpu.SMEM, dtype=dtype, transforms=_TRANSFORMS)
   half = chunks[0][1]
   copies_per_row = len(chunks) if interpret else sum(w // 64 for _, w in chunks)
@@ -376,16 +312,12 @@ def _scratch(chunks, bk, dtype, interpret, gather="tma", pair_sum=False):
       plgpu.Barrier(num_arrivals=2),
       plgpu.Barrier(),
       plgpu.Barrier(),  # ds_free: wg 1 has finished reading P^T and dS^T (reduce="red")
-      # pair_sum: per (compute warpgroup, stage slot) "staged" (both CTAs' slabs are in SMEM) and "read" (the
-      # owner has read the other CTA's slab); each CTA arrives once per phase, so 2 arrivals complete it.
-      tuple(plgpu.ClusterBarrier(collective_axes=("pair",), num_barriers=(2, 2)) for _ in range(2))
-      if pair_sum else (),
   )
 
 
 def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: int, block_k: int = 64,
                    gather_warps: int = 4, gather: str = "cp_async", reduce_warps: int = 4,
-                   reduce: str = "tma", pair_sum: bool = False, skip: str = "",
+                   reduce: str = "tma", skip: str = "",
                    interpret=False) -> tuple[jax.Array, jax.Array]:
   """Gradients of `reference.sparse_mla` w.r.t. q [B, T, N, Dk] and kv [B, S, Dk] from the saved lse,
   given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N]). `gather`
@@ -395,9 +327,7 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   picks how dkv is added: TMA reduce-adds of slabs staged in the key block's SMEM, or
   `red_add` reductions from registers, which need no staging, so that both compute
   warpgroups release the key block (and the gather of the next block starts) right after their dq products
-  instead of after their dkv slabs. `pair_sum` (with "tma"; an even number of 64-head tiles; not in interpret mode)
-  launches the two head tiles of a token as one 2-CTA cluster that sums its dkv slabs through DSMEM before the
-  reduce-adds: half the atomic traffic. `skip` is for
+  instead of after their dkv slabs. `skip` is for
   benchmark diagnostics only (the gradients are then wrong): "copies" leaves out the cp.async row copies,
   "reduce" the dkv reduce-adds, so that their share of the time shows."""
   bsz, t, n, dk = q.shape
@@ -412,10 +342,6 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   if reduce != "tma" and interpret:
     raise ValueError(f"reduce={reduce!r} runs inline Mosaic GPU code, which GPU interpret mode cannot run.")
   n_tiles = -(-n // HEAD_TILE)
-  if pair_sum and (reduce != "tma" or n_tiles % 2 or interpret or chunks[0][1] < 2 * SLAB):
-    raise ValueError(f"pair_sum=True needs reduce='tma' (got {reduce!r}), an even number of {HEAD_TILE}-head tiles "
-                     f"(got {n_tiles}), no interpret mode and v_dim >= {4 * SLAB} (both stage slots used by "
-                     f"each warpgroup; got {v_dim}).")
   if skip not in ("", "reduce") and not (skip == "copies" and gather == "cp_async"):
     raise ValueError(f"skip={skip!r} must be '', 'reduce' or (with gather='cp_async') 'copies'.")
   dtype = q.dtype
@@ -429,16 +355,14 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   indices = jnp.pad(indices.astype(jnp.int32), ((0, 0), (0, 0), (0, k_pad)), constant_values=-1)
   body = functools.partial(_body, chunks=chunks, steps=indices.shape[-1] // block_k, scale=scale, bk=block_k,
                            cfg=cfg, interpret=bool(interpret), skip=skip, reduce_warps=reduce_warps,
-                           reduce=reduce, pair_sum=pair_sum)
+                           reduce=reduce)
   kernel = plgpu.kernel(
       body,
       out_type=(),
-      scratch_types=_scratch(chunks, block_k, dtype, bool(interpret), gather, pair_sum),
-      # Tokens last: Mosaic GPU launches the grid reversed and CUDA caps y and z at 65535 blocks. With pair_sum
-      # the cluster pairs the head tiles (the grid's h counts clusters).
-      grid=(n_tiles // (2 if pair_sum else 1), bsz, t),
+      scratch_types=_scratch(chunks, block_k, dtype, bool(interpret), gather),
+      # Tokens last: Mosaic GPU launches the grid reversed and CUDA caps y and z at 65535 blocks.
+      grid=(n_tiles, bsz, t),
       grid_names=("h", "b", "t"),
-      **(dict(cluster=(2, 1, 1), cluster_names=("pair", "pair_b", "pair_t")) if pair_sum else {}),
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,

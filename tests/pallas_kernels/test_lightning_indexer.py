@@ -83,6 +83,37 @@ class PallasIndexerTest(parameterized.TestCase):
     chex.assert_trees_all_equal(got >= 0, want >= 0)
     np.testing.assert_allclose(picked(got), picked(want), rtol=1e-5)
 
+  @parameterized.named_parameters(
+      ("one_document", [0] * 512, None),
+      ("packed_documents", [0] * 200 + [1] * 250 + [2] * 62, None),
+      ("segment_reappears", [0] * 200 + [1] * 250 + [0] * 62, False),  # the check fails: all keys
+  )
+  def test_causal_prefix_stages_select_the_same(self, segments, forced):
+    """8 row blocks in causal stages (key prefixes of 128 to 512) select exactly what the full rows select."""
+    seg = jnp.asarray(segments, jnp.int32)[None]
+    starts = jnp.concatenate([jnp.ones((1, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    pos = jnp.arange(512)[None] - jax.lax.cummax(jnp.where(starts, jnp.arange(512)[None], 0), axis=1)
+    vis = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg)
+    self.assertEqual(bool(api.keys_precede_queries(**vis)), forced is None)
+    args, _ = _inputs(time.time_ns(), 1, 512, 512, 2, 128, 0)
+    topk = lambda causal_prefix: api.index_topk(*args, topk=96, **vis, implementation="pallas", rows_per_block=64,
+                                                select_implementation="radix", causal_prefix=causal_prefix)
+    with plgpu.force_gpu_interpret_mode(INTERPRET):
+      want = jax.jit(lambda: topk(False))()
+      got = jax.jit(lambda: topk(forced))()
+    chex.assert_trees_all_equal(got, want)
+    scores = reference.index_scores(*args, **vis)
+    chex.assert_trees_all_equal(want >= 0, topk_reference.topk_indices(scores, 96) >= 0)
+
+  def test_keys_precede_queries_checks(self):
+    pos = jnp.arange(8)[None]
+    seg = jnp.zeros_like(pos)
+    check = lambda qp=pos, kp=pos, qs=seg, ks=seg: bool(api.keys_precede_queries(qp, kp, qs, ks))
+    self.assertTrue(check())
+    self.assertFalse(check(kp=pos.at[0, 5].set(2), qp=pos.at[0, 5].set(2)))  # a later key at an earlier position
+    self.assertFalse(check(qp=pos[:, :4]))  # queries are not the keys' tokens
+    self.assertFalse(check(qs=seg.at[0, 3].set(1)))
+
   def test_gradient_falls_back_to_reference(self):
     args, vis = _inputs(time.time_ns(), 1, 64, 128, 2, 128, 0)
     f = lambda impl: lambda *a: jnp.where(jnp.isfinite(s := api.index_scores(*a, **vis, implementation=impl)),
@@ -129,14 +160,14 @@ class PallasFP8IndexerTest(parameterized.TestCase):
 
 
 class PipelineOptionsTest(parameterized.TestCase):
-  """The scores kernel's opt-in pipeline options (not yet measured on a GPU): 2 query buffers instead of 4 (two CTAs
-  per SM), 2 heads per step (the second head's wgmma overlapping the first one's epilogue)."""
+  """The scores kernel's pipeline options other than the default (2 heads per step, 2 query buffers, which the tests
+  above run): 1 head per step, 4 buffers."""
 
   def setUp(self):
     super().setUp()
     gpu_callbacks.reset_gpu_interpret_mode_state()
 
-  @parameterized.parameters((1, 2), (2, 4), (2, 2))
+  @parameterized.parameters((1, 4), (1, 2), (2, 4))
   def test_options_match_reference(self, heads_per_step, steps):
     args, vis = _inputs(time.time_ns(), 1, 128, 256, 6, 128, 0)
     scores = lambda q, k, w, implementation, **vis: kernel.index_scores(
@@ -150,7 +181,7 @@ class PipelineOptionsTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"heads_per_step=3 must be one of \(1, 2\) and divide the 4 index"):
       kernel.index_scores(*args, **vis, heads_per_step=3)
 
-  @parameterized.parameters((1, 2), (2, 4), (2, 2))
+  @parameterized.parameters((1, 4), (1, 2), (2, 4))
   def test_options_lower_for_h200(self, heads_per_step, steps):
     sd = jax.ShapeDtypeStruct
     args = (sd((1, 4096, 64, 128), jnp.bfloat16), sd((1, 131072, 128), jnp.bfloat16), sd((1, 4096, 64), jnp.float32))

@@ -115,12 +115,6 @@ class SparseMlaTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"reduce='atomic' must be one of \('tma', 'red'\)"):
       kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
                                 jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", reduce="atomic")
-    with self.assertRaisesRegex(ValueError, r"pair_sum=True needs reduce='tma' \(got 'red'\), an even number"):
-      kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
-                                jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, reduce="red", pair_sum=True)
-    with self.assertRaisesRegex(ValueError, r"64-head tiles \(got 1\), no interpret mode and v_dim >= 256"):
-      kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
-                                jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, pair_sum=True)
     with self.assertRaisesRegex(ValueError, "reduce='red' runs inline Mosaic GPU code"):
       kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
                                 jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", reduce="red",
@@ -165,20 +159,17 @@ class SparseMlaTest(parameterized.TestCase):
       text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     self.assertGreaterEqual(text.count("mosaic_gpu"), 2)
 
-  @parameterized.parameters(("tma", 1, "tma", False), ("cp_async", 1, "tma", False), ("cp_async", 4, "tma", False),
-                            ("cp_async", 4, "red", False),
-                            ("cp_async", 4, "tma", True))
-  def test_backward_kernel_lowers_for_h200(self, gather, reduce_warps, reduce, pair_sum):
+  @parameterized.parameters(("tma", 1, "tma"), ("cp_async", 1, "tma"), ("cp_async", 4, "tma"), ("cp_async", 4, "red"))
+  def test_backward_kernel_lowers_for_h200(self, gather, reduce_warps, reduce):
     """The backward kernel itself with each gather (TMA from 4 warps, cp.async), its dkv TMA reduce-adds from
-    one or four warps or its `red_add` reductions from registers, and with the two head tiles summed in a 2-CTA
-    cluster first (`pair_sum`), at the V3.2 shapes above. (Interpret mode replaces the reduce-adds by per-token
-    partials and cannot run `red_add` or clusters, so only this test compiles them.)"""
+    one or four warps or its `red_add` reductions from registers, at the V3.2 shapes above. (Interpret mode
+    replaces the reduce-adds by per-token partials and cannot run `red_add`, so only this test compiles them.)"""
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     args = (bf16(1, 131072, 128, 576), bf16(1, 131072, 576), jax.ShapeDtypeStruct((1, 131072, 2048), jnp.int32),
             bf16(1, 131072, 128, 512), jax.ShapeDtypeStruct((1, 131072, 128), jnp.float32),
             bf16(1, 131072, 128, 512), jax.ShapeDtypeStruct((1, 131072, 128), jnp.float32))
     f = functools.partial(kernel_bwd.sparse_mla_bwd, scale=0.135, v_dim=512, gather_warps=4, gather=gather,
-                          reduce_warps=reduce_warps, reduce=reduce, pair_sum=pair_sum)
+                          reduce_warps=reduce_warps, reduce=reduce)
     with jax.sharding.use_abstract_mesh(H200):
       text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     self.assertIn("mosaic_gpu", text)

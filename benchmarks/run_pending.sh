@@ -3,6 +3,7 @@
 # command. One process per section, each with its own time limit; logs and JSON go to $OUT.
 # On the GPU machine, from the repository root:
 #   OUT=/some/dir bash benchmarks/run_pending.sh 1   # index_topk and the DSA core at 128K
+#   OUT=/some/dir bash benchmarks/run_pending.sh 2   # the sparse MLA backward variants
 set -u
 : "${OUT:?set OUT to the output folder}"
 export PYTHONPATH=.
@@ -19,5 +20,12 @@ case "${1:-}" in
     run 250 indexer_topk_131072 --sections=indexer_topk --seq_lens=131072
     run 300 dsa_layer_131072 --sections=dsa_layer --seq_lens=131072
     ;;
-  *) echo "usage: run_pending.sh 1" >&2; exit 2 ;;
+  2)
+    # The sparse MLA backward (128-column dkv slabs, the default since session 6, beside 64 and `red`) at 8K and
+    # 128K keys and at the parity model's shapes; the issue-4 sparse MLA section at 8K and 128K.
+    run 150 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192,131072
+    run 100 parity_shapes --sections=parity_shapes --seq_lens=8192
+    run 200 sparse_mla --sections=sparse_mla --seq_lens=8192,131072
+    ;;
+  *) echo "usage: run_pending.sh 1|2" >&2; exit 2 ;;
 esac

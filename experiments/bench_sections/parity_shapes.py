@@ -3,7 +3,7 @@
 The V3.2-shape sections check the kernels at 128 heads and 576-dim entries; the parity run trains `small`: 16
 heads of 320-dim entries (latent 256 + rope 64, values 256), top-k 512, an indexer of 16 heads x 64, T = 8K.
 Per variant, on one row of T = `seq_lens` tokens (all queries, causal random indices, 5% invalid): the sparse
-MLA backward kernel with each dkv addition (`reduce="tma"` / `"red"`), its dq / dkv against the float32
+MLA backward kernel with each dkv addition (`BACKWARD_VARIANTS`), its dq / dkv against the float32
 reference's vjp, and the sparse indexer KL (value and indexer gradients) through the kernels with each gather
 against the XLA path on float32 inputs. Each row says which variant it is before it runs (printed), so that a
 variant that hangs on the GPU is named in the log even when a timeout kills the process.
@@ -20,7 +20,8 @@ from pallas_kernels.sparse_mla import kernel_bwd, reference
 
 HEADS, LATENT, ROPE, TOPK, INDEX_HEADS, INDEX_DIM = 16, 256, 64, 512, 16, 64
 SCALE = (64 + 64) ** -0.5
-
+# The backward's dkv additions: the default (TMA reduce-adds of 128-column slabs here), 64-column slabs, `red_add`.
+BACKWARD_VARIANTS = {"tma": {}, "tma_slab64": dict(slab_cols=64), "red": dict(reduce="red")}
 
 def _inputs(T: int):  # noqa: N803
   ks = jax.random.split(jax.random.key(3), 8)
@@ -45,13 +46,13 @@ def _mla_rows(T, q, kv, idx) -> list[dict]:  # noqa: N803
   do, dlse = jax.random.normal(ks[0], out.shape, jnp.float32), jax.random.normal(ks[1], lse.shape, jnp.float32)
   want_dq, want_dkv = vjp((do, dlse))
   rows = []
-  for reduce in ("tma", "red"):
-    print(f"parity_shapes: sparse MLA backward, reduce={reduce} ...", flush=True)
-    fn = jax.jit(lambda q, kv, idx, out, lse, do, dlse, reduce=reduce: kernel_bwd.sparse_mla_bwd(
-        q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, reduce=reduce))
+  for variant, options in BACKWARD_VARIANTS.items():
+    print(f"parity_shapes: sparse MLA backward, {variant} ...", flush=True)
+    fn = jax.jit(lambda q, kv, idx, out, lse, do, dlse, options=options: kernel_bwd.sparse_mla_bwd(
+        q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, **options))
     args = (q, kv, idx, out.astype(q.dtype), lse, do.astype(q.dtype), dlse)
     dq, dkv = jax.block_until_ready(fn(*args))
-    rows.append(dict(section="parity_shapes", T=T, op="sparse_mla_bwd", variant=reduce,
+    rows.append(dict(section="parity_shapes", T=T, op="sparse_mla_bwd", variant=variant,
                      ms=timing.time_fn(fn, *args) * 1e3, dq_err=rel_err(dq, want_dq), dkv_err=rel_err(dkv, want_dkv)))
     print(rows[-1], flush=True)
   return rows

@@ -28,6 +28,7 @@ FORWARD_CONFIGS = (dict(gather="tma", gather_warps=1), dict(gather="tma", gather
 # are compared with); those with `skip` time the backward without its row copies or its dkv additions
 # (diagnostics: their gradients are not checked). reduce="red" (dkv added from registers, `red_add`) comes last
 BACKWARD_CONFIGS = (dict(gather="tma", gather_warps=1, reduce_warps=1), dict(gather="cp_async", reduce_warps=4),
+                    dict(gather="cp_async", reduce_warps=4, slab_cols=64),
                     dict(gather="cp_async", reduce_warps=4, skip="reduce"), dict(gather="cp_async", reduce="red"),
                     dict(gather="cp_async", reduce="red", skip="reduce"))
 
@@ -60,7 +61,7 @@ def run(cfg: dict, backward_configs=BACKWARD_CONFIGS, forward_configs=FORWARD_CO
     base = dict(section=section, T=T, queries=tq, heads=HEADS, k=TOPK)
     want_grads = None
     for fields in backward_configs:
-      fields = dict(dict(gather_warps=4, reduce_warps=4, reduce="tma", skip=""), **fields)
+      fields = dict(dict(gather_warps=4, reduce_warps=4, reduce="tma", slab_cols="auto", skip=""), **fields)
       bwd = jax.jit(lambda q, kv, idx, out, lse, do, dlse, fields=fields: kernel_bwd.sparse_mla_bwd(
           q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, **fields))
       skip = fields["skip"]

@@ -19,14 +19,16 @@ One CTA owns one token and a tile of 64 heads, as in the forward (`kernel_fwd`),
   * wg 0: S^T = K Q^T and dP^T = V dO^T (keys x heads, so that P^T and dS^T are ready-made wgmma
     operands for dkv), P^T, dS^T to SMEM; then dq[:, :C/2] += dS K and the dkv columns [0, C/2).
   * wg 1: dq[:, C/2:] += dS K (latent right half and rope) and the dkv columns [C/2, C + R).
-dkv is computed in 64-column slabs, acc = dS^T q[:, slab] + P^T dO[:, slab] (64 keys x 64 f32), staged
-in SMEM and added into the f32 dkv output with one TMA reduce-add per selected row (TMA reductions are
-atomic per element; the order of additions, hence the rounding, varies run to run). An invalid (-1)
+dkv is computed in slabs of 128 columns (64 where a chunk is narrower, e.g. the rope part; `slab_cols`),
+acc = dS^T q[:, slab] + P^T dO[:, slab] (64 keys x 128 f32), staged in SMEM and added into the f32 dkv output
+with one TMA reduce-add per selected row and slab (TMA reductions are atomic per element; the order of
+additions, hence the rounding, varies run to run). An invalid (-1)
 key has P = dS = 0 and adds zeros to row 0.
 
 SMEM (576 / 512, bf16): Q 72 KiB + dO 64 KiB + one key block 72 KiB + P^T, dS^T 16 KiB = 224 KiB of the
 227 KiB per block. Nothing else fits, so each warpgroup stages its dkv slabs in its own part of the key
-block (two 16 KiB f32 slots, reused once the TMA has read them) once its dq product no longer reads it;
+block (one 32 KiB f32 slab, or with `slab_cols=64` two 16 KiB slots, reused once the TMA has read them) once
+its dq product no longer reads it;
 the next block's gather starts when both warpgroups' reductions have been read out of SMEM. The key
 block is therefore single-buffered: the gather does not overlap this CTA's matmuls.
 
@@ -39,8 +41,9 @@ this structure takes 11.0 ms against 22.2 for the staged one (the gather now ove
 over 8K keys (an 18 MiB dkv) 39.0 ms = 150 TFLOP/s against 42.4 ms (138) for the TMA reduce-adds from 4 warps,
 but over 128K keys (302 MiB) 62.4 ms against 53.2 (per-thread reductions that miss L2 cost more than the TMA
 unit's bulk ones), and at the parity model's shapes (16 heads, 320-dim entries, K = 512, 8K keys) 5.72 ms against
-5.23. So "tma" stays the default. The dkv additions (~20-30 ms of atomic traffic, 38.7 GB of float32 adds at V3.2
-shapes) bound the kernel.
+5.23. So "tma" stays the default. The dkv additions (38.7 GB of float32 adds at V3.2 shapes) bound the kernel,
+through the number of reduce-add operations more than their bytes: 128-column slabs (half the operations) took
+the TMA path from 138 to 187-194 TFLOP/s over 8K keys and from 110 to 133-135 over 128K (session 6).
 
 Tried and removed (session 6 of 2026-11-29): summing the two 64-head tiles' dkv slabs inside a 2-CTA cluster
 through DSMEM before the reduce-adds (half the atomics). Exact, but 80.6 ms against 42.6 over 8K keys and 85.2
@@ -69,6 +72,13 @@ from pallas_kernels.sparse_mla import kernel_fwd
 from pallas_kernels.sparse_mla.kernel_fwd import HEAD_TILE
 
 SLAB = 64  # dkv columns per staged slab
+# Columns per TMA reduce-add (`slab_cols`): 64, or 128 so that each selected row takes half as many reduce-add
+# operations (512 instead of 256 bytes each), at the price of one staging buffer per warpgroup instead of two (a
+# 64 x 128 f32 slab fills the 32 KiB of its key-block chunk). The number of operations, not their bytes, was what
+# bounded the kernel: on the H200 (4096 queries, 128 heads, K = 2048) 128 columns took 30.2 ms = 194 TFLOP/s
+# against 42.3 ms = 138 over 8K keys, 43.3 ms = 135 against 53.0 = 110 over 128K keys, the same gradients. The
+# default (None) is 128 where the value chunks are at least 128 columns wide.
+SLAB_COLS = (64, 128)
 # How dkv is added: staged in SMEM + TMA reduce-adds, or `red_add` from registers.
 REDUCES = ("tma", "red")
 
@@ -90,20 +100,22 @@ def _mma(acc, pairs, shape, interpret):
 
 def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_smem, do_smem, kv_smem, p_smem,
           ds_smem, idx_smem, q_bar, kv_ready, idx_ready, kv_free, ds_ready, ds_free, *, chunks, steps,
-          scale, bk, cfg, interpret, skip, reduce_warps, reduce):
+          scale, bk, cfg, interpret, skip, reduce_warps, reduce, slab_cols):
   p_smem, (lse_smem, dd_smem) = p_smem
   kv_parts = [tuple(parts) for parts in kv_smem]  # a RefUnion iterates over its views
-  kv_smem, kv_lines, stage_smem = zip(*(parts + (None,) * (3 - len(parts)) for parts in kv_parts))
+  kv_smem, kv_lines, stage_smem, wide_smem = zip(*(parts + (None,) * (4 - len(parts)) for parts in kv_parts))
   b, t = lax.axis_index("b"), lax.axis_index("t")
   h0 = lax.axis_index("h") * HEAD_TILE
   wg = lax.axis_index("wg")
   half, dtype = chunks[0][1], q_ref.dtype
   heads = pl.ds(h0, HEAD_TILE)
 
-  def add_rows(stage, slot, col):
-    """The TMA reduce-adds of a staged slab: dkv[b, idx[r], col:col+64] += stage[slot, r]."""
+  def add_rows(staged, col):
+    """The TMA reduce-adds of a staged slab [bk, width]: dkv[b, idx[r], col:col+width] += staged[r]."""
+    width = staged.shape[-1]
+
     def add_row(r, row):
-      plgpu.copy_smem_to_gmem(stage.at[slot, pl.ds(r, 1)], dkv_ref.at[b, pl.ds(row, 1), pl.ds(col, SLAB)],
+      plgpu.copy_smem_to_gmem(staged.at[pl.ds(r, 1)], dkv_ref.at[b, pl.ds(row, 1), pl.ds(col, width)],
                               commit_group=False, reduction_op="add")
 
     # From `reduce_warps` lanes; every thread then commits (and later awaits) its own bulk group.
@@ -111,33 +123,50 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     plgpu.commit_smem_to_gmem_group()
 
   def reduce_slab(acc, stage, j, slab, col, rows):
-    """dkv[b, idx[r], col:col+64] += acc[r] for the 64 rows of block j (slab counts from 0 per block)."""
+    """dkv[b, idx[r], col:col+w] += acc[r] for the rows of block j (acc [bk, w]; slab counts from 0 per block).
+
+    stage: (two [bk, 64] f32 slots, one [bk, 128] f32 view) of this warpgroup's key-block chunk."""
     if reduce != "tma":  # from registers, every thread its own fragments (`red_add`); rows: idx broadcast
       if skip != "reduce":
         red_add.add_rows(dkv_ref.at[b], rows, acc, col=col)
       return
-    slot = slab % 2
-    if slab >= 2:
-      plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the slab staged two slabs ago has been read
-    stage.at[slot][...] = acc
+    slots, wide = stage
+    if slab_cols == SLAB:  # two slots: a slab is staged while the one before it is still being read
+      staged = slots.at[slab % 2]
+      if slab >= 2:
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the slab staged two slabs ago has been read
+    else:  # one buffer: the previous slab must have been read (the next slab's wgmma ran meanwhile)
+      staged = wide if acc.shape[1] == wide.shape[1] else slots.at[0]
+      if slab >= 1:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    staged[...] = acc
     plgpu.commit_smem()
     if interpret:  # per-block partial sums, scatter-added outside
-      plgpu.copy_smem_to_gmem(stage.at[slot], dkv_ref.at[b, t, lax.axis_index("h"), pl.ds(j * bk, bk),
-                                                            pl.ds(col, SLAB)])
+      plgpu.copy_smem_to_gmem(staged, dkv_ref.at[b, t, lax.axis_index("h"), pl.ds(j * bk, bk),
+                                                  pl.ds(col, acc.shape[1])])
       return
 
     if skip == "reduce":  # benchmark diagnostics: no dkv reduce-adds
       return
-    add_rows(stage, slot, col)
+    add_rows(staged, col)
+
+  def slabs(start, end):
+    """(column, width) of the staged slabs covering dkv columns [start, end): `slab_cols` wide, never across a
+    key chunk (so a narrower one at a chunk's end, e.g. the 64 rope columns)."""
+    out = []
+    for off, width in chunks:
+      for col in range(max(off, start), min(off + width, end), slab_cols):
+        out.append((col, min(slab_cols, off + width - col)))
+    return out
 
   def dkv_slabs(j, cols, stage, rows=None):
-    """dkv columns `cols` (64-wide slabs) of this block: dS^T q (+ P^T dO on the latent columns)."""
-    for i, col in enumerate(cols):
+    """dkv slabs `cols` ((column, width) pairs) of this block: dS^T q (+ P^T dO on the latent columns)."""
+    for i, (col, width) in enumerate(cols):
       (qc, qoff), = [(k, col - off) for k, (off, w) in enumerate(chunks) if off <= col < off + w]
-      pairs = [(ds_smem, q_smem[qc].at[:, pl.ds(qoff, SLAB)])]
+      pairs = [(ds_smem, q_smem[qc].at[:, pl.ds(qoff, width)])]
       if qc < 2:
-        pairs.append((p_smem, do_smem[qc].at[:, pl.ds(qoff, SLAB)]))
-      reduce_slab(_mma(None, pairs, (bk, SLAB), interpret), stage, j, i, col, rows)
+        pairs.append((p_smem, do_smem[qc].at[:, pl.ds(qoff, width)]))
+      reduce_slab(_mma(None, pairs, (bk, width), interpret), stage, j, i, col, rows)
     if reduce == "tma":
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -175,7 +204,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     lse = lax.broadcast_in_dim(plgpu.load(lse_smem, layout=heads_layout), (bk, HEAD_TILE), [1])
     dd = lax.broadcast_in_dim(plgpu.load(dd_smem, layout=heads_layout), (bk, HEAD_TILE), [1])
     log2_scale = scale * math.log2(math.e)
-    cols = range(0, half, SLAB)
+    cols = slabs(0, half)
 
     def step(j, dq):
       wait_block()
@@ -198,7 +227,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
         plgpu.barrier_arrive(kv_free)
         dkv_slabs(j, cols, None, dest_rows(idx))
       else:
-        dkv_slabs(j, cols, stage_smem[0])
+        dkv_slabs(j, cols, (stage_smem[0], wide_smem[0]))
         plgpu.barrier_arrive(kv_free)
       return dq
 
@@ -213,7 +242,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     plgpu.set_max_registers(kernel_fwd.COMPUTE_REGISTERS, action="increase")
     plgpu.barrier_wait(q_bar)
     v_dim = chunks[2][0]
-    cols = range(half, v_dim + chunks[2][1], SLAB)
+    cols = slabs(half, v_dim + chunks[2][1])
 
     def step(j, carry):
       dq, dq_rope = carry
@@ -227,7 +256,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
         dkv_slabs(j, cols, None, rows)
         plgpu.barrier_arrive(ds_free)
       else:
-        dkv_slabs(j, cols, stage_smem[1])
+        dkv_slabs(j, cols, (stage_smem[1], wide_smem[1]))
         plgpu.barrier_arrive(kv_free)
       return dq, dq_rope
 
@@ -274,9 +303,10 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     plgpu.barrier_wait(kv_free)  # observe the last release, so that every barrier phase is waited on
 
 
-def _kv_buffer(bk: int, width: int, dtype, stage: bool, interpret, gather: str = "tma"):
+def _kv_buffer(bk: int, width: int, dtype, stage: bool, interpret, gather: str = "tma", wide: bool = False):
   """SMEM for one column chunk of the gathered key block: its wgmma view, its per-row TMA view (None in
-  interpret mode) and, in the same bytes, two f32 dkv staging slots where `stage`.
+  interpret mode) and, in the same bytes, two f32 dkv staging slots where `stage` (and, where `wide`, one
+  [bk, 128] f32 staging view over the same bytes: `slab_cols=128`).
 
   As in the forward (`kernel_fwd._kv_buffer`), single rows land through a view of the bytes as swizzled
   128-byte lines; with gather="cp_async" the second view is flat, written at swizzled addresses by
@@ -284,16 +314,17 @@ def _kv_buffer(bk: int, width: int, dtype, stage: bool, interpret, gather: str =
   """
   tiled = plgpu.SMEM((bk, width), dtype, transforms=_TRANSFORMS)
   slots = plgpu.SMEM((2, bk, SLAB), jnp.float32) if stage else None
+  wide_view = (plgpu.SMEM((bk, 2 * SLAB), jnp.float32),) if stage and wide else ()
   if interpret:
     if gather == "cp_async":
       raise ValueError("gather='cp_async' runs inline Mosaic GPU code, which GPU interpret mode cannot run.")
-    return tiled, None, slots
+    return (tiled, None, slots, *wide_view)
   lines = plgpu.SMEM((bk * width,), dtype) if gather == "cp_async" else plgpu.SMEM(
       (bk * width // 64, 64), dtype, transforms=(plgpu.TilingTransform((1, 64)), plgpu.SwizzleTransform(128)))
-  return plgpu.RefUnion(tiled, lines, slots) if stage else plgpu.RefUnion(tiled, lines)
+  return plgpu.RefUnion(tiled, lines, slots, *wide_view) if stage else plgpu.RefUnion(tiled, lines)
 
 
-def _scratch(chunks, bk, dtype, interpret, gather="tma"):
+def _scratch(chunks, bk, dtype, interpret, gather="tma", wide=False):
   smem = functools.partial(plgpu.SMEM, dtype=dtype, transforms=_TRANSFORMS)
   half = chunks[0][1]
   copies_per_row = len(chunks) if interpret else sum(w // 64 for _, w in chunks)
@@ -301,7 +332,7 @@ def _scratch(chunks, bk, dtype, interpret, gather="tma"):
   return (
       tuple(smem((HEAD_TILE, w)) for _, w in chunks),
       (smem((HEAD_TILE, half)), smem((HEAD_TILE, half))),
-      tuple(_kv_buffer(bk, w, dtype, c < 2, interpret, gather) for c, (_, w) in enumerate(chunks)),
+      tuple(_kv_buffer(bk, w, dtype, c < 2, interpret, gather, wide) for c, (_, w) in enumerate(chunks)),
       # The lse and (delta - dlse) rows are read into registers before P^T is first written.
       (plgpu.RefUnion if not interpret else lambda *refs: refs)(smem((bk, HEAD_TILE)), rows),
       smem((bk, HEAD_TILE)),
@@ -317,7 +348,7 @@ def _scratch(chunks, bk, dtype, interpret, gather="tma"):
 
 def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: int, block_k: int = 64,
                    gather_warps: int = 4, gather: str = "cp_async", reduce_warps: int = 4,
-                   reduce: str = "tma", skip: str = "",
+                   reduce: str = "tma", slab_cols: int | None = None, skip: str = "",
                    interpret=False) -> tuple[jax.Array, jax.Array]:
   """Gradients of `reference.sparse_mla` w.r.t. q [B, T, N, Dk] and kv [B, S, Dk] from the saved lse,
   given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N]). `gather`
@@ -327,7 +358,9 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   picks how dkv is added: TMA reduce-adds of slabs staged in the key block's SMEM, or
   `red_add` reductions from registers, which need no staging, so that both compute
   warpgroups release the key block (and the gather of the next block starts) right after their dq products
-  instead of after their dkv slabs. `skip` is for
+  instead of after their dkv slabs. `slab_cols` (with "tma"): columns per staged slab and per reduce-add, 64 or
+  128 (SLAB_COLS; 128: half the reduce-add operations, one staging buffer per warpgroup); None: 128 with "tma"
+  where the value chunks are at least 128 wide, else 64. `skip` is for
   benchmark diagnostics only (the gradients are then wrong): "copies" leaves out the cp.async row copies,
   "reduce" the dkv reduce-adds, so that their share of the time shows."""
   bsz, t, n, dk = q.shape
@@ -341,6 +374,10 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
     raise ValueError(f"reduce={reduce!r} must be one of {REDUCES}.")
   if reduce != "tma" and interpret:
     raise ValueError(f"reduce={reduce!r} runs inline Mosaic GPU code, which GPU interpret mode cannot run.")
+  if slab_cols is None:
+    slab_cols = 2 * SLAB if reduce == "tma" and chunks[0][1] >= 2 * SLAB else SLAB
+  if slab_cols not in SLAB_COLS or (slab_cols != SLAB and reduce != "tma"):
+    raise ValueError(f"slab_cols={slab_cols} must be one of {SLAB_COLS}, and {SLAB} with reduce={reduce!r}.")
   n_tiles = -(-n // HEAD_TILE)
   if skip not in ("", "reduce") and not (skip == "copies" and gather == "cp_async"):
     raise ValueError(f"skip={skip!r} must be '', 'reduce' or (with gather='cp_async') 'copies'.")
@@ -355,11 +392,11 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   indices = jnp.pad(indices.astype(jnp.int32), ((0, 0), (0, 0), (0, k_pad)), constant_values=-1)
   body = functools.partial(_body, chunks=chunks, steps=indices.shape[-1] // block_k, scale=scale, bk=block_k,
                            cfg=cfg, interpret=bool(interpret), skip=skip, reduce_warps=reduce_warps,
-                           reduce=reduce)
+                           reduce=reduce, slab_cols=slab_cols)
   kernel = plgpu.kernel(
       body,
       out_type=(),
-      scratch_types=_scratch(chunks, block_k, dtype, bool(interpret), gather),
+      scratch_types=_scratch(chunks, block_k, dtype, bool(interpret), gather, slab_cols != SLAB),
       # Tokens last: Mosaic GPU launches the grid reversed and CUDA caps y and z at 65535 blocks.
       grid=(n_tiles, bsz, t),
       grid_names=("h", "b", "t"),

@@ -89,6 +89,21 @@ class SparseMlaTest(parameterized.TestCase):
     for g, w in zip(got, want):
       chex.assert_trees_all_close(f32(g), w, atol=2e-2 * float(jnp.max(jnp.abs(w))), rtol=2e-2)
 
+  def test_backward_kernel_wide_slabs_match_reference_vjp(self):
+    """slab_cols=128 at v_dim = 256: 128-column slabs on the latent chunks, a 64-column one on the rope chunk
+    (sharing the staging bytes, so it waits for the slab before it)."""
+    q, kv, idx = _inputs(time.time_ns(), 1, 2, 16, 40, 70, C=256)
+    f32 = lambda x: x.astype(jnp.float32)
+    (out, lse), vjp = jax.vjp(lambda q, kv: reference.sparse_mla(q, kv, idx, scale=0.1, v_dim=256), f32(q), f32(kv))
+    do = jax.random.normal(jax.random.key(time.time_ns()), out.shape).astype(jnp.bfloat16)
+    dlse = jnp.zeros_like(lse)
+    want = vjp((f32(do), dlse))
+    got = kernel_bwd.sparse_mla_bwd(q, kv, idx, out.astype(jnp.bfloat16), lse, do, dlse, scale=0.1, v_dim=256,
+                                    gather="tma", slab_cols=128, interpret=plgpu.InterpretGPUParams(detect_races=True))
+    self.assertFalse(gpu_callbacks.get_races().races_found)
+    for g, w in zip(got, want):
+      chex.assert_trees_all_close(f32(g), w, atol=2e-2 * float(jnp.max(jnp.abs(w))), rtol=2e-2)
+
   @parameterized.parameters(False, True)
   def test_pallas_path_gradients_match_reference(self, deterministic):
     q, kv, idx = _inputs(time.time_ns(), 1, 2, 16, 32, 64)
@@ -115,6 +130,9 @@ class SparseMlaTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"reduce='atomic' must be one of \('tma', 'red'\)"):
       kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
                                 jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", reduce="atomic")
+    with self.assertRaisesRegex(ValueError, r"slab_cols=128 must be one of \(64, 128\), and 64 with reduce='red'"):
+      kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
+                                jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, reduce="red", slab_cols=128)
     with self.assertRaisesRegex(ValueError, "reduce='red' runs inline Mosaic GPU code"):
       kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
                                 jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", reduce="red",
@@ -159,8 +177,9 @@ class SparseMlaTest(parameterized.TestCase):
       text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     self.assertGreaterEqual(text.count("mosaic_gpu"), 2)
 
-  @parameterized.parameters(("tma", 1, "tma"), ("cp_async", 1, "tma"), ("cp_async", 4, "tma"), ("cp_async", 4, "red"))
-  def test_backward_kernel_lowers_for_h200(self, gather, reduce_warps, reduce):
+  @parameterized.parameters(("tma", 1, "tma"), ("cp_async", 1, "tma"), ("cp_async", 4, "tma"), ("cp_async", 4, "red"),
+                            ("cp_async", 4, "tma", 128))
+  def test_backward_kernel_lowers_for_h200(self, gather, reduce_warps, reduce, slab_cols=64):
     """The backward kernel itself with each gather (TMA from 4 warps, cp.async), its dkv TMA reduce-adds from
     one or four warps or its `red_add` reductions from registers, at the V3.2 shapes above. (Interpret mode
     replaces the reduce-adds by per-token partials and cannot run `red_add`, so only this test compiles them.)"""
@@ -169,7 +188,7 @@ class SparseMlaTest(parameterized.TestCase):
             bf16(1, 131072, 128, 512), jax.ShapeDtypeStruct((1, 131072, 128), jnp.float32),
             bf16(1, 131072, 128, 512), jax.ShapeDtypeStruct((1, 131072, 128), jnp.float32))
     f = functools.partial(kernel_bwd.sparse_mla_bwd, scale=0.135, v_dim=512, gather_warps=4, gather=gather,
-                          reduce_warps=reduce_warps, reduce=reduce)
+                          reduce_warps=reduce_warps, reduce=reduce, slab_cols=slab_cols)
     with jax.sharding.use_abstract_mesh(H200):
       text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     self.assertIn("mosaic_gpu", text)

@@ -26,9 +26,10 @@ FORWARD_CONFIGS = (dict(gather="tma", gather_warps=1), dict(gather="tma", gather
                    dict(gather="cp_async", skip="copies"), dict(gather="cp_async", skip="math"))
 # Backward configurations (`kernel_bwd.sparse_mla_bwd` arguments; the first is the baseline the others' gradients
 # are compared with); those with `skip` time the backward without its row copies or its dkv additions
-# (diagnostics: their gradients are not checked). reduce="red" (dkv added from registers, `red_add`) comes last
+# (diagnostics: their gradients are not checked). With 128-column slabs (the default) there are half as many
+# reduce-adds to issue, so 2 issuing warps are timed beside 4. reduce="red" (dkv added from registers) comes last
 BACKWARD_CONFIGS = (dict(gather="tma", gather_warps=1, reduce_warps=1), dict(gather="cp_async", reduce_warps=4),
-                    dict(gather="cp_async", reduce_warps=4, slab_cols=64),
+                    dict(gather="cp_async", reduce_warps=4, slab_cols=64), dict(gather="cp_async", reduce_warps=2),
                     dict(gather="cp_async", reduce_warps=4, skip="reduce"), dict(gather="cp_async", reduce="red"),
                     dict(gather="cp_async", reduce="red", skip="reduce"))
 

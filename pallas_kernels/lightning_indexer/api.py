@@ -132,8 +132,8 @@ def index_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, q_positio
   causal_prefix: when no query t sees a key j > t (`keys_precede_queries`), a row block ending at query r only
   needs the first r keys: the blocks run in CAUSAL_STAGES stages, each scoring and selecting over the key prefix
   its last block needs, instead of all S keys (about 56% of the scores written and rows selected at 8 stages;
-  1.07x faster at T = 128K on the H200, identical indices). Same result. None: checked on the data (a `lax.cond` between both paths); True: the caller guarantees it;
-  False: always all S keys.
+  1.07x faster at T = 128K on the H200, identical indices). Same result. None: checked on the data (a `lax.cond`
+  between both paths); True: the caller guarantees it; False: always all S keys.
   """
   q, k, w = jax.tree.map(jax.lax.stop_gradient, (q, k, w))  # indices are discrete: no gradient
   if fp8:

@@ -84,26 +84,27 @@ class PallasIndexerTest(parameterized.TestCase):
     np.testing.assert_allclose(picked(got), picked(want), rtol=1e-5)
 
   @parameterized.named_parameters(
-      ("one_document", [0] * 512, None),
-      ("packed_documents", [0] * 200 + [1] * 250 + [2] * 62, None),
-      ("segment_reappears", [0] * 200 + [1] * 250 + [0] * 62, False),  # the check fails: all keys
+      ("one_document", [0] * 512, True),
+      ("packed_documents", [0] * 200 + [1] * 250 + [2] * 62, True),
+      ("segment_reappears", [0] * 200 + [1] * 250 + [0] * 62, False),  # early queries see the last 62 keys
   )
-  def test_causal_prefix_stages_select_the_same(self, segments, forced):
-    """8 row blocks in causal stages (key prefixes of 128 to 512) select exactly what the full rows select."""
+  def test_causal_prefix_stages_select_the_same(self, segments, stageable):
+    """8 row blocks in causal stages (key prefixes of 128 to 512) select exactly what the full rows select, and the
+    automatic choice (causal_prefix=None) falls back to all keys where the stages would lose visible keys."""
     seg = jnp.asarray(segments, jnp.int32)[None]
     starts = jnp.concatenate([jnp.ones((1, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
     pos = jnp.arange(512)[None] - jax.lax.cummax(jnp.where(starts, jnp.arange(512)[None], 0), axis=1)
     vis = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg)
-    self.assertEqual(bool(api.keys_precede_queries(**vis)), forced is None)
+    self.assertEqual(bool(api.keys_precede_queries(**vis)), stageable)
     args, _ = _inputs(time.time_ns(), 1, 512, 512, 2, 128, 0)
     topk = lambda causal_prefix: api.index_topk(*args, topk=96, **vis, implementation="pallas", rows_per_block=64,
                                                 select_implementation="radix", causal_prefix=causal_prefix)
     with plgpu.force_gpu_interpret_mode(INTERPRET):
-      want = jax.jit(lambda: topk(False))()
-      got = jax.jit(lambda: topk(forced))()
-    chex.assert_trees_all_equal(got, want)
+      full, auto, staged = (jax.jit(lambda c=c: topk(c))() for c in (False, None, True))
+    chex.assert_trees_all_equal(auto, full)
+    self.assertEqual(bool(jnp.array_equal(staged, full)), stageable)
     scores = reference.index_scores(*args, **vis)
-    chex.assert_trees_all_equal(want >= 0, topk_reference.topk_indices(scores, 96) >= 0)
+    chex.assert_trees_all_equal(full >= 0, topk_reference.topk_indices(scores, 96) >= 0)
 
   def test_keys_precede_queries_checks(self):
     pos = jnp.arange(8)[None]

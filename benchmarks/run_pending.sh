@@ -21,11 +21,10 @@ case "${1:-}" in
     run 300 dsa_layer_131072 --sections=dsa_layer --seq_lens=131072
     ;;
   2)
-    # The sparse MLA backward (128-column dkv slabs, the default since session 6, beside 64 and `red`) at 8K and
-    # 128K keys and at the parity model's shapes; the issue-4 sparse MLA section at 8K and 128K.
-    run 150 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192,131072
-    run 100 parity_shapes --sections=parity_shapes --seq_lens=8192
-    run 200 sparse_mla --sections=sparse_mla --seq_lens=8192,131072
+    # The sparse MLA backward's options for the path between key blocks (prefetch_idx, split_release, rope_red;
+    # session 7) beside the default at 8K and 128K keys and at the parity model's shapes.
+    run 240 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192,131072
+    run 150 parity_shapes --sections=parity_shapes --seq_lens=8192
     ;;
   *) echo "usage: run_pending.sh 1|2" >&2; exit 2 ;;
 esac

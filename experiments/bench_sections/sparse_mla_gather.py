@@ -1,16 +1,13 @@
-"""Benchmark section: the sparse MLA kernels' gather variants (a short GPU call).
+"""Benchmark section: the sparse MLA kernels' gather and dkv-reduction variants (a short GPU call).
 
-Same inputs and FLOP counts as `sparse_mla` (last 4096 queries, 128 heads, K = 2048). The Mosaic GPU
-forward with its rows gathered by per-row TMA copies issued from one lane of the gather warpgroup or from
-one lane of each of its 4 warps (`kernel_fwd.Config.gather_warps`), or by 16-byte cp.async copies from all
-128 of its threads (`Config.gather="cp_async"`, the default); the backward with the same three gathers
-(`kernel_bwd.sparse_mla_bwd(gather=, gather_warps=)`), its dkv TMA reduce-adds issued from 1 or 4 warps per
-warpgroup (`reduce_warps`) or added from registers with `red.global.add` (`reduce="red"`). The forward is checked against the XLA reference,
-the backward (from the forward's out / lse and random cotangents) against the 1-warp kernel's dq / dkv
-(its reduce-adds make the rounding vary from run to run anyway). Two diagnostic forward rows
-(`Config.skip`) time the cp.async forward without its row copies and without its math: the first bounds
-what the compute pipeline alone costs, the second what the gather alone costs; two backward rows do the same
-without its row copies and without its dkv additions.
+Same inputs and FLOP counts as `sparse_mla` (last 4096 queries, 128 heads, K = 2048). The backward
+(`kernel_bwd.sparse_mla_bwd`) in the configurations of BACKWARD_CONFIGS: its rows gathered by per-row TMA copies
+from one lane (the baseline whose dq / dkv the others are compared with: their reduce-adds make the rounding
+vary from run to run anyway) or by 16-byte cp.async copies from all 128 threads of the gather warpgroup (the
+default), with the options of the path between key blocks (`prefetch_idx`, `split_release`, `rope_red`,
+`reduce_warps`); rows with `skip` time it without its row copies or its dkv additions (diagnostics). The
+forward (FORWARD_CONFIGS: the cp.async default, earlier the TMA gathers and `Config.skip` diagnostics, see
+benchmarks/results) is checked against the XLA reference.
 """
 
 import jax
@@ -22,17 +19,26 @@ from pallas_kernels.sparse_mla import kernel_bwd, kernel_fwd, reference
 
 # Forward configurations (`kernel_fwd.Config` fields); those with `skip` time the forward without its row
 # copies or without its math (diagnostics: their outputs are not checked).
-FORWARD_CONFIGS = (dict(gather="tma", gather_warps=1), dict(gather="tma", gather_warps=4), dict(gather="cp_async"),
-                   dict(gather="cp_async", skip="copies"), dict(gather="cp_async", skip="math"))
+FORWARD_CONFIGS = (dict(gather="cp_async"),)
 # Backward configurations (`kernel_bwd.sparse_mla_bwd` arguments; the first is the baseline the others' gradients
 # are compared with); those with `skip` time the backward without its row copies or its dkv additions
-# (diagnostics: their gradients are not checked). With 128-column slabs (the default) there are half as many
-# reduce-adds to issue, so 2 issuing warps are timed beside 4. reduce="red" (dkv added from registers) comes last
-BACKWARD_CONFIGS = (dict(gather="tma", gather_warps=1, reduce_warps=1), dict(gather="cp_async", reduce_warps=4),
-                    dict(gather="cp_async", reduce_warps=4, slab_cols=64), dict(gather="cp_async", reduce_warps=2),
-                    dict(gather="cp_async", reduce_warps=4, skip="reduce"), dict(gather="cp_async", reduce="red"),
-                    dict(gather="cp_async", reduce="red", skip="reduce"))
+# (diagnostics: their gradients are not checked). Session 7 of 2026-11-29: the default (128-column slabs, 4 reduce
+# warps) beside the three changes to the path between blocks, alone and together: the next block's indices
+# prefetched (`prefetch_idx`), with it the key block's first chunk refilled once wg 0 has released it (`split_release`),
+# the rope slab added from registers (`rope_red`); then 2 reduce warps, and two rows without any dkv additions.
+_ALL = dict(gather="cp_async", prefetch_idx=True, split_release=True, rope_red=True)
+BACKWARD_CONFIGS = (dict(gather="tma", gather_warps=1, reduce_warps=1), dict(gather="cp_async"),
+                    dict(gather="cp_async", prefetch_idx=True), dict(gather="cp_async", rope_red=True),
+                    dict(gather="cp_async", prefetch_idx=True, split_release=True), _ALL,
+                    dict(_ALL, reduce_warps=2), dict(gather="cp_async", skip="reduce"), dict(_ALL, skip="reduce"))
+# The arguments a configuration leaves out (`kernel_bwd.sparse_mla_bwd`'s defaults, shown in every row).
+BACKWARD_DEFAULTS = dict(gather_warps=4, reduce_warps=4, reduce="tma", slab_cols=None, prefetch_idx=False,
+                         split_release=False, rope_red=False, skip="")
 
+
+def backward_arguments(fields: dict) -> dict:
+  """The keyword arguments of `kernel_bwd.sparse_mla_bwd` for one of BACKWARD_CONFIGS."""
+  return dict(BACKWARD_DEFAULTS, **fields)
 
 def _timed(rows: list[dict], base: dict, fn, *args):
   """Runs and times fn(*args) into a row of `base`; -> its output, or None with the error in the row (a variant
@@ -62,11 +68,11 @@ def run(cfg: dict, backward_configs=BACKWARD_CONFIGS, forward_configs=FORWARD_CO
     base = dict(section=section, T=T, queries=tq, heads=HEADS, k=TOPK)
     want_grads = None
     for fields in backward_configs:
-      fields = dict(dict(gather_warps=4, reduce_warps=4, reduce="tma", slab_cols="auto", skip=""), **fields)
+      fields = backward_arguments(fields)
       bwd = jax.jit(lambda q, kv, idx, out, lse, do, dlse, fields=fields: kernel_bwd.sparse_mla_bwd(
           q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, **fields))
       skip = fields["skip"]
-      shown = {k: v for k, v in fields.items() if k != "skip"}
+      shown = {k: ("auto" if v is None else v) for k, v in fields.items() if k != "skip"}
       grads = _timed(rows, dict(base, op=f"bwd without {skip}" if skip else "bwd", **shown), bwd, q, kv, idx,
                      want_out, want_lse, do, dlse)
       if grads is not None and not skip:

@@ -100,7 +100,7 @@ def _mma(acc, pairs, shape, interpret):
 
 def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_smem, do_smem, kv_smem, p_smem,
           ds_smem, idx_smem, q_bar, kv_ready, idx_ready, kv_free, ds_ready, ds_free, *, chunks, steps,
-          scale, bk, cfg, interpret, skip, reduce_warps, reduce, slab_cols):
+          scale, bk, cfg, interpret, skip, reduce_warps, reduce, slab_cols, prefetch_idx, split_release, rope_red):
   p_smem, (lse_smem, dd_smem) = p_smem
   kv_parts = [tuple(parts) for parts in kv_smem]  # a RefUnion iterates over its views
   kv_smem, kv_lines, stage_smem, wide_smem = zip(*(parts + (None,) * (4 - len(parts)) for parts in kv_parts))
@@ -109,8 +109,9 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
   wg = lax.axis_index("wg")
   half, dtype = chunks[0][1], q_ref.dtype
   heads = pl.ds(h0, HEAD_TILE)
+  slot_of = lambda j: lax.rem(j, 2) if prefetch_idx else 0  # idx_smem / idx_ready slot of block j
 
-  def add_rows(staged, col):
+  def add_rows(staged, col, slot):
     """The TMA reduce-adds of a staged slab [bk, width]: dkv[b, idx[r], col:col+width] += staged[r]."""
     width = staged.shape[-1]
 
@@ -119,7 +120,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
                               commit_group=False, reduction_op="add")
 
     # From `reduce_warps` lanes; every thread then commits (and later awaits) its own bulk group.
-    issue_row_copies(bk, reduce_warps, lambda r: idx_smem[r], add_row)
+    issue_row_copies(bk, reduce_warps, lambda r: idx_smem[slot, r], add_row)
     plgpu.commit_smem_to_gmem_group()
 
   def reduce_slab(acc, stage, j, slab, col, rows):
@@ -148,7 +149,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
 
     if skip == "reduce":  # benchmark diagnostics: no dkv reduce-adds
       return
-    add_rows(staged, col)
+    add_rows(staged, col, slot_of(j))
 
   def slabs(start, end):
     """(column, width) of the staged slabs covering dkv columns [start, end): `slab_cols` wide, never across a
@@ -159,14 +160,26 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
         out.append((col, min(slab_cols, off + width - col)))
     return out
 
-  def dkv_slabs(j, cols, stage, rows=None):
-    """dkv slabs `cols` ((column, width) pairs) of this block: dS^T q (+ P^T dO on the latent columns)."""
+  def slab_product(col, width):
+    """dS^T q[:, col:col+width] (+ P^T dO[:, col:col+width] on the latent columns): [bk, width] f32."""
+    (qc, qoff), = [(k, col - off) for k, (off, w) in enumerate(chunks) if off <= col < off + w]
+    pairs = [(ds_smem, q_smem[qc].at[:, pl.ds(qoff, width)])]
+    if qc < 2:
+      pairs.append((p_smem, do_smem[qc].at[:, pl.ds(qoff, width)]))
+    return _mma(None, pairs, (bk, width), interpret)
+
+  def dkv_slabs(j, cols, stage, rows=None, idx=None):
+    """dkv slabs `cols` ((column, width) pairs) of this block. With `rope_red` the rope slab (columns from
+    v_dim on; wg 0's, whose `idx` holds the block's indices) is added from registers first (`red_add`: no
+    staging, no TMA operation), the rest as `reduce` says."""
+    if rope_red:
+      for col, width in [c for c in cols if c[0] >= chunks[2][0]]:
+        acc = slab_product(col, width)
+        if skip != "reduce":
+          red_add.add_rows(dkv_ref.at[b], dest_rows(idx), acc, col=col)
+      cols = [c for c in cols if c[0] < chunks[2][0]]
     for i, (col, width) in enumerate(cols):
-      (qc, qoff), = [(k, col - off) for k, (off, w) in enumerate(chunks) if off <= col < off + w]
-      pairs = [(ds_smem, q_smem[qc].at[:, pl.ds(qoff, width)])]
-      if qc < 2:
-        pairs.append((p_smem, do_smem[qc].at[:, pl.ds(qoff, width)]))
-      reduce_slab(_mma(None, pairs, (bk, width), interpret), stage, j, i, col, rows)
+      reduce_slab(slab_product(col, width), stage, j, i, col, rows)
     if reduce == "tma":
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -186,8 +199,8 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem[chunk], dq_ref.at[b, t, heads, pl.ds(off, width)])
 
-  def wait_block():
-    plgpu.barrier_wait(idx_ready)
+  def wait_block(j):
+    plgpu.barrier_wait(idx_ready.at[slot_of(j)])
     plgpu.barrier_wait(kv_ready)
 
   @pl.when(wg == 0)
@@ -204,14 +217,15 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     lse = lax.broadcast_in_dim(plgpu.load(lse_smem, layout=heads_layout), (bk, HEAD_TILE), [1])
     dd = lax.broadcast_in_dim(plgpu.load(dd_smem, layout=heads_layout), (bk, HEAD_TILE), [1])
     log2_scale = scale * math.log2(math.e)
-    cols = slabs(0, half)
+    rope = slabs(chunks[2][0], chunks[2][0] + chunks[2][1])
+    cols = slabs(0, half) + (rope if rope_red else [])  # with `rope_red` wg 0 adds the rope slab (balance)
 
     def step(j, dq):
-      wait_block()
+      wait_block(j)
       st = _mma(None, [(k, q.transpose((1, 0))) for k, q in zip(kv_smem, q_smem)], (bk, HEAD_TILE), interpret)
       dpt = _mma(None, [(kv_smem[c], do_smem[c].transpose((1, 0))) for c in range(2)], (bk, HEAD_TILE),
                  interpret)
-      idx = plgpu.load(idx_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+      idx = plgpu.load(idx_smem.at[slot_of(j)], layout=plgpu.Layout.WGMMA.reduce(1))
       bias = lax.broadcast_in_dim(jnp.where(idx >= 0, 0.0, -jnp.inf).astype(jnp.float32), st.shape, [0])
       pt = jnp.exp2(st * log2_scale - lse + bias)
       if reduce != "tma":  # wg 1 may still read the previous block's P^T and dS^T (its dkv slabs)
@@ -224,11 +238,11 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
       plgpu.barrier_arrive(ds_ready)
       dq = dq_product(dq, 0)
       if reduce != "tma":  # the dkv slabs read neither the key block nor idx_smem: release them now
-        plgpu.barrier_arrive(kv_free)
+        plgpu.barrier_arrive(kv_free.at[0])
         dkv_slabs(j, cols, None, dest_rows(idx))
       else:
-        dkv_slabs(j, cols, (stage_smem[0], wide_smem[0]))
-        plgpu.barrier_arrive(kv_free)
+        dkv_slabs(j, cols, (stage_smem[0], wide_smem[0]), idx=idx)
+        plgpu.barrier_arrive(kv_free.at[0])
       return dq
 
     dq = lax.fori_loop(0, steps, step, zeros(half))
@@ -242,22 +256,22 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     plgpu.set_max_registers(kernel_fwd.COMPUTE_REGISTERS, action="increase")
     plgpu.barrier_wait(q_bar)
     v_dim = chunks[2][0]
-    cols = slabs(half, v_dim + chunks[2][1])
+    cols = slabs(half, v_dim + (0 if rope_red else chunks[2][1]))
 
     def step(j, carry):
       dq, dq_rope = carry
-      wait_block()
+      wait_block(j)
       plgpu.barrier_wait(ds_ready)
       if reduce != "tma":
-        rows = dest_rows(plgpu.load(idx_smem, (), layout=plgpu.Layout.WGMMA.reduce(1)))
+        rows = dest_rows(plgpu.load(idx_smem.at[slot_of(j)], (), layout=plgpu.Layout.WGMMA.reduce(1)))
       dq, dq_rope = dq_product(dq, 1), dq_product(dq_rope, 2)
       if reduce != "tma":  # as wg 0: release the key block and idx_smem, then P^T and dS^T after the slabs
-        plgpu.barrier_arrive(kv_free)
+        plgpu.barrier_arrive(kv_free.at[1])
         dkv_slabs(j, cols, None, rows)
         plgpu.barrier_arrive(ds_free)
       else:
         dkv_slabs(j, cols, (stage_smem[1], wide_smem[1]))
-        plgpu.barrier_arrive(kv_free)
+        plgpu.barrier_arrive(kv_free.at[1])
       return dq, dq_rope
 
     dq, dq_rope = lax.fori_loop(0, steps, step, (zeros(half), zeros(chunks[2][1])))
@@ -269,14 +283,37 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
   def _gather():
     plgpu.set_max_registers(kernel_fwd.GATHER_REGISTERS, action="decrease")
 
-    @pl.loop(0, steps)
-    def _block(j):
+    def load_idx(j):
+      plgpu.copy_gmem_to_smem(idx_ref.at[b, t, pl.ds(j * bk, bk)], idx_smem.at[slot_of(j)],
+                              idx_ready.at[slot_of(j)])
+
+    def await_release(j, half):
+      """Block j - 1's release of the key block's half (0: chunk 0, wg 0's; 1: the rest, wg 1's)."""
       @pl.when(j > 0)
       def _():
-        plgpu.barrier_wait(kv_free)  # both dkv reductions have read the previous block out of SMEM
+        plgpu.barrier_wait(kv_free.at[half])
 
-      plgpu.copy_gmem_to_smem(idx_ref.at[b, t, pl.ds(j * bk, bk)], idx_smem, idx_ready)
-      plgpu.barrier_wait(idx_ready)
+    def prefetch_next(j):
+      """With `prefetch_idx`, the indices of block j + 1 into the slot that block j - 1 used (released)."""
+      if prefetch_idx:
+        @pl.when(j + 1 < steps)
+        def _():
+          load_idx(j + 1)
+
+    if prefetch_idx:
+      load_idx(0)
+
+    @pl.loop(0, steps)
+    def _block(j):
+      await_release(j, 0)
+      if not split_release:
+        await_release(j, 1)
+      if not prefetch_idx:
+        load_idx(j)
+      plgpu.barrier_wait(idx_ready.at[slot_of(j)])
+      idx_j = idx_smem.at[slot_of(j)]
+      if not split_release:
+        prefetch_next(j)
 
       def copy_row(r, row):
         for (off, width), smem, lines in zip(chunks, kv_smem, kv_lines):
@@ -290,17 +327,28 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
                                     lines.at[pl.ds(line, 1)], kv_ready)
 
       if cfg.gather == "cp_async":  # all 128 threads copy 16-byte pieces; wait, fence, then all arrive
-        if skip != "copies":
-          cp_async_gather.issue_block(kv_ref.at[b], idx_smem, kv_lines, chunks=chunks, rows=bk)
+        def issue(part):
+          if skip != "copies":
+            cp_async_gather.issue_block(kv_ref.at[b], idx_j, [kv_lines[c] for c in part],
+                                        chunks=[chunks[c] for c in part], rows=bk)
+
+        if split_release:  # chunk 0 as soon as wg 0 has released it, the rest once wg 1 has
+          issue([0])
+          await_release(j, 1)
+          prefetch_next(j)
+          issue(range(1, len(chunks)))
+        else:
+          issue(range(len(chunks)))
         cp_async_gather.wait(0)
         plgpu.commit_smem()
         plgpu.barrier_arrive(kv_ready)
         return
       # Only the row gathers are spread over warps (gather_warps > 1); the per-row dkv reduce-adds of wg 0
       # and wg 1 (`reduce_slab`) are tracked by bulk async groups, which belong to the issuing thread.
-      issue_row_copies(bk, cfg.gather_warps, lambda r: idx_smem[r], copy_row)
+      issue_row_copies(bk, cfg.gather_warps, lambda r: idx_j[r], copy_row)
 
-    plgpu.barrier_wait(kv_free)  # observe the last release, so that every barrier phase is waited on
+    for half in range(2):  # observe the last releases, so that every barrier phase is waited on
+      plgpu.barrier_wait(kv_free.at[half])
 
 
 def _kv_buffer(bk: int, width: int, dtype, stage: bool, interpret, gather: str = "tma", wide: bool = False):
@@ -336,11 +384,11 @@ def _scratch(chunks, bk, dtype, interpret, gather="tma", wide=False):
       # The lse and (delta - dlse) rows are read into registers before P^T is first written.
       (plgpu.RefUnion if not interpret else lambda *refs: refs)(smem((bk, HEAD_TILE)), rows),
       smem((bk, HEAD_TILE)),
-      plgpu.SMEM((bk,), jnp.int32),
+      plgpu.SMEM((2, bk), jnp.int32),  # two slots: block j + 1's indices land while block j is reduced
       plgpu.Barrier(num_arrivals=len(chunks) + 4),
       plgpu.Barrier(num_arrivals=1 if gather == "cp_async" else copies_per_row * bk),
-      plgpu.Barrier(),
-      plgpu.Barrier(num_arrivals=2),
+      plgpu.Barrier(num_barriers=2),  # idx_ready, per slot
+      plgpu.Barrier(num_barriers=2),  # kv_free: [0] chunk 0 released by wg 0, [1] the rest by wg 1
       plgpu.Barrier(),
       plgpu.Barrier(),  # ds_free: wg 1 has finished reading P^T and dS^T (reduce="red")
   )
@@ -348,7 +396,8 @@ def _scratch(chunks, bk, dtype, interpret, gather="tma", wide=False):
 
 def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: int, block_k: int = 64,
                    gather_warps: int = 4, gather: str = "cp_async", reduce_warps: int = 4,
-                   reduce: str = "tma", slab_cols: int | None = None, skip: str = "",
+                   reduce: str = "tma", slab_cols: int | None = None, prefetch_idx: bool = False,
+                   split_release: bool = False, rope_red: bool = False, skip: str = "",
                    interpret=False) -> tuple[jax.Array, jax.Array]:
   """Gradients of `reference.sparse_mla` w.r.t. q [B, T, N, Dk] and kv [B, S, Dk] from the saved lse,
   given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N]). `gather`
@@ -360,7 +409,12 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   warpgroups release the key block (and the gather of the next block starts) right after their dq products
   instead of after their dkv slabs. `slab_cols` (with "tma"): columns per staged slab and per reduce-add, 64 or
   128 (SLAB_COLS; 128: half the reduce-add operations, one staging buffer per warpgroup); None: 128 with "tma"
-  where the value chunks are at least 128 wide, else 64. `skip` is for
+  where the value chunks are at least 128 wide, else 64. `prefetch_idx`: the gather loads block j + 1's
+  indices (two slots) while block j is computed, instead of after block j's release (one memory round trip
+  less on the path between blocks). `split_release` (cp.async gather, with `prefetch_idx`): the gather refills the key block's
+  first chunk as soon as wg 0 has released it, the rest once wg 1 has, instead of waiting for both. `rope_red`
+  (with "tma"): the 64 rope columns of dkv are added from registers by `red_add` (no staging, a fifth fewer
+  TMA operations). `skip` is for
   benchmark diagnostics only (the gradients are then wrong): "copies" leaves out the cp.async row copies,
   "reduce" the dkv reduce-adds, so that their share of the time shows."""
   bsz, t, n, dk = q.shape
@@ -378,6 +432,12 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
     slab_cols = 2 * SLAB if reduce == "tma" and chunks[0][1] >= 2 * SLAB else SLAB
   if slab_cols not in SLAB_COLS or (slab_cols != SLAB and reduce != "tma"):
     raise ValueError(f"slab_cols={slab_cols} must be one of {SLAB_COLS}, and {SLAB} with reduce={reduce!r}.")
+  if split_release and (gather != "cp_async" or not prefetch_idx):
+    raise ValueError(f"split_release=True needs gather='cp_async' (got {gather!r}) and prefetch_idx=True (got "
+                     f"{prefetch_idx}): wg 1's reduce-adds still read the block's indices when chunk 0 is refilled.")
+  if rope_red and (reduce != "tma" or interpret):
+    raise ValueError(f"rope_red=True needs reduce='tma' (got {reduce!r}) and a GPU: it runs inline Mosaic GPU code, "
+                     "which GPU interpret mode cannot run.")
   n_tiles = -(-n // HEAD_TILE)
   if skip not in ("", "reduce") and not (skip == "copies" and gather == "cp_async"):
     raise ValueError(f"skip={skip!r} must be '', 'reduce' or (with gather='cp_async') 'copies'.")
@@ -392,7 +452,8 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   indices = jnp.pad(indices.astype(jnp.int32), ((0, 0), (0, 0), (0, k_pad)), constant_values=-1)
   body = functools.partial(_body, chunks=chunks, steps=indices.shape[-1] // block_k, scale=scale, bk=block_k,
                            cfg=cfg, interpret=bool(interpret), skip=skip, reduce_warps=reduce_warps,
-                           reduce=reduce, slab_cols=slab_cols)
+                           reduce=reduce, slab_cols=slab_cols, prefetch_idx=prefetch_idx,
+                           split_release=split_release, rope_red=rope_red)
   kernel = plgpu.kernel(
       body,
       out_type=(),

@@ -69,10 +69,12 @@ class SparseMlaTest(parameterized.TestCase):
     chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
 
   @parameterized.named_parameters(("heads16_pad", 1, 3, 16, 70, 1), ("heads64_batch2", 2, 2, 64, 150, 1),
-                                  ("heads16_pad_gather_warps4", 1, 3, 16, 70, 4))
-  def test_backward_kernel_matches_reference_vjp(self, B, T, N, K, gather_warps):  # noqa: N803
+                                  ("heads16_pad_gather_warps4", 1, 3, 16, 70, 4),
+                                  ("heads16_prefetch_idx", 1, 3, 16, 200, 4, True))
+  def test_backward_kernel_matches_reference_vjp(self, B, T, N, K, gather_warps, prefetch_idx=False):  # noqa: N803
     """K not a multiple of the 64-key block, -1 entries, a query with no valid key (lse = -inf) and a key
-    that every query selects (its dkv row sums over queries)."""
+    that every query selects (its dkv row sums over queries). With `prefetch_idx`, 4 key blocks: both index
+    slots are used twice."""
     q, kv, idx = _inputs(time.time_ns(), B, T, N, 40, K)
     f32 = lambda x: x.astype(jnp.float32)
     f = lambda q, kv: reference.sparse_mla(q, kv, idx, scale=0.1, v_dim=128)
@@ -82,7 +84,7 @@ class SparseMlaTest(parameterized.TestCase):
     dlse = jnp.where(jnp.isfinite(lse), jax.random.normal(keys[1], lse.shape), 0.0)
     want = vjp((f32(do), dlse))
     got = kernel_bwd.sparse_mla_bwd(q, kv, idx, out.astype(jnp.bfloat16), lse, do, dlse, scale=0.1, v_dim=128,
-                                    gather="tma", gather_warps=gather_warps,
+                                    gather="tma", gather_warps=gather_warps, prefetch_idx=prefetch_idx,
                                     interpret=plgpu.InterpretGPUParams(detect_races=True))
     self.assertFalse(gpu_callbacks.get_races().races_found)
     chex.assert_trees_all_equal_shapes_and_dtypes(got, (q, kv))
@@ -141,6 +143,18 @@ class SparseMlaTest(parameterized.TestCase):
       kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
                                 jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", skip="copies")
 
+  def test_backward_rejects_release_options(self):
+    q, kv, idx = _inputs(0, 1, 1, 16, 40, 64)
+    args = (q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128], jnp.zeros(q.shape[:3]))
+    with self.assertRaisesRegex(ValueError,
+                                r"split_release=True needs gather='cp_async' \(got 'tma'\) and prefetch_idx=True"):
+      kernel_bwd.sparse_mla_bwd(*args, scale=0.1, v_dim=128, gather="tma", split_release=True)
+    with self.assertRaisesRegex(ValueError, r"rope_red=True needs reduce='tma' \(got 'red'\)"):
+      kernel_bwd.sparse_mla_bwd(*args, scale=0.1, v_dim=128, reduce="red", rope_red=True)
+    with self.assertRaisesRegex(ValueError, "rope_red=True needs .* GPU interpret mode cannot run"):
+      kernel_bwd.sparse_mla_bwd(*args, scale=0.1, v_dim=128, gather="tma", rope_red=True,
+                                interpret=plgpu.InterpretGPUParams())
+
   def test_cp_async_gather_refuses_interpret_mode(self):
     q, kv, idx = _inputs(0, 1, 1, 16, 40, 64)
     with self.assertRaisesRegex(ValueError, "gather='cp_async' runs inline Mosaic GPU code"):
@@ -192,6 +206,22 @@ class SparseMlaTest(parameterized.TestCase):
     with jax.sharding.use_abstract_mesh(H200):
       text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     self.assertIn("mosaic_gpu", text)
+
+  def test_benchmark_backward_configs_lower_for_h200(self):
+    """Every backward configuration of the GPU benchmark (`sparse_mla_gather.BACKWARD_CONFIGS`: the index
+    prefetch, the split release, the rope slab from registers, alone and together) is a valid call that
+    lowers at the benchmark's shapes (8K keys, 4096 queries, 128 heads, K = 2048)."""
+    from experiments.bench_sections import sparse_mla_gather  # noqa: PLC0415 (benchmark code, not the library)
+    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    args = (bf16(1, 4096, 128, 576), bf16(1, 8192, 576), jax.ShapeDtypeStruct((1, 4096, 2048), jnp.int32),
+            bf16(1, 4096, 128, 512), f32(1, 4096, 128), bf16(1, 4096, 128, 512), f32(1, 4096, 128))
+    for fields in sparse_mla_gather.BACKWARD_CONFIGS:
+      f = functools.partial(kernel_bwd.sparse_mla_bwd, scale=0.135, v_dim=512,
+                            **sparse_mla_gather.backward_arguments(fields))
+      with jax.sharding.use_abstract_mesh(H200):
+        text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+      self.assertIn("mosaic_gpu", text, msg=str(fields))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 # command. One process per section, each with its own time limit; logs and JSON go to $OUT.
 # On the GPU machine, from the repository root:
 #   OUT=/some/dir bash benchmarks/run_pending.sh 1   # index_topk and the DSA core at 128K
-#   OUT=/some/dir bash benchmarks/run_pending.sh 2   # the sparse MLA backward variants
+#   OUT=/some/dir bash benchmarks/run_pending.sh 2   # the sparse MLA backward variants and the sparse MLA section
+#   OUT=/some/dir bash benchmarks/run_pending.sh 3   # the indexer KL kernels at 128K
 set -u
 : "${OUT:?set OUT to the output folder}"
 export PYTHONPATH=.
@@ -21,10 +22,16 @@ case "${1:-}" in
     run 300 dsa_layer_131072 --sections=dsa_layer --seq_lens=131072
     ;;
   2)
-    # The sparse MLA backward's options for the path between key blocks (prefetch_idx, split_release, rope_red;
-    # session 7) beside the default at 8K and 128K keys and at the parity model's shapes.
-    run 240 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192,131072
-    run 150 parity_shapes --sections=parity_shapes --seq_lens=8192
+    # The sparse MLA backward's new defaults (session 7: index prefetch, per-chunk release) beside the previous
+    # default at 8K and 128K keys and at the parity model's shapes; the issue-4 sparse MLA section at all lengths.
+    run 150 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192,131072
+    run 100 parity_shapes --sections=parity_shapes --seq_lens=8192
+    run 300 sparse_mla_all --sections=sparse_mla --seq_lens=8192,32768,65536,131072
     ;;
-  *) echo "usage: run_pending.sh 1|2" >&2; exit 2 ;;
+  3)
+    # The indexer KL kernels at T = 128K: cross-lowered in CI, never run on the GPU at that length before.
+    run 300 indexer_kl_131072 --sections=indexer_kl --seq_lens=131072
+    run 200 indexer_kl_sparse_131072 --sections=indexer_kl_sparse --seq_lens=131072
+    ;;
+  *) echo "usage: run_pending.sh 1|2|3" >&2; exit 2 ;;
 esac

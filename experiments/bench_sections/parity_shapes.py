@@ -20,12 +20,11 @@ from pallas_kernels.sparse_mla import kernel_bwd, reference
 
 HEADS, LATENT, ROPE, TOPK, INDEX_HEADS, INDEX_DIM = 16, 256, 64, 512, 16, 64
 SCALE = (64 + 64) ** -0.5
-# The backward's dkv additions: the default (TMA reduce-adds of 128-column slabs here), 64-column slabs, `red_add`;
-# then the default with the next block's indices prefetched and the key block released per chunk, and with the
-# rope slab added from registers as well (`kernel_bwd.sparse_mla_bwd`'s prefetch_idx, split_release, rope_red).
+# The backward's dkv additions: the default (TMA reduce-adds of 128-column slabs here, the next block's indices
+# prefetched, the key block released per chunk), 64-column slabs, `red_add`, and the default without the prefetch
+# and split release (the default before session 7 of 2026-11-29).
 BACKWARD_VARIANTS = {"tma": {}, "tma_slab64": dict(slab_cols=64), "red": dict(reduce="red"),
-                     "prefetch_split": dict(prefetch_idx=True, split_release=True),
-                     "prefetch_split_rope_red": dict(prefetch_idx=True, split_release=True, rope_red=True)}
+                     "no_prefetch": dict(prefetch_idx=False)}
 
 def _inputs(T: int):  # noqa: N803
   ks = jax.random.split(jax.random.key(3), 8)

@@ -4,8 +4,7 @@ Same inputs and FLOP counts as `sparse_mla` (last 4096 queries, 128 heads, K = 2
 (`kernel_bwd.sparse_mla_bwd`) in the configurations of BACKWARD_CONFIGS: its rows gathered by per-row TMA copies
 from one lane (the baseline whose dq / dkv the others are compared with: their reduce-adds make the rounding
 vary from run to run anyway) or by 16-byte cp.async copies from all 128 threads of the gather warpgroup (the
-default), with the options of the path between key blocks (`prefetch_idx`, `split_release`, `rope_red`,
-`reduce_warps`); rows with `skip` time it without its row copies or its dkv additions (diagnostics). The
+default), with the options of the path between key blocks (`prefetch_idx`, `split_release`); rows with `skip` time it without its row copies or its dkv additions (diagnostics). The
 forward (FORWARD_CONFIGS: the cp.async default, earlier the TMA gathers and `Config.skip` diagnostics, see
 benchmarks/results) is checked against the XLA reference.
 """
@@ -22,19 +21,15 @@ from pallas_kernels.sparse_mla import kernel_bwd, kernel_fwd, reference
 FORWARD_CONFIGS = (dict(gather="cp_async"),)
 # Backward configurations (`kernel_bwd.sparse_mla_bwd` arguments; the first is the baseline the others' gradients
 # are compared with); those with `skip` time the backward without its row copies or its dkv additions
-# (diagnostics: their gradients are not checked). Session 7 of 2026-11-29: the default (128-column slabs, 4 reduce
-# warps) beside the three changes to the path between blocks, alone and together: the next block's indices
-# prefetched (`prefetch_idx`), with it the key block's first chunk refilled once wg 0 has released it (`split_release`),
-# the rope slab added from registers (`rope_red`); then 2 reduce warps, and two rows without any dkv additions.
-_ALL = dict(gather="cp_async", prefetch_idx=True, split_release=True, rope_red=True)
-BACKWARD_CONFIGS = (dict(gather="tma", gather_warps=1, reduce_warps=1), dict(gather="cp_async"),
-                    dict(gather="cp_async", prefetch_idx=True), dict(gather="cp_async", rope_red=True),
-                    dict(gather="cp_async", prefetch_idx=True, split_release=True), _ALL,
-                    dict(_ALL, reduce_warps=2), dict(gather="cp_async", skip="reduce"), dict(_ALL, skip="reduce"))
+# (diagnostics: their gradients are not checked). The default (128-column slabs, 4 reduce warps, the next block's
+# indices prefetched, the key block released per chunk: session 7 of 2026-11-29) beside the previous default
+# (`prefetch_idx=False`) and the prefetch alone (`split_release=False`); one row without any dkv additions.
+BACKWARD_CONFIGS = (dict(gather="tma", gather_warps=1, reduce_warps=1), dict(gather="cp_async", prefetch_idx=False),
+                    dict(gather="cp_async", split_release=False), dict(gather="cp_async"),
+                    dict(gather="cp_async", skip="reduce"))
 # The arguments a configuration leaves out (`kernel_bwd.sparse_mla_bwd`'s defaults, shown in every row).
-BACKWARD_DEFAULTS = dict(gather_warps=4, reduce_warps=4, reduce="tma", slab_cols=None, prefetch_idx=False,
-                         split_release=False, rope_red=False, skip="")
-
+BACKWARD_DEFAULTS = dict(gather_warps=4, reduce_warps=4, reduce="tma", slab_cols=None, prefetch_idx=True,
+                         split_release=None, skip="")
 
 def backward_arguments(fields: dict) -> dict:
   """The keyword arguments of `kernel_bwd.sparse_mla_bwd` for one of BACKWARD_CONFIGS."""
@@ -72,7 +67,7 @@ def run(cfg: dict, backward_configs=BACKWARD_CONFIGS, forward_configs=FORWARD_CO
       bwd = jax.jit(lambda q, kv, idx, out, lse, do, dlse, fields=fields: kernel_bwd.sparse_mla_bwd(
           q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, **fields))
       skip = fields["skip"]
-      shown = {k: ("auto" if v is None else v) for k, v in fields.items() if k != "skip"}
+      shown = {k: ("default" if v is None else v) for k, v in fields.items() if k != "skip"}
       grads = _timed(rows, dict(base, op=f"bwd without {skip}" if skip else "bwd", **shown), bwd, q, kv, idx,
                      want_out, want_lse, do, dlse)
       if grads is not None and not skip:

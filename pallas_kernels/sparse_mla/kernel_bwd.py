@@ -29,8 +29,15 @@ SMEM (576 / 512, bf16): Q 72 KiB + dO 64 KiB + one key block 72 KiB + P^T, dS^T 
 227 KiB per block. Nothing else fits, so each warpgroup stages its dkv slabs in its own part of the key
 block (one 32 KiB f32 slab, or with `slab_cols=64` two 16 KiB slots, reused once the TMA has read them) once
 its dq product no longer reads it;
-the next block's gather starts when both warpgroups' reductions have been read out of SMEM. The key
-block is therefore single-buffered: the gather does not overlap this CTA's matmuls.
+the next block's gather starts when the reductions have been read out of SMEM. The key block is therefore
+single-buffered: the gather does not overlap this CTA's matmuls. Two things shorten the path between blocks
+(session 7 of 2026-11-29, both defaults): the index block is double-buffered, so block j + 1's indices load
+while block j is computed (`prefetch_idx`), and the key block is released per chunk (`split_release`): the
+gather refills chunk 0 (wg 0's staging) as soon as wg 0's slabs have been read, the rest once wg 1's have.
+On the H200 (4096 queries, 128 heads, K = 2048): 28.7 ms = 203.7 TFLOP/s over 8K keys against 30.6 ms = 191.2
+without either (28.9 ms with the prefetch alone), 42.2 against 42.9 ms over 128K keys; without the dkv
+additions 16.8 against 18.4 ms. Adding the 64 rope columns of dkv from registers (`red_add`, a fifth fewer TMA
+operations) was slower (32.5 ms over 8K keys, 46.5 over 128K) and was removed.
 
 `reduce="red"` (opt-in) adds dkv from registers instead
 (`pallas_kernels.red_add`: `red.global.add.v4.f32`, every thread its own fragments), so nothing is staged: each
@@ -100,7 +107,7 @@ def _mma(acc, pairs, shape, interpret):
 
 def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_smem, do_smem, kv_smem, p_smem,
           ds_smem, idx_smem, q_bar, kv_ready, idx_ready, kv_free, ds_ready, ds_free, *, chunks, steps,
-          scale, bk, cfg, interpret, skip, reduce_warps, reduce, slab_cols, prefetch_idx, split_release, rope_red):
+          scale, bk, cfg, interpret, skip, reduce_warps, reduce, slab_cols, prefetch_idx, split_release):
   p_smem, (lse_smem, dd_smem) = p_smem
   kv_parts = [tuple(parts) for parts in kv_smem]  # a RefUnion iterates over its views
   kv_smem, kv_lines, stage_smem, wide_smem = zip(*(parts + (None,) * (4 - len(parts)) for parts in kv_parts))
@@ -168,16 +175,8 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
       pairs.append((p_smem, do_smem[qc].at[:, pl.ds(qoff, width)]))
     return _mma(None, pairs, (bk, width), interpret)
 
-  def dkv_slabs(j, cols, stage, rows=None, idx=None):
-    """dkv slabs `cols` ((column, width) pairs) of this block. With `rope_red` the rope slab (columns from
-    v_dim on; wg 0's, whose `idx` holds the block's indices) is added from registers first (`red_add`: no
-    staging, no TMA operation), the rest as `reduce` says."""
-    if rope_red:
-      for col, width in [c for c in cols if c[0] >= chunks[2][0]]:
-        acc = slab_product(col, width)
-        if skip != "reduce":
-          red_add.add_rows(dkv_ref.at[b], dest_rows(idx), acc, col=col)
-      cols = [c for c in cols if c[0] < chunks[2][0]]
+  def dkv_slabs(j, cols, stage, rows=None):
+    """dkv slabs `cols` ((column, width) pairs) of this block, added as `reduce` says."""
     for i, (col, width) in enumerate(cols):
       reduce_slab(slab_product(col, width), stage, j, i, col, rows)
     if reduce == "tma":
@@ -217,8 +216,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     lse = lax.broadcast_in_dim(plgpu.load(lse_smem, layout=heads_layout), (bk, HEAD_TILE), [1])
     dd = lax.broadcast_in_dim(plgpu.load(dd_smem, layout=heads_layout), (bk, HEAD_TILE), [1])
     log2_scale = scale * math.log2(math.e)
-    rope = slabs(chunks[2][0], chunks[2][0] + chunks[2][1])
-    cols = slabs(0, half) + (rope if rope_red else [])  # with `rope_red` wg 0 adds the rope slab (balance)
+    cols = slabs(0, half)
 
     def step(j, dq):
       wait_block(j)
@@ -241,7 +239,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
         plgpu.barrier_arrive(kv_free.at[0])
         dkv_slabs(j, cols, None, dest_rows(idx))
       else:
-        dkv_slabs(j, cols, (stage_smem[0], wide_smem[0]), idx=idx)
+        dkv_slabs(j, cols, (stage_smem[0], wide_smem[0]))
         plgpu.barrier_arrive(kv_free.at[0])
       return dq
 
@@ -256,7 +254,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     plgpu.set_max_registers(kernel_fwd.COMPUTE_REGISTERS, action="increase")
     plgpu.barrier_wait(q_bar)
     v_dim = chunks[2][0]
-    cols = slabs(half, v_dim + (0 if rope_red else chunks[2][1]))
+    cols = slabs(half, v_dim + chunks[2][1])
 
     def step(j, carry):
       dq, dq_rope = carry
@@ -396,8 +394,8 @@ def _scratch(chunks, bk, dtype, interpret, gather="tma", wide=False):
 
 def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: int, block_k: int = 64,
                    gather_warps: int = 4, gather: str = "cp_async", reduce_warps: int = 4,
-                   reduce: str = "tma", slab_cols: int | None = None, prefetch_idx: bool = False,
-                   split_release: bool = False, rope_red: bool = False, skip: str = "",
+                   reduce: str = "tma", slab_cols: int | None = None, prefetch_idx: bool = True,
+                   split_release: bool | None = None, skip: str = "",
                    interpret=False) -> tuple[jax.Array, jax.Array]:
   """Gradients of `reference.sparse_mla` w.r.t. q [B, T, N, Dk] and kv [B, S, Dk] from the saved lse,
   given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N]). `gather`
@@ -409,12 +407,11 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   warpgroups release the key block (and the gather of the next block starts) right after their dq products
   instead of after their dkv slabs. `slab_cols` (with "tma"): columns per staged slab and per reduce-add, 64 or
   128 (SLAB_COLS; 128: half the reduce-add operations, one staging buffer per warpgroup); None: 128 with "tma"
-  where the value chunks are at least 128 wide, else 64. `prefetch_idx`: the gather loads block j + 1's
-  indices (two slots) while block j is computed, instead of after block j's release (one memory round trip
-  less on the path between blocks). `split_release` (cp.async gather, with `prefetch_idx`): the gather refills the key block's
-  first chunk as soon as wg 0 has released it, the rest once wg 1 has, instead of waiting for both. `rope_red`
-  (with "tma"): the 64 rope columns of dkv are added from registers by `red_add` (no staging, a fifth fewer
-  TMA operations). `skip` is for
+  where the value chunks are at least 128 wide, else 64. `prefetch_idx` (default): the gather loads block
+  j + 1's indices (two slots) while block j is computed, instead of after block j's release (one memory round
+  trip less between blocks). `split_release` (cp.async gather with `prefetch_idx`; None: wherever those hold):
+  the gather refills the key block's first chunk as soon as wg 0 has released it, the rest once wg 1 has,
+  instead of waiting for both. `skip` is for
   benchmark diagnostics only (the gradients are then wrong): "copies" leaves out the cp.async row copies,
   "reduce" the dkv reduce-adds, so that their share of the time shows."""
   bsz, t, n, dk = q.shape
@@ -432,12 +429,11 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
     slab_cols = 2 * SLAB if reduce == "tma" and chunks[0][1] >= 2 * SLAB else SLAB
   if slab_cols not in SLAB_COLS or (slab_cols != SLAB and reduce != "tma"):
     raise ValueError(f"slab_cols={slab_cols} must be one of {SLAB_COLS}, and {SLAB} with reduce={reduce!r}.")
+  if split_release is None:
+    split_release = gather == "cp_async" and prefetch_idx
   if split_release and (gather != "cp_async" or not prefetch_idx):
     raise ValueError(f"split_release=True needs gather='cp_async' (got {gather!r}) and prefetch_idx=True (got "
                      f"{prefetch_idx}): wg 1's reduce-adds still read the block's indices when chunk 0 is refilled.")
-  if rope_red and (reduce != "tma" or interpret):
-    raise ValueError(f"rope_red=True needs reduce='tma' (got {reduce!r}) and a GPU: it runs inline Mosaic GPU code, "
-                     "which GPU interpret mode cannot run.")
   n_tiles = -(-n // HEAD_TILE)
   if skip not in ("", "reduce") and not (skip == "copies" and gather == "cp_async"):
     raise ValueError(f"skip={skip!r} must be '', 'reduce' or (with gather='cp_async') 'copies'.")
@@ -453,7 +449,7 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   body = functools.partial(_body, chunks=chunks, steps=indices.shape[-1] // block_k, scale=scale, bk=block_k,
                            cfg=cfg, interpret=bool(interpret), skip=skip, reduce_warps=reduce_warps,
                            reduce=reduce, slab_cols=slab_cols, prefetch_idx=prefetch_idx,
-                           split_release=split_release, rope_red=rope_red)
+                           split_release=split_release)
   kernel = plgpu.kernel(
       body,
       out_type=(),

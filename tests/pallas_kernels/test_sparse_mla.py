@@ -70,11 +70,11 @@ class SparseMlaTest(parameterized.TestCase):
 
   @parameterized.named_parameters(("heads16_pad", 1, 3, 16, 70, 1), ("heads64_batch2", 2, 2, 64, 150, 1),
                                   ("heads16_pad_gather_warps4", 1, 3, 16, 70, 4),
-                                  ("heads16_prefetch_idx", 1, 3, 16, 200, 4, True))
-  def test_backward_kernel_matches_reference_vjp(self, B, T, N, K, gather_warps, prefetch_idx=False):  # noqa: N803
+                                  ("heads16_no_prefetch", 1, 3, 16, 200, 4, False))
+  def test_backward_kernel_matches_reference_vjp(self, B, T, N, K, gather_warps, prefetch_idx=True):  # noqa: N803
     """K not a multiple of the 64-key block, -1 entries, a query with no valid key (lse = -inf) and a key
-    that every query selects (its dkv row sums over queries). With `prefetch_idx`, 4 key blocks: both index
-    slots are used twice."""
+    that every query selects (its dkv row sums over queries). The index block is prefetched into two slots
+    (the default; K = 150 or 200: both slots are used), or with `prefetch_idx=False` loaded after each release."""
     q, kv, idx = _inputs(time.time_ns(), B, T, N, 40, K)
     f32 = lambda x: x.astype(jnp.float32)
     f = lambda q, kv: reference.sparse_mla(q, kv, idx, scale=0.1, v_dim=128)
@@ -149,11 +149,8 @@ class SparseMlaTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError,
                                 r"split_release=True needs gather='cp_async' \(got 'tma'\) and prefetch_idx=True"):
       kernel_bwd.sparse_mla_bwd(*args, scale=0.1, v_dim=128, gather="tma", split_release=True)
-    with self.assertRaisesRegex(ValueError, r"rope_red=True needs reduce='tma' \(got 'red'\)"):
-      kernel_bwd.sparse_mla_bwd(*args, scale=0.1, v_dim=128, reduce="red", rope_red=True)
-    with self.assertRaisesRegex(ValueError, "rope_red=True needs .* GPU interpret mode cannot run"):
-      kernel_bwd.sparse_mla_bwd(*args, scale=0.1, v_dim=128, gather="tma", rope_red=True,
-                                interpret=plgpu.InterpretGPUParams())
+    with self.assertRaisesRegex(ValueError, r"split_release=True needs .* and prefetch_idx=True \(got False\)"):
+      kernel_bwd.sparse_mla_bwd(*args, scale=0.1, v_dim=128, prefetch_idx=False, split_release=True)
 
   def test_cp_async_gather_refuses_interpret_mode(self):
     q, kv, idx = _inputs(0, 1, 1, 16, 40, 64)
@@ -208,9 +205,9 @@ class SparseMlaTest(parameterized.TestCase):
     self.assertIn("mosaic_gpu", text)
 
   def test_benchmark_backward_configs_lower_for_h200(self):
-    """Every backward configuration of the GPU benchmark (`sparse_mla_gather.BACKWARD_CONFIGS`: the index
-    prefetch, the split release, the rope slab from registers, alone and together) is a valid call that
-    lowers at the benchmark's shapes (8K keys, 4096 queries, 128 heads, K = 2048)."""
+    """Every backward configuration of the GPU benchmark (`sparse_mla_gather.BACKWARD_CONFIGS`: with and without
+    the index prefetch and the split release) is a valid call that lowers at the benchmark's shapes (8K keys,
+    4096 queries, 128 heads, K = 2048)."""
     from experiments.bench_sections import sparse_mla_gather  # noqa: PLC0415 (benchmark code, not the library)
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)

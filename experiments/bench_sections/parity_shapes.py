@@ -22,9 +22,9 @@ HEADS, LATENT, ROPE, TOPK, INDEX_HEADS, INDEX_DIM = 16, 256, 64, 512, 16, 64
 SCALE = (64 + 64) ** -0.5
 # The backward's dkv additions: the default (TMA reduce-adds of 128-column slabs here, the next block's indices
 # prefetched, the key block released per chunk), 64-column slabs, `red_add`, and the default without the prefetch
-# and split release (the default before session 7 of 2026-11-29).
+# and split release (the default before session 7 of 2026-11-29), and the bulk reduce-adds one row per thread.
 BACKWARD_VARIANTS = {"tma": {}, "tma_slab64": dict(slab_cols=64), "red": dict(reduce="red"),
-                     "no_prefetch": dict(prefetch_idx=False)}
+                     "no_prefetch": dict(prefetch_idx=False), "bulk": dict(reduce="bulk")}
 
 def _inputs(T: int):  # noqa: N803
   ks = jax.random.split(jax.random.key(3), 8)

@@ -4,7 +4,7 @@ Same inputs and FLOP counts as `sparse_mla` (last 4096 queries, 128 heads, K = 2
 (`kernel_bwd.sparse_mla_bwd`) in the configurations of BACKWARD_CONFIGS: its rows gathered by per-row TMA copies
 from one lane (the baseline whose dq / dkv the others are compared with: their reduce-adds make the rounding
 vary from run to run anyway) or by 16-byte cp.async copies from all 128 threads of the gather warpgroup (the
-default), with the options of the path between key blocks (`prefetch_idx`, `split_release`); rows with `skip` time it without its row copies or its dkv additions (diagnostics). The
+default), with the options of the path between key blocks (`prefetch_idx`, `split_release`) and dkv reductions (`reduce`); rows with `skip` time it without its row copies or its dkv additions (diagnostics). The
 forward (FORWARD_CONFIGS: the cp.async default, earlier the TMA gathers and `Config.skip` diagnostics, see
 benchmarks/results) is checked against the XLA reference.
 """
@@ -23,10 +23,11 @@ FORWARD_CONFIGS = (dict(gather="cp_async"),)
 # are compared with); those with `skip` time the backward without its row copies or its dkv additions
 # (diagnostics: their gradients are not checked). The default (128-column slabs, 4 reduce warps, the next block's
 # indices prefetched, the key block released per chunk: session 7 of 2026-11-29) beside the previous default
-# (`prefetch_idx=False`) and the prefetch alone (`split_release=False`); one row without any dkv additions.
+# (`prefetch_idx=False`) and the non-tensor bulk reduce-adds issued one row per thread (`reduce="bulk"`), with
+# 128- and 64-column slabs; one row without any dkv additions.
 BACKWARD_CONFIGS = (dict(gather="tma", gather_warps=1, reduce_warps=1), dict(gather="cp_async", prefetch_idx=False),
-                    dict(gather="cp_async", split_release=False), dict(gather="cp_async"),
-                    dict(gather="cp_async", skip="reduce"))
+                    dict(gather="cp_async"), dict(gather="cp_async", reduce="bulk"),
+                    dict(gather="cp_async", reduce="bulk", slab_cols=64), dict(gather="cp_async", skip="reduce"))
 # The arguments a configuration leaves out (`kernel_bwd.sparse_mla_bwd`'s defaults, shown in every row).
 BACKWARD_DEFAULTS = dict(gather_warps=4, reduce_warps=4, reduce="tma", slab_cols=None, prefetch_idx=True,
                          split_release=None, skip="")

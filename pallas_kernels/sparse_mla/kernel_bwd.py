@@ -73,7 +73,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import cp_async_gather, red_add
+from pallas_kernels import bulk_reduce, cp_async_gather, red_add
 from pallas_kernels.row_copies import issue_row_copies
 from pallas_kernels.sparse_mla import kernel_fwd
 from pallas_kernels.sparse_mla.kernel_fwd import HEAD_TILE
@@ -86,8 +86,9 @@ SLAB = 64  # dkv columns per staged slab
 # against 42.3 ms = 138 over 8K keys, 43.3 ms = 135 against 53.0 = 110 over 128K keys, the same gradients. The
 # default (None) is 128 where the value chunks are at least 128 columns wide.
 SLAB_COLS = (64, 128)
-# How dkv is added: staged in SMEM + TMA reduce-adds, or `red_add` from registers.
-REDUCES = ("tma", "red")
+# How dkv is added: staged in SMEM + TMA reduce-adds from a few lanes ("tma") or non-tensor bulk reduce-adds, one
+# row per thread ("bulk", `bulk_reduce`); or `red_add` from registers ("red").
+REDUCES = ("tma", "red", "bulk")
 
 _TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
@@ -117,13 +118,18 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
   half, dtype = chunks[0][1], q_ref.dtype
   heads = pl.ds(h0, HEAD_TILE)
   slot_of = lambda j: lax.rem(j, 2) if prefetch_idx else 0  # idx_smem / idx_ready slot of block j
+  staged = reduce != "red"  # dkv slabs staged in the key block's SMEM, then reduce-added from there
 
-  def add_rows(staged, col, slot):
-    """The TMA reduce-adds of a staged slab [bk, width]: dkv[b, idx[r], col:col+width] += staged[r]."""
-    width = staged.shape[-1]
+  def add_rows(slab, col, slot):
+    """The reduce-adds of a staged slab [bk, width]: dkv[b, idx[r], col:col+width] += slab[r]."""
+    width = slab.shape[-1]
+    if reduce == "bulk":  # one non-tensor bulk reduction per row, each from its own thread
+      bulk_reduce.add_rows(slab, dkv_ref.at[b], idx_smem.at[slot], col=col)
+      plgpu.commit_smem_to_gmem_group()
+      return
 
     def add_row(r, row):
-      plgpu.copy_smem_to_gmem(staged.at[pl.ds(r, 1)], dkv_ref.at[b, pl.ds(row, 1), pl.ds(col, width)],
+      plgpu.copy_smem_to_gmem(slab.at[pl.ds(r, 1)], dkv_ref.at[b, pl.ds(row, 1), pl.ds(col, width)],
                               commit_group=False, reduction_op="add")
 
     # From `reduce_warps` lanes; every thread then commits (and later awaits) its own bulk group.
@@ -134,29 +140,29 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     """dkv[b, idx[r], col:col+w] += acc[r] for the rows of block j (acc [bk, w]; slab counts from 0 per block).
 
     stage: (two [bk, 64] f32 slots, one [bk, 128] f32 view) of this warpgroup's key-block chunk."""
-    if reduce != "tma":  # from registers, every thread its own fragments (`red_add`); rows: idx broadcast
+    if not staged:  # from registers, every thread its own fragments (`red_add`); rows: idx broadcast
       if skip != "reduce":
         red_add.add_rows(dkv_ref.at[b], rows, acc, col=col)
       return
     slots, wide = stage
     if slab_cols == SLAB:  # two slots: a slab is staged while the one before it is still being read
-      staged = slots.at[slab % 2]
+      buf = slots.at[slab % 2]
       if slab >= 2:
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the slab staged two slabs ago has been read
     else:  # one buffer: the previous slab must have been read (the next slab's wgmma ran meanwhile)
-      staged = wide if acc.shape[1] == wide.shape[1] else slots.at[0]
+      buf = wide if acc.shape[1] == wide.shape[1] else slots.at[0]
       if slab >= 1:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    staged[...] = acc
+    buf[...] = acc
     plgpu.commit_smem()
     if interpret:  # per-block partial sums, scatter-added outside
-      plgpu.copy_smem_to_gmem(staged, dkv_ref.at[b, t, lax.axis_index("h"), pl.ds(j * bk, bk),
+      plgpu.copy_smem_to_gmem(buf, dkv_ref.at[b, t, lax.axis_index("h"), pl.ds(j * bk, bk),
                                                   pl.ds(col, acc.shape[1])])
       return
 
     if skip == "reduce":  # benchmark diagnostics: no dkv reduce-adds
       return
-    add_rows(staged, col, slot_of(j))
+    add_rows(buf, col, slot_of(j))
 
   def slabs(start, end):
     """(column, width) of the staged slabs covering dkv columns [start, end): `slab_cols` wide, never across a
@@ -179,7 +185,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     """dkv slabs `cols` ((column, width) pairs) of this block, added as `reduce` says."""
     for i, (col, width) in enumerate(cols):
       reduce_slab(slab_product(col, width), stage, j, i, col, rows)
-    if reduce == "tma":
+    if staged:
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   def dest_rows(idx):
@@ -226,7 +232,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
       idx = plgpu.load(idx_smem.at[slot_of(j)], layout=plgpu.Layout.WGMMA.reduce(1))
       bias = lax.broadcast_in_dim(jnp.where(idx >= 0, 0.0, -jnp.inf).astype(jnp.float32), st.shape, [0])
       pt = jnp.exp2(st * log2_scale - lse + bias)
-      if reduce != "tma":  # wg 1 may still read the previous block's P^T and dS^T (its dkv slabs)
+      if not staged:  # wg 1 may still read the previous block's P^T and dS^T (its dkv slabs)
         @pl.when(j > 0)
         def _():
           plgpu.barrier_wait(ds_free)
@@ -235,7 +241,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
       plgpu.commit_smem()
       plgpu.barrier_arrive(ds_ready)
       dq = dq_product(dq, 0)
-      if reduce != "tma":  # the dkv slabs read neither the key block nor idx_smem: release them now
+      if not staged:  # the dkv slabs read neither the key block nor idx_smem: release them now
         plgpu.barrier_arrive(kv_free.at[0])
         dkv_slabs(j, cols, None, dest_rows(idx))
       else:
@@ -244,7 +250,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
       return dq
 
     dq = lax.fori_loop(0, steps, step, zeros(half))
-    if reduce != "tma":
+    if not staged:
       plgpu.barrier_wait(ds_free)  # observe wg 1's last release
     store_dq(dq, 0)
     plgpu.wait_smem_to_gmem(0)
@@ -260,10 +266,10 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
       dq, dq_rope = carry
       wait_block(j)
       plgpu.barrier_wait(ds_ready)
-      if reduce != "tma":
+      if not staged:
         rows = dest_rows(plgpu.load(idx_smem.at[slot_of(j)], (), layout=plgpu.Layout.WGMMA.reduce(1)))
       dq, dq_rope = dq_product(dq, 1), dq_product(dq_rope, 2)
-      if reduce != "tma":  # as wg 0: release the key block and idx_smem, then P^T and dS^T after the slabs
+      if not staged:  # as wg 0: release the key block and idx_smem, then P^T and dS^T after the slabs
         plgpu.barrier_arrive(kv_free.at[1])
         dkv_slabs(j, cols, None, rows)
         plgpu.barrier_arrive(ds_free)
@@ -423,11 +429,11 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
     raise ValueError(f"reduce_warps={reduce_warps} must be one of (1, 2, 4).")
   if reduce not in REDUCES:
     raise ValueError(f"reduce={reduce!r} must be one of {REDUCES}.")
-  if reduce != "tma" and interpret:
+  if reduce != "tma" and interpret:  # "red" and "bulk" are inline Mosaic GPU code
     raise ValueError(f"reduce={reduce!r} runs inline Mosaic GPU code, which GPU interpret mode cannot run.")
   if slab_cols is None:
-    slab_cols = 2 * SLAB if reduce == "tma" and chunks[0][1] >= 2 * SLAB else SLAB
-  if slab_cols not in SLAB_COLS or (slab_cols != SLAB and reduce != "tma"):
+    slab_cols = 2 * SLAB if reduce != "red" and chunks[0][1] >= 2 * SLAB else SLAB
+  if slab_cols not in SLAB_COLS or (slab_cols != SLAB and reduce == "red"):
     raise ValueError(f"slab_cols={slab_cols} must be one of {SLAB_COLS}, and {SLAB} with reduce={reduce!r}.")
   if split_release is None:
     split_release = gather == "cp_async" and prefetch_idx

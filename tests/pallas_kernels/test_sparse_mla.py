@@ -129,7 +129,7 @@ class SparseMlaTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"reduce_warps=3 must be one of \(1, 2, 4\)"):
       kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
                                 jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", reduce_warps=3)
-    with self.assertRaisesRegex(ValueError, r"reduce='atomic' must be one of \('tma', 'red'\)"):
+    with self.assertRaisesRegex(ValueError, r"reduce='atomic' must be one of \('tma', 'red', 'bulk'\)"):
       kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
                                 jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", reduce="atomic")
     with self.assertRaisesRegex(ValueError, r"slab_cols=128 must be one of \(64, 128\), and 64 with reduce='red'"):
@@ -138,6 +138,10 @@ class SparseMlaTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "reduce='red' runs inline Mosaic GPU code"):
       kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
                                 jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", reduce="red",
+                                interpret=plgpu.InterpretGPUParams())
+    with self.assertRaisesRegex(ValueError, "reduce='bulk' runs inline Mosaic GPU code"):
+      kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
+                                jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", reduce="bulk",
                                 interpret=plgpu.InterpretGPUParams())
     with self.assertRaisesRegex(ValueError, r"skip='copies' must be '', 'reduce' or \(with gather='cp_async'\)"):
       kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
@@ -189,10 +193,11 @@ class SparseMlaTest(parameterized.TestCase):
     self.assertGreaterEqual(text.count("mosaic_gpu"), 2)
 
   @parameterized.parameters(("tma", 1, "tma"), ("cp_async", 1, "tma"), ("cp_async", 4, "tma"), ("cp_async", 4, "red"),
-                            ("cp_async", 4, "tma", 128))
+                            ("cp_async", 4, "tma", 128), ("cp_async", 4, "bulk", 128))
   def test_backward_kernel_lowers_for_h200(self, gather, reduce_warps, reduce, slab_cols=64):
     """The backward kernel itself with each gather (TMA from 4 warps, cp.async), its dkv TMA reduce-adds from
-    one or four warps or its `red_add` reductions from registers, at the V3.2 shapes above. (Interpret mode
+    one or four warps, its bulk reduce-adds one row per thread or its `red_add` reductions from registers, at the
+    V3.2 shapes above. (Interpret mode
     replaces the reduce-adds by per-token partials and cannot run `red_add`, so only this test compiles them.)"""
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     args = (bf16(1, 131072, 128, 576), bf16(1, 131072, 576), jax.ShapeDtypeStruct((1, 131072, 2048), jnp.int32),

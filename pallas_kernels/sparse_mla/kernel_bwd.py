@@ -108,12 +108,12 @@ def _mma(acc, pairs, shape, interpret):
 
 def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_smem, do_smem, kv_smem, p_smem,
           ds_smem, idx_smem, q_bar, kv_ready, idx_ready, kv_free, ds_ready, ds_free, *, chunks, steps,
-          scale, bk, cfg, interpret, skip, reduce_warps, reduce, slab_cols, prefetch_idx, split_release):
+          scale, bk, cfg, interpret, skip, reduce_warps, reduce, slab_cols, prefetch_idx, split_release, n_tiles):
   p_smem, (lse_smem, dd_smem) = p_smem
   kv_parts = [tuple(parts) for parts in kv_smem]  # a RefUnion iterates over its views
   kv_smem, kv_lines, stage_smem, wide_smem = zip(*(parts + (None,) * (4 - len(parts)) for parts in kv_parts))
-  b, t = lax.axis_index("b"), lax.axis_index("t")
-  h0 = lax.axis_index("h") * HEAD_TILE
+  b, t, tile = kernel_fwd.grid_position(n_tiles, cfg.adjacent_tiles)
+  h0 = tile * HEAD_TILE
   wg = lax.axis_index("wg")
   half, dtype = chunks[0][1], q_ref.dtype
   heads = pl.ds(h0, HEAD_TILE)
@@ -156,7 +156,7 @@ def _body(q_ref, kv_ref, idx_ref, lse_ref, dd_ref, do_ref, dq_ref, dkv_ref, q_sm
     buf[...] = acc
     plgpu.commit_smem()
     if interpret:  # per-block partial sums, scatter-added outside
-      plgpu.copy_smem_to_gmem(buf, dkv_ref.at[b, t, lax.axis_index("h"), pl.ds(j * bk, bk),
+      plgpu.copy_smem_to_gmem(buf, dkv_ref.at[b, t, tile, pl.ds(j * bk, bk),
                                                   pl.ds(col, acc.shape[1])])
       return
 
@@ -401,7 +401,7 @@ def _scratch(chunks, bk, dtype, interpret, gather="tma", wide=False):
 def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: int, block_k: int = 64,
                    gather_warps: int = 4, gather: str = "cp_async", reduce_warps: int = 4,
                    reduce: str = "tma", slab_cols: int | None = None, prefetch_idx: bool = True,
-                   split_release: bool | None = None, skip: str = "",
+                   split_release: bool | None = None, adjacent_tiles: bool = False, skip: str = "",
                    interpret=False) -> tuple[jax.Array, jax.Array]:
   """Gradients of `reference.sparse_mla` w.r.t. q [B, T, N, Dk] and kv [B, S, Dk] from the saved lse,
   given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N]). `gather`
@@ -417,14 +417,15 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   j + 1's indices (two slots) while block j is computed, instead of after block j's release (one memory round
   trip less between blocks). `split_release` (cp.async gather with `prefetch_idx`; None: wherever those hold):
   the gather refills the key block's first chunk as soon as wg 0 has released it, the rest once wg 1 has,
-  instead of waiting for both. `skip` is for
+  instead of waiting for both. `adjacent_tiles`: the CTA launch order of `kernel_fwd.Config`. `skip` is for
   benchmark diagnostics only (the gradients are then wrong): "copies" leaves out the cp.async row copies,
   "reduce" the dkv reduce-adds, so that their share of the time shows."""
   bsz, t, n, dk = q.shape
   chunks = kernel_fwd.column_chunks(dk, v_dim)
   if block_k != 64:
     raise ValueError(f"block_k={block_k}: the dkv wgmma has the keys as its M, which is 64.")
-  cfg = kernel_fwd.Config(block_k=block_k, gather_warps=gather_warps, gather=gather)  # validation
+  cfg = kernel_fwd.Config(block_k=block_k, gather_warps=gather_warps, gather=gather,  # validation
+                          adjacent_tiles=adjacent_tiles)
   if reduce_warps not in (1, 2, 4):
     raise ValueError(f"reduce_warps={reduce_warps} must be one of (1, 2, 4).")
   if reduce not in REDUCES:
@@ -455,14 +456,14 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   body = functools.partial(_body, chunks=chunks, steps=indices.shape[-1] // block_k, scale=scale, bk=block_k,
                            cfg=cfg, interpret=bool(interpret), skip=skip, reduce_warps=reduce_warps,
                            reduce=reduce, slab_cols=slab_cols, prefetch_idx=prefetch_idx,
-                           split_release=split_release)
+                           split_release=split_release, n_tiles=n_tiles)
+  grid, grid_names = kernel_fwd.token_grid(n_tiles, bsz, t, adjacent_tiles)
   kernel = plgpu.kernel(
       body,
       out_type=(),
       scratch_types=_scratch(chunks, block_k, dtype, bool(interpret), gather, slab_cols != SLAB),
-      # Tokens last: Mosaic GPU launches the grid reversed and CUDA caps y and z at 65535 blocks.
-      grid=(n_tiles, bsz, t),
-      grid_names=("h", "b", "t"),
+      grid=grid,
+      grid_names=grid_names,
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,

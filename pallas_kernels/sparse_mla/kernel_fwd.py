@@ -67,6 +67,10 @@ class Config:
   # `cp_async_gather`; 2.0x faster than "tma" with 4 warps on the H200; GPU only: interpret mode cannot
   # run it) or "tma" (per-row TMA copies, issued by `gather_warps` lanes).
   gather: str = "cp_async"
+  # Launch order of the (token, head tile) CTAs: False (tokens fastest, each head tile a pass over all tokens)
+  # or True (the head tiles of a token adjacent, so that they run at the same time and the second one finds the
+  # gathered key rows, and in the backward the dkv rows it adds to, in L2; `token_grid`).
+  adjacent_tiles: bool = False
   # Benchmark diagnostics only, the output is then meaningless: "copies" leaves out the cp.async row copies
   # (the pipeline and barriers stay), "math" the two compute warpgroups' work; either time bounds the other.
   skip: str = ""
@@ -101,10 +105,11 @@ def column_chunks(dk: int, v_dim: int) -> tuple[tuple[int, int], ...]:
 
 
 def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx_smem, row_smem,
-          q_bar, kv_ready, idx_ready, kv_free, p_ready, p_free, *, chunks, steps, scale, cfg, interpret):
+          q_bar, kv_ready, idx_ready, kv_free, p_ready, p_free, *, chunks, steps, scale, cfg, n_tiles,
+          interpret):
   kv_smem, kv_lines = zip(*kv_smem)
-  b, t = lax.axis_index("b"), lax.axis_index("t")
-  h0 = lax.axis_index("h") * HEAD_TILE
+  b, t, tile = grid_position(n_tiles, cfg.adjacent_tiles)
+  h0 = tile * HEAD_TILE
   wg = lax.axis_index("wg")
   bk, half = cfg.block_k, chunks[0][1]
   dtype = q_ref.dtype
@@ -298,6 +303,25 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
       plgpu.barrier_wait(kv_free.at[j % cfg.stages])
 
 
+def token_grid(n_tiles: int, bsz: int, t: int, adjacent_tiles: bool):
+  """(grid, grid_names) of the sparse MLA kernels: one CTA per (batch, token, head tile).
+
+  Mosaic GPU launches the grid reversed (last axis -> CUDA x), and CUDA caps y and z at 65535 blocks, so the
+  tokens go on x (T = 128K failed to launch with them on y). With `adjacent_tiles`, x enumerates (token, head
+  tile) pairs, head tiles fastest."""
+  if adjacent_tiles:
+    return (bsz, t * n_tiles), ("b", "th")
+  return (n_tiles, bsz, t), ("h", "b", "t")
+
+
+def grid_position(n_tiles: int, adjacent_tiles: bool):
+  """Kernel code: (batch, token, head tile) of this CTA in the grid of `token_grid`."""
+  if adjacent_tiles:
+    th = lax.axis_index("th")
+    return lax.axis_index("b"), th // n_tiles, lax.rem(th, n_tiles)
+  return lax.axis_index("b"), lax.axis_index("t"), lax.axis_index("h")
+
+
 def _kv_buffer(stages: int, bk: int, width: int, dtype, interpret, gather="tma"):
   """SMEM for one column chunk of the gathered keys: (wgmma view, per-row TMA view or None).
 
@@ -334,8 +358,10 @@ def sparse_mla_fwd(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: fl
   steps = indices.shape[-1] // config.block_k
   bk, stages, dtype = config.block_k, config.stages, q.dtype
   smem = functools.partial(plgpu.SMEM, dtype=dtype, transforms=_TRANSFORMS)
-  body = functools.partial(_body, chunks=chunks, steps=steps, scale=scale, cfg=config,
+  n_tiles = (n + n_pad) // HEAD_TILE
+  body = functools.partial(_body, chunks=chunks, steps=steps, scale=scale, cfg=config, n_tiles=n_tiles,
                            interpret=bool(interpret))
+  grid, grid_names = token_grid(n_tiles, bsz, t, config.adjacent_tiles)
   out, lse = plgpu.kernel(
       body,
       out_type=(jax.ShapeDtypeStruct((bsz, t, n + n_pad, v_dim), dtype),
@@ -354,10 +380,8 @@ def sparse_mla_fwd(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: fl
           plgpu.Barrier(),
           plgpu.Barrier(),
       ),
-      # Mosaic GPU launches the grid reversed (last axis -> CUDA x). Tokens go last: CUDA caps y and z at
-      # 65535 blocks, which is why T = 128K failed to launch with tokens on y.
-      grid=((n + n_pad) // HEAD_TILE, bsz, t),
-      grid_names=("h", "b", "t"),
+      grid=grid,
+      grid_names=grid_names,
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,

@@ -36,10 +36,12 @@ class SparseMlaTest(parameterized.TestCase):
     gpu_callbacks.reset_gpu_interpret_mode_state()
 
   @parameterized.named_parameters(("heads16_pad", 1, 3, 16, 150, 1), ("heads64_batch2", 2, 2, 64, 128, 1),
-                                  ("heads16_pad_gather_warps4", 1, 3, 16, 150, 4))
-  def test_forward_kernel_matches_reference(self, B, T, N, K, gather_warps):  # noqa: N803
+                                  ("heads16_pad_gather_warps4", 1, 3, 16, 150, 4),
+                                  ("heads80_adjacent_tiles", 2, 2, 80, 70, 4, True))
+  def test_forward_kernel_matches_reference(self, B, T, N, K, gather_warps, adjacent_tiles=False):  # noqa: N803
+    """With `adjacent_tiles` (two head tiles, the second padded) the CTAs enumerate (token, head tile) pairs."""
     q, kv, idx = _inputs(time.time_ns(), B, T, N, 40, K)
-    config = kernel_fwd.Config(gather="tma", gather_warps=gather_warps)
+    config = kernel_fwd.Config(gather="tma", gather_warps=gather_warps, adjacent_tiles=adjacent_tiles)
     out, lse = kernel_fwd.sparse_mla_fwd(q, kv, idx, scale=0.1, v_dim=128, config=config,
                                          interpret=plgpu.InterpretGPUParams(detect_races=True))
     self.assertFalse(gpu_callbacks.get_races().races_found)
@@ -70,8 +72,10 @@ class SparseMlaTest(parameterized.TestCase):
 
   @parameterized.named_parameters(("heads16_pad", 1, 3, 16, 70, 1), ("heads64_batch2", 2, 2, 64, 150, 1),
                                   ("heads16_pad_gather_warps4", 1, 3, 16, 70, 4),
-                                  ("heads16_no_prefetch", 1, 3, 16, 200, 4, False))
-  def test_backward_kernel_matches_reference_vjp(self, B, T, N, K, gather_warps, prefetch_idx=True):  # noqa: N803
+                                  ("heads16_no_prefetch", 1, 3, 16, 200, 4, False),
+                                  ("heads80_adjacent_tiles", 2, 2, 80, 70, 4, True, True))
+  def test_backward_kernel_matches_reference_vjp(self, B, T, N, K, gather_warps, prefetch_idx=True,  # noqa: N803
+                                                 adjacent_tiles=False):
     """K not a multiple of the 64-key block, -1 entries, a query with no valid key (lse = -inf) and a key
     that every query selects (its dkv row sums over queries). The index block is prefetched into two slots
     (the default; K = 150 or 200: both slots are used), or with `prefetch_idx=False` loaded after each release."""
@@ -85,6 +89,7 @@ class SparseMlaTest(parameterized.TestCase):
     want = vjp((f32(do), dlse))
     got = kernel_bwd.sparse_mla_bwd(q, kv, idx, out.astype(jnp.bfloat16), lse, do, dlse, scale=0.1, v_dim=128,
                                     gather="tma", gather_warps=gather_warps, prefetch_idx=prefetch_idx,
+                                    adjacent_tiles=adjacent_tiles,
                                     interpret=plgpu.InterpretGPUParams(detect_races=True))
     self.assertFalse(gpu_callbacks.get_races().races_found)
     chex.assert_trees_all_equal_shapes_and_dtypes(got, (q, kv))

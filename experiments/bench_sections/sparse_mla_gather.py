@@ -18,19 +18,19 @@ from pallas_kernels.sparse_mla import kernel_bwd, kernel_fwd, reference
 
 # Forward configurations (`kernel_fwd.Config` fields); those with `skip` time the forward without its row
 # copies or without its math (diagnostics: their outputs are not checked).
-FORWARD_CONFIGS = (dict(gather="cp_async"), dict(gather="cp_async", adjacent_tiles=True))
+FORWARD_CONFIGS = (dict(gather="cp_async", adjacent_tiles=False), dict(gather="cp_async"))
 # Backward configurations (`kernel_bwd.sparse_mla_bwd` arguments; the first is the baseline the others' gradients
 # are compared with); those with `skip` time the backward without its row copies or its dkv additions
 # (diagnostics: their gradients are not checked). The default (128-column slabs, 4 reduce warps, the next block's
 # indices prefetched, the key block released per chunk: session 7 of 2026-11-29) and the non-tensor bulk
 # reduce-adds issued one row per thread (`reduce="bulk"`), each with the head tiles of a token launched side by
 # side (`adjacent_tiles`: the second finds the key rows and dkv rows in L2).
-BACKWARD_CONFIGS = (dict(gather="tma", gather_warps=1, reduce_warps=1), dict(gather="cp_async"),
-                    dict(gather="cp_async", adjacent_tiles=True), dict(gather="cp_async", reduce="bulk"),
-                    dict(gather="cp_async", reduce="bulk", adjacent_tiles=True))
+BACKWARD_CONFIGS = (dict(gather="tma", gather_warps=1, reduce_warps=1), dict(gather="cp_async", adjacent_tiles=False),
+                    dict(gather="cp_async"), dict(gather="cp_async", reduce="bulk", adjacent_tiles=False),
+                    dict(gather="cp_async", reduce="bulk"))
 # The arguments a configuration leaves out (`kernel_bwd.sparse_mla_bwd`'s defaults, shown in every row).
 BACKWARD_DEFAULTS = dict(gather_warps=4, reduce_warps=4, reduce="tma", slab_cols=None, prefetch_idx=True,
-                         split_release=None, adjacent_tiles=False, skip="")
+                         split_release=None, adjacent_tiles=True, skip="")
 
 def backward_arguments(fields: dict) -> dict:
   """The keyword arguments of `kernel_bwd.sparse_mla_bwd` for one of BACKWARD_CONFIGS."""

@@ -401,7 +401,7 @@ def _scratch(chunks, bk, dtype, interpret, gather="tma", wide=False):
 def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: int, block_k: int = 64,
                    gather_warps: int = 4, gather: str = "cp_async", reduce_warps: int = 4,
                    reduce: str = "tma", slab_cols: int | None = None, prefetch_idx: bool = True,
-                   split_release: bool | None = None, adjacent_tiles: bool = False, skip: str = "",
+                   split_release: bool | None = None, adjacent_tiles: bool = True, skip: str = "",
                    interpret=False) -> tuple[jax.Array, jax.Array]:
   """Gradients of `reference.sparse_mla` w.r.t. q [B, T, N, Dk] and kv [B, S, Dk] from the saved lse,
   given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N]). `gather`

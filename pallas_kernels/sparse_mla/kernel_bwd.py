@@ -37,7 +37,15 @@ gather refills chunk 0 (wg 0's staging) as soon as wg 0's slabs have been read, 
 On the H200 (4096 queries, 128 heads, K = 2048): 28.7 ms = 203.7 TFLOP/s over 8K keys against 30.6 ms = 191.2
 without either (28.9 ms with the prefetch alone), 42.2 against 42.9 ms over 128K keys; without the dkv
 additions 16.8 against 18.4 ms. Adding the 64 rope columns of dkv from registers (`red_add`, a fifth fewer TMA
-operations) was slower (32.5 ms over 8K keys, 46.5 over 128K) and was removed.
+operations) was slower (32.5 ms over 8K keys, 46.5 over 128K) and was removed (in the same run it also showed a
+race: wg 1's final dq store reused the Q rope SMEM that wg 0's last rope slab still read).
+The two head tiles of a token are launched side by side (`adjacent_tiles`, `kernel_fwd.token_grid`): the second
+one's reduce-adds and row gathers then hit L2, which took the kernel from 38.1 to 32.8 ms over 32K keys and from
+42.2 to 34.7 over 128K (dkv of 75 / 302 MiB no longer fits in L2, and the random selections have no locality).
+The issue section then measured 205.8 / 177.8 / 168.9 / 163.9 TFLOP/s over 8K / 32K / 64K / 128K keys.
+`reduce="bulk"` (opt-in) issues the rows of a staged slab as non-tensor bulk reduce-adds, one row per thread
+(`bulk_reduce`). It is as fast as the TMA path (29.2 vs 28.9 ms over 8K keys, 41.1 vs 42.4 over 128K before
+`adjacent_tiles`), so the float32 atomics themselves, not their issue, bound the kernel.
 
 `reduce="red"` (opt-in) adds dkv from registers instead
 (`pallas_kernels.red_add`: `red.global.add.v4.f32`, every thread its own fragments), so nothing is staged: each

@@ -5,7 +5,8 @@ official counterpart): every query token attends, with all of its heads, to its 
 latent entries [c (512) | k_rope (64)]; the value of an entry is its latent c. Same function as
 `reference.sparse_mla`.
 
-One CTA owns one token and a tile of 64 heads (the wgmma M of one warpgroup), with three warpgroups:
+One CTA owns one token and a tile of 64 heads (the wgmma M of one warpgroup); a token's head tiles are launched
+side by side (`Config.adjacent_tiles`), so that the second finds the gathered rows in L2. Three warpgroups:
   * wg 2 (memory): per block of `block_k` selected keys, copies the index block into SMEM, then gathers
     the selected rows (Hopper has no TMA gather). By default (`Config.gather="cp_async"`,
     `cp_async_gather`) all 128 threads copy 16-byte pieces to their swizzled places, and block j + 1's

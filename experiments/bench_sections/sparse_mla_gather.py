@@ -4,9 +4,11 @@ Same inputs and FLOP counts as `sparse_mla` (last 4096 queries, 128 heads, K = 2
 (`kernel_bwd.sparse_mla_bwd`) in the configurations of BACKWARD_CONFIGS: its rows gathered by per-row TMA copies
 from one lane (the baseline whose dq / dkv the others are compared with: their reduce-adds make the rounding
 vary from run to run anyway) or by 16-byte cp.async copies from all 128 threads of the gather warpgroup (the
-default), with the options of the path between key blocks (`prefetch_idx`, `split_release`) and dkv reductions (`reduce`); rows with `skip` time it without its row copies or its dkv additions (diagnostics). The
-forward (FORWARD_CONFIGS: the cp.async default, earlier the TMA gathers and `Config.skip` diagnostics, see
-benchmarks/results) is checked against the XLA reference.
+default), with the options of the path between key blocks (`prefetch_idx`, `split_release`), of the dkv
+reductions (`reduce`) and of the launch order (`adjacent_tiles`); rows with `skip` time it without its row copies
+or its dkv additions (diagnostics). The forward (FORWARD_CONFIGS: the cp.async gather with both launch orders;
+earlier the TMA gathers and `Config.skip` diagnostics, see benchmarks/results) is checked against the XLA
+reference.
 """
 
 import jax
@@ -16,7 +18,7 @@ from experiments.bench_sections import timing
 from experiments.bench_sections.sparse_mla import HEADS, LATENT, ROPE, SCALE, TOPK, inputs, rel_err
 from pallas_kernels.sparse_mla import kernel_bwd, kernel_fwd, reference
 
-# Forward configurations (`kernel_fwd.Config` fields); those with `skip` time the forward without its row
+# Forward configurations (`kernel_fwd.Config` fields); any with `skip` would time the forward without its row
 # copies or without its math (diagnostics: their outputs are not checked).
 FORWARD_CONFIGS = (dict(gather="cp_async", adjacent_tiles=False), dict(gather="cp_async"))
 # Backward configurations (`kernel_bwd.sparse_mla_bwd` arguments; the first is the baseline the others' gradients

@@ -13,6 +13,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # race-detector state (private)
 from jax.sharding import AbstractDevice, AbstractMesh
 
+from pallas_kernels import bulk_reduce
 from pallas_kernels.sparse_mla import api, chunked_bwd, kernel_bwd, kernel_fwd, reference
 
 H200 = AbstractMesh((), (), abstract_device=AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132))
@@ -213,6 +214,17 @@ class SparseMlaTest(parameterized.TestCase):
     with jax.sharding.use_abstract_mesh(H200):
       text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     self.assertIn("mosaic_gpu", text)
+    if reduce == "bulk":  # 512-byte rows of the 128-column latent slabs, 256-byte ones of the rope slab
+      for size in (512, 256):
+        self.assertIn(f"cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [$2], [$1], {size};", text)
+
+  def test_bulk_reduce_rejects_shapes(self):
+    """`bulk_reduce.add_rows` names the slab shape it cannot issue (rows not a multiple of 4 up to 128, rows
+    or column offsets not whole 16-byte units) before emitting any code."""
+    slab = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    for shape, col in (((66, 128), 0), ((256, 128), 0), ((64, 6), 0), ((64, 128), 2)):
+      with self.assertRaisesRegex(ValueError, rf"staged \({shape[0]}, {shape[1]}\) at col={col}: rows must be"):
+        bulk_reduce.add_rows(slab(*shape), None, None, col=col)
 
   def test_benchmark_backward_configs_lower_for_h200(self):
     """Every backward configuration of the GPU benchmark (`sparse_mla_gather.BACKWARD_CONFIGS`: with and without

@@ -415,12 +415,13 @@ def sparse_mla_bwd(q, kv, indices, out, lse, do, dlse, *, scale: float, v_dim: i
   given the cotangents of out (`do`, [B, T, N, v_dim]) and of lse (`dlse`, [B, T, N]). `gather`
   ("tma" or "cp_async") and `gather_warps` (1, 2 or 4) are those of `kernel_fwd.Config`. `reduce_warps`
   (1, 2 or 4; default 4: 138 vs 110 TFLOP/s with 1 on the H200) spreads each warpgroup's dkv reduce-adds over
-  that many of its warps, as `gather_warps` does the TMA gathers. `reduce` ("tma", the default, or "red")
-  picks how dkv is added: TMA reduce-adds of slabs staged in the key block's SMEM, or
+  that many of its warps, as `gather_warps` does the TMA gathers. `reduce` ("tma", the default, "bulk" or "red")
+  picks how dkv is added: TMA reduce-adds of slabs staged in the key block's SMEM ("tma"), the same slabs added
+  by non-tensor bulk reduce-adds issued one row per thread ("bulk", `bulk_reduce`; as fast on the H200), or
   `red_add` reductions from registers, which need no staging, so that both compute
   warpgroups release the key block (and the gather of the next block starts) right after their dq products
-  instead of after their dkv slabs. `slab_cols` (with "tma"): columns per staged slab and per reduce-add, 64 or
-  128 (SLAB_COLS; 128: half the reduce-add operations, one staging buffer per warpgroup); None: 128 with "tma"
+  instead of after their dkv slabs. `slab_cols` (staged): columns per staged slab and per reduce-add, 64 or
+  128 (SLAB_COLS; 128: half the reduce-add operations, one staging buffer per warpgroup); None: 128 when staged
   where the value chunks are at least 128 wide, else 64. `prefetch_idx` (default): the gather loads block
   j + 1's indices (two slots) while block j is computed, instead of after block j's release (one memory round
   trip less between blocks). `split_release` (cp.async gather with `prefetch_idx`; None: wherever those hold):

@@ -11,6 +11,8 @@ earlier the TMA gathers and `Config.skip` diagnostics, see benchmarks/results) i
 reference.
 """
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 
@@ -30,13 +32,17 @@ FORWARD_CONFIGS = (dict(gather="cp_async", adjacent_tiles=False), dict(gather="c
 BACKWARD_CONFIGS = (dict(gather="tma", gather_warps=1, reduce_warps=1), dict(gather="cp_async", adjacent_tiles=False),
                     dict(gather="cp_async"), dict(gather="cp_async", reduce="bulk", adjacent_tiles=False),
                     dict(gather="cp_async", reduce="bulk"))
-# The arguments a configuration leaves out (`kernel_bwd.sparse_mla_bwd`'s defaults, shown in every row).
-BACKWARD_DEFAULTS = dict(gather_warps=4, reduce_warps=4, reduce="tma", slab_cols=None, prefetch_idx=True,
-                         split_release=None, adjacent_tiles=True, skip="")
+# The options every row shows, at `kernel_bwd.sparse_mla_bwd`'s defaults where a configuration leaves them out.
+BACKWARD_OPTIONS = ("gather_warps", "reduce_warps", "reduce", "slab_cols", "prefetch_idx", "split_release",
+                    "adjacent_tiles", "skip")
+
 
 def backward_arguments(fields: dict) -> dict:
-  """The keyword arguments of `kernel_bwd.sparse_mla_bwd` for one of BACKWARD_CONFIGS."""
-  return dict(BACKWARD_DEFAULTS, **fields)
+  """The keyword arguments of `kernel_bwd.sparse_mla_bwd` for one of BACKWARD_CONFIGS: its fields over the
+  kernel's own defaults (read from its signature, so that the rows never show a stale default)."""
+  parameters = inspect.signature(kernel_bwd.sparse_mla_bwd).parameters
+  return dict({name: parameters[name].default for name in BACKWARD_OPTIONS}, **fields)
+
 
 def _timed(rows: list[dict], base: dict, fn, *args):
   """Runs and times fn(*args) into a row of `base`; -> its output, or None with the error in the row (a variant

@@ -6,7 +6,8 @@ the pruned select whose threshold kernel also compacts, the default, and with so
 plain-XLA path (reference scores, lax.top_k, gather attention; query chunks of 512 so it fits) — against
 cuDNN dense causal MLA attention (128 heads, q/k 192, v 128). Projections are excluded from all three.
 A fourth row runs ours with the FP8 indexer of the official V3.2 numerics (`index_topk(fp8=True)`; its
-selection differs from the bf16 one by FP8 rounding, so its error is reported on its own).
+selection differs from the bf16 one by FP8 rounding, so its error is reported on its own). Also timed: ours
+with other counts of index_topk's causal key-prefix stages (`STAGE_VARIANTS`), and the sparse MLA part alone.
 """
 
 import jax
@@ -30,11 +31,20 @@ def inputs(T: int):  # noqa: N803
               q=normal(ks[3], (1, T, N, C + R)) * 0.05, kv=normal(ks[4], (1, T, C + R))), vis
 
 
-def layer(x, vis, implementation, select="xla", fp8=False):
+def layer(x, vis, implementation, select="xla", fp8=False, causal_stages=indexer_api.CAUSAL_STAGES):
   idx = indexer_api.index_topk(x["iq"], x["ik"], x["iw"], topk=K, **vis, implementation=implementation,
-                               select_implementation=select, fp8=fp8)
+                               select_implementation=select, fp8=fp8, causal_stages=causal_stages)
+  return attention(x, idx, implementation)
+
+
+def attention(x, idx, implementation):
+  """The sparse MLA part of the layer over given top-k indices."""
   return sparse_mla_api.sparse_mla(x["q"], x["kv"], idx, scale=(C + R) ** -0.5, v_dim=C,
                                    implementation=implementation)[0]
+
+
+# index_topk's causal key-prefix stage counts timed beside its default (rows `dsa_kernels_stages{n}_s`).
+STAGE_VARIANTS = (8, 16)
 
 
 def _xla_layer(x, vis):
@@ -71,10 +81,18 @@ def run(cfg: dict) -> list[dict]:
     err = float(jnp.abs(got - want).max() / jnp.abs(want).max())
     got_fp8 = fp8(x, vis)[:, last].astype(jnp.float32)
     err_fp8 = float(jnp.abs(got_fp8 - want).max() / jnp.abs(want).max())
+    stages = {}
+    for n in STAGE_VARIANTS:
+      variant = jax.jit(lambda x, vis, n=n: layer(x, vis, None, "pruned_fused_select", causal_stages=n))
+      stages[f"dsa_kernels_stages{n}_s"] = timing.time_fn(variant, x, vis, warmup=1, iters=3)
+      stages[f"stages{n}_speedup_vs_dense"] = dense_s / stages[f"dsa_kernels_stages{n}_s"]
+    idx = jax.jit(lambda x, vis: indexer_api.index_topk(x["iq"], x["ik"], x["iw"], topk=K, **vis))(x, vis)
+    stages["sparse_mla_part_s"] = timing.time_fn(jax.jit(lambda x, idx: attention(x, idx, None)), x, idx,
+                                                 warmup=1, iters=3)
     row = dict(section="dsa_layer", T=T, dsa_kernels_s=ours_s, dsa_kernels_pruned_sort_topk_s=pruned_s, dsa_xla_s=xla_s,
                cudnn_dense_s=dense_s, speedup_vs_dense=dense_s / min(ours_s, pruned_s),
                speedup_vs_xla=xla_s / min(ours_s, pruned_s), rel_err_last256=err, dsa_kernels_fp8_indexer_s=fp8_s,
-               fp8_indexer_speedup_vs_dense=dense_s / fp8_s, fp8_indexer_rel_err_last256=err_fp8)
+               fp8_indexer_speedup_vs_dense=dense_s / fp8_s, fp8_indexer_rel_err_last256=err_fp8, **stages)
     print(row, flush=True)
     rows.append(row)
   return rows

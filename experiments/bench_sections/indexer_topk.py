@@ -91,38 +91,40 @@ def _topk_check(T: int):  # noqa: N803
   return timing.time_fn(radix, scores), baselines.lax_topk_seconds(TOPK_ROWS, T, TOPK), exact
 
 
-# Scores kernel options timed beside the default (2 heads per pipeline step, 2 query buffers): `scores_h{h}_s{s}_*`
-# for bf16, `scores_fp8_h{h}_s{s}_*` for FP8.
-SCORE_VARIANTS = ((1, 4),)
-FP8_SCORE_VARIANTS = ((1, 4),)
+# Scores kernel options (heads per pipeline step, query buffers, key warpgroups) timed beside the default:
+# `scores_h{h}_s{s}_*` for bf16, `scores_fp8_h{h}_s{s}_*` for FP8, with `_k2` appended for two key warpgroups.
+SCORE_VARIANTS = ((1, 4, 1), (2, 2, 1), (2, 2, 2), (1, 4, 2))
+FP8_SCORE_VARIANTS = ((1, 4, 1), (2, 2, 1), (2, 2, 2), (2, 4, 2))
 
 
-def _scores_variant(heads_per_step: int, steps: int):
+def _scores_variant(heads_per_step: int, steps: int, key_warpgroups: int):
   """`index_scores` whose "pallas" runs the bf16 kernel with these options (its "xla" unchanged)."""
   def scores(q, k, w, *, implementation, **vis):
     if implementation == "xla":
       return indexer_api.index_scores(q, k, w, **vis, implementation="xla")
-    return indexer_kernel.index_scores(q, k, w, **vis, max_concurrent_steps=steps, heads_per_step=heads_per_step)
+    return indexer_kernel.index_scores(q, k, w, **vis, max_concurrent_steps=steps, heads_per_step=heads_per_step,
+                                       key_warpgroups=key_warpgroups)
   return scores
 
 
-def _fp8_scores_variant(heads_per_step: int, steps: int):
-  """`index_scores_fp8` whose "pallas" runs the FP8 kernel with these options (padded shapes only: T % 64 == 0)."""
+def _fp8_scores_variant(heads_per_step: int, steps: int, key_warpgroups: int):
+  """`index_scores_fp8` whose "pallas" runs the FP8 kernel with these options (padded shapes only: T % 256 == 0)."""
   def scores(q8, q_scale, k8, k_scale, w, *, implementation, **vis):
     if implementation == "xla":
       return indexer_api.index_scores_fp8(q8, q_scale, k8, k_scale, w, **vis, implementation="xla")
     return kernel_fp8.index_scores_fp8(q8, q_scale, k8, k_scale, w, **vis, max_concurrent_steps=steps,
-                                       heads_per_step=heads_per_step)
+                                       heads_per_step=heads_per_step, key_warpgroups=key_warpgroups)
   return scores
 
 
 def _variant_rows(prefix: str, variants, make, t_args: dict, s_args: dict, vis: dict, rows: int) -> dict:
-  """One `_scores_block_check` per (heads per step, buffers) option; a variant that fails must not cost the row."""
+  """One `_scores_block_check` per (heads per step, buffers, key warpgroups) option; a variant that fails must not
+  cost the row."""
   out = {}
-  for heads_per_step, steps in variants:
-    name = f"{prefix}_h{heads_per_step}_s{steps}"
+  for heads_per_step, steps, key_warpgroups in variants:
+    name = f"{prefix}_h{heads_per_step}_s{steps}" + ("_k2" if key_warpgroups == 2 else "")
     try:
-      got = _scores_block_check(make(heads_per_step, steps), t_args, s_args, vis, rows)
+      got = _scores_block_check(make(heads_per_step, steps, key_warpgroups), t_args, s_args, vis, rows)
     except Exception as e:  # noqa: BLE001
       out[f"{name}_error"] = str(e).splitlines()[0][:200]
       continue

@@ -28,7 +28,9 @@ Implementations:
     selected keys; the automatic choice on the GPU for bf16 inputs whose sizes fit). H200, 4096 queries,
     K = 2048 (2026-11-29, session 5): forward 8.7 ms vs 16.9 ms for "xla", forward + backward 20.3 vs 23.6 ms;
     gradient errors against float32 inputs 2.6e-3 / 3.0e-3 / 4.1e-4 (d idx_q / d idx_k / d w), "xla"'s
-    2.5e-3 / 3.4e-3 / 4.5e-7. d idx_k is added atomically, so its rounding varies run to run.
+    2.5e-3 / 3.4e-3 / 4.5e-7. d idx_k is added atomically, so its rounding varies run to run. Over 32K+ keys
+    forward + backward is 4-7% slower than "xla" (session 8), so the automatic choice stops at
+    SPARSE_KERNEL_MAX_KEYS.
 """
 
 import functools
@@ -89,11 +91,19 @@ def _kernel_supports(attn_q: jax.Array, idx_q: jax.Array) -> bool:
   return attn_q.dtype == idx_q.dtype == jnp.bfloat16 and kernel_dense.supports(n, c, i, h)
 
 
-def _sparse_kernel_supports(attn_q: jax.Array, idx_q: jax.Array) -> bool:
-  """Automatic choice of the sparse kernels: bf16 inputs and sizes that fit the forward's and backward's SMEM."""
+# The sparse kernels are the automatic choice over at most this many keys. On the H200 (4096 queries, K = 2048,
+# forward + backward) they took 0.86x XLA's time over 8K keys but 1.04x / 1.07x / 1.05x over 32K / 64K / 128K
+# (sessions 7-8): their d idx_k reduce-adds miss L2 once idx_k's rows are spread that wide. 16K, between the two
+# measured sides, is not measured.
+SPARSE_KERNEL_MAX_KEYS = 16384
+
+
+def _sparse_kernel_supports(attn_q: jax.Array, idx_q: jax.Array, num_keys: int) -> bool:
+  """Automatic choice of the sparse kernels: bf16 inputs, sizes that fit the forward's and backward's SMEM, and
+  at most SPARSE_KERNEL_MAX_KEYS keys."""
   sizes = (*attn_q.shape[2:], *idx_q.shape[2:])
-  return (attn_q.dtype == idx_q.dtype == jnp.bfloat16 and kernel_sparse.supports(*sizes)
-          and kernel_sparse_bwd.supports(*sizes))
+  return (attn_q.dtype == idx_q.dtype == jnp.bfloat16 and num_keys <= SPARSE_KERNEL_MAX_KEYS
+          and kernel_sparse.supports(*sizes) and kernel_sparse_bwd.supports(*sizes))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
@@ -159,12 +169,13 @@ def sparse_kl(attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w, indices
   """Sparse-stage KL(p[t, S_t] || softmax(I[t, S_t])) per query over `indices` [B, T, K], float32 [B, T].
 
   "pallas": the Mosaic GPU kernels of `sparse_pallas` (forward and backward; indices within a row must be
-  distinct, as top-k gives them), the automatic choice on the GPU for bf16 inputs of sizes they fit (module
-  docstring: faster than "xla" forward and forward + backward on the H200); t_chunk sizes the "xla" loop;
+  distinct, as top-k gives them), the automatic choice on the GPU for bf16 inputs of sizes they fit, over at
+  most SPARSE_KERNEL_MAX_KEYS keys (where they were faster than "xla" on the H200); t_chunk sizes the "xla" loop;
   `interpret` runs the kernels in GPU interpret mode with race detection (CPU tests).
   """
   attn_q, attn_k, attn_lse = jax.tree.map(jax.lax.stop_gradient, (attn_q, attn_k, attn_lse))
-  if resolve_implementation(implementation, SPARSE_AVAILABLE, _sparse_kernel_supports(attn_q, idx_q)) == "pallas":
+  supported = _sparse_kernel_supports(attn_q, idx_q, attn_k.shape[1])
+  if resolve_implementation(implementation, SPARSE_AVAILABLE, supported) == "pallas":
     return sparse_pallas.sparse_kl(attn_q, attn_k, attn_lse, attn_scale, idx_q, idx_k, idx_w, indices,
                                    q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
                                    kv_segment_ids=kv_segment_ids, interpret=interpret)

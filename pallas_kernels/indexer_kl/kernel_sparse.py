@@ -31,7 +31,9 @@ kernel. On the H200 (4096 queries, K = 2048, 2026-11-29): the forward took 40.7 
 forward + backward 81.8 (one thread) / 27.8 (four TMA warps) / 24.6 (cp.async) / **20.3 ms (cp.async, the
 backward's d ik reduce-adds from 4 warps: the defaults)** against 23.6 ms for XLA
 (`experiments/bench_sections/indexer_kl_sparse.py`, benchmarks/results session 5). The defaults are therefore
-the automatic choice on the GPU (`api.sparse_kl`).
+the automatic choice on the GPU (`api.sparse_kl`) up to `api.SPARSE_KERNEL_MAX_KEYS` keys: over 32K / 64K / 128K
+keys forward + backward took 24.8 / 26.3 / 27.0 ms against XLA's 23.9 / 24.6 / 25.6 (sessions 7-8), while the
+forward alone stayed faster (10.9 / 11.8 / 11.7 vs 17.0 / 17.3 / 17.7 ms).
 
 Validity (causal order, segments, -1 slots) is folded into the index list by `selected_keys` in XLA, so
 the kernel only tests idx >= 0 (an invalid slot gathers row 0 and is masked). Indices within a row must

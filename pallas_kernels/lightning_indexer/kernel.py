@@ -17,7 +17,12 @@ option exact: same error and mask):
   bf16 448-487 TF/s against 583-608 for XLA's plain matmul, FP8 922;
 - 1 head per step, 2 buffers (two CTAs per SM): bf16 422 TF/s;
 - 2 heads per step (the second head's wgmma runs during the first head's epilogue), 4 buffers: bf16 500, FP8 812;
-- **2 heads per step, 2 buffers: bf16 502-513 TF/s, FP8 1008: the default** (BEST_OPTIONS).
+- 2 heads per step, 2 buffers: bf16 502-513 TF/s, FP8 1008.
+Both dtypes then moved ~3.9 TB/s of query tiles from L2 (128 / 256 FLOPs per byte), so the key tile grew
+(session 8, same run, 4096 x 128K): **two compute warpgroups sharing each query tile over 256 keys
+(`key_warpgroups=2`), 2 heads per step, 2 buffers: bf16 634 TF/s against 500 for the same options with one
+warpgroup (1.27x; XLA's plain bf16 matmul 514 in that run); FP8 1109 against 1099: the default** (BEST_OPTIONS).
+With 1 head per step and 4 buffers: bf16 617.
 """
 
 import functools
@@ -39,7 +44,15 @@ MAX_CONCURRENT_STEPS = 4
 # (`wgmma_accumulator_load(wait_n=1)`) and runs its epilogue while the second one computes. Query buffers are
 # then 64 x 2H (32 KiB in bf16).
 HEADS_PER_STEP = (1, 2)
-BEST_OPTIONS = dict(heads_per_step=2, max_concurrent_steps=2)  # the fastest measured (module docstring)
+# Compute warpgroups per CTA, splitting a key tile (1 or 2). 1: one warpgroup scores [BLOCK_T, BLOCK_S]; each CTA
+# streams all I x H query columns of its row tile for only BLOCK_S keys, so the L2 -> SMEM query traffic is
+# 128 (bf16) or 256 (FP8) FLOPs per byte, and both dtypes measured ~3.9 TB/s of it. 2: two compute warpgroups
+# share each query tile over 2 BLOCK_S keys (half that traffic) while a third warpgroup loads the tiles. SMEM with
+# 2: 64 (keys) + 16 (w) + 64 (out) + buffers x 32 KiB (bf16, 2 heads per step): at most 2 buffers in bf16.
+KEY_WARPGROUPS = (1, 2)
+MEMORY_REGISTERS = 40  # setmaxnreg of the query-loading warpgroup when KEY_WARPGROUPS is 2
+KEY_ALIGN = 2 * BLOCK_S  # the API pads S to this: a multiple of every option's key tile
+BEST_OPTIONS = dict(heads_per_step=2, max_concurrent_steps=2, key_warpgroups=2)  # the fastest measured (docstring)
 
 
 def _tile_summaries(positions: jax.Array, segment_ids: jax.Array, block: int, reduce_position) -> jax.Array:
@@ -53,14 +66,17 @@ def _tile_summaries(positions: jax.Array, segment_ids: jax.Array, block: int, re
 def index_scores(q: jax.Array, k: jax.Array, w: jax.Array, *, q_positions: jax.Array, kv_positions: jax.Array,
                  q_segment_ids: jax.Array, kv_segment_ids: jax.Array, interpret=None,
                  max_concurrent_steps: int = BEST_OPTIONS["max_concurrent_steps"],
-                 heads_per_step: int | None = None) -> jax.Array:
+                 heads_per_step: int | None = None,
+                 key_warpgroups: int = BEST_OPTIONS["key_warpgroups"]) -> jax.Array:
   """q [B, T, I, H] bf16, k [B, S, H] bf16, w [B, T, I] -> float32 [B, T, S] (as `reference.index_scores`).
 
-  T must be a multiple of 64 and S of 128 (the API pads). heads_per_step None: `default_heads_per_step`.
+  T must be a multiple of 64 and S of 128 x key_warpgroups (the API pads). heads_per_step None:
+  `default_heads_per_step`.
   """
   return launch(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), w, None, q_positions=q_positions,
                 kv_positions=kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                interpret=interpret, max_concurrent_steps=max_concurrent_steps, heads_per_step=heads_per_step)
+                interpret=interpret, max_concurrent_steps=max_concurrent_steps, heads_per_step=heads_per_step,
+                key_warpgroups=key_warpgroups)
 
 
 def default_heads_per_step(num_heads: int) -> int:
@@ -71,14 +87,17 @@ def default_heads_per_step(num_heads: int) -> int:
 def launch(q: jax.Array, k: jax.Array, w: jax.Array, k_scale: jax.Array | None, *, q_positions: jax.Array,
            kv_positions: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array, interpret=None,
            max_concurrent_steps: int = BEST_OPTIONS["max_concurrent_steps"],
-           heads_per_step: int | None = None) -> jax.Array:
+           heads_per_step: int | None = None, key_warpgroups: int = BEST_OPTIONS["key_warpgroups"]) -> jax.Array:
   """The scores kernel for q [B, T, I, H] and k [B, S, H] of one wgmma dtype (bf16 here, e4m3 in `kernel_fp8`).
 
   k_scale [B, S] float32 (or None): a per-key factor applied to each score column in the epilogue.
   max_concurrent_steps: query-tile buffers of the head pipeline (1 to 4; see MAX_CONCURRENT_STEPS).
   heads_per_step: 1, or 2 to overlap a head's epilogue with the next head's wgmma (see HEADS_PER_STEP); None:
   `default_heads_per_step`.
+  key_warpgroups: 1, or 2 compute warpgroups sharing each query tile over twice the keys (see KEY_WARPGROUPS).
   """
+  if key_warpgroups not in KEY_WARPGROUPS:
+    raise ValueError(f"key_warpgroups={key_warpgroups} must be one of {KEY_WARPGROUPS}.")
   if heads_per_step is None:
     heads_per_step = default_heads_per_step(q.shape[2])
   if not 1 <= max_concurrent_steps <= MAX_CONCURRENT_STEPS:
@@ -88,99 +107,129 @@ def launch(q: jax.Array, k: jax.Array, w: jax.Array, k_scale: jax.Array | None, 
                      f"{q.shape[2]} index heads.")
   B, T, I, H = q.shape  # noqa: N806
   S = k.shape[1]  # noqa: N806
-  if T % BLOCK_T or S % BLOCK_S:
-    raise ValueError(f"T={T} must be a multiple of {BLOCK_T} and S={S} of {BLOCK_S}.")
+  cta_keys = BLOCK_S * key_warpgroups
+  if T % BLOCK_T or S % cta_keys:
+    raise ValueError(f"T={T} must be a multiple of {BLOCK_T} and S={S} of {cta_keys} (key_warpgroups="
+                     f"{key_warpgroups}).")
   q_flat = q.reshape(B, T, I * H)
   w_heads = jnp.swapaxes(w.astype(jnp.float32), 1, 2)  # [B, I, T]: one contiguous row of w per head
   q_summary = _tile_summaries(q_positions, q_segment_ids, BLOCK_T, jnp.max)
-  kv_summary = _tile_summaries(kv_positions, kv_segment_ids, BLOCK_S, jnp.min)
+  kv_summary = _tile_summaries(kv_positions, kv_segment_ids, cta_keys, jnp.min)
   ints = [x.astype(jnp.int32) for x in (q_positions, q_segment_ids, kv_positions, kv_segment_ids)]
   k_scales = [] if k_scale is None else [k_scale.astype(jnp.float32)]
 
   itemsize = jnp.dtype(q.dtype).itemsize
   swizzle = plgpu.find_swizzle(H * 8 * itemsize)  # rows of H elements
   transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-  body = functools.partial(_kernel, num_heads=I, head_dim=H, transforms=transforms, steps=max_concurrent_steps,
-                           heads_per_step=heads_per_step)
+  two = key_warpgroups == 2
+  body = functools.partial(_kernel_two_warpgroups if two else _kernel, num_heads=I, head_dim=H,
+                           transforms=transforms, steps=max_concurrent_steps, heads_per_step=heads_per_step)
   scratch = dict(
-      k_smem=plgpu.SMEM((BLOCK_S, H), q.dtype, transforms=transforms),
+      k_smem=plgpu.SMEM((cta_keys, H), q.dtype, transforms=transforms),
       w_smem=plgpu.SMEM((I, BLOCK_T), jnp.float32),
       q_pos_smem=plgpu.SMEM((2, BLOCK_T), jnp.int32),
-      kv_pos_smem=plgpu.SMEM((2, BLOCK_S), jnp.int32),
-      k_scale_smem=[plgpu.SMEM((BLOCK_S,), jnp.float32) for _ in k_scales],
-      out_smem=plgpu.SMEM((BLOCK_T, BLOCK_S), jnp.float32),
+      kv_pos_smem=plgpu.SMEM((2, cta_keys), jnp.int32),
+      k_scale_smem=[plgpu.SMEM((cta_keys,), jnp.float32) for _ in k_scales],
+      out_smem=plgpu.SMEM((2, BLOCK_T, BLOCK_S) if two else (BLOCK_T, BLOCK_S), jnp.float32),
       barriers=plgpu.Barrier(num_barriers=6 + len(k_scales)),
   )
+  threads = dict(num_threads=3, thread_name="wg") if two else {}
   return plgpu.kernel(
       body,
       out_type=jax.ShapeDtypeStruct((B, T, S), jnp.float32),
       scratch_types=scratch,
-      grid=(S // BLOCK_S, T // BLOCK_T, B),
+      grid=(S // cta_keys, T // BLOCK_T, B),
       grid_names=("s", "t", "b"),
+      **threads,
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret,
   )(q_flat, k, w_heads, *ints, q_summary, kv_summary, *k_scales)
 
 
+def _head_step(k_tile, w_smem, head_dim: int, heads_per_step: int):
+  """The pipeline body over index heads: (step index, q tile [BLOCK_T, heads_per_step * H], running head sum) ->
+  head sum + sum over the step's heads j of w[t, j] * ReLU(q[t, j] . k_tile[s]), with k_tile [BLOCK_S, H]."""
+  rows = plgpu.Layout.WGMMA.reduce(1)
+
+  def epilogue(acc, logits, head):
+    w_h = plgpu.load(w_smem.at[head], layout=rows)
+    return acc + jnp.maximum(logits, 0.0) * lax.broadcast_in_dim(w_h, logits.shape, [0])
+
+  def head_step(idx, q_smem, acc):
+    (j,) = idx
+    if heads_per_step == 1:
+      def logits_of(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_tile.transpose((1, 0)))
+        return acc_ref[...]
+
+      return epilogue(acc, pl.run_scoped(logits_of, plgpu.ACC((BLOCK_T, BLOCK_S), jnp.float32)), j)
+
+    def both_heads(first_ref, second_ref):  # the second wgmma runs during the first head's epilogue
+      for h, ref in enumerate((first_ref, second_ref)):
+        plgpu.wgmma(ref, q_smem.at[:, pl.ds(h * head_dim, head_dim)], k_tile.transpose((1, 0)))
+      out = epilogue(acc, plgpu.wgmma_accumulator_load(first_ref, wait_n=1), 2 * j)
+      return epilogue(out, plgpu.wgmma_accumulator_load(second_ref, wait_n=0), 2 * j + 1)
+
+    return pl.run_scoped(both_heads, *[plgpu.ACC((BLOCK_T, BLOCK_S), jnp.float32)] * 2)
+
+  return head_step
+
+
+def _visible(scores, q_pos_smem, kv_pos_smem, k_scale_smem):
+  """The final epilogue of a [BLOCK_T, BLOCK_S] tile: per-key scales, then -inf where the key is not visible."""
+  rows = plgpu.Layout.WGMMA.reduce(1)
+  cols = plgpu.Layout.WGMMA.reduce(0)
+  shape = scores.shape
+  q_pos = lax.broadcast_in_dim(plgpu.load(q_pos_smem.at[0], layout=rows), shape, [0])
+  q_seg = lax.broadcast_in_dim(plgpu.load(q_pos_smem.at[1], layout=rows), shape, [0])
+  kv_pos = lax.broadcast_in_dim(plgpu.load(kv_pos_smem[0], layout=cols), shape, [1])
+  kv_seg = lax.broadcast_in_dim(plgpu.load(kv_pos_smem[1], layout=cols), shape, [1])
+  for smem in k_scale_smem:  # a power of two in the fp8 kernel: commutes with ReLU and the head sum exactly
+    scores = scores * lax.broadcast_in_dim(plgpu.load(smem, layout=cols), shape, [1])
+  visible = (kv_pos <= q_pos) & (kv_seg == q_seg)
+  return jnp.where(visible, scores, -jnp.inf)
+
+
+def _tile_copies(b, t_slice, s_slice, refs, smem):
+  """(source, destination) of the tile-wide operands: keys, w, query and key positions / segments, key scales."""
+  k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, k_scale_ref = refs
+  k_smem, w_smem, q_pos_smem, kv_pos_smem, k_scale_smem = smem
+  return ((k_ref.at[b, s_slice], k_smem), (w_ref.at[b, :, t_slice], w_smem),
+          (q_pos_ref.at[b, t_slice], q_pos_smem.at[0]), (q_seg_ref.at[b, t_slice], q_pos_smem.at[1]),
+          (kv_pos_ref.at[b, s_slice], kv_pos_smem.at[0]), (kv_seg_ref.at[b, s_slice], kv_pos_smem.at[1]),
+          *[(ref.at[b, s_slice], smem) for ref, smem in zip(k_scale_ref, k_scale_smem)])
+
+
+def _is_live(q_sum_ref, kv_sum_ref, b, ti, si):
+  """False when the tile is certainly fully masked (`_tile_summaries`): all keys later, or disjoint segments."""
+  return ((kv_sum_ref[b, si, 0] <= q_sum_ref[b, ti, 0]) & (kv_sum_ref[b, si, 1] <= q_sum_ref[b, ti, 2])
+          & (kv_sum_ref[b, si, 2] >= q_sum_ref[b, ti, 1]))
+
+
 def _kernel(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_sum_ref, kv_sum_ref,
             *k_scale_and_out, k_smem, w_smem, q_pos_smem, kv_pos_smem, k_scale_smem, out_smem, barriers, num_heads,
             head_dim, transforms, steps, heads_per_step):
+  """One warpgroup per CTA: a [BLOCK_T, BLOCK_S] tile."""
   *k_scale_ref, out_ref = k_scale_and_out  # k_scale_ref and k_scale_smem: one ref each with key scales, or none
   si, ti, b = lax.axis_index("s"), lax.axis_index("t"), lax.axis_index("b")
   t_slice, s_slice = pl.ds(ti * BLOCK_T, BLOCK_T), pl.ds(si * BLOCK_S, BLOCK_S)
-  live = ((kv_sum_ref[b, si, 0] <= q_sum_ref[b, ti, 0]) & (kv_sum_ref[b, si, 1] <= q_sum_ref[b, ti, 2])
-          & (kv_sum_ref[b, si, 2] >= q_sum_ref[b, ti, 1]))
-  rows = plgpu.Layout.WGMMA.reduce(1)
-  cols = plgpu.Layout.WGMMA.reduce(0)
+  live = _is_live(q_sum_ref, kv_sum_ref, b, ti, si)
 
   @pl.when(live)
   def _compute():
-    copies = ((k_ref.at[b, s_slice], k_smem), (w_ref.at[b, :, t_slice], w_smem),
-              (q_pos_ref.at[b, t_slice], q_pos_smem.at[0]), (q_seg_ref.at[b, t_slice], q_pos_smem.at[1]),
-              (kv_pos_ref.at[b, s_slice], kv_pos_smem.at[0]), (kv_seg_ref.at[b, s_slice], kv_pos_smem.at[1]),
-              *[(ref.at[b, s_slice], smem) for ref, smem in zip(k_scale_ref, k_scale_smem)])
+    copies = _tile_copies(b, t_slice, s_slice, (k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, k_scale_ref),
+                          (k_smem, w_smem, q_pos_smem, kv_pos_smem, k_scale_smem))
     for i, (src, dst) in enumerate(copies):
       plgpu.copy_gmem_to_smem(src, dst, barriers.at[i])
     for i in range(len(copies)):
       plgpu.barrier_wait(barriers.at[i])
-
-    def head_step(idx, q_smem, acc):
-      (j,) = idx
-
-      def epilogue(acc, logits, head):
-        w_h = plgpu.load(w_smem.at[head], layout=rows)
-        return acc + jnp.maximum(logits, 0.0) * lax.broadcast_in_dim(w_h, logits.shape, [0])
-
-      if heads_per_step == 1:
-        def logits_of(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, k_smem.transpose((1, 0)))
-          return acc_ref[...]
-
-        return epilogue(acc, pl.run_scoped(logits_of, plgpu.ACC((BLOCK_T, BLOCK_S), jnp.float32)), j)
-
-      def both_heads(first_ref, second_ref):  # the second wgmma runs during the first head's epilogue
-        for h, ref in enumerate((first_ref, second_ref)):
-          plgpu.wgmma(ref, q_smem.at[:, pl.ds(h * head_dim, head_dim)], k_smem.transpose((1, 0)))
-        out = epilogue(acc, plgpu.wgmma_accumulator_load(first_ref, wait_n=1), 2 * j)
-        return epilogue(out, plgpu.wgmma_accumulator_load(second_ref, wait_n=0), 2 * j + 1)
-
-      return pl.run_scoped(both_heads, *[plgpu.ACC((BLOCK_T, BLOCK_S), jnp.float32)] * 2)
-
     zeros = plgpu.layout_cast(jnp.zeros((BLOCK_T, BLOCK_S), jnp.float32), plgpu.Layout.WGMMA)
     scores = plgpu.emit_pipeline(
-        head_step, grid=(num_heads // heads_per_step,),
+        _head_step(k_smem, w_smem, head_dim, heads_per_step), grid=(num_heads // heads_per_step,),
         in_specs=[plgpu.BlockSpec((BLOCK_T, heads_per_step * head_dim), lambda j: (ti, j), transforms=transforms)],
         max_concurrent_steps=min(steps, num_heads // heads_per_step), init_carry=zeros,
     )(q_ref.at[b])
-    shape = scores.shape
-    q_pos = lax.broadcast_in_dim(plgpu.load(q_pos_smem.at[0], layout=rows), shape, [0])
-    q_seg = lax.broadcast_in_dim(plgpu.load(q_pos_smem.at[1], layout=rows), shape, [0])
-    kv_pos = lax.broadcast_in_dim(plgpu.load(kv_pos_smem.at[0], layout=cols), shape, [1])
-    kv_seg = lax.broadcast_in_dim(plgpu.load(kv_pos_smem.at[1], layout=cols), shape, [1])
-    for smem in k_scale_smem:  # a power of two in the fp8 kernel: commutes with ReLU and the head sum exactly
-      scores = scores * lax.broadcast_in_dim(plgpu.load(smem, layout=cols), shape, [1])
-    visible = (kv_pos <= q_pos) & (kv_seg == q_seg)
-    out_smem[...] = jnp.where(visible, scores, -jnp.inf)
+    out_smem[...] = _visible(scores, q_pos_smem, (kv_pos_smem.at[0], kv_pos_smem.at[1]), k_scale_smem)
 
   @pl.when(jnp.logical_not(live))
   def _skip():
@@ -189,3 +238,54 @@ def _kernel(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, t_slice, s_slice])
   plgpu.wait_smem_to_gmem(0)
+
+
+def _kernel_two_warpgroups(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_sum_ref, kv_sum_ref,
+                           *k_scale_and_out, k_smem, w_smem, q_pos_smem, kv_pos_smem, k_scale_smem, out_smem,
+                           barriers, num_heads, head_dim, transforms, steps, heads_per_step):
+  """Two compute warpgroups per CTA share one stream of query tiles (`KEY_WARPGROUPS`): wg 0 and wg 1 score keys
+  [0, BLOCK_S) and [BLOCK_S, 2 BLOCK_S) of a 2 BLOCK_S key tile; wg 2 loads the query tiles
+  (`emit_pipeline_warp_specialized`). out_smem [2, BLOCK_T, BLOCK_S]: one slot per compute warpgroup."""
+  *k_scale_ref, out_ref = k_scale_and_out
+  si, ti, b = lax.axis_index("s"), lax.axis_index("t"), lax.axis_index("b")
+  wg = lax.axis_index("wg")
+  cta_keys = 2 * BLOCK_S
+  t_slice, s_slice = pl.ds(ti * BLOCK_T, BLOCK_T), pl.ds(si * cta_keys, cta_keys)
+  half = pl.ds(wg * BLOCK_S, BLOCK_S)  # this compute warpgroup's keys inside the CTA's tile
+  live = _is_live(q_sum_ref, kv_sum_ref, b, ti, si)
+
+  @pl.when(live)
+  def _compute():
+    copies = _tile_copies(b, t_slice, s_slice, (k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, k_scale_ref),
+                          (k_smem, w_smem, q_pos_smem, kv_pos_smem, k_scale_smem))
+
+    @pl.when(wg == 0)
+    def _issue():
+      for i, (src, dst) in enumerate(copies):
+        plgpu.copy_gmem_to_smem(src, dst, barriers.at[i])
+
+    def compute_context(pipeline):
+      for i in range(len(copies)):
+        plgpu.barrier_wait(barriers.at[i])
+      scores = pipeline(plgpu.layout_cast(jnp.zeros((BLOCK_T, BLOCK_S), jnp.float32), plgpu.Layout.WGMMA))
+      out_smem.at[wg][...] = _visible(scores, q_pos_smem, (kv_pos_smem.at[0, half], kv_pos_smem.at[1, half]),
+                                      [smem.at[half] for smem in k_scale_smem])
+
+    plgpu.emit_pipeline_warp_specialized(
+        _head_step(k_smem.at[half], w_smem, head_dim, heads_per_step), grid=(num_heads // heads_per_step,),
+        memory_registers=MEMORY_REGISTERS,
+        in_specs=[plgpu.BlockSpec((BLOCK_T, heads_per_step * head_dim), lambda j: (ti, j), transforms=transforms,
+                                  memory_space=plgpu.SMEM)],
+        max_concurrent_steps=min(steps, num_heads // heads_per_step), wg_axis="wg", num_compute_wgs=2,
+        compute_context=compute_context,
+    )(q_ref.at[b])
+
+  @pl.when(jnp.logical_not(live) & (wg < 2))
+  def _skip():
+    out_smem.at[wg][...] = jnp.full((BLOCK_T, BLOCK_S), -jnp.inf, jnp.float32)
+
+  @pl.when(wg < 2)
+  def _store():
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[b, t_slice, pl.ds(si * cta_keys + wg * BLOCK_S, BLOCK_S)])
+    plgpu.wait_smem_to_gmem(0)

@@ -11,7 +11,7 @@ from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # race-detector 
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.sharding import AbstractDevice, AbstractMesh
 
-from pallas_kernels.lightning_indexer import api, kernel, reference
+from pallas_kernels.lightning_indexer import api, kernel, kernel_fp8, reference
 from pallas_kernels.topk import reference as topk_reference
 
 H200 = AbstractMesh((), (), abstract_device=AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132))
@@ -106,6 +106,11 @@ class PallasIndexerTest(parameterized.TestCase):
     scores = reference.index_scores(*args, **vis)
     chex.assert_trees_all_equal(full >= 0, topk_reference.topk_indices(scores, 96) >= 0)
 
+  def test_rejects_no_causal_stages(self):
+    args, vis = _inputs(0, 1, 64, 128, 2, 128, 0)
+    with self.assertRaisesRegex(ValueError, r"causal_stages=0 must be at least 1"):
+      api.index_topk(*args, topk=8, **vis, implementation="pallas", causal_stages=0)
+
   def test_keys_precede_queries_checks(self):
     pos = jnp.arange(8)[None]
     seg = jnp.zeros_like(pos)
@@ -168,12 +173,19 @@ class PipelineOptionsTest(parameterized.TestCase):
     super().setUp()
     gpu_callbacks.reset_gpu_interpret_mode_state()
 
-  @parameterized.parameters((1, 4), (1, 2), (2, 4))
-  def test_options_match_reference(self, heads_per_step, steps):
-    args, vis = _inputs(time.time_ns(), 1, 128, 256, 6, 128, 0)
+  @parameterized.parameters((1, 4, 1), (1, 2, 1), (2, 4, 1), (2, 2, 2), (1, 3, 2))
+  def test_options_match_reference(self, heads_per_step, steps, key_warpgroups):
+    args, vis = _inputs(time.time_ns(), 1, 128, 512, 6, 128, 475)  # a new segment from query row 91
     scores = lambda q, k, w, implementation, **vis: kernel.index_scores(
-        q, k, w, **vis, max_concurrent_steps=steps, heads_per_step=heads_per_step)
-    _check_kernel_scores(self, scores, reference.index_scores, args, vis, (1, 128, 256))
+        q, k, w, **vis, max_concurrent_steps=steps, heads_per_step=heads_per_step, key_warpgroups=key_warpgroups)
+    _check_kernel_scores(self, scores, reference.index_scores, args, vis, (1, 128, 512))
+
+  def test_two_key_warpgroups_fp8(self):
+    (q8, q_scale, k8, k_scale, w), vis = _fp8_inputs(time.time_ns(), 1, 64, 512, 4, 128, 0)
+    with plgpu.force_gpu_interpret_mode(INTERPRET):
+      got = kernel_fp8.index_scores_fp8(q8, q_scale, k8, k_scale, w, **vis, key_warpgroups=2)
+    self.assertFalse(gpu_callbacks.get_races().races_found)
+    _assert_scores_close(got, reference.index_scores_fp8(q8, q_scale, k8, k_scale, w, **vis))
 
   def test_rejects_bad_depth(self):
     args, vis = _inputs(0, 1, 64, 128, 4, 128, 0)
@@ -181,15 +193,20 @@ class PipelineOptionsTest(parameterized.TestCase):
       kernel.index_scores(*args, **vis, max_concurrent_steps=5)
     with self.assertRaisesRegex(ValueError, r"heads_per_step=3 must be one of \(1, 2\) and divide the 4 index"):
       kernel.index_scores(*args, **vis, heads_per_step=3)
+    with self.assertRaisesRegex(ValueError, r"key_warpgroups=3 must be one of \(1, 2\)"):
+      kernel.index_scores(*args, **vis, key_warpgroups=3)
+    with self.assertRaisesRegex(ValueError, r"S=128 of 256 \(key_warpgroups=2\)"):
+      kernel.index_scores(*args, **vis, key_warpgroups=2)
 
-  @parameterized.parameters((1, 4), (1, 2), (2, 4))
-  def test_options_lower_for_h200(self, heads_per_step, steps):
+  @parameterized.parameters((1, 4, 1), (1, 2, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2))
+  def test_options_lower_for_h200(self, heads_per_step, steps, key_warpgroups):
     sd = jax.ShapeDtypeStruct
     args = (sd((1, 4096, 64, 128), jnp.bfloat16), sd((1, 131072, 128), jnp.bfloat16), sd((1, 4096, 64), jnp.float32))
     vis = (sd((1, 4096), jnp.int32), sd((1, 131072), jnp.int32)) * 2
     f = lambda q, k, w, qp, kp, qs, ks: kernel.index_scores(q, k, w, q_positions=qp, kv_positions=kp, q_segment_ids=qs,
                                                             kv_segment_ids=ks, max_concurrent_steps=steps,
-                                                            heads_per_step=heads_per_step)
+                                                            heads_per_step=heads_per_step,
+                                                            key_warpgroups=key_warpgroups)
     with jax.sharding.use_abstract_mesh(H200):
       lowered = jax.jit(f).trace(*args, vis[0], vis[1], vis[2], vis[3]).lower(lowering_platforms=("cuda",))
     self.assertIn("mosaic_gpu", lowered.as_text())

@@ -4,7 +4,7 @@
 # On the GPU machine, from the repository root:
 #   OUT=/some/dir bash benchmarks/run_pending.sh 1   # index_topk and the DSA core at 128K
 #   OUT=/some/dir bash benchmarks/run_pending.sh 2   # the sparse MLA backward variants and the sparse MLA section
-#   OUT=/some/dir bash benchmarks/run_pending.sh 3   # the sparse indexer KL over 32K / 64K keys, dense KL at 128K
+#   OUT=/some/dir bash benchmarks/run_pending.sh 3   # the grouped GEMM (ours vs jax's kernel), dense KL at 128K
 set -u
 : "${OUT:?set OUT to the output folder}"
 export PYTHONPATH=.
@@ -16,10 +16,10 @@ run() {  # run LIMIT_S NAME FLAGS...
 }
 case "${1:-}" in
   1)
-    # index_topk at 128K with the scores kernel's new default options (2 heads per step, 2 query buffers) and the
-    # causal key-prefix stages, beside the old options and the FP8 kernel's options; then the DSA core at 128K.
+    # index_topk at 128K with the scores kernel's two key warpgroups (session 8) and the 32 causal stages (the
+    # DSA row also times 8 and 16 stages); then the DSA core at 128K.
     run 250 indexer_topk_131072 --sections=indexer_topk --seq_lens=131072
-    run 300 dsa_layer_131072 --sections=dsa_layer --seq_lens=131072
+    run 330 dsa_layer_131072 --sections=dsa_layer --seq_lens=131072
     ;;
   2)
     # The sparse MLA backward's new defaults (session 7: index prefetch, per-chunk release) beside the previous
@@ -29,10 +29,9 @@ case "${1:-}" in
     run 300 sparse_mla_all --sections=sparse_mla --seq_lens=8192,32768,65536,131072
     ;;
   3)
-    # The sparse indexer KL over 32K and 64K keys: its kernels were 1.16x faster than XLA forward + backward over
-    # 8K keys and 5% slower over 128K (session 7); these place the length where the automatic choice should turn.
-    # Then the indexer KL kernels at T = 128K again (first run in session 7).
-    run 200 indexer_kl_sparse_32k_64k --sections=indexer_kl_sparse --seq_lens=32768,65536
+    # The grouped GEMM at its three loads, the automatic kernel beside the other one (session 8: ours from 64
+    # experts); then the indexer KL kernels at T = 128K again (first run in session 7).
+    run 250 moe_gmm --sections=moe_gmm --seq_lens=8192
     run 300 indexer_kl_131072 --sections=indexer_kl --seq_lens=131072
     ;;
   *) echo "usage: run_pending.sh 1|2|3" >&2; exit 2 ;;

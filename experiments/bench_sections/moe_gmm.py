@@ -5,13 +5,19 @@ Up 7168 -> 2048 and down 2048 -> 7168, 8 active of 256 experts (random routing),
 - "256x16384": the same with 16384 tokens: 512 rows per expert;
 - "ep8_local32": one device of 8-way expert parallelism, its 32 local experts receiving the routed rows of
   8 x 4096 tokens: 1024 rows per expert, the load of real expert-parallel training.
-The Mosaic GPU kernels bundled with jax (forward, dgrad, wgrad) in TF/s of useful FLOPs 2 * M * D * F, the
-forward's error against a dense f32 product on the first experts' rows, and (first case only)
+`kernel.gmm` / `kernel.tgmm` with their default choices (forward and dgrad: ours from
+`kernel.SCHEDULED_MIN_GROUPS` experts, else jax's bundled ragged_dot; wgrad: jax's transposed_ragged_dot) in
+TF/s of useful FLOPs 2 * M * D * F, the forward's error against a dense f32 product on the first experts' rows,
+and (first case only)
 `lax.ragged_dot`, which falls back to a dense computation and fits in memory only for 1/8 of the rows.
-The bundled kernel runs cdiv(M, block_m) + G - 1 row blocks whatever the group sizes (a block shared by
-two groups is computed for each), so with 128-row blocks and 128 rows per expert about half of its work
-is masked: the token count per expert, not only the shapes, sets its TF/s.
+Forward and dgrad also run with the forward kernel that `kernel.resolve_gmm_kernel` does not choose for the
+case's expert count (rows `impl="pallas_<name>"`: "bundled" = jax's ragged_dot, "scheduled" = ours).
+Both run about cdiv(M, block_m) + G row blocks (a block shared by two groups is computed for each), so with
+128-row blocks and 128 rows per expert about half of the work is masked: the token count per expert, not only
+the shapes, sets the TF/s.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +64,7 @@ def _rows_for(case: str, name: str, d: int, f: int, gs: jax.Array, with_xla: boo
     args = (dy, w, gs) if pass_ == "dgrad" else (x, dy, gs)
     seconds = timing.time_fn(jax.jit(fn), *args)
     rows.append(dict(base, pass_=pass_, impl="pallas", ms=seconds * 1e3, tflops=timing.tflops(flops, seconds)))
+  rows += _scheduled_rows(base, flops, x, w, dy, gs)
   if not with_xla:
     return rows
   # lax.ragged_dot on 1/8 of the rows (all it fits in memory), same experts and weights.
@@ -70,6 +77,27 @@ def _rows_for(case: str, name: str, d: int, f: int, gs: jax.Array, with_xla: boo
   return rows
 
 
+def _scheduled_rows(base: dict, flops: float, x, w, dy, gs) -> list[dict]:
+  """Forward and dgrad with the kernel that `kernel.resolve_gmm_kernel` does not pick for these groups, each
+  checked on the first experts' rows against a dense f32 product (impl "pallas_<kernel>")."""
+  chosen = kernel.resolve_gmm_kernel(kernel.Tiles().gmm_kernel, gs.shape[0])
+  other = "bundled" if chosen == "scheduled" else "scheduled"
+  tiles = dataclasses.replace(kernel.Tiles(), gmm_kernel=other)
+  rows = []
+  for pass_, fn, args, w_ref in (
+      ("fwd", lambda x, w, gs: kernel.gmm(x, w, gs, tiles=tiles), (x, w, gs), w),
+      ("dgrad", lambda dy, w, gs: kernel.gmm(dy, w, gs, transpose_w=True, tiles=tiles), (dy, w, gs),
+       jnp.swapaxes(w[:3], 1, 2))):
+    f = jax.jit(fn)
+    seconds = timing.time_fn(f, *args)
+    want, n = _reference_rows(args[0], w_ref, gs)
+    got = f(*args)[:n].astype(jnp.float32)
+    rows.append(dict(base, pass_=pass_, impl=f"pallas_{other}", ms=seconds * 1e3,
+                     tflops=timing.tflops(flops, seconds),
+                     rel_err=float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))))
+  return rows
+
+
 def run(cfg: dict) -> list[dict]:
   del cfg  # the expert shapes and loads (CASES), not the sequence length, set the GEMM sizes
   rows = []
@@ -77,5 +105,5 @@ def run(cfg: dict) -> list[dict]:
     gs = _group_sizes(0, tokens, local)
     for name, d, f in (("up", HIDDEN, EXPERT_HIDDEN), ("down", EXPERT_HIDDEN, HIDDEN)):
       rows += _rows_for(case, name, d, f, gs, with_xla=i == 0)
-      print(*rows[-3:], sep="\n", flush=True)
+      print(*rows[-5:], sep="\n", flush=True)
   return rows

@@ -1,8 +1,9 @@
 """Benchmark section: tile sweep of the grouped-matmul kernels (issue 4: >= 350 TF/s on the expert GEMMs).
 
-With the default `kernel.Tiles` an H200 runs the up projection forward at 411 TF/s but the down forward and
+With jax's bundled kernels an H200 runs the up projection forward at 411 TF/s but the down forward and
 the up dgrad (both [M, 2048] x [2048, 7168]) near 260 TF/s at 512 rows per expert, and 148-234 TF/s at 128
-rows per expert. This section times `kernel.gmm` (forward; dgrad = `gmm(dy, w, gs, transpose_w=True)`) and
+rows per expert (session 8's `kernel_scheduled`, the default from 64 experts since, was the fix; this sweep
+keeps the bundled kernels, `gmm_kernel="bundled"`). This section times `kernel.gmm` (forward; dgrad = `gmm(dy, w, gs, transpose_w=True)`) and
 `kernel.tgmm` (wgrad) for a few legal tile configurations on the "256x4096" and "256x16384" loads of
 `moe_gmm` (same group sizes, shapes and TF/s of useful FLOPs 2 * M * D * F), to see how much of the gap the
 tiles alone close. Candidates (block_m, block_n, block_k, max_concurrent_steps) follow the bundled kernels'
@@ -54,7 +55,7 @@ def _tiles(pass_: str, cand: tuple[int, int, int, int]) -> kernel.Tiles:
   bm, bn, bk, steps = cand
   if pass_ == "wgrad":
     return kernel.Tiles(wgrad_block_m=bm, wgrad_block_n=bn, wgrad_block_k=bk, wgrad_max_concurrent_steps=steps)
-  return kernel.Tiles(block_m=bm, block_n=bn, block_k=bk, max_concurrent_steps=steps)
+  return kernel.Tiles(gmm_kernel="bundled", block_m=bm, block_n=bn, block_k=bk, max_concurrent_steps=steps)
 
 
 def _rel_err(got, want) -> float:

@@ -2,10 +2,11 @@
 
 The V3.2-shape sections check the kernels at 128 heads and 576-dim entries; the parity run trains `small`: 16
 heads of 320-dim entries (latent 256 + rope 64, values 256), top-k 512, an indexer of 16 heads x 64, T = 8K.
-Per variant, on one row of T = `seq_lens` tokens (all queries, causal random indices, 5% invalid): the sparse
-MLA backward kernel with each dkv addition (`BACKWARD_VARIANTS`), its dq / dkv against the float32
-reference's vjp, and the sparse indexer KL (value and indexer gradients) through the kernels with each gather
-against the XLA path on float32 inputs. Each row says which variant it is before it runs (printed), so that a
+On one row of T = `seq_lens` tokens: the indexer scores kernel with each `key_warpgroups` option against the
+float32 reference, and `index_topk`'s selections against the XLA path's; then per variant (all queries, causal
+random indices, 5% invalid) the sparse MLA backward kernel with each dkv addition (`BACKWARD_VARIANTS`), its
+dq / dkv against the float32 reference's vjp, and the sparse indexer KL (value and indexer gradients) through
+the kernels with each gather against the XLA path on float32 inputs. Each row says which variant it is before it runs (printed), so that a
 variant that hangs on the GPU is named in the log even when a timeout kills the process.
 """
 
@@ -16,6 +17,9 @@ from experiments.bench_sections import timing
 from experiments.bench_sections.sparse_mla import rel_err
 from pallas_kernels.indexer_kl import api as kl_api
 from pallas_kernels.indexer_kl import kernel_sparse, sparse_pallas
+from pallas_kernels.lightning_indexer import api as indexer_api
+from pallas_kernels.lightning_indexer import kernel as indexer_kernel
+from pallas_kernels.lightning_indexer import reference as indexer_reference
 from pallas_kernels.sparse_mla import kernel_bwd, reference
 
 HEADS, LATENT, ROPE, TOPK, INDEX_HEADS, INDEX_DIM = 16, 256, 64, 512, 16, 64
@@ -91,10 +95,41 @@ def _kl_rows(T, q, kv, idx, idx_args, vis) -> list[dict]:  # noqa: N803
   return rows
 
 
+def _scores_rows(T, idx_args, vis) -> list[dict]:  # noqa: N803
+  """The indexer scores kernel at 16 heads x 64 with each key_warpgroups option against the float32 reference
+  (error on finite scores, same -inf mask), and index_topk's selections through it against the reference's."""
+  iq, ik, w = idx_args
+  want = indexer_reference.index_scores(*(x.astype(jnp.float32) for x in idx_args), **vis)
+  finite = jnp.isfinite(want)
+  rows = []
+  for key_warpgroups in indexer_kernel.KEY_WARPGROUPS:
+    print(f"parity_shapes: indexer scores, key_warpgroups={key_warpgroups} ...", flush=True)
+    fn = jax.jit(lambda iq, ik, w, kwg=key_warpgroups: indexer_kernel.index_scores(iq, ik, w, **vis,
+                                                                                  key_warpgroups=kwg))
+    got = jax.block_until_ready(fn(iq, ik, w))
+    err = float(jnp.max(jnp.where(finite, jnp.abs(got - want), 0.0)) / jnp.max(jnp.where(finite, jnp.abs(want), 0.0)))
+    rows.append(dict(section="parity_shapes", T=T, op="index_scores", variant=f"key_warpgroups={key_warpgroups}",
+                     ms=timing.time_fn(fn, iq, ik, w) * 1e3, rel_err=err,
+                     mask_ok=bool(jnp.array_equal(finite, jnp.isfinite(got)))))
+    print(rows[-1], flush=True)
+  topk = jax.jit(lambda iq, ik, w, impl: indexer_api.index_topk(iq, ik, w, topk=TOPK, **vis, implementation=impl),
+                 static_argnums=3)
+  got, ref = topk(iq, ik, w, "pallas"), topk(iq, ik, w, "xla")
+  scores = indexer_reference.index_scores(iq, ik, w, **vis)
+  mass = lambda i: jnp.where(i >= 0, jnp.take_along_axis(scores, jnp.maximum(i, 0), -1), 0.0).sum(-1)
+  rows.append(dict(section="parity_shapes", T=T, op="index_topk", variant="default",
+                   ms=timing.time_fn(topk, iq, ik, w, "pallas") * 1e3,
+                   same_rows=float(jnp.mean(jnp.all(got == ref, axis=-1))),
+                   mass_rel_err=float(jnp.max(jnp.abs(mass(got) - mass(ref)) / jnp.maximum(jnp.abs(mass(ref)), 1e-6)))))
+  print(rows[-1], flush=True)
+  return rows
+
+
 def run(cfg: dict) -> list[dict]:
   rows = []
   for T in cfg["seq_lens"]:  # noqa: N806
     q, kv, idx, idx_args, vis = _inputs(T)
+    rows += _scores_rows(T, idx_args, vis)
     rows += _mla_rows(T, q, kv, idx)
     rows += _kl_rows(T, q, kv, idx, idx_args, vis)
   return rows

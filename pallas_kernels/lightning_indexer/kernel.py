@@ -21,8 +21,9 @@ option exact: same error and mask):
 Both dtypes then moved ~3.9 TB/s of query tiles from L2 (128 / 256 FLOPs per byte), so the key tile grew
 (session 8, same run, 4096 x 128K): **two compute warpgroups sharing each query tile over 256 keys
 (`key_warpgroups=2`), 2 heads per step, 2 buffers: bf16 634 TF/s against 500 for the same options with one
-warpgroup (1.27x; XLA's plain bf16 matmul 514 in that run); FP8 1109 against 1099: the default** (BEST_OPTIONS).
-With 1 head per step and 4 buffers: bf16 617.
+warpgroup (1.27x; XLA's plain bf16 matmul 514 in that run); FP8 1109 against 1099: the default** (BEST_OPTIONS,
+`default_key_warpgroups`: at the parity model's 16 x 64 heads one warpgroup stays faster). With 1 head per step
+and 4 buffers: bf16 617.
 """
 
 import functools
@@ -52,7 +53,11 @@ HEADS_PER_STEP = (1, 2)
 KEY_WARPGROUPS = (1, 2)
 MEMORY_REGISTERS = 40  # setmaxnreg of the query-loading warpgroup when KEY_WARPGROUPS is 2
 KEY_ALIGN = 2 * BLOCK_S  # the API pads S to this: a multiple of every option's key tile
-BEST_OPTIONS = dict(heads_per_step=2, max_concurrent_steps=2, key_warpgroups=2)  # the fastest measured (docstring)
+BEST_OPTIONS = dict(heads_per_step=2, max_concurrent_steps=2)  # the fastest measured (module docstring)
+# Two key warpgroups from this many query columns (index heads x head dim) per token. V3.2's 64 x 128 = 8192:
+# 634-661 vs 473-500 TF/s (above). The parity model's 16 x 64 = 1024 at T = 8K: 0.624 vs 0.561 ms with one (its
+# CTAs hold only 8 pipeline steps of 2 heads, and one CTA per SM hides less latency). Between: not measured.
+TWO_KEY_WARPGROUPS_FROM_COLUMNS = 8192
 
 
 def _tile_summaries(positions: jax.Array, segment_ids: jax.Array, block: int, reduce_position) -> jax.Array:
@@ -67,11 +72,11 @@ def index_scores(q: jax.Array, k: jax.Array, w: jax.Array, *, q_positions: jax.A
                  q_segment_ids: jax.Array, kv_segment_ids: jax.Array, interpret=None,
                  max_concurrent_steps: int = BEST_OPTIONS["max_concurrent_steps"],
                  heads_per_step: int | None = None,
-                 key_warpgroups: int = BEST_OPTIONS["key_warpgroups"]) -> jax.Array:
+                 key_warpgroups: int | None = None) -> jax.Array:
   """q [B, T, I, H] bf16, k [B, S, H] bf16, w [B, T, I] -> float32 [B, T, S] (as `reference.index_scores`).
 
-  T must be a multiple of 64 and S of 128 x key_warpgroups (the API pads). heads_per_step None:
-  `default_heads_per_step`.
+  T must be a multiple of 64 and S of 128 x key_warpgroups (the API pads to KEY_ALIGN). heads_per_step None:
+  `default_heads_per_step`; key_warpgroups None: `default_key_warpgroups`.
   """
   return launch(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), w, None, q_positions=q_positions,
                 kv_positions=kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
@@ -84,18 +89,26 @@ def default_heads_per_step(num_heads: int) -> int:
   return BEST_OPTIONS["heads_per_step"] if num_heads % 2 == 0 else 1
 
 
+def default_key_warpgroups(num_heads: int, head_dim: int) -> int:
+  """2 from TWO_KEY_WARPGROUPS_FROM_COLUMNS query columns per token (num_heads x head_dim), else 1."""
+  return 2 if num_heads * head_dim >= TWO_KEY_WARPGROUPS_FROM_COLUMNS else 1
+
+
 def launch(q: jax.Array, k: jax.Array, w: jax.Array, k_scale: jax.Array | None, *, q_positions: jax.Array,
            kv_positions: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array, interpret=None,
            max_concurrent_steps: int = BEST_OPTIONS["max_concurrent_steps"],
-           heads_per_step: int | None = None, key_warpgroups: int = BEST_OPTIONS["key_warpgroups"]) -> jax.Array:
+           heads_per_step: int | None = None, key_warpgroups: int | None = None) -> jax.Array:
   """The scores kernel for q [B, T, I, H] and k [B, S, H] of one wgmma dtype (bf16 here, e4m3 in `kernel_fp8`).
 
   k_scale [B, S] float32 (or None): a per-key factor applied to each score column in the epilogue.
   max_concurrent_steps: query-tile buffers of the head pipeline (1 to 4; see MAX_CONCURRENT_STEPS).
   heads_per_step: 1, or 2 to overlap a head's epilogue with the next head's wgmma (see HEADS_PER_STEP); None:
   `default_heads_per_step`.
-  key_warpgroups: 1, or 2 compute warpgroups sharing each query tile over twice the keys (see KEY_WARPGROUPS).
+  key_warpgroups: 1, or 2 compute warpgroups sharing each query tile over twice the keys (see KEY_WARPGROUPS);
+  None: `default_key_warpgroups`.
   """
+  if key_warpgroups is None:
+    key_warpgroups = default_key_warpgroups(*q.shape[2:])
   if key_warpgroups not in KEY_WARPGROUPS:
     raise ValueError(f"key_warpgroups={key_warpgroups} must be one of {KEY_WARPGROUPS}.")
   if heads_per_step is None:

@@ -25,12 +25,12 @@ def index_scores_fp8(q8: jax.Array, q_scale: jax.Array, k8: jax.Array, k_scale: 
                      kv_segment_ids: jax.Array, interpret=None,
                      max_concurrent_steps: int = kernel.BEST_OPTIONS["max_concurrent_steps"],
                      heads_per_step: int | None = None,
-                     key_warpgroups: int = kernel.BEST_OPTIONS["key_warpgroups"]) -> jax.Array:
+                     key_warpgroups: int | None = None) -> jax.Array:
   """q8 [B, T, I, H] e4m3, q_scale [B, T, I], k8 [B, S, H] e4m3, k_scale [B, S], w [B, T, I] -> float32 [B, T, S].
 
   T must be a multiple of 64 and S of 128 x key_warpgroups (the API pads). Pipeline options as `kernel.launch`
-  (default: 2 heads per step, 2 query buffers, 2 key warpgroups; on the H200 1109 TF/s, against 1099 with one key
-  warpgroup and 914 with that and 1 head, 4 buffers).
+  (default: 2 heads per step, 2 query buffers, `kernel.default_key_warpgroups`; at V3.2's 64 x 128 on the H200
+  1109 TF/s with 2 key warpgroups, against 1099 with one and 914 with that and 1 head, 4 buffers).
   """
   if q8.dtype != jnp.float8_e4m3fn or k8.dtype != jnp.float8_e4m3fn:
     raise ValueError(f"q8 and k8 must be float8_e4m3fn; got q8 {q8.dtype}, k8 {k8.dtype}.")

@@ -1,9 +1,10 @@
 """Grouped matmul for routed experts on Hopper, built on the Mosaic GPU kernels shipped inside jax.
 
 Forward and dgrad use `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu.ragged_dot` (rows grouped by expert;
-dgrad multiplies by the transposed expert weights), wgrad uses
+dgrad multiplies by the transposed expert weights) or our `kernel_scheduled` (same tiles, the group of each tile
+looked up in a schedule built in XLA; the default from SCHEDULED_MIN_GROUPS experts); wgrad uses
 `jax.experimental.pallas.ops.gpu.transposed_ragged_dot_mgpu.transposed_ragged_dot` (contraction over the
-grouped rows). This module only pads shapes to the kernels' tile constraints and chooses tiles.
+grouped rows). This module pads shapes to the kernels' tile constraints and chooses kernels and tiles.
 """
 
 import dataclasses
@@ -13,11 +14,33 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 
+from pallas_kernels.moe_gmm import kernel_scheduled
+
+# Kernels of the forward and dgrad: "bundled" is jax's ragged_dot; "scheduled" is `kernel_scheduled` (the tile
+# schedule built in XLA instead of an in-kernel search over all groups per tile); "auto" picks "scheduled" from
+# SCHEDULED_MIN_GROUPS groups. On the H200 (session 8, DeepSeek shapes, 7168 <-> 2048, one run):
+# - 256 experts x 512 rows: scheduled fwd / dgrad up 526 / 483, down 478 / 492 TF/s; bundled 426 / 274, 268 / 417;
+# - 256 experts x 128 rows: scheduled 246-262, bundled 156-242;
+# - 32 experts x 1026 rows (8-way expert parallelism): scheduled 348-419, bundled 408-482.
+# The bundled search costs about G x 80 clocks per tile; between 32 and 256 groups the choice is not measured.
+GMM_KERNELS = ("auto", "bundled", "scheduled")
+SCHEDULED_MIN_GROUPS = 64
+
+
+def resolve_gmm_kernel(gmm_kernel: str, num_groups: int) -> str:
+  """"bundled" or "scheduled" for `Tiles.gmm_kernel` and the number of groups (experts)."""
+  if gmm_kernel not in GMM_KERNELS:
+    raise ValueError(f"tiles.gmm_kernel={gmm_kernel!r} must be one of {GMM_KERNELS}.")
+  if gmm_kernel == "auto":
+    return "scheduled" if num_groups >= SCHEDULED_MIN_GROUPS else "bundled"
+  return gmm_kernel
+
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-  """Tile sizes of the two imported kernels (block_k is the contraction tile). block_m=128 beat 64 on an
-  H200 at 256 experts x 128 rows on average (up 235 vs 196 TF/s, down 157 vs 117)."""
+  """Tile sizes of the kernels (block_k is the contraction tile) and the forward / dgrad kernel (GMM_KERNELS).
+  block_m=128 beat 64 on an H200 at 256 experts x 128 rows on average (up 235 vs 196 TF/s, down 157 vs 117)."""
+  gmm_kernel: str = "auto"
   block_m: int = 128
   block_n: int = 128
   block_k: int = 64
@@ -52,12 +75,20 @@ def _zero_unassigned_rows(out: jax.Array, group_sizes: jax.Array) -> jax.Array:
 def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_w: bool = False,
         tiles: Tiles = Tiles()) -> jax.Array:
   """x [M, D], w [E, D, F] (or [E, F, D] with transpose_w) -> [M, F]: rows of group e times w[e]."""
+  gmm_kernel = resolve_gmm_kernel(tiles.gmm_kernel, w.shape[0])
   m = x.shape[0]
   f = w.shape[1] if transpose_w else w.shape[2]
   x = _pad_axis(x, 1, tiles.block_k)
   w = _pad_axis(w, 2 if transpose_w else 1, tiles.block_k)
   w = _pad_axis(w, 1 if transpose_w else 2, tiles.block_n)
   n = w.shape[1] if transpose_w else w.shape[2]
+  if gmm_kernel == "scheduled":
+    out = kernel_scheduled.gmm(
+        _pad_axis(x, 0, tiles.block_m), w, group_sizes.astype(jnp.int32), transpose_w=transpose_w,
+        tiles=kernel_scheduled.ScheduledTiles(tiles.block_m, tiles.block_n, tiles.block_k,
+                                              tiles.max_concurrent_steps),
+        grid_block_n=_grid_block_n(n, tiles.block_n))
+    return out[:m, :f]  # rows past sum(group_sizes) are zeros already
   out = ragged_dot_mgpu.ragged_dot(
       x, w.astype(x.dtype), group_sizes=group_sizes.astype(jnp.int32), block_m=tiles.block_m,
       block_n=tiles.block_n, block_k=tiles.block_k, max_concurrent_steps=tiles.max_concurrent_steps,

@@ -95,13 +95,16 @@ class PallasSparseKLTest(parameterized.TestCase):
     self.assertFalse(kernel_sparse.supports(128, 576, 128, 128))  # index heads beyond one wgmma M
     self.assertFalse(kernel_sparse_bwd.supports(160, 576, 64, 128))  # queries leave no room for the ring
 
-  def test_automatic_choice_needs_bf16_and_fitting_sizes(self):
-    """On the GPU, `api.sparse_kl` picks the kernels by `_sparse_kernel_supports` (they beat XLA on the H200)."""
+  def test_automatic_choice_needs_bf16_fitting_sizes_and_few_keys(self):
+    """On the GPU, `api.sparse_kl` picks the kernels by `_sparse_kernel_supports` (they beat XLA on the H200 over
+    8K keys, not over 32K+)."""
     q = jnp.zeros((1, 4, 128, 576), jnp.bfloat16)
     iq = jnp.zeros((1, 4, 64, 128), jnp.bfloat16)
-    self.assertTrue(api._sparse_kernel_supports(q, iq))
-    self.assertFalse(api._sparse_kernel_supports(q.astype(jnp.float32), iq.astype(jnp.float32)))
-    self.assertFalse(api._sparse_kernel_supports(jnp.zeros((1, 4, 160, 576), jnp.bfloat16), iq))
+    self.assertTrue(api._sparse_kernel_supports(q, iq, 8192))
+    self.assertTrue(api._sparse_kernel_supports(q, iq, api.SPARSE_KERNEL_MAX_KEYS))
+    self.assertFalse(api._sparse_kernel_supports(q, iq, 32768))
+    self.assertFalse(api._sparse_kernel_supports(q.astype(jnp.float32), iq.astype(jnp.float32), 8192))
+    self.assertFalse(api._sparse_kernel_supports(jnp.zeros((1, 4, 160, 576), jnp.bfloat16), iq, 8192))
 
   def test_publish_lag_never_exceeds_a_block(self):
     """The cp.async gather's publish lag (a longer one deadlocked on the H200 at the parity model's shapes)."""

@@ -2,9 +2,10 @@
 # Re-measures what the latest session changed (docs/kernels.md, "Pending GPU measurements"); each part fits one 10-minute device
 # command. One process per section, each with its own time limit; logs and JSON go to $OUT.
 # On the GPU machine, from the repository root:
-#   OUT=/some/dir bash benchmarks/run_pending.sh 1   # index_topk and the DSA core at 128K
+#   OUT=/some/dir bash benchmarks/run_pending.sh 1   # the DSA core at 128K
 #   OUT=/some/dir bash benchmarks/run_pending.sh 2   # the sparse MLA backward variants and the sparse MLA section
 #   OUT=/some/dir bash benchmarks/run_pending.sh 3   # the grouped GEMM (ours vs jax's kernel), dense KL at 128K
+#   OUT=/some/dir bash benchmarks/run_pending.sh 4   # index_topk at 128K
 set -u
 : "${OUT:?set OUT to the output folder}"
 export PYTHONPATH=.
@@ -16,10 +17,9 @@ run() {  # run LIMIT_S NAME FLAGS...
 }
 case "${1:-}" in
   1)
-    # index_topk at 128K with the scores kernel's two key warpgroups (session 8) and the 32 causal stages (the
-    # DSA row also times 8 and 16 stages); then the DSA core at 128K.
-    run 250 indexer_topk_131072 --sections=indexer_topk --seq_lens=131072
-    run 330 dsa_layer_131072 --sections=dsa_layer --seq_lens=131072
+    # The DSA core at 128K with the 32 causal stages of session 8 (beside 8 and 16). Every index_topk jit compiles
+    # 32 scores + selection kernels: a 340 s limit returned nothing in session 8, hence the whole command.
+    run 570 dsa_layer_131072 --sections=dsa_layer --seq_lens=131072
     ;;
   2)
     # The sparse MLA backward's new defaults (session 7: index prefetch, per-chunk release) beside the previous
@@ -34,5 +34,9 @@ case "${1:-}" in
     run 250 moe_gmm --sections=moe_gmm --seq_lens=8192
     run 300 indexer_kl_131072 --sections=indexer_kl --seq_lens=131072
     ;;
-  *) echo "usage: run_pending.sh 1|2|3" >&2; exit 2 ;;
+  4)
+    # index_topk at 128K (scores kernel options, FP8, radix select) with the 32-stage default.
+    run 400 indexer_topk_131072 --sections=indexer_topk --seq_lens=131072
+    ;;
+  *) echo "usage: run_pending.sh 1|2|3|4" >&2; exit 2 ;;
 esac

@@ -25,7 +25,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-NUM_SMS = 132  # H100 / H200 SXM
+NUM_SMS = 132  # H100 / H200 SXM: the persistent grid when the device does not report its SM count
+
+
+def _num_sms() -> int:
+  """The SM count of the first device (a GPU reports `core_count`); NUM_SMS elsewhere (CPU cross-lowering)."""
+  return getattr(jax.devices()[0], "core_count", None) or NUM_SMS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,12 +83,14 @@ def _store_rows(o_smem, out_ref, block_row: jax.Array, first: jax.Array, rows: j
 
 
 def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_w: bool = False,
-        tiles: ScheduledTiles = ScheduledTiles(), grid_block_n: int = 1, num_sms: int = NUM_SMS,
+        tiles: ScheduledTiles = ScheduledTiles(), grid_block_n: int = 1, num_sms: int | None = None,
         interpret=None) -> jax.Array:
   """x [M, D] (M % block_m == 0, D % block_k == 0), w [G, D, N] (or [G, N, D] with transpose_w; N % block_n
-  == 0) -> [M, N]: the rows of group e times w[e], zeros for rows past sum(group_sizes).
+  == 0) -> [M, N]: the rows of group e times w[e], zeros for rows past sum(group_sizes), which must not exceed
+  M (as for `lax.ragged_dot`).
 
   grid_block_n: column panel width (in tiles) of the planar-snake tile order; must divide N / block_n.
+  num_sms: CTAs of the persistent grid (None: the device's SM count).
   """
   m, d = x.shape
   g = w.shape[0]
@@ -133,7 +140,7 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_w: bool
   return plgpu.kernel(
       body,
       out_type=jax.ShapeDtypeStruct((m, n), x.dtype),
-      grid=(num_sms,),
+      grid=(num_sms or _num_sms(),),
       grid_names=("sm",),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret,

@@ -65,6 +65,8 @@ def _rows_for(case: str, name: str, d: int, f: int, gs: jax.Array, with_xla: boo
     seconds = timing.time_fn(jax.jit(fn), *args)
     rows.append(dict(base, pass_=pass_, impl="pallas", ms=seconds * 1e3, tflops=timing.tflops(flops, seconds)))
   rows += _scheduled_rows(base, flops, x, w, dy, gs)
+  if m // experts <= SMALL_GROUP_ROWS:
+    rows += _scheduled_rows(base, flops, x, w, dy, gs, SMALL_GROUP_TILES)
   if not with_xla:
     return rows
   # lax.ragged_dot on 1/8 of the rows (all it fits in memory), same experts and weights.
@@ -77,12 +79,20 @@ def _rows_for(case: str, name: str, d: int, f: int, gs: jax.Array, with_xla: boo
   return rows
 
 
-def _scheduled_rows(base: dict, flops: float, x, w, dy, gs) -> list[dict]:
-  """Forward and dgrad with the kernel that `kernel.resolve_gmm_kernel` does not pick for these groups, each
-  checked on the first experts' rows against a dense f32 product (impl "pallas_<kernel>")."""
+# Tiles timed for our kernel where experts get few rows (not measured yet): 64-row blocks waste fewer rows in blocks
+# two experts share, 256 columns keep the accumulator (and the work per loaded row block) of 128 x 128.
+SMALL_GROUP_ROWS = 256
+SMALL_GROUP_TILES = dict(block_m=64, block_n=256, block_k=64, max_concurrent_steps=4)
+
+
+def _scheduled_rows(base: dict, flops: float, x, w, dy, gs, tile_sizes: dict | None = None) -> list[dict]:
+  """Forward and dgrad with the kernel that `kernel.resolve_gmm_kernel` does not pick for these groups (or, with
+  tile_sizes, our kernel with those tiles), each checked on the first experts' rows against a dense f32 product
+  (impl "pallas_<kernel>" or "pallas_scheduled_<block_m>x<block_n>")."""
   chosen = kernel.resolve_gmm_kernel(kernel.Tiles().gmm_kernel, gs.shape[0])
-  other = "bundled" if chosen == "scheduled" else "scheduled"
-  tiles = dataclasses.replace(kernel.Tiles(), gmm_kernel=other)
+  other = "scheduled" if tile_sizes or chosen == "bundled" else "bundled"
+  tiles = dataclasses.replace(kernel.Tiles(), gmm_kernel=other, **(tile_sizes or {}))
+  name = f"scheduled_{tiles.block_m}x{tiles.block_n}" if tile_sizes else other
   rows = []
   for pass_, fn, args, w_ref in (
       ("fwd", lambda x, w, gs: kernel.gmm(x, w, gs, tiles=tiles), (x, w, gs), w),
@@ -92,7 +102,7 @@ def _scheduled_rows(base: dict, flops: float, x, w, dy, gs) -> list[dict]:
     seconds = timing.time_fn(f, *args)
     want, n = _reference_rows(args[0], w_ref, gs)
     got = f(*args)[:n].astype(jnp.float32)
-    rows.append(dict(base, pass_=pass_, impl=f"pallas_{other}", ms=seconds * 1e3,
+    rows.append(dict(base, pass_=pass_, impl=f"pallas_{name}", ms=seconds * 1e3,
                      tflops=timing.tflops(flops, seconds),
                      rel_err=float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))))
   return rows
@@ -105,5 +115,5 @@ def run(cfg: dict) -> list[dict]:
     gs = _group_sizes(0, tokens, local)
     for name, d, f in (("up", HIDDEN, EXPERT_HIDDEN), ("down", EXPERT_HIDDEN, HIDDEN)):
       rows += _rows_for(case, name, d, f, gs, with_xla=i == 0)
-      print(*rows[-5:], sep="\n", flush=True)
+      print(*rows[-7:], sep="\n", flush=True)
   return rows

@@ -1,11 +1,11 @@
 """Benchmark section: tile sweep of the grouped-matmul kernels (issue 4: >= 350 TF/s on the expert GEMMs).
 
-With jax's bundled kernels an H200 runs the up projection forward at 411 TF/s but the down forward and
-the up dgrad (both [M, 2048] x [2048, 7168]) near 260 TF/s at 512 rows per expert, and 148-234 TF/s at 128
-rows per expert (session 8's `kernel_scheduled`, the default from 64 experts since, was the fix; this sweep
-keeps the bundled kernels, `gmm_kernel="bundled"`). This section times `kernel.gmm` (forward; dgrad = `gmm(dy, w, gs, transpose_w=True)`) and
-`kernel.tgmm` (wgrad) for a few legal tile configurations on the "256x4096" and "256x16384" loads of
-`moe_gmm` (same group sizes, shapes and TF/s of useful FLOPs 2 * M * D * F), to see how much of the gap the
+With jax's bundled kernels an H200 runs the up projection forward at 411 TF/s but the down forward and the up dgrad
+(both [M, 2048] x [2048, 7168]) near 260 TF/s at 512 rows per expert, and 148-234 TF/s at 128 rows per expert
+(session 8's `kernel_scheduled`, the default from 64 experts since, was the fix; this sweep keeps the bundled
+kernels, `gmm_kernel="bundled"`). This section times `kernel.gmm` (forward; dgrad = `gmm(dy, w, gs,
+transpose_w=True)`) and `kernel.tgmm` (wgrad) for a few legal tile configurations on the "256x4096" and "256x16384"
+loads of `moe_gmm` (same group sizes, shapes and TF/s of useful FLOPs 2 * M * D * F), to see how much of the gap the
 tiles alone close. Candidates (block_m, block_n, block_k, max_concurrent_steps) follow the bundled kernels'
 limits: one warpgroup holds the block_m x block_n f32 accumulator (block_m * block_n / 128 registers per
 thread: 128 x 256 and 256 x 128 cannot fit, 192-wide tiles are at the edge), the pipeline's

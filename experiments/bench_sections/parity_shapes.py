@@ -2,12 +2,12 @@
 
 The V3.2-shape sections check the kernels at 128 heads and 576-dim entries; the parity run trains `small`: 16
 heads of 320-dim entries (latent 256 + rope 64, values 256), top-k 512, an indexer of 16 heads x 64, T = 8K.
-On one row of T = `seq_lens` tokens: the indexer scores kernel with each `key_warpgroups` option against the
-float32 reference, and `index_topk`'s selections against the XLA path's; then per variant (all queries, causal
-random indices, 5% invalid) the sparse MLA backward kernel with each dkv addition (`BACKWARD_VARIANTS`), its
-dq / dkv against the float32 reference's vjp, and the sparse indexer KL (value and indexer gradients) through
-the kernels with each gather against the XLA path on float32 inputs. Each row says which variant it is before it runs (printed), so that a
-variant that hangs on the GPU is named in the log even when a timeout kills the process.
+On one row of T = `seq_lens` tokens: the indexer scores kernel with each `key_warpgroups` option against the float32
+reference, and `index_topk`'s selections against the XLA path's; then per variant (all queries, causal random
+indices, 5% invalid) the sparse MLA backward kernel with each dkv addition (`BACKWARD_VARIANTS`), its dq / dkv
+against the float32 reference's vjp, and the sparse indexer KL (value and indexer gradients) through the kernels
+with each gather against the XLA path on float32 inputs. Each row says which variant it is before it runs (printed),
+so that a variant that hangs on the GPU is named in the log even when a timeout kills the process.
 """
 
 import jax

@@ -230,7 +230,8 @@ def _kernel(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q
 
   @pl.when(live)
   def _compute():
-    copies = _tile_copies(b, t_slice, s_slice, (k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, k_scale_ref),
+    copies = _tile_copies(b, t_slice, s_slice,
+                          (k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, k_scale_ref),
                           (k_smem, w_smem, q_pos_smem, kv_pos_smem, k_scale_smem))
     for i, (src, dst) in enumerate(copies):
       plgpu.copy_gmem_to_smem(src, dst, barriers.at[i])
@@ -269,7 +270,8 @@ def _kernel_two_warpgroups(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref
 
   @pl.when(live)
   def _compute():
-    copies = _tile_copies(b, t_slice, s_slice, (k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, k_scale_ref),
+    copies = _tile_copies(b, t_slice, s_slice,
+                          (k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, k_scale_ref),
                           (k_smem, w_smem, q_pos_smem, kv_pos_smem, k_scale_smem))
 
     @pl.when(wg == 0)

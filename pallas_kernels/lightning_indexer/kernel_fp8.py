@@ -1,17 +1,18 @@
 """Mosaic GPU kernel for FP8 lightning-indexer scores (official `Indexer.forward` with DeepGEMM's `fp8_mqa_logits`).
 
 I[t,s] = sum_j w[t,j] q_scale[t,j] ReLU(q8[t,j] . k8[s] k_scale[s]) with e4m3 q8 (one ue8m0 scale per token
-and head) and e4m3 k8 (one per token), as `reference.index_scores_fp8`. It runs `kernel.py`'s body, tiles
-(64 x 128 scores per CTA) and masked-tile skipping unchanged, with the e4m3 tiles fed straight to Hopper's
+and head) and e4m3 k8 (one per token), as `reference.index_scores_fp8`. It runs `kernel.py`'s bodies, tiles
+(64 x 128 or 64 x 256 scores per CTA) and masked-tile skipping unchanged, with the e4m3 tiles fed straight to Hopper's
 fp8 wgmma (e4m3 x e4m3 -> fp32, twice the bf16 rate; fp8 operands must be K-major, which q [t, h] and
 k [s, h] rows are; 128-byte swizzle for H = 128):
 - the q scale is folded into w outside the kernel (as the official code folds it into the head weights);
 - the k scale, a positive power of two, multiplies each score column once in the final epilogue: it commutes
   exactly with ReLU, w and the head sum, so only the fp32 summation order differs from the reference.
-Shared memory per CTA at H = 128, I = 64 with the default 2 heads per step and 2 buffers: k tile 16 KiB, 2
-pipelined q tiles of 2 heads 32 KiB, w 16 KiB, out 32 KiB (bf16: 32 + 64 + 16 + 32 KiB). Hopper accumulates fp8 wgmma products with about 14 mantissa bits (DeepSeek-V3
-paper section 3.3.2), so DeepGEMM promotes to fp32 every K = 128; here each head's logits are one K = H = 128
-wgmma chain, promoted by the fp32 register sum over heads: the same granularity.
+Shared memory per CTA at H = 128, I = 64 with 2 heads per step and 2 buffers: one key warpgroup: k tile 16 KiB, 2
+pipelined q tiles of 2 heads 32 KiB, w 16 KiB, out 32 KiB (bf16: 32 + 64 + 16 + 32 KiB); two key warpgroups (the
+default there): k 32, q 32, w 16, out 64 KiB (bf16: 64 + 64 + 16 + 64). Hopper accumulates fp8 wgmma products with
+about 14 mantissa bits (DeepSeek-V3 paper section 3.3.2), so DeepGEMM promotes to fp32 every K = 128; here each
+head's logits are one K = H = 128 wgmma chain, promoted by the fp32 register sum over heads: the same granularity.
 """
 
 import jax

@@ -99,6 +99,8 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_w: bool
   if m % bm or d % bk or n % bn:
     raise ValueError(f"x [{m}, {d}] and w's output width {n} must be multiples of block_m={bm}, block_k={bk} "
                      f"and block_n={bn} (kernel.gmm pads).")
+  if bm & (bm - 1):
+    raise ValueError(f"block_m={bm} must be a power of two (the row stores write the row count in binary).")
   if (n // bn) % grid_block_n:
     raise ValueError(f"grid_block_n={grid_block_n} must divide the {n // bn} column tiles.")
   schedule = tile_schedule(group_sizes, m, bm)

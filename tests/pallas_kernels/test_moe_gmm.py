@@ -93,6 +93,13 @@ class GroupedMatmulTest(parameterized.TestCase):
     self.assertEqual(kernel.resolve_gmm_kernel("auto", 32), "bundled")
     self.assertEqual(kernel.resolve_gmm_kernel("bundled", 256), "bundled")
 
+  def test_scheduled_kernel_rejects_bad_tiles(self):
+    x, w, gs, _ = _inputs(0, 192, 64, 128, (100, 92))
+    with self.assertRaisesRegex(ValueError, r"block_m=192 must be a power of two"):
+      kernel_scheduled.gmm(x, w, gs, tiles=kernel_scheduled.ScheduledTiles(block_m=192))
+    with self.assertRaisesRegex(ValueError, r"must be multiples of block_m=128"):
+      kernel_scheduled.gmm(x, w, gs)
+
   def test_rejects_unknown_kernel(self):
     x, w, gs, _ = _inputs(0, 8, 64, 128, (8,))
     allowed = r"\('auto', 'bundled', 'scheduled'\)"

@@ -22,7 +22,8 @@ from pallas_kernels.moe_gmm import kernel_scheduled
 # - 256 experts x 512 rows: scheduled fwd / dgrad up 526 / 483, down 478 / 492 TF/s; bundled 426 / 274, 268 / 417;
 # - 256 experts x 128 rows: scheduled 246-262, bundled 156-242;
 # - 32 experts x 1026 rows (8-way expert parallelism): scheduled 348-419, bundled 408-482.
-# The bundled search costs about G x 80 clocks per tile; between 32 and 256 groups the choice is not measured.
+# From those rates the bundled search costs roughly 80 clocks per group per tile (an estimate, not profiled);
+# between 32 and 256 groups the choice is not measured.
 GMM_KERNELS = ("auto", "bundled", "scheduled")
 SCHEDULED_MIN_GROUPS = 64
 

@@ -3,9 +3,9 @@ section 2.1 of V3: 256 experts, 8 active).
 
 The kernel jax ships (`ragged_dot_mgpu.ragged_dot`, `kernel.gmm`'s "bundled" choice) finds the group of each
 row block inside the kernel with a loop unrolled over all G groups: a chain of dependent scalar operations per
-output tile, G = 256 long for DeepSeek. Timed on the H200 it cost about as much as 20K clocks of wgmma per tile,
-so the passes with a short contraction (K = 2048: the down projection's forward, the up projection's dgrad) ran
-at 255-265 TF/s where the K = 7168 ones reached 411-433.
+output tile, G = 256 long for DeepSeek. Fitting its H200 rates at K = 7168 and K = 2048 to a fixed cost per tile
+gives about 20K clocks per tile (an estimate, not profiled), so the passes with a short contraction (K = 2048: the
+down projection's forward, the up projection's dgrad) ran at 255-265 TF/s where the K = 7168 ones reached 411-433.
 
 Here `tile_schedule` (a few small XLA ops per call) lists every (group, row block) pair that owns rows, as
 [max_tiles, 4] int32 rows (group, row block, first row inside the block, rows); the kernel only reads its tile's

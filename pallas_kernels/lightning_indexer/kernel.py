@@ -203,20 +203,21 @@ def _visible(scores, q_pos_smem, kv_pos_smem, k_scale_smem):
   return jnp.where(visible, scores, -jnp.inf)
 
 
-def _tile_copies(b, t_slice, s_slice, refs, smem):
-  """(source, destination) of the tile-wide operands: keys, w, query and key positions / segments, key scales."""
-  k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, k_scale_ref = refs
+def _tile(cta_keys: int, refs, smem):
+  """The CTA's tile: (b, ti, t_slice, s_slice, live, copies), ti its row-tile index. live is False when the tile is certainly fully masked
+  (`_tile_summaries`: all keys later, or disjoint segments); copies are the (source, destination) pairs of the
+  tile-wide operands: keys, w, query and key positions / segments, key scales."""
+  k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_sum_ref, kv_sum_ref, k_scale_ref = refs
   k_smem, w_smem, q_pos_smem, kv_pos_smem, k_scale_smem = smem
-  return ((k_ref.at[b, s_slice], k_smem), (w_ref.at[b, :, t_slice], w_smem),
-          (q_pos_ref.at[b, t_slice], q_pos_smem.at[0]), (q_seg_ref.at[b, t_slice], q_pos_smem.at[1]),
-          (kv_pos_ref.at[b, s_slice], kv_pos_smem.at[0]), (kv_seg_ref.at[b, s_slice], kv_pos_smem.at[1]),
-          *[(ref.at[b, s_slice], smem) for ref, smem in zip(k_scale_ref, k_scale_smem)])
-
-
-def _is_live(q_sum_ref, kv_sum_ref, b, ti, si):
-  """False when the tile is certainly fully masked (`_tile_summaries`): all keys later, or disjoint segments."""
-  return ((kv_sum_ref[b, si, 0] <= q_sum_ref[b, ti, 0]) & (kv_sum_ref[b, si, 1] <= q_sum_ref[b, ti, 2])
+  si, ti, b = lax.axis_index("s"), lax.axis_index("t"), lax.axis_index("b")
+  t_slice, s_slice = pl.ds(ti * BLOCK_T, BLOCK_T), pl.ds(si * cta_keys, cta_keys)
+  live = ((kv_sum_ref[b, si, 0] <= q_sum_ref[b, ti, 0]) & (kv_sum_ref[b, si, 1] <= q_sum_ref[b, ti, 2])
           & (kv_sum_ref[b, si, 2] >= q_sum_ref[b, ti, 1]))
+  copies = ((k_ref.at[b, s_slice], k_smem), (w_ref.at[b, :, t_slice], w_smem),
+            (q_pos_ref.at[b, t_slice], q_pos_smem.at[0]), (q_seg_ref.at[b, t_slice], q_pos_smem.at[1]),
+            (kv_pos_ref.at[b, s_slice], kv_pos_smem.at[0]), (kv_seg_ref.at[b, s_slice], kv_pos_smem.at[1]),
+            *[(ref.at[b, s_slice], smem) for ref, smem in zip(k_scale_ref, k_scale_smem)])
+  return b, ti, t_slice, s_slice, live, copies
 
 
 def _kernel(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_sum_ref, kv_sum_ref,
@@ -224,15 +225,12 @@ def _kernel(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q
             head_dim, transforms, steps, heads_per_step):
   """One warpgroup per CTA: a [BLOCK_T, BLOCK_S] tile."""
   *k_scale_ref, out_ref = k_scale_and_out  # k_scale_ref and k_scale_smem: one ref each with key scales, or none
-  si, ti, b = lax.axis_index("s"), lax.axis_index("t"), lax.axis_index("b")
-  t_slice, s_slice = pl.ds(ti * BLOCK_T, BLOCK_T), pl.ds(si * BLOCK_S, BLOCK_S)
-  live = _is_live(q_sum_ref, kv_sum_ref, b, ti, si)
+  b, ti, t_slice, s_slice, live, copies = _tile(
+      BLOCK_S, (k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_sum_ref, kv_sum_ref, k_scale_ref),
+      (k_smem, w_smem, q_pos_smem, kv_pos_smem, k_scale_smem))
 
   @pl.when(live)
   def _compute():
-    copies = _tile_copies(b, t_slice, s_slice,
-                          (k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, k_scale_ref),
-                          (k_smem, w_smem, q_pos_smem, kv_pos_smem, k_scale_smem))
     for i, (src, dst) in enumerate(copies):
       plgpu.copy_gmem_to_smem(src, dst, barriers.at[i])
     for i in range(len(copies)):
@@ -261,19 +259,14 @@ def _kernel_two_warpgroups(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref
   [0, BLOCK_S) and [BLOCK_S, 2 BLOCK_S) of a 2 BLOCK_S key tile; wg 2 loads the query tiles
   (`emit_pipeline_warp_specialized`). out_smem [2, BLOCK_T, BLOCK_S]: one slot per compute warpgroup."""
   *k_scale_ref, out_ref = k_scale_and_out
-  si, ti, b = lax.axis_index("s"), lax.axis_index("t"), lax.axis_index("b")
+  b, ti, t_slice, s_slice, live, copies = _tile(
+      2 * BLOCK_S, (k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_sum_ref, kv_sum_ref, k_scale_ref),
+      (k_smem, w_smem, q_pos_smem, kv_pos_smem, k_scale_smem))
   wg = lax.axis_index("wg")
-  cta_keys = 2 * BLOCK_S
-  t_slice, s_slice = pl.ds(ti * BLOCK_T, BLOCK_T), pl.ds(si * cta_keys, cta_keys)
   half = pl.ds(wg * BLOCK_S, BLOCK_S)  # this compute warpgroup's keys inside the CTA's tile
-  live = _is_live(q_sum_ref, kv_sum_ref, b, ti, si)
 
   @pl.when(live)
   def _compute():
-    copies = _tile_copies(b, t_slice, s_slice,
-                          (k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, k_scale_ref),
-                          (k_smem, w_smem, q_pos_smem, kv_pos_smem, k_scale_smem))
-
     @pl.when(wg == 0)
     def _issue():
       for i, (src, dst) in enumerate(copies):
@@ -302,5 +295,5 @@ def _kernel_two_warpgroups(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref
   @pl.when(wg < 2)
   def _store():
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[b, t_slice, pl.ds(si * cta_keys + wg * BLOCK_S, BLOCK_S)])
+    plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[b, t_slice, pl.ds(s_slice.start + wg * BLOCK_S, BLOCK_S)])
     plgpu.wait_smem_to_gmem(0)

@@ -86,9 +86,8 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_w: bool
   if gmm_kernel == "scheduled":
     out = kernel_scheduled.gmm(
         _pad_axis(x, 0, tiles.block_m), w, group_sizes.astype(jnp.int32), transpose_w=transpose_w,
-        tiles=kernel_scheduled.ScheduledTiles(tiles.block_m, tiles.block_n, tiles.block_k,
-                                              tiles.max_concurrent_steps),
-        grid_block_n=_grid_block_n(n, tiles.block_n))
+        block_m=tiles.block_m, block_n=tiles.block_n, block_k=tiles.block_k,
+        max_concurrent_steps=tiles.max_concurrent_steps, grid_block_n=_grid_block_n(n, tiles.block_n))
     return out[:m, :f]  # rows past sum(group_sizes) are zeros already
   out = ragged_dot_mgpu.ragged_dot(
       x, w.astype(x.dtype), group_sizes=group_sizes.astype(jnp.int32), block_m=tiles.block_m,

@@ -17,8 +17,6 @@ only its rows). Rows past sum(group_sizes) form a last pseudo-group whose tiles 
 zeros, as `reference.grouped_matmul` defines them.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -31,15 +29,6 @@ NUM_SMS = 132  # H100 / H200 SXM: the persistent grid when the device does not r
 def _num_sms() -> int:
   """The SM count of the first device (a GPU reports `core_count`); NUM_SMS elsewhere (CPU cross-lowering)."""
   return getattr(jax.devices()[0], "core_count", None) or NUM_SMS
-
-
-@dataclasses.dataclass(frozen=True)
-class ScheduledTiles:
-  """block_m x block_n output tiles, block_k contraction steps, max_concurrent_steps load buffers."""
-  block_m: int = 128
-  block_n: int = 128
-  block_k: int = 64
-  max_concurrent_steps: int = 4
 
 
 def tile_schedule(group_sizes: jax.Array, m: int, block_m: int) -> jax.Array:
@@ -83,19 +72,21 @@ def _store_rows(o_smem, out_ref, block_row: jax.Array, first: jax.Array, rows: j
 
 
 def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_w: bool = False,
-        tiles: ScheduledTiles = ScheduledTiles(), grid_block_n: int = 1, num_sms: int | None = None,
-        interpret=None) -> jax.Array:
+        block_m: int = 128, block_n: int = 128, block_k: int = 64, max_concurrent_steps: int = 4,
+        grid_block_n: int = 1, num_sms: int | None = None, interpret=None) -> jax.Array:
   """x [M, D] (M % block_m == 0, D % block_k == 0), w [G, D, N] (or [G, N, D] with transpose_w; N % block_n
   == 0) -> [M, N]: the rows of group e times w[e], zeros for rows past sum(group_sizes), which must not exceed
   M (as for `lax.ragged_dot`).
 
-  grid_block_n: column panel width (in tiles) of the planar-snake tile order; must divide N / block_n.
+  block_m x block_n output tiles (block_m a power of two), block_k contraction steps, max_concurrent_steps load
+  buffers (`kernel.Tiles` passes its own). grid_block_n: column panel width (in tiles) of the planar-snake tile
+  order; must divide N / block_n.
   num_sms: CTAs of the persistent grid (None: the device's SM count).
   """
   m, d = x.shape
   g = w.shape[0]
   n = w.shape[1] if transpose_w else w.shape[2]
-  bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
+  bm, bn, bk = block_m, block_n, block_k
   if m % bm or d % bk or n % bn:
     raise ValueError(f"x [{m}, {d}] and w's output width {n} must be multiples of block_m={bm}, block_k={bk} "
                      f"and block_n={bn} (kernel.gmm pads).")
@@ -125,7 +116,7 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_w: bool
                                                       w_smem.transpose((1, 0)) if transpose_w else w_smem),
                 grid=(d // bk,),
                 in_specs=[plgpu.BlockSpec((bm, bk), lambda k: (block, k), delay_release=1), w_spec],
-                max_concurrent_steps=tiles.max_concurrent_steps,
+                max_concurrent_steps=max_concurrent_steps,
             )(x_ref, w_ref.at[jnp.minimum(group, g - 1)])
           return acc_ref[...]
 

@@ -61,9 +61,9 @@ class GroupedMatmulTest(parameterized.TestCase):
     x, w, gs, _ = _inputs(time.time_ns(), M, D, N, group_sizes)
     if transpose_w:
       w = jnp.swapaxes(w, 1, 2)
-    tiles = kernel_scheduled.ScheduledTiles(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2)
+    tiles = dict(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2)
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
-      got = kernel_scheduled.gmm(x, w, gs, transpose_w=transpose_w, tiles=tiles, num_sms=3)
+      got = kernel_scheduled.gmm(x, w, gs, transpose_w=transpose_w, **tiles, num_sms=3)
     self.assertFalse(gpu_callbacks.get_races().races_found)
     want = reference.grouped_matmul(x, jnp.swapaxes(w, 1, 2) if transpose_w else w, gs)
     chex.assert_trees_all_close(_f32(got), _f32(want), atol=0.25, rtol=1e-2)
@@ -96,7 +96,7 @@ class GroupedMatmulTest(parameterized.TestCase):
   def test_scheduled_kernel_rejects_bad_tiles(self):
     x, w, gs, _ = _inputs(0, 192, 64, 128, (100, 92))
     with self.assertRaisesRegex(ValueError, r"block_m=192 must be a power of two"):
-      kernel_scheduled.gmm(x, w, gs, tiles=kernel_scheduled.ScheduledTiles(block_m=192))
+      kernel_scheduled.gmm(x, w, gs, block_m=192)
     with self.assertRaisesRegex(ValueError, r"must be multiples of block_m=128"):
       kernel_scheduled.gmm(x, w, gs)
 

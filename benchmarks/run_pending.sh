@@ -3,9 +3,10 @@
 # command. One process per section, each with its own time limit; logs and JSON go to $OUT.
 # On the GPU machine, from the repository root:
 #   OUT=/some/dir bash benchmarks/run_pending.sh 1   # the DSA core at 128K
-#   OUT=/some/dir bash benchmarks/run_pending.sh 2   # the sparse MLA backward variants and the sparse MLA section
-#   OUT=/some/dir bash benchmarks/run_pending.sh 3   # the grouped GEMM (ours vs jax's kernel), dense KL at 128K
+#   OUT=/some/dir bash benchmarks/run_pending.sh 2   # sparse MLA index orders, the issue-4 section, parity shapes
+#   OUT=/some/dir bash benchmarks/run_pending.sh 3   # the grouped GEMM
 #   OUT=/some/dir bash benchmarks/run_pending.sh 4   # index_topk at 128K
+#   OUT=/some/dir bash benchmarks/run_pending.sh 5   # the indexer KL at 128K
 set -u
 : "${OUT:?set OUT to the output folder}"
 export PYTHONPATH=.
@@ -22,21 +23,23 @@ case "${1:-}" in
     run 570 dsa_layer_131072 --sections=dsa_layer --seq_lens=131072
     ;;
   2)
-    # The sparse MLA backward's new defaults (session 7: index prefetch, per-chunk release) beside the previous
-    # default at 8K and 128K keys and at the parity model's shapes; the issue-4 sparse MLA section at all lengths.
-    run 150 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=8192,131072
+    # The sparse MLA kernels on indices in random order and sorted (as `topk_indices` returns them); the issue-4
+    # sparse MLA section at all lengths (with rows on sorted indices); the parity model's shapes.
+    run 100 sparse_mla_gather --sections=sparse_mla_gather --seq_lens=32768,131072
+    run 330 sparse_mla_all --sections=sparse_mla --seq_lens=8192,32768,65536,131072
     run 100 parity_shapes --sections=parity_shapes --seq_lens=8192
-    run 300 sparse_mla_all --sections=sparse_mla --seq_lens=8192,32768,65536,131072
     ;;
   3)
-    # The grouped GEMM at its three loads, the automatic kernel beside the other one (session 8: ours from 64
-    # experts); then the indexer KL kernels at T = 128K again (first run in session 7).
+    # The grouped GEMM at its three loads, the automatic kernel beside the other one.
     run 250 moe_gmm --sections=moe_gmm --seq_lens=8192
-    run 300 indexer_kl_131072 --sections=indexer_kl --seq_lens=131072
     ;;
   4)
     # index_topk at 128K (scores kernel options, FP8, radix select) with the 32-stage default.
     run 400 indexer_topk_131072 --sections=indexer_topk --seq_lens=131072
     ;;
-  *) echo "usage: run_pending.sh 1|2|3|4" >&2; exit 2 ;;
+  5)
+    # The indexer KL kernels at T = 128K again (first run in session 7).
+    run 300 indexer_kl_131072 --sections=indexer_kl --seq_lens=131072
+    ;;
+  *) echo "usage: run_pending.sh 1|2|3|4|5" >&2; exit 2 ;;
 esac

@@ -1,14 +1,15 @@
-"""Benchmark section: the sparse MLA kernels' gather and dkv-reduction variants (a short GPU call).
+"""Benchmark section: the sparse MLA kernels' gather, dkv-reduction and index-order variants (a short GPU call).
 
-Same inputs and FLOP counts as `sparse_mla` (last 4096 queries, 128 heads, K = 2048). The backward
-(`kernel_bwd.sparse_mla_bwd`) in the configurations of BACKWARD_CONFIGS: its rows gathered by per-row TMA copies
-from one lane (the baseline whose dq / dkv the others are compared with: their reduce-adds make the rounding
-vary from run to run anyway) or by 16-byte cp.async copies from all 128 threads of the gather warpgroup (the
-default), with the options of the path between key blocks (`prefetch_idx`, `split_release`), of the dkv
-reductions (`reduce`) and of the launch order (`adjacent_tiles`); rows with `skip` time it without its row copies
-or its dkv additions (diagnostics). The forward (FORWARD_CONFIGS: the cp.async gather with both launch orders;
-earlier the TMA gathers and `Config.skip` diagnostics, see benchmarks/results) is checked against the XLA
-reference.
+Same inputs and FLOP counts as `sparse_mla` (last 4096 queries, 128 heads, K = 2048, indices uniform over the
+keys). The backward (`kernel_bwd.sparse_mla_bwd`) in the configurations of BACKWARD_CONFIGS: a configuration's
+`indices` field (`sparse_mla.INDEX_ORDERS`: "random", the default, or "sorted", the same entries ascending, as
+`topk_indices` returns them) picks the inputs, the other fields are the kernel's arguments (the gather, the
+options of the path between key blocks, of the dkv reductions and of the launch order). The first configuration
+is the baseline whose dq / dkv the others are compared with (their reduce-adds make the rounding vary from run to
+run anyway); rows with `skip` time it without its row copies or its dkv additions (diagnostics). The forward
+(FORWARD_CONFIGS, `kernel_fwd.Config` fields and `indices`) is checked against the XLA reference. Earlier
+configurations (TMA gathers, bulk reduce-adds, block orders, `Config.skip` diagnostics): benchmarks/results and
+docs/kernels.md.
 """
 
 import inspect
@@ -20,27 +21,24 @@ from experiments.bench_sections import timing
 from experiments.bench_sections.sparse_mla import HEADS, LATENT, ROPE, SCALE, TOPK, inputs, rel_err
 from pallas_kernels.sparse_mla import kernel_bwd, kernel_fwd, reference
 
-# Forward configurations (`kernel_fwd.Config` fields); any with `skip` would time the forward without its row
-# copies or without its math (diagnostics: their outputs are not checked).
-FORWARD_CONFIGS = (dict(gather="cp_async", adjacent_tiles=False), dict(gather="cp_async"))
-# Backward configurations (`kernel_bwd.sparse_mla_bwd` arguments; the first is the baseline the others' gradients
-# are compared with); those with `skip` time the backward without its row copies or its dkv additions
-# (diagnostics: their gradients are not checked). The default (128-column slabs, 4 reduce warps, the next block's
-# indices prefetched, the key block released per chunk: session 7 of 2026-11-29) and the non-tensor bulk
-# reduce-adds issued one row per thread (`reduce="bulk"`), each with the head tiles of a token launched side by
-# side (`adjacent_tiles`: the second finds the key rows and dkv rows in L2).
-BACKWARD_CONFIGS = (dict(gather="tma", gather_warps=1, reduce_warps=1), dict(gather="cp_async", adjacent_tiles=False),
-                    dict(gather="cp_async"), dict(gather="cp_async", reduce="bulk", adjacent_tiles=False),
-                    dict(gather="cp_async", reduce="bulk"))
+# Forward configurations (`kernel_fwd.Config` fields, and `indices`); any with `skip` would time the forward without
+# its row copies or without its math (diagnostics: their outputs are not checked).
+FORWARD_CONFIGS = (dict(gather="cp_async"), dict(gather="cp_async", indices="sorted"))
+# Backward configurations (`kernel_bwd.sparse_mla_bwd` arguments and `indices`; the first is the baseline): the
+# default on indices in random order and sorted (session 9 of 2026-11-30: the same time; the block orders tried
+# that session are in benchmarks/results and docs/kernels.md).
+BACKWARD_CONFIGS = (dict(gather="cp_async"), dict(gather="cp_async", indices="sorted"))
 # The options every row shows, at `kernel_bwd.sparse_mla_bwd`'s defaults where a configuration leaves them out.
 BACKWARD_OPTIONS = ("gather_warps", "reduce_warps", "reduce", "slab_cols", "prefetch_idx", "split_release",
                     "adjacent_tiles", "skip")
 
 
 def backward_arguments(fields: dict) -> dict:
-  """The keyword arguments of `kernel_bwd.sparse_mla_bwd` for one of BACKWARD_CONFIGS: its fields over the
-  kernel's own defaults (read from its signature, so that the rows never show a stale default)."""
+  """The keyword arguments of `kernel_bwd.sparse_mla_bwd` for one of BACKWARD_CONFIGS: its fields (less
+  `indices`) over the kernel's own defaults (read from its signature, so that the rows never show a stale
+  default)."""
   parameters = inspect.signature(kernel_bwd.sparse_mla_bwd).parameters
+  fields = {k: v for k, v in fields.items() if k != "indices"}
   return dict({name: parameters[name].default for name in BACKWARD_OPTIONS}, **fields)
 
 
@@ -61,7 +59,15 @@ def run(cfg: dict, backward_configs=BACKWARD_CONFIGS, forward_configs=FORWARD_CO
         section: str = "sparse_mla_gather") -> list[dict]:
   rows = []
   for T in cfg["seq_lens"]:  # noqa: N806
-    q, kv, idx = inputs(T, HEADS)
+    by_order = {}  # the inputs in each index order, made when first needed
+
+    def args_for(order, T=T):  # noqa: N803
+      if order not in by_order:
+        by_order.clear()  # one order's inputs at a time (q and kv take 0.6 GB + 151 MiB at 128K)
+        by_order[order] = inputs(T, HEADS, order=order)
+      return by_order[order]
+
+    q, kv, idx = args_for("random")
     tq = q.shape[1]
     flops = 2.0 * tq * TOPK * HEADS * (LATENT + ROPE + LATENT)
     want_out, want_lse = jax.jit(lambda q, kv, idx: reference.sparse_mla(q, kv, idx, scale=SCALE,
@@ -71,14 +77,15 @@ def run(cfg: dict, backward_configs=BACKWARD_CONFIGS, forward_configs=FORWARD_CO
     dlse = jax.random.normal(ks[1], want_lse.shape, jnp.float32)
     base = dict(section=section, T=T, queries=tq, heads=HEADS, k=TOPK)
     want_grads = None
-    for fields in backward_configs:
-      fields = backward_arguments(fields)
+    for config in backward_configs:
+      order = config.get("indices", "random")
+      fields = backward_arguments(config)
       bwd = jax.jit(lambda q, kv, idx, out, lse, do, dlse, fields=fields: kernel_bwd.sparse_mla_bwd(
           q, kv, idx, out, lse, do, dlse, scale=SCALE, v_dim=LATENT, **fields))
       skip = fields["skip"]
       shown = {k: ("default" if v is None else v) for k, v in fields.items() if k != "skip"}
-      grads = _timed(rows, dict(base, op=f"bwd without {skip}" if skip else "bwd", **shown), bwd, q, kv, idx,
-                     want_out, want_lse, do, dlse)
+      grads = _timed(rows, dict(base, op=f"bwd without {skip}" if skip else "bwd", indices=order, **shown), bwd,
+                     *args_for(order), want_out, want_lse, do, dlse)
       if grads is not None and not skip:
         rows[-1]["tflops"] = timing.tflops(2.5 * flops, rows[-1]["ms"] / 1e3)
         if want_grads is None:
@@ -86,12 +93,15 @@ def run(cfg: dict, backward_configs=BACKWARD_CONFIGS, forward_configs=FORWARD_CO
         else:
           rows[-1].update(dq_diff_vs_1=rel_err(grads[0], want_grads[0]), dkv_diff_vs_1=rel_err(grads[1], want_grads[1]))
       print(rows[-1], flush=True)
+    del want_grads
     for fields in forward_configs:
-      config = kernel_fwd.Config(**fields)
+      order = fields.get("indices", "random")
+      config = kernel_fwd.Config(**{k: v for k, v in fields.items() if k != "indices"})
       fwd = jax.jit(lambda q, kv, idx, config=config: kernel_fwd.sparse_mla_fwd(
           q, kv, idx, scale=SCALE, v_dim=LATENT, config=config))
-      got = _timed(rows, dict(base, op=f"fwd without {config.skip}" if config.skip else "fwd", gather=config.gather,
-                              gather_warps=config.gather_warps, adjacent_tiles=config.adjacent_tiles), fwd, q, kv, idx)
+      got = _timed(rows, dict(base, op=f"fwd without {config.skip}" if config.skip else "fwd", indices=order,
+                              gather=config.gather, gather_warps=config.gather_warps,
+                              adjacent_tiles=config.adjacent_tiles), fwd, *args_for(order))
       if got is not None and not config.skip:
         rows[-1].update(tflops=timing.tflops(flops, rows[-1]["ms"] / 1e3), out_rel_err=rel_err(got[0], want_out),
                         lse_rel_err=rel_err(got[1], want_lse))

@@ -65,6 +65,14 @@ through DSMEM before the reduce-adds (half the atomics). Exact, but 80.6 ms agai
 against 53.5 over 128K; 61 ms even without any reduce-adds: the per-slab cluster barriers and fences serialise the
 two CTAs (benchmarks/results/README.md).
 
+Tried and removed (session 9 of 2026-11-30), both to make the dkv rows that CTAs add into at the same time hit
+L2: with the indices sorted (as `topk_indices` returns them; alone the same speed as random order), each CTA
+started at key block (globaltimer // period) % steps and wrapped around, so that the CTAs running at once worked
+on the same stretch of keys: 37.3-40.0 ms over 128K keys against 35.4-36.0 (periods 10-24 us), no gain over 32K;
+and a token's second head tile started one block later than the first, so that the two did not add into the same
+rows at once: 34.5 / 36.5 ms against 32.2 / 35.4 over 32K / 128K keys. Concurrent atomics on shared rows cost
+more than the L2 misses they save.
+
 GPU interpret mode does not implement TMA reductions: there each staged slab is copied whole into a
 [B, T, N/64, K, Dk] buffer of per-token partials that XLA scatter-adds, so the tests check everything
 but the reduce-add TMAs (which the cross-lowering test compiles). On the H200 (benchmarks/results, 2026-11-29)

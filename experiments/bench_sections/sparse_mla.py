@@ -57,8 +57,9 @@ def rel_err(got, want):
 
 @functools.cache
 def _bwd_fns():
-  """(Made once, so that every caller shares the compiled functions.) name -> jitted (q, kv, idx, out, lse, do, dlse) -> (dq, dkv). The indices are an argument, never a
-  closure constant: XLA constant-folds the gather of a constant [Tq, K] index array for minutes."""
+  """name -> jitted (q, kv, idx, out, lse, do, dlse) -> (dq, dkv), made once so that every caller shares the
+  compiled functions. The indices are an argument, never a closure constant: XLA constant-folds the gather of a
+  constant [Tq, K] index array for minutes."""
   ref = lambda q, kv, idx: reference.sparse_mla(q, kv, idx, scale=SCALE, v_dim=LATENT)
   autodiff_vjp = jax.jit(lambda q, kv, idx: jax.vjp(lambda q, kv: ref(q, kv, idx), q, kv)[1])
   apply_vjp = jax.jit(lambda vjp, do, dlse: vjp((do, dlse)))

@@ -28,25 +28,23 @@ SCALE = 0.1352338
 ERR_QUERIES = 256
 
 
-INDEX_ORDERS = ("random", "sorted")
-
-
-def inputs(T: int, heads: int, seed: int = 0, order: str = "random"):  # noqa: N803
-  """q [1, Tq, heads, 576], kv [1, T, 576] and indices [1, Tq, TOPK]: uniform over the T keys, 5% -1. order
-  "random": in the order drawn; "sorted": ascending with the -1 entries last, as `topk_indices` returns them (the
-  same entries, hence the same gradients)."""
-  if order not in INDEX_ORDERS:
-    raise ValueError(f"order={order!r} must be one of {INDEX_ORDERS}.")
+def inputs(T: int, heads: int, seed: int = 0):  # noqa: N803
+  """q [1, Tq, heads, 576], kv [1, T, 576] and indices [1, Tq, TOPK]: uniform over the T keys, 5% -1, in the
+  order drawn (`sorted_indices` gives the order of `topk_indices`)."""
   ks = jax.random.split(jax.random.key(seed), 4)
   tq = min(T, QUERIES)
   q = jax.random.normal(ks[0], (1, tq, heads, LATENT + ROPE), jnp.bfloat16)
   kv = jax.random.normal(ks[1], (1, T, LATENT + ROPE), jnp.bfloat16)
   idx = jax.random.randint(ks[2], (1, tq, TOPK), 0, T)
   idx = jnp.where(jax.random.uniform(ks[3], idx.shape) < 0.05, -1, idx)
-  if order != "random":
-    idx = jnp.sort(jnp.where(idx < 0, T, idx), axis=-1)
-    idx = jnp.where(idx == T, -1, idx)
   return q, kv, idx
+
+
+def sorted_indices(idx: jax.Array) -> jax.Array:
+  """The same entries per query, ascending with the -1 entries last (as `topk_indices` returns them)."""
+  big = jnp.iinfo(idx.dtype).max
+  idx = jnp.sort(jnp.where(idx < 0, big, idx), axis=-1)
+  return jnp.where(idx == big, -1, idx)
 
 
 def rel_err(got, want):
@@ -128,15 +126,15 @@ def _rows_for(T: int, heads: int) -> list[dict]:  # noqa: N803
                  dkv_rel_err=rel_err(grads["pallas"][1], grads["xla"][1]))
   del grads
   rows += _bwd_rows(q, kv, idx, out, lse, base, flops)
-  return rows + _sorted_rows(T, heads, fwd["pallas"], dict(base, impl="pallas", indices="sorted"), flops)
+  return rows + _sorted_rows(q, kv, sorted_indices(idx), fwd["pallas"], want_out,
+                             dict(base, impl="pallas", indices="sorted"), flops)
 
 
-def _sorted_rows(T: int, heads: int, fwd, base: dict, flops: float) -> list[dict]:  # noqa: N803
-  """The Pallas forward and backward on the same entries sorted ascending, as the model's `topk_indices` returns
-  them (the rows above draw them in random order): time and the forward's error against the reference."""
-  q, kv, idx = inputs(T, heads, order="sorted")
-  (out, lse), (want_out, _) = fwd(q, kv, idx), jax.jit(reference.sparse_mla, static_argnames=("scale", "v_dim"))(
-      q, kv, idx, scale=SCALE, v_dim=LATENT)
+def _sorted_rows(q, kv, idx, fwd, want_out, base: dict, flops: float) -> list[dict]:
+  """The Pallas forward and backward on the same entries sorted ascending (`idx`), as the model's `topk_indices`
+  returns them (the rows above take them in random order): time and the forward's error against the reference's
+  output (the same entries give the same output)."""
+  out, lse = fwd(q, kv, idx)
   rows = [dict(base, op="fwd", ms=timing.time_fn(fwd, q, kv, idx) * 1e3, out_rel_err=rel_err(out, want_out))]
   ks = jax.random.split(jax.random.key(7))
   do = jax.random.normal(ks[0], out.shape, out.dtype)

@@ -2,8 +2,8 @@
 
 Same inputs and FLOP counts as `sparse_mla` (last 4096 queries, 128 heads, K = 2048, indices uniform over the
 keys). The backward (`kernel_bwd.sparse_mla_bwd`) in the configurations of BACKWARD_CONFIGS: a configuration's
-`indices` field (`sparse_mla.INDEX_ORDERS`: "random", the default, or "sorted", the same entries ascending, as
-`topk_indices` returns them) picks the inputs, the other fields are the kernel's arguments (the gather, the
+`indices` field ("random", the default, or "sorted": the same entries ascending, as `topk_indices` returns them,
+`sparse_mla.sorted_indices`) picks the inputs, the other fields are the kernel's arguments (the gather, the
 options of the path between key blocks, of the dkv reductions and of the launch order). The first configuration
 is the baseline whose dq / dkv the others are compared with (their reduce-adds make the rounding vary from run to
 run anyway); rows with `skip` time it without its row copies or its dkv additions (diagnostics). The forward
@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench_sections import timing
-from experiments.bench_sections.sparse_mla import HEADS, LATENT, ROPE, SCALE, TOPK, inputs, rel_err
+from experiments.bench_sections.sparse_mla import (HEADS, LATENT, ROPE, SCALE, TOPK, inputs, rel_err,
+                                                   sorted_indices)
 from pallas_kernels.sparse_mla import kernel_bwd, kernel_fwd, reference
 
 # Forward configurations (`kernel_fwd.Config` fields, and `indices`); any with `skip` would time the forward without
@@ -38,8 +39,12 @@ def backward_arguments(fields: dict) -> dict:
   `indices`) over the kernel's own defaults (read from its signature, so that the rows never show a stale
   default)."""
   parameters = inspect.signature(kernel_bwd.sparse_mla_bwd).parameters
-  fields = {k: v for k, v in fields.items() if k != "indices"}
-  return dict({name: parameters[name].default for name in BACKWARD_OPTIONS}, **fields)
+  return dict({name: parameters[name].default for name in BACKWARD_OPTIONS}, **_kernel_fields(fields))
+
+
+def _kernel_fields(fields: dict) -> dict:
+  """A configuration's fields less `indices` (which picks the inputs, not a kernel argument)."""
+  return {k: v for k, v in fields.items() if k != "indices"}
 
 
 def _timed(rows: list[dict], base: dict, fn, *args):
@@ -59,15 +64,8 @@ def run(cfg: dict, backward_configs=BACKWARD_CONFIGS, forward_configs=FORWARD_CO
         section: str = "sparse_mla_gather") -> list[dict]:
   rows = []
   for T in cfg["seq_lens"]:  # noqa: N806
-    by_order = {}  # the inputs in each index order, made when first needed
-
-    def args_for(order, T=T):  # noqa: N803
-      if order not in by_order:
-        by_order.clear()  # one order's inputs at a time (q and kv take 0.6 GB + 151 MiB at 128K)
-        by_order[order] = inputs(T, HEADS, order=order)
-      return by_order[order]
-
-    q, kv, idx = args_for("random")
+    q, kv, idx = inputs(T, HEADS)
+    by_order = dict(random=(q, kv, idx), sorted=(q, kv, sorted_indices(idx)))
     tq = q.shape[1]
     flops = 2.0 * tq * TOPK * HEADS * (LATENT + ROPE + LATENT)
     want_out, want_lse = jax.jit(lambda q, kv, idx: reference.sparse_mla(q, kv, idx, scale=SCALE,
@@ -85,7 +83,7 @@ def run(cfg: dict, backward_configs=BACKWARD_CONFIGS, forward_configs=FORWARD_CO
       skip = fields["skip"]
       shown = {k: ("default" if v is None else v) for k, v in fields.items() if k != "skip"}
       grads = _timed(rows, dict(base, op=f"bwd without {skip}" if skip else "bwd", indices=order, **shown), bwd,
-                     *args_for(order), want_out, want_lse, do, dlse)
+                     *by_order[order], want_out, want_lse, do, dlse)
       if grads is not None and not skip:
         rows[-1]["tflops"] = timing.tflops(2.5 * flops, rows[-1]["ms"] / 1e3)
         if want_grads is None:
@@ -96,12 +94,12 @@ def run(cfg: dict, backward_configs=BACKWARD_CONFIGS, forward_configs=FORWARD_CO
     del want_grads
     for fields in forward_configs:
       order = fields.get("indices", "random")
-      config = kernel_fwd.Config(**{k: v for k, v in fields.items() if k != "indices"})
+      config = kernel_fwd.Config(**_kernel_fields(fields))
       fwd = jax.jit(lambda q, kv, idx, config=config: kernel_fwd.sparse_mla_fwd(
           q, kv, idx, scale=SCALE, v_dim=LATENT, config=config))
       got = _timed(rows, dict(base, op=f"fwd without {config.skip}" if config.skip else "fwd", indices=order,
                               gather=config.gather, gather_warps=config.gather_warps,
-                              adjacent_tiles=config.adjacent_tiles), fwd, *args_for(order))
+                              adjacent_tiles=config.adjacent_tiles), fwd, *by_order[order])
       if got is not None and not config.skip:
         rows[-1].update(tflops=timing.tflops(flops, rows[-1]["ms"] / 1e3), out_rel_err=rel_err(got[0], want_out),
                         lse_rel_err=rel_err(got[1], want_lse))

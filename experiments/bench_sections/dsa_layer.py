@@ -13,7 +13,7 @@ with other counts of index_topk's causal key-prefix stages (`STAGE_VARIANTS`), a
 import jax
 import jax.numpy as jnp
 
-from experiments.bench_sections import baselines, timing
+from pallas_kernels.benchmarking import baselines, timing
 from pallas_kernels.lightning_indexer import api as indexer_api
 from pallas_kernels.sparse_mla import api as sparse_mla_api
 

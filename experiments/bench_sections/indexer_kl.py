@@ -18,7 +18,7 @@ the KL normalises p by its sum anyway.
 import jax
 import jax.numpy as jnp
 
-from experiments.bench_sections import timing
+from pallas_kernels.benchmarking import timing
 from pallas_kernels.indexer_kl import api, dense_bwd, kernel_dense, kernel_dense_bwd
 
 HEADS, KEY_DIM, INDEX_HEADS, INDEX_DIM = 128, 576, 64, 128

@@ -20,7 +20,7 @@ are small and lse[t, h] = log(t + 1); the KL normalises p by its sum over the se
 import jax
 import jax.numpy as jnp
 
-from experiments.bench_sections import timing
+from pallas_kernels.benchmarking import timing
 from experiments.bench_sections.indexer_kl import HEADS, INDEX_DIM, INDEX_HEADS, KEY_DIM, SCALE, add_rel_errors
 from pallas_kernels.indexer_kl import api, kernel_sparse, sparse_pallas
 

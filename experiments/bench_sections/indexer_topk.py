@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench_sections import baselines, timing
+from pallas_kernels.benchmarking import baselines, timing
 from pallas_kernels.lightning_indexer import api as indexer_api
 from pallas_kernels.lightning_indexer import kernel as indexer_kernel
 from pallas_kernels.lightning_indexer import kernel_fp8

@@ -22,7 +22,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from experiments.bench_sections import timing
+from pallas_kernels.benchmarking import timing
 from pallas_kernels.moe_gmm import api, kernel
 
 ACTIVE, EXPERTS, HIDDEN, EXPERT_HIDDEN = 8, 256, 7168, 2048

@@ -24,7 +24,8 @@ max |error| / max |reference| on the first experts against a dense f32 product. 
 import jax
 import jax.numpy as jnp
 
-from experiments.bench_sections import moe_gmm, timing
+from experiments.bench_sections import moe_gmm
+from pallas_kernels.benchmarking import timing
 from pallas_kernels.moe_gmm import kernel
 
 CASE_NAMES = ("256x4096", "256x16384")

@@ -13,7 +13,7 @@ so that a variant that hangs on the GPU is named in the log even when a timeout 
 import jax
 import jax.numpy as jnp
 
-from experiments.bench_sections import timing
+from pallas_kernels.benchmarking import timing
 from experiments.bench_sections.sparse_mla import rel_err
 from pallas_kernels.indexer_kl import api as kl_api
 from pallas_kernels.indexer_kl import kernel_sparse, sparse_pallas

@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from experiments.bench_sections import baselines, timing
+from pallas_kernels.benchmarking import baselines, timing
 from pallas_kernels.sparse_mla import api, chunked_bwd, kernel_bwd, reference
 
 HEADS, LATENT, ROPE, TOPK, QUERIES = 128, 512, 64, 2048, 4096

@@ -17,7 +17,7 @@ import inspect
 import jax
 import jax.numpy as jnp
 
-from experiments.bench_sections import timing
+from pallas_kernels.benchmarking import timing
 from experiments.bench_sections.sparse_mla import (HEADS, LATENT, ROPE, SCALE, TOPK, inputs, rel_err,
                                                    sorted_indices)
 from pallas_kernels.sparse_mla import kernel_bwd, kernel_fwd, reference

@@ -22,7 +22,7 @@ Per sequence length T (k = 2048):
 import jax
 import jax.numpy as jnp
 
-from experiments.bench_sections import baselines, timing
+from pallas_kernels.benchmarking import baselines, timing
 from pallas_kernels.lightning_indexer import api as indexer_api
 from pallas_kernels.topk import api as topk_api
 from pallas_kernels.topk import kernel, kernel_compact, kernel_group_select, kernel_select, pruned

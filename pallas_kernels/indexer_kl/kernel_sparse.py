@@ -16,7 +16,7 @@ One CTA owns one query token and two warpgroups:
     columns. Hopper has no TMA gather; a single row lands in the swizzled, tiled layout that wgmma reads
     through a second view of the slot as 128-byte lines (as in `sparse_mla.kernel_fwd`). The row copies are
     spread over `Config.gather_warps` warps of wg 1 (4, the default: each issues a quarter of every chunk's
-    rows from its own lane; 1 or 2 also allowed), through `pallas_kernels.row_copies.issue_row_copies`.
+    rows from its own lane; 1 or 2 also allowed), through `pallas_kernels.mosaic.row_copies.issue_row_copies`.
   * wg 0 (compute) holds the token's attention query [N, C] and index query [I, H] in SMEM and per block
     runs the dense kernel's two wgmmas with the keys as M: logits [64 keys, N heads] and index logits
     [64 keys, I heads], so the sums over heads are row reductions inside each warp. It releases each ring
@@ -50,11 +50,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import cp_async_gather
+from pallas_kernels.mosaic import cp_async_gather
 from pallas_kernels.indexer_kl import kernel_dense, streaming
 from pallas_kernels.indexer_kl.kernel_dense import HEAD_MULTIPLE, MAX_HEADS, NUM_STATS
 from pallas_kernels.indexer_kl.streaming import BLOCK_S, CHUNK, FLOOR, LOG2E, round_up
-from pallas_kernels.row_copies import issue_row_copies
+from pallas_kernels.mosaic.row_copies import issue_row_copies
 
 INDEX_HEADS = 64  # index heads padded to one wgmma M: the backward's d iq product has them as M
 _LINE_TRANSFORMS = (plgpu.TilingTransform((1, CHUNK)), plgpu.SwizzleTransform(128))
@@ -74,7 +74,7 @@ class Config:
   # Warps of the backward's compute warpgroup that issue its d ik reduce-adds (1, 2 or 4): with 4 (the default)
   # forward + backward took 20.3 ms instead of 24.6 with 1 on the H200 (cp.async gather; module docstring).
   reduce_warps: int = 4
-  # "cp_async" (the default; `pallas_kernels.cp_async_gather`: all 128 threads of the memory warpgroup copy
+  # "cp_async" (the default; `pallas_kernels.mosaic.cp_async_gather`: all 128 threads of the memory warpgroup copy
   # 16-byte pieces, as in the sparse MLA kernels; forward 8.7 ms vs 11.9 with 4 TMA warps on the H200) or "tma"
   # (per-row TMA copies from `gather_warps` warps). GPU interpret mode cannot run cp.async: `sparse_pallas`
   # substitutes "tma" there.

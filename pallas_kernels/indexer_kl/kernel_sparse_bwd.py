@@ -43,7 +43,7 @@ from pallas_kernels.indexer_kl import kernel_sparse, streaming
 from pallas_kernels.indexer_kl.kernel_dense import MAX_HEADS
 from pallas_kernels.indexer_kl.kernel_sparse import INDEX_HEADS
 from pallas_kernels.indexer_kl.streaming import BLOCK_S, CHUNK, LOG2E
-from pallas_kernels.row_copies import issue_row_copies
+from pallas_kernels.mosaic.row_copies import issue_row_copies
 
 MAX_STAGES = 12
 

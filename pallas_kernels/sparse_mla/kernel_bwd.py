@@ -48,7 +48,7 @@ The issue section then measured 205.8 / 177.8 / 168.9 / 163.9 TFLOP/s over 8K / 
 `adjacent_tiles`), so the float32 atomics themselves, not their issue, bound the kernel.
 
 `reduce="red"` (opt-in) adds dkv from registers instead
-(`pallas_kernels.red_add`: `red.global.add.v4.f32`, every thread its own fragments), so nothing is staged: each
+(`pallas_kernels.mosaic.red_add`: `red.global.add.v4.f32`, every thread its own fragments), so nothing is staged: each
 warpgroup releases the key block and the index block right after its dq product (having loaded its rows'
 indices), and a `ds_free` barrier keeps wg 0 from overwriting P^T / dS^T while wg 1's dkv slabs still read them.
 Measured on the H200 (4096 queries, 128 heads, K = 2048, session 5 of 2026-11-29): without any dkv additions
@@ -89,8 +89,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import bulk_reduce, cp_async_gather, red_add
-from pallas_kernels.row_copies import issue_row_copies
+from pallas_kernels.mosaic import bulk_reduce, cp_async_gather, red_add
+from pallas_kernels.mosaic.row_copies import issue_row_copies
 from pallas_kernels.sparse_mla import kernel_fwd
 from pallas_kernels.sparse_mla.kernel_fwd import HEAD_TILE
 

@@ -40,8 +40,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import cp_async_gather
-from pallas_kernels.row_copies import issue_row_copies
+from pallas_kernels.mosaic import cp_async_gather
+from pallas_kernels.mosaic.row_copies import issue_row_copies
 
 HEAD_TILE = 64
 # setmaxnreg of each compute warpgroup and of the gather warpgroup (multiples of 8): the three warpgroups

@@ -13,7 +13,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # race-detector state (private)
 from jax.sharding import AbstractDevice, AbstractMesh
 
-from pallas_kernels import bulk_reduce
+from pallas_kernels.mosaic import bulk_reduce
 from pallas_kernels.sparse_mla import api, chunked_bwd, kernel_bwd, kernel_fwd, reference
 
 H200 = AbstractMesh((), (), abstract_device=AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132))

@@ -10,7 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from experiments.bench_sections import timing
+from pallas_kernels.benchmarking import timing
 
 
 @functools.cache

@@ -1,10 +1,11 @@
-"""Kernel benchmarks on the GPU machine (issue 3): one process, one run, a table and a JSON record.
+"""Kernel benchmarks on the GPU machine: one process, one run, a table and a JSON record.
 
-  python -m experiments.bench_kernels --sections=indexer_topk --seq_lens=8192,32768,131072
+  python -m experiments.bench_kernels --sections=index_topk --seq_lens=8192,32768,131072
 
-Each section is a module of `experiments.bench_sections` with `run(cfg) -> list[dict]`; a section whose
-module does not exist yet is skipped with a note. JSON goes to <out_dir>/bench_kernels_<date>.json with the
-date, git commit, device kind and the exact command line.
+Each op keeps its benchmark beside it (`pallas_kernels/<op>/bench.py`) with `SECTIONS: dict[name, run]`,
+`run(cfg) -> list[dict]`; every row is printed as it is measured, so a time-out still leaves results. The JSON
+record (date, git commit, device kind, exact command, rows) goes to `--out_dir`, outside the repository by
+default; the current tables under `benchmarks/` cite the records they were made from.
 """
 
 import datetime
@@ -17,9 +18,35 @@ import sys
 import jax
 from absl import app, flags
 
+# Modules that define SECTIONS, in the order their sections run.
+BENCH_MODULES = (
+    "pallas_kernels.lightning_indexer.bench",
+    "pallas_kernels.topk.bench",
+    "pallas_kernels.sparse_mla.bench",
+    "pallas_kernels.indexer_kl.bench",
+    "pallas_kernels.moe_gmm.bench",
+    "pallas_kernels.flash_attention.bench",
+    "pallas_kernels.benchmarking.dsa_core",
+)
+
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["8192", "32768", "65536", "131072"], "Sequence lengths T.")
-_SECTIONS = flags.DEFINE_list("sections", ["indexer_topk", "topk", "sparse_mla", "indexer_kl", "moe_gmm", "dsa_layer"], "Benchmark sections.")
-_OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON record goes.")
+_SECTIONS = flags.DEFINE_list("sections", None, "Benchmark sections (default: all); --list_sections names them.")
+_LIST = flags.DEFINE_bool("list_sections", False, "Print the section names and exit.")
+_OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/dsa_jax/benchmarks", "Where the JSON record goes.")
+
+
+def sections() -> dict:
+  """Every benchmark section by name, from the modules of BENCH_MODULES that exist."""
+  found = {}
+  for module_name in BENCH_MODULES:
+    try:
+      module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+      if e.name != module_name:
+        raise
+      continue
+    found.update(module.SECTIONS)
+  return found
 
 
 def _git_commit() -> str:
@@ -40,15 +67,21 @@ def _table(rows: list[dict]) -> str:
 
 def main(argv):
   del argv
+  available = sections()
+  if _LIST.value:
+    print("\n".join(available))
+    return
+  names = _SECTIONS.value or list(available)
+  unknown = [n for n in names if n not in available]
+  if unknown:
+    raise app.UsageError(f"--sections: unknown {unknown}; allowed: {sorted(available)}")
+  if jax.default_backend() != "gpu":
+    raise app.UsageError(f"bench_kernels times GPU kernels, but JAX's backend here is "
+                         f"{jax.default_backend()!r}; run it on a GPU machine.")
   cfg = dict(seq_lens=[int(t) for t in _SEQ_LENS.value])
   rows = []
-  for name in _SECTIONS.value:
-    try:
-      section = importlib.import_module(f"experiments.bench_sections.{name}")
-    except ModuleNotFoundError as e:
-      print(f"[bench_kernels] section {name!r} skipped: {e}")
-      continue
-    rows += section.run(cfg)
+  for name in names:
+    rows += available[name](cfg)
   now = datetime.datetime.now(datetime.timezone.utc)
   record = dict(date=now.isoformat(timespec="seconds"), commit=_git_commit(), device=jax.devices()[0].device_kind,
                 command=" ".join(["python -m experiments.bench_kernels", *sys.argv[1:]]), rows=rows)

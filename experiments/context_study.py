@@ -1,6 +1,7 @@
 """Context-management study (issue 8): the scripted KV agent under each policy with small windows.
 
-  python -m experiments.context_study --out=docs/context_management.md
+  python -m experiments.context_study                                          # -> /tmp/dsa_jax/context_study/
+  python -m experiments.context_study --out=docs/reports/context_management.md  # the committed report
 
 Mirrors the search-agent experiment of DeepSeek-V3.2 §4 (Summary, Discard-75%, Discard-all,
 Parallel-fewest-step, triggered at 80% of the window) on `dsa_jax.agent.kv_env`. Everything in the
@@ -24,7 +25,7 @@ _MAX_HOPS = flags.DEFINE_integer("max_hops", 12, "Longest chain.")
 _ERROR_RATE = flags.DEFINE_float("error_rate", 0.15, "Probability that the agent mistypes a key.")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", 40, "Model calls per rollout.")
 _PARALLEL_N = flags.DEFINE_integer("parallel_n", 4, "Rollouts per task for Parallel-fewest-step.")
-_OUT = flags.DEFINE_string("out", "docs/context_management.md", "Where the markdown goes.")
+_OUT = flags.DEFINE_string("out", "/tmp/dsa_jax/context_study/context_management.md", "Where the markdown goes.")
 
 POLICIES = {
     "none": None,
@@ -113,9 +114,11 @@ times the policy rewrote the context; *model calls* = all calls spent, including
   when the kept round is a mistyped lookup), and Summary writes the next key into the restarted user
   turn: both carry the progress across rewrites.
 - Without a policy, and for Parallel-fewest-step, a rollout fails once its trajectory outgrows the window.
-- Not measured here: our trained tiny model (the sampler does not exist yet).
+- Not measured here: a trained model as the agent (`dsa_jax.sampling.agent_adapter` plugs the sampler in).
 """
-  pathlib.Path(_OUT.value).write_text(doc)
+  out = pathlib.Path(_OUT.value)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(doc)
   print(f"wrote {_OUT.value}")
 
 

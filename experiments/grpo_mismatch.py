@@ -1,6 +1,7 @@
 """Sampler/trainer mismatch study (DeepSeek-V3.2 §3.1): bf16 sampler, fp32 trainer, stabilisers on/off.
 
-  python -m experiments.grpo_mismatch --out=docs/grpo_mismatch.md
+  python -m experiments.grpo_mismatch                                   # -> /tmp/dsa_jax/grpo_mismatch/
+  python -m experiments.grpo_mismatch --out=docs/reports/grpo_mismatch.md  # the committed report
 
 From one warm-started tiny MoE DSA model, runs a few GRPO steps per setting and tabulates, averaged over
 the steps: |log μ − log π_θ| (mean, max), route agreement (sampler experts the trainer's router would also
@@ -9,6 +10,7 @@ mass on the kept set, and the mean reward. Every number in the written table is 
 """
 
 import pathlib
+import sys
 import time
 
 import numpy as np
@@ -19,7 +21,7 @@ from dsa_jax.model import functional
 from dsa_jax.rl import get_task, grpo_step, loop, warm_start
 from dsa_jax.sampling import SamplingConfig
 
-_OUT = flags.DEFINE_string("out", "docs/grpo_mismatch.md", "Markdown output.")
+_OUT = flags.DEFINE_string("out", "/tmp/dsa_jax/grpo_mismatch/grpo_mismatch.md", "Markdown output.")
 _STEPS = flags.DEFINE_integer("steps", 8, "GRPO steps per setting.")
 _WARM_STEPS = flags.DEFINE_integer("warm_steps", 60, "Supervised warm-start steps.")
 _TOP_P = flags.DEFINE_float("top_p", 0.9, "Sampling top-p (so that the kept set truncates).")
@@ -57,14 +59,17 @@ def main(argv):
     print(f"{name}: {rows[-1][1]} ({time.perf_counter() - start:.0f}s)", flush=True)
   table = ["| setting | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
   table += [f"| {name} | " + " | ".join(f"{v[k]:.4g}" for k in COLUMNS) + " |" for name, v in rows]
-  pathlib.Path(_OUT.value).write_text(_REPORT.format(steps=_STEPS.value, top_p=_TOP_P.value, delta=_DELTA.value,
-                                                     table="\n".join(table)))
+  out = pathlib.Path(_OUT.value)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  command = " ".join(["python -m experiments.grpo_mismatch", *sys.argv[1:]])
+  out.write_text(_REPORT.format(command=command, steps=_STEPS.value, top_p=_TOP_P.value, delta=_DELTA.value,
+                                table="\n".join(table)))
   print("\n".join(table))
 
 
 _REPORT = """# Sampler/trainer mismatch in GRPO (DeepSeek-V3.2 §3.1)
 
-Written by `python -m experiments.grpo_mismatch` (CPU). A tiny MoE DSA model (3 layers, 2 MoE layers of 8
+Written by `{command}` (CPU). A tiny MoE DSA model (3 layers, 2 MoE layers of 8
 experts with 2 active, indexer top-4) is warm-started on digit sorting (3–4 digits) with a short supervised
 run, then each setting runs {steps} GRPO steps (8 prompts × 8 samples, top-p {top_p}, δ = {delta}) from
 that same start. The sampler runs the same parameters in the stated compute dtype; the trainer is fp32.

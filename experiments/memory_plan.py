@@ -2,7 +2,8 @@
 candidate H200 meshes (256 GPUs = 32 hosts x 8), from abstract arrays only; then one forward+backward of a
 few 671B-sized layers cross-lowered for that mesh with abstract devices.
 
-  python -m experiments.memory_plan --out=docs/memory_plan.md
+  python -m experiments.memory_plan                                 # -> /tmp/dsa_jax/memory_plan/
+  python -m experiments.memory_plan --out=docs/reports/memory_plan.md  # the committed report
 
 It also compiles a few 671B-sized layers for 8 simulated CPU devices, to check that XLA partitions them.
 """
@@ -33,7 +34,8 @@ _LOWER_LAYERS = flags.DEFINE_integer("lower_layers", 61, "Layers of the model lo
 _CPU_MESH = flags.DEFINE_string("cpu_mesh", "fsdp=2:expert=4", "Mesh of the CPU compile ('' = skip it).")
 _CPU_SEQ = flags.DEFINE_integer("cpu_seq", 4096, "Sequence length of the CPU compile (4 layers).")
 _LOWER_SEQ = flags.DEFINE_integer("lower_seq", 131072, "Sequence length of the lowered step.")
-_OUT = flags.DEFINE_string("out", "docs/memory_plan.md", "Where the markdown table goes ('' = print only).")
+_OUT = flags.DEFINE_string("out", "/tmp/dsa_jax/memory_plan/memory_plan.md",
+                           "Where the markdown table goes ('' = print only); an existing file keeps its prose.")
 
 GB = 1e9
 
@@ -131,6 +133,7 @@ def main(argv):
   print(table)
   if _OUT.value:
     path = pathlib.Path(_OUT.value)
+    path.parent.mkdir(parents=True, exist_ok=True)
     text = path.read_text() if path.exists() else ""
     marker = "<!-- memory_plan.py table -->"
     head, _, _ = text.partition(marker)

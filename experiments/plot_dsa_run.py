@@ -1,11 +1,12 @@
 """Plots a DSA run from its per-stage `metrics.jsonl` files: LM loss of the dense and sparse branches,
 the indexer KL, the top-k attention mass over training, and step times.
 
-  python -m experiments.plot_dsa_run --run_dir=benchmarks/results/dsa_parity_small_8k_20261129 --out=docs/x.png
+  python -m experiments.plot_dsa_run --run_dir=docs/reports/dsa_parity/run4   # -> /tmp/dsa_jax/plot_dsa_run/
+  python -m experiments.plot_dsa_run --run_dir=docs/reports/dsa_parity/run4 --out=docs/reports/dsa_parity/run4.png
 Files are `<stage>.jsonl` (as copied from a GPU run) or `<stage>/metrics.jsonl` (a run directory).
 Several run directories (comma-separated; later ones win per stage) merge the parts of a run split with
 `--config.train.stages`; when their `results.json` files together hold every stage, the summary table is
-printed and written next to the plot (`<out>.md`).
+printed.
 
 The sparse stage and the dense continuation read the same batches (sparse step j is dense_cont step
 warm-up steps + j), and each step's LM loss is taken before the update on a batch seen for the first time, so
@@ -23,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 _RUN_DIR = flags.DEFINE_list("run_dir", None, "Run directories or folders of <stage>.jsonl files.", required=True)
-_OUT = flags.DEFINE_string("out", None, "Output PNG.", required=True)
+_OUT = flags.DEFINE_string("out", "/tmp/dsa_jax/plot_dsa_run/dsa_run.png", "Output PNG.")
 STAGES = ("dense", "warmup", "sparse", "dense_cont")
 
 
@@ -78,7 +79,6 @@ def main(argv):
         summary += (f"\nDSA vs dense continuation, LM loss on the same {paired[2]} training batches (sparse "
                     f"stage{'' if last is None else ', last half'}): {100 * paired[0]:+.2f}% +- {100 * paired[1]:.2f}% (s.e.)")
     print(summary)
-    pathlib.Path(_OUT.value).with_suffix(".md").write_text(summary + "\n")
   fig, axes = plt.subplots(1, 5, figsize=(22, 3.6))
   trained = lambda stage: len([r for r in runs.get(stage, []) if "loss" in r])
   starts = {"dense": 0, "sparse": trained("dense") + trained("warmup"), "dense_cont": trained("dense")}
@@ -113,7 +113,10 @@ def main(argv):
     axes[4].set(title="sparse vs dense_cont LM loss, same batches (%)", xlabel="sparse stage step")
     axes[4].legend()
   fig.tight_layout()
-  fig.savefig(_OUT.value, dpi=110)
+  out = pathlib.Path(_OUT.value)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out, dpi=110)
+  print(f"wrote {out}")
 
 
 if __name__ == "__main__":

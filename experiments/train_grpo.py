@@ -1,10 +1,10 @@
 """GRPO with DeepSeek-V3.2's stabilisers on digit sorting, with a tiny MoE DSA model on CPU (issue 7).
 
-  python -m experiments.train_grpo --out=/tmp/grpo_sort
+  python -m experiments.train_grpo --out=/tmp/dsa_jax/grpo_sort
 
 A short supervised warm start (teacher forcing on correct answers, plus the indexer's dense KL) teaches the
 random model the answer format but not yet sorting (mean reward <= 0.3, about what right-length random digits
-score); GRPO (`dsa_jax.rl.loop`) then raises it above 0.8. Defaults and the measured curve: docs/grpo_demo.md.
+score); GRPO (`dsa_jax.rl.loop`) then raises it above 0.8. Defaults and the measured curve: docs/reports/grpo_demo.md.
 Prints the curve as a table, writes `curve.png`, `curve.json` and Orbax checkpoints under --out (rerunning
 with the same --out resumes: use a fresh --out for a fresh run).
 """
@@ -21,7 +21,7 @@ from dsa_jax.model import functional
 from dsa_jax.rl import get_task, grpo_step, loop, warm_start
 from dsa_jax.sampling import SamplingConfig
 
-_OUT = flags.DEFINE_string("out", "/tmp/grpo_sort", "Output directory (plot, curve, checkpoints).")
+_OUT = flags.DEFINE_string("out", "/tmp/dsa_jax/grpo_sort", "Output directory (plot, curve, checkpoints).")
 _TASK = flags.DEFINE_string("task", "sort", "Task name (dsa_jax.rl.task_names()).")
 _MIN_LEN = flags.DEFINE_integer("min_len", 3, "Shortest digit string.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 3, "Longest digit string.")

@@ -2,7 +2,7 @@
 
   python -m experiments.train_dsa                                   # the main job (CPU, a few minutes)
   python -m experiments.train_dsa --config=experiments/configs/train_small.py --config.train.sparse_steps=200
-  srun python -m experiments.train_dsa --nosingle_host --config.mesh.fsdp=4 ...  # see docs/multi_host.md
+  srun python -m experiments.train_dsa --nosingle_host --config.mesh.fsdp=4 ...  # see docs/sharding.md
 """
 
 import dataclasses

@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = train_tiny.get_config()
   config.model.update({"preset": "small", "topk": 512, "index_heads": 16, "index_dim": 64, "max_position": 32768})
   config.model.vocab_size = 512  # the byte tokenizer's ids (256 bytes + specials) fit; an embedding of 32768 would idle
-  config.loss.mtp_weight = 0.0  # as in the recorded run (docs/dsa_parity.md); > 0 also trains the MTP indexer
+  config.loss.mtp_weight = 0.0  # as in the recorded run (docs/reports/dsa_parity.md); > 0 also trains the MTP indexer
   config.data.update({"seq_len": 8192, "batch_size": 1})
   config.optimizer.update({"lr_main": 1e-3, "lr_indexer": 1e-3, "lr_indexer_warmup": 1e-3})
   # A run of a few hundred steps: gamma 1e-3 (DeepSeek-V3's) moved the routing biases too slowly and the

@@ -2,7 +2,7 @@
 
 Rows of 256 tokens with top-k 32 (the `tiny` preset's top-k 8 would be too few to matter), so DSA keeps
 an eighth of the keys at the end of a row. `mesh`: the device mesh (`dsa_jax.sharding.mesh.MeshConfig`); all 1
-is one device, and the product must equal the device count (`docs/multi_host.md`).
+is one device, and the product must equal the device count (`docs/sharding.md`).
 """
 
 import ml_collections

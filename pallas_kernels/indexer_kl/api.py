@@ -38,11 +38,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.chunking import PAD_POSITION, pad_chunks, unchunk
 from pallas_kernels.dispatch import resolve_implementation
 from pallas_kernels.indexer_kl import dense_bwd, kernel_dense, kernel_dense_bwd, reference
 from pallas_kernels.indexer_kl import kernel_sparse, kernel_sparse_bwd, sparse_pallas
 from pallas_kernels.indexer_kl.streaming import interpret_params
-from pallas_kernels.indexer_kl.chunking import PAD_POSITION, pad_chunks, unchunk
 
 AVAILABLE = ("xla", "pallas")
 SPARSE_AVAILABLE = ("xla", "pallas")

@@ -15,7 +15,7 @@ Memory: one chunk pair's [B, t, N, s] logits, plus a float32 [B, S, H] accumulat
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.indexer_kl.chunking import PAD_POSITION, pad_chunks, unchunk, visible_block_ranges
+from pallas_kernels.chunking import PAD_POSITION, pad_chunks, unchunk, visible_block_ranges
 
 
 def _pair_grads(q_side, kv_side, *, attn_scale):

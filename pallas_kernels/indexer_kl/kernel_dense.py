@@ -41,8 +41,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.chunking import PAD_POSITION, visible_block_ranges
 from pallas_kernels.indexer_kl import streaming
-from pallas_kernels.indexer_kl.chunking import PAD_POSITION, visible_block_ranges
 from pallas_kernels.indexer_kl.streaming import BLOCK_S, CHUNK, FLOOR, LOG2E, round_up
 
 HEAD_MULTIPLE = 16

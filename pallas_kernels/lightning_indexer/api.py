@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.dispatch import resolve_implementation
-from pallas_kernels.lightning_indexer import kernel, kernel_fp8, reference
+from pallas_kernels.lightning_indexer import chunked, kernel, kernel_fp8, reference
 from pallas_kernels.topk import api as topk_api
 
 AVAILABLE = ("xla", "pallas")
@@ -130,7 +130,7 @@ def index_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, q_positio
   bf16 matmul floor at XLA's rate in that run, 643 TF/s, is 0.219 s); 0.331 s in session 6; before the causal
   stages and the scores kernel's 2 heads per step 0.394 s, with the XLA compaction ("pruned_select") 0.440 s,
   with the sorting pruned select 0.65 s and with lax.top_k 1.40 s (identical selections); the radix select ran
-  20x slower inside this lax.map (see `topk/kernel.py`). "xla" is the reference path (materialises [B, T, S]).
+  20x slower inside this lax.map (see `topk/kernel.py`). "xla" scores and selects in row blocks too (`chunked.py`).
   fp8: quantise q and k with `quantize_fp8` and score in FP8 (`index_scores_fp8`). Exact on inputs that are
   already dequantised e4m3 values (the model's `fp8_numerics`): requantising them changes nothing.
   causal_prefix: when no query t sees a key j > t (`keys_precede_queries`), a row block ending at query r only
@@ -157,7 +157,7 @@ def index_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, q_positio
   vis = dict(q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
              kv_segment_ids=kv_segment_ids)
   if resolve_implementation(implementation, AVAILABLE, _kernel_supports(rows[0])) == "xla":
-    return topk_api.topk_indices(xla(*rows, *keys, **vis), topk, implementation="xla")
+    return chunked.index_topk(xla, rows, keys, topk=topk, **vis)
   B, T = q.shape[:2]  # noqa: N806
   S = k.shape[1]  # noqa: N806
   if rows_per_block is None:

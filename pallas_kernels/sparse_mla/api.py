@@ -3,9 +3,9 @@
 "pallas": the Mosaic GPU forward kernel (`kernel_fwd`) under a custom_vjp whose backward is the Mosaic
 GPU kernel of `kernel_bwd` (recompute from the saved logsumexp, dkv by atomic TMA reduce-adds), or with
 `deterministic=True` the chunked XLA computation of `chunked_bwd` (a fixed summation order). "xla":
-`reference`, differentiated by JAX. None picks by backend (`dispatch.resolve_implementation`). Both kernels
-gather rows with cp.async (`cp_async_gather`) on the GPU; in interpret mode, which cannot run that inline
-Mosaic GPU code, with their TMA gather.
+`chunked` (the reference in blocks of query rows, backward by `chunked_bwd`). None picks by backend
+(`dispatch.resolve_implementation`). Both kernels gather rows with cp.async (`cp_async_gather`) on the GPU;
+in interpret mode, which cannot run that inline Mosaic GPU code, with their TMA gather.
 """
 
 import functools
@@ -14,10 +14,10 @@ import jax
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from pallas_kernels.dispatch import interpreting, resolve_implementation
+from pallas_kernels.sparse_mla import chunked
 from pallas_kernels.sparse_mla import chunked_bwd
 from pallas_kernels.sparse_mla import kernel_bwd
 from pallas_kernels.sparse_mla import kernel_fwd
-from pallas_kernels.sparse_mla import reference
 
 AVAILABLE = ("xla", "pallas")
 
@@ -72,4 +72,4 @@ def sparse_mla(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: float,
   supported = kernel_fwd.supports(q.shape[-1], v_dim, q.dtype)
   if resolve_implementation(implementation, AVAILABLE, supported) == "pallas":
     return _pallas_sparse_mla(q, kv, indices, float(scale), v_dim, deterministic, interpret)
-  return reference.sparse_mla(q, kv, indices, scale=scale, v_dim=v_dim)
+  return chunked.sparse_mla(q, kv, indices, scale=scale, v_dim=v_dim)

@@ -1,4 +1,4 @@
-"""Splitting [B, L, ...] arrays into chunks for the chunked XLA loops of the indexer KL (forward and backward)."""
+"""Splitting [B, L, ...] arrays into chunks for the chunked XLA loops (indexer KL, indexer top-k, sparse MLA)."""
 
 import jax
 import jax.numpy as jnp

@@ -9,14 +9,14 @@ IMPLEMENTATIONS = ("xla", "pallas")
 
 
 def resolve_implementation(implementation: str | None, available: Sequence[str] = IMPLEMENTATIONS,
-                           supported: bool = True) -> str:
+                           supported: bool = True, gpu_choice: str = "pallas") -> str:
   """Returns the implementation to run.
 
-  None picks "pallas" on a GPU backend when the kernel exists and `supported` (the kernel handles these
-  shapes and dtypes), "xla" elsewhere. An explicit name must be one of `available`.
+  None picks `gpu_choice` ("pallas", or e.g. "cudnn") on a GPU backend when it exists and `supported` (it handles
+  these shapes and dtypes), "xla" elsewhere. An explicit name must be one of `available`.
   """
   if implementation is None:
-    return "pallas" if jax.default_backend() == "gpu" and "pallas" in available and supported else "xla"
+    return gpu_choice if jax.default_backend() == "gpu" and gpu_choice in available and supported else "xla"
   if implementation not in available:
     raise ValueError(f"implementation={implementation!r} is not available here; allowed: {tuple(available)} or None.")
   return implementation

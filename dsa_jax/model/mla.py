@@ -15,13 +15,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsa_jax.model import rope
-from dsa_jax.model.attention import dense_attention
 from dsa_jax.model.config import IndexerConfig, MLAConfig
 from dsa_jax.model.indexer import Indexer, IndexerInputs, select
 from dsa_jax.model.kv_cache import LayerCache
 from dsa_jax.model.layers import RMSNorm, constrain, param
+from pallas_kernels.flash_attention.api import flash_attention
 from pallas_kernels.sparse_mla import api as sparse_mla_api
-from pallas_kernels.visibility import visible
 
 ATTENTION_KINDS = ("dense", "sparse")
 MLA_MODES = ("mha", "mqa")
@@ -138,7 +137,7 @@ class MLA(nnx.Module):
     w_uk = self._w(self.wkv_b)[..., :self.cfg.qk_nope_head_dim]  # [C, N, P]
     w_uv = self._w(self.wkv_b)[..., self.cfg.qk_nope_head_dim:]  # [C, N, V]
     if options.resolved_mode == "mha":
-      out, lse = self._mha(q_nope, q_rope, c, k_rope, w_uk, w_uv, layout)
+      out, lse = self._mha(q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options)
     else:
       out, lse, aux["mqa"] = self._mqa(q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options, aux)
     aux["lse"] = lse
@@ -154,15 +153,22 @@ class MLA(nnx.Module):
     aux["cache"] = cache
     return cache.latent[..., :c_dim], cache.latent[..., c_dim:], aux
 
-  def _mask(self, layout: TokenLayout) -> jax.Array:
-    return visible(layout.q_positions, layout.kv_positions, layout.q_segment_ids, layout.kv_segment_ids)
+  def _dense(self, q, k, v, layout: TokenLayout, options: AttentionOptions) -> tuple[jax.Array, jax.Array]:
+    """Dense attention over every visible key (`flash_attention`: never a [T, S] mask or logits).
 
-  def _mha(self, q_nope, q_rope, c, k_rope, w_uk, w_uv, layout):
+    `options.implementation` names the kernels' "xla" | "pallas" switch; dense attention's choices are "xla" |
+    "cudnn", so "xla" is kept and anything else lets it pick (cuDNN on a GPU where it applies).
+    """
+    return flash_attention(q, k, v, q_positions=layout.q_positions, kv_positions=layout.kv_positions,
+                           q_segment_ids=layout.q_segment_ids, kv_segment_ids=layout.kv_segment_ids,
+                           scale=self.softmax_scale, implementation="xla" if options.implementation == "xla" else None)
+
+  def _mha(self, q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options):
     k_nope = jnp.einsum("bsc,cnp->bsnp", c, w_uk)
     v = jnp.einsum("bsc,cnv->bsnv", c, w_uv)
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3] + k_rope.shape[-1:])], -1)
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
-    return dense_attention(q, k, v, self._mask(layout), scale=self.softmax_scale)
+    return self._dense(q, k, v, layout, options)
 
   def _mqa(self, q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options, aux):
     q = jnp.concatenate([jnp.einsum("btnp,cnp->btnc", q_nope, w_uk), q_rope], axis=-1)  # [B, T, N, C + R]
@@ -172,5 +178,5 @@ class MLA(nnx.Module):
       out_latent, lse = sparse_mla_api.sparse_mla(q, kv, aux["topk_indices"], scale=self.softmax_scale, v_dim=c_dim,
                                                   implementation=options.implementation)
     else:
-      out_latent, lse = dense_attention(q, kv, c, self._mask(layout), scale=self.softmax_scale)
+      out_latent, lse = self._dense(q, kv, c, layout, options)
     return jnp.einsum("btnc,cnv->btnv", out_latent, w_uv), lse, {"q": q, "kv": kv}

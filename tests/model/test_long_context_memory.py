@@ -37,7 +37,6 @@ def test_sparse_forward_temporaries(indexer_fp8):
   assert temp < 1 * GIB, f"sparse forward at T={T} asks XLA for {temp / GIB:.3f} GiB of temporaries (bound 1 GiB)"
 
 
-@pytest.mark.skip(reason="needs the flash dense path (branch flash)")
 def test_dense_forward_temporaries():
   temp = _forward_temp_bytes("dense")
   assert temp < 1 * GIB, f"dense forward at T={T} asks XLA for {temp / GIB:.3f} GiB of temporaries (bound 1 GiB)"

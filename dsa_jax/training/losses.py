@@ -15,7 +15,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dsa_jax.model.config import ModelConfig, check_positive
+from dsa_jax.model.config import ModelConfig
+from dsa_jax.validation import check_positive
 from pallas_kernels.indexer_kl import api as kl_api
 
 

@@ -25,6 +25,7 @@ import optax
 from dsa_jax.model import functional
 from dsa_jax.model.config import ModelConfig
 from dsa_jax.model.moe import ExpertDispatch
+from dsa_jax.model.transformer import LayerAux
 from dsa_jax.sharding import context_parallel
 from dsa_jax.training import losses, moe_balance
 from dsa_jax.training import optimizer as optim
@@ -77,7 +78,7 @@ def with_labels(batch: Batch, config: StepConfig) -> Batch:
   return context_parallel.to_context_layout(out, config.context) if config.context > 1 else out
 
 
-def _with_mtp(layer_aux: tuple[dict, ...], mtp_aux: dict | None) -> tuple[dict, ...]:
+def _with_mtp(layer_aux: tuple[LayerAux, ...], mtp_aux: LayerAux | None) -> tuple[LayerAux, ...]:
   """The layers' aux and the MTP block's: it trains like one more layer (indexer KL, balance loss, load)."""
   return layer_aux + (() if mtp_aux is None else (mtp_aux,))
 

@@ -1,7 +1,6 @@
 """Starting points of the recipe (an HF checkpoint, our own Orbax checkpoint), stage subsets, KL chunks."""
 
 import dataclasses
-import types
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,8 @@ from dsa_jax.checkpoint.hf_config import read_config
 from dsa_jax.checkpoint.hf_convert import load_hf
 from dsa_jax.data.pipeline import DataConfig
 from dsa_jax.model.config import preset
+from dsa_jax.model.indexer import IndexerInputs
+from dsa_jax.model.mla import AttentionAux, MQAOperands
 from dsa_jax.training import checkpointing, losses, recipe, state
 from tests.conftest import FIXTURES
 
@@ -51,9 +52,10 @@ def test_stage_subsets_and_their_validation():
 
 
 def test_kl_chunks_follow_the_byte_budget():
-  aux = lambda t, n, c, i, h, k: {"mqa": {"q": jnp.zeros((1, t, n, c)), "kv": jnp.zeros((1, t, c))},
-                                  "indexer": types.SimpleNamespace(q=jnp.zeros((1, t, i, h))),
-                                  "topk_indices": jnp.zeros((1, t, k))}
+  aux = lambda t, n, c, i, h, k: AttentionAux(
+      lse=jnp.zeros((1, t, n)), mqa=MQAOperands(q=jnp.zeros((1, t, n, c)), kv=jnp.zeros((1, t, c))),
+      indexer=IndexerInputs(q=jnp.zeros((1, t, i, h)), k=jnp.zeros((1, t, h)), w=jnp.zeros((1, t, i))),
+      topk_indices=jnp.zeros((1, t, k)))
   cfg = losses.LossConfig()
   v32, small = aux(4096, 128, 576, 64, 128, 2048), aux(8192, 16, 320, 16, 64, 512)
   assert losses.kl_chunks(cfg, v32, True) == {"t_chunk": 32}

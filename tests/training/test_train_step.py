@@ -64,10 +64,10 @@ def test_kl_target_is_head_summed_l1_normalised_attention(cfg, batch):
   mask = (pos[:, None, :] <= pos[:, :, None]) & (seg[:, None, :] == seg[:, :, None])  # [B, T, S]
   naive = 0.0
   for aux in out.layer_aux:
-    logits = jnp.einsum("btnc,bsc->bnts", aux["mqa"]["q"], aux["mqa"]["kv"]) * cfg.softmax_scale
+    logits = jnp.einsum("btnc,bsc->bnts", aux.attention.mqa.q, aux.attention.mqa.kv) * cfg.softmax_scale
     probs = jax.nn.softmax(jnp.where(mask[:, None], logits, -jnp.inf), axis=-1).sum(axis=1)  # head sum
     p = probs / probs.sum(-1, keepdims=True)
-    idx = aux["indexer"]
+    idx = aux.attention.indexer
     scores = jnp.einsum("btih,bsh->btis", idx.q, idx.k)
     scores = jnp.einsum("btis,bti->bts", jax.nn.relu(scores), idx.w)
     log_q = jax.nn.log_softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)

@@ -77,7 +77,7 @@ def _indexer_metrics(cfg: ModelConfig, params: dict, other: dict, batch: dict,
   layout = dict(q_positions=batch["positions"], kv_positions=batch["positions"],
                 q_segment_ids=batch["segment_ids"], kv_segment_ids=batch["segment_ids"])
   kl = losses.indexer_kl(cfg, out.layer_aux, batch["positions"], batch["segment_ids"], losses.LossConfig(),
-                         sparse=False)
+                         sparse=False, implementation=implementation)
   mass = jnp.stack([_topk_mass(cfg, aux.attention, layout, implementation) for aux in out.layer_aux]).mean()
   return {"dense_kl": kl, "topk_mass": mass}
 

@@ -91,13 +91,14 @@ def lm_loss(logits: jax.Array, ids: jax.Array, loss_mask: jax.Array, segment_ids
 
 
 def indexer_kl(cfg: ModelConfig, layer_aux: Sequence[LayerAux], positions: jax.Array, segment_ids: jax.Array,
-               loss_cfg: LossConfig, sparse: bool) -> jax.Array:
+               loss_cfg: LossConfig, sparse: bool, implementation: str | None = None) -> jax.Array:
   """Sum over layers of the mean per-query KL(p || softmax(I)) (paper section 2.1; dense or sparse form).
 
   layer_aux: the decoder layers' aux and, when it ran, the MTP block's (its indexer trains the same way).
   Needs the forward pass in MQA mode (`AttentionAux.mqa`) of a model with an indexer; the sparse form needs
   sparse attention (`AttentionAux.topk_indices`). Gradients reach only the indexer's q, k and w.
   Positions and segment ids decide visibility, so any token order (context parallelism) gives the same KL.
+  `implementation` picks the kernel of `pallas_kernels.indexer_kl.api` (None: Pallas on a GPU where it fits).
   """
   total = jnp.zeros((), jnp.float32)
   for layer in layer_aux:
@@ -107,7 +108,7 @@ def indexer_kl(cfg: ModelConfig, layer_aux: Sequence[LayerAux], positions: jax.A
                        f"{' and sparse attention' if sparse else ''}; allowed: apply(..., mla_mode='mqa').")
     args = (aux.mqa.q, aux.mqa.kv, aux.lse, cfg.softmax_scale, idx.q, idx.k, idx.w)
     where = dict(q_positions=positions, kv_positions=positions, q_segment_ids=segment_ids,
-                 kv_segment_ids=segment_ids)
+                 kv_segment_ids=segment_ids, implementation=implementation)
     if sparse:
       kl = kl_api.sparse_kl(*args, aux.topk_indices, **kl_chunks(loss_cfg, aux, True), **where)
     else:

@@ -94,7 +94,8 @@ def loss_fn(params: dict, other: dict, batch: Batch, config: StepConfig):
   aux = _with_mtp(out.layer_aux, out.mtp_aux)
   metrics = {"lm_loss": losses.cross_entropy(out.logits, batch["labels"], batch["label_mask"])}
   if config.stage == "warmup":
-    kl = losses.indexer_kl(config.model, aux, batch["positions"], batch["segment_ids"], config.loss, sparse=False)
+    kl = losses.indexer_kl(config.model, aux, batch["positions"], batch["segment_ids"], config.loss, sparse=False,
+                           implementation=config.implementation)
     metrics["kl"] = kl
     return config.loss.kl_weight * kl, (metrics, out.layer_aux, out.mtp_aux)
   total = metrics["lm_loss"]
@@ -106,7 +107,7 @@ def loss_fn(params: dict, other: dict, batch: Batch, config: StepConfig):
     total = total + config.loss.balance_weight * metrics["balance_loss"]
   if config.stage == "sparse":
     metrics["kl"] = losses.indexer_kl(config.model, aux, batch["positions"], batch["segment_ids"], config.loss,
-                                      sparse=True)
+                                      sparse=True, implementation=config.implementation)
     total = total + config.loss.kl_weight * metrics["kl"]
   return total, (metrics, out.layer_aux, out.mtp_aux)
 

@@ -9,10 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsa_jax.data import retrieval
-from dsa_jax.model import functional
+from dsa_jax.model import AttentionAux, functional
 from dsa_jax.model.config import ModelConfig
 from dsa_jax.model.indexer import select
-from dsa_jax.model.mla import AttentionAux
 from dsa_jax.training import losses
 from dsa_jax.training.state import TrainState, model_state
 

@@ -16,9 +16,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from dsa_jax.model import AttentionAux, LayerAux
 from dsa_jax.model.config import ModelConfig
-from dsa_jax.model.mla import AttentionAux
-from dsa_jax.model.transformer import LayerAux
 from dsa_jax.validation import check_positive
 from pallas_kernels.indexer_kl import api as kl_api
 

@@ -10,8 +10,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from dsa_jax.model.moe import MoEAux
-from dsa_jax.model.transformer import LayerAux
+from dsa_jax.model import LayerAux, MoEAux
 
 DEFAULT_GAMMA = 1e-3
 

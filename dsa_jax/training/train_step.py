@@ -22,10 +22,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dsa_jax.model import functional
+from dsa_jax.model import LayerAux, functional
 from dsa_jax.model.config import ModelConfig
 from dsa_jax.model.moe import ExpertDispatch
-from dsa_jax.model.transformer import LayerAux
 from dsa_jax.sharding import context_parallel
 from dsa_jax.training import losses, moe_balance
 from dsa_jax.training import optimizer as optim

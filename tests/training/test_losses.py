@@ -5,9 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsa_jax.model.mla import AttentionAux
-from dsa_jax.model.moe import MoEAux
-from dsa_jax.model.transformer import LayerAux
+from dsa_jax.model import AttentionAux, LayerAux, MoEAux
 from dsa_jax.sharding import context_parallel
 from dsa_jax.training import losses, moe_balance
 

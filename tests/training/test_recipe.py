@@ -10,9 +10,7 @@ import pytest
 from dsa_jax.checkpoint.hf_config import read_config
 from dsa_jax.checkpoint.hf_convert import load_hf
 from dsa_jax.data.pipeline import DataConfig
-from dsa_jax.model.config import preset
-from dsa_jax.model.indexer import IndexerInputs
-from dsa_jax.model.mla import AttentionAux, MQAOperands
+from dsa_jax.model import AttentionAux, IndexerInputs, MQAOperands, preset
 from dsa_jax.training import checkpointing, losses, recipe, state
 from tests.conftest import FIXTURES
 

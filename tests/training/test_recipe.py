@@ -60,3 +60,30 @@ def test_kl_chunks_follow_the_byte_budget():
   assert losses.kl_chunks(cfg, small, True) == {"t_chunk": 512}
   assert losses.kl_chunks(cfg, small, False) == {"t_chunk": 1024, "s_chunk": 1024}
   assert losses.kl_chunks(losses.LossConfig(kl_t_chunk=16), small, True) == {"t_chunk": 16}
+
+
+def test_from_config_builds_every_section_and_names_unknown_keys():
+  tree = {"model": {"preset": "tiny", "max_position": 512, "indexer": {"num_heads": 4, "topk": 32}},
+          "data": {"seq_len": 64, "batch_size": 2, "files": "a.txt,b.txt", "retrieval": {"rate": 0.5}},
+          "optimizer": {"lr_main": 1e-3}, "loss": {"mtp_weight": 0.0}, "mesh": {"data": 1},
+          "train": {"dense_steps": 4, "stages": "dense"}, "run_dir": "unused", "implementation": None}
+  cfg = recipe.RecipeConfig.from_config(tree)
+  tiny = preset("tiny")
+  assert cfg.model == tiny.replace(max_position=512, indexer=dataclasses.replace(tiny.indexer, num_heads=4, topk=32))
+  assert cfg.data == DataConfig(seq_len=64, batch_size=2, files=("a.txt", "b.txt"),
+                                retrieval=dataclasses.replace(DataConfig().retrieval, rate=0.5))
+  assert (cfg.optimizer.lr_main, cfg.loss.mtp_weight, cfg.dense_steps, cfg.stage_names) == (1e-3, 0.0, 4, ("dense",))
+  with pytest.raises(ValueError, match=r"RecipeConfig.loss.mtp is unknown; allowed: \["):
+    recipe.RecipeConfig.from_config({**tree, "loss": {"mtp": 0.0}})
+  with pytest.raises(ValueError, match=r"ModelConfig.indexer.heads is unknown"):
+    recipe.RecipeConfig.from_config({**tree, "model": {"preset": "tiny", "indexer": {"heads": 4}}})
+  with pytest.raises(ValueError, match=r"\['seed'\] are set both in `train` and at the top level"):
+    recipe.RecipeConfig.from_config({**tree, "seed": 1, "train": {"seed": 2}})
+
+
+def test_from_config_with_hf_weights_takes_only_top_k_and_context_from_the_file():
+  tree = {"model": {"preset": "tiny", "max_position": 512, "indexer": {"num_heads": 4, "topk": 4}},
+          "data": {}, "run_dir": "unused", "init": "hf", "init_path": str(TINY_HF)}
+  hf = read_config(TINY_HF)
+  assert recipe.RecipeConfig.from_config(tree).model == hf.replace(
+      max_position=512, indexer=dataclasses.replace(hf.indexer, topk=4))

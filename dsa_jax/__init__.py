@@ -6,25 +6,33 @@ Public API:
   save_hf(path, config, params)                           export back to HF format
   init(config, seed) -> params;  apply(...) -> ModelOutput (logits, per-layer hidden states and aux)
   configs: ModelConfig, preset("tiny" | "small" | "v3_2_671b")
-Subpackages: model, checkpoint, data, training, rl, agent.
+Subpackages: model, checkpoint, data, training, rl, sampling, sharding, agent (`dsa_jax.rl.grpo_loss(...)`
+works after a plain `import dsa_jax`).
 
-Names load lazily, so `dsa_jax.agent` and `dsa_jax.data` import without JAX.
+Names and subpackages load on first access, so `import dsa_jax` imports no JAX; the agent's chat, tool and
+rollout modules and `dsa_jax.data.tokenizer` need none either.
 """
 
 import importlib
 
 _EXPORTS = {
     "load_hf": "dsa_jax.checkpoint.hf_convert", "save_hf": "dsa_jax.checkpoint.hf_convert",
-    "forward": "dsa_jax.model.functional", "apply": "dsa_jax.model.functional", "init": "dsa_jax.model.functional",
-    "abstract_state": "dsa_jax.model.functional", "count_params": "dsa_jax.model.functional",
-    "ModelConfig": "dsa_jax.model.config", "MLAConfig": "dsa_jax.model.config",
-    "IndexerConfig": "dsa_jax.model.config", "MoEConfig": "dsa_jax.model.config",
-    "RopeConfig": "dsa_jax.model.config", "preset": "dsa_jax.model.config",
+    "forward": "dsa_jax.model", "apply": "dsa_jax.model", "init": "dsa_jax.model",
+    "abstract_state": "dsa_jax.model", "count_params": "dsa_jax.model",
+    "ModelConfig": "dsa_jax.model", "MLAConfig": "dsa_jax.model", "IndexerConfig": "dsa_jax.model",
+    "MoEConfig": "dsa_jax.model", "RopeConfig": "dsa_jax.model", "preset": "dsa_jax.model",
 }
-__all__ = sorted(_EXPORTS)
+_SUBPACKAGES = ("agent", "checkpoint", "data", "model", "rl", "sampling", "sharding", "training")
+__all__ = sorted(_EXPORTS) + list(_SUBPACKAGES)
 
 
 def __getattr__(name: str):
   if name in _EXPORTS:
     return getattr(importlib.import_module(_EXPORTS[name]), name)
+  if name in _SUBPACKAGES:
+    return importlib.import_module(f"{__name__}.{name}")
   raise AttributeError(f"module 'dsa_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__))

@@ -49,8 +49,8 @@ def main(argv):
   for i in range(cfg.num_layers):
     hidden = golden.get(f"hidden_layer{i}")
     topk = golden.get(f"topk_indices_layer{i}")
-    same = "" if topk is None or "topk_indices" not in out.layer_aux[i] else (
-        "identical" if np.array_equal(out.layer_aux[i]["topk_indices"], topk) else "DIFFERENT")
+    same = "" if topk is None or out.layer_aux[i].attention.topk_indices is None else (
+        "identical" if np.array_equal(out.layer_aux[i].attention.topk_indices, topk) else "DIFFERENT")
     rows.append((f"layer {i}", relative_error(out.hidden_states[i], hidden) if hidden is not None else float("nan"),
                  same))
   print(f"\n{'output':<10} {'max |ours - HF| / max |HF|':>28}  top-k vs HF")

@@ -20,6 +20,7 @@ from dsa_jax.data.tokenizer import ByteTokenizer
 from dsa_jax.model import functional
 from dsa_jax.rl import get_task, grpo_step, loop, warm_start
 from dsa_jax.sampling import SamplingConfig
+from experiments.configs import grpo_demo
 
 _OUT = flags.DEFINE_string("out", "/tmp/dsa_jax/grpo_mismatch/grpo_mismatch.md", "Markdown output.")
 _STEPS = flags.DEFINE_integer("steps", 8, "GRPO steps per setting.")
@@ -41,7 +42,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   tokenizer = ByteTokenizer()
-  cfg = warm_start.demo_config(tokenizer.vocab_size)
+  cfg = grpo_demo.model_config(tokenizer.vocab_size)
   task = get_task("sort", min_len=3, max_len=4)
   params, _ = warm_start.warm_start(cfg, functional.init(cfg, 0), task, tokenizer, steps=_WARM_STEPS.value,
                                     batch_size=64, learning_rate=6e-3, prompt_width=10, completion_width=5, seed=0)

@@ -42,11 +42,10 @@ def _train_step(stage: str, seq_len: int, config_name: str):
   import numpy as np  # noqa: PLC0415
 
   from dsa_jax.training import optimizer, recipe, state as state_lib, train_step  # noqa: PLC0415
-  from experiments import train_dsa  # noqa: PLC0415
 
   c = importlib.import_module(f"experiments.configs.{config_name}").get_config()
   c.data.seq_len = seq_len
-  cfg = train_dsa.recipe_config(c)
+  cfg = recipe.RecipeConfig.from_config(c)
   step_cfg = train_step.StepConfig(model=cfg.model, stage=stage, optimizer=cfg.optimizer, loss=cfg.loss,
                                    bias_gamma=cfg.bias_gamma)
   state = state_lib.start_stage(recipe.initial_state(cfg), optimizer.build(cfg.optimizer, stage))

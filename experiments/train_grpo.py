@@ -20,6 +20,7 @@ from dsa_jax.data.tokenizer import ByteTokenizer
 from dsa_jax.model import functional
 from dsa_jax.rl import get_task, grpo_step, loop, warm_start
 from dsa_jax.sampling import SamplingConfig
+from experiments.configs import grpo_demo
 
 _OUT = flags.DEFINE_string("out", "/tmp/dsa_jax/grpo_sort", "Output directory (plot, curve, checkpoints).")
 _TASK = flags.DEFINE_string("task", "sort", "Task name (dsa_jax.rl.task_names()).")
@@ -69,7 +70,7 @@ def main(argv):
   out = pathlib.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   tokenizer = ByteTokenizer()
-  cfg = warm_start.demo_config(tokenizer.vocab_size, index_topk=_TOPK.value)
+  cfg = grpo_demo.model_config(tokenizer.vocab_size, index_topk=_TOPK.value)
   task = get_task(_TASK.value, min_len=_MIN_LEN.value, max_len=_MAX_LEN.value)
   prompt_width = len(_TASK.value) + _MAX_LEN.value + 2
   start = time.perf_counter()

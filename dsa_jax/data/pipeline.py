@@ -21,7 +21,7 @@ import numpy as np
 from dsa_jax.data import corpus
 from dsa_jax.data.retrieval import RetrievalConfig, make_example
 from dsa_jax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
-from dsa_jax.model.config import check_positive
+from dsa_jax.validation import check_positive
 
 
 @dataclasses.dataclass(frozen=True)

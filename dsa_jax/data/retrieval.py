@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from dsa_jax.data.tokenizer import Tokenizer
-from dsa_jax.model.config import check_positive
+from dsa_jax.validation import check_positive
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,21 +7,10 @@ properties. Presets: `tiny` (CPU tests), `small` (one GPU), `v3_2_671b` (the off
 
 import dataclasses
 import math
-from typing import Any
+
+from dsa_jax.validation import check_field, check_positive
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
-def check_field(condition: bool, field: str, value: Any, allowed: str) -> None:
-  """Raises ValueError naming the field, its value and what is allowed (every config validates this way)."""
-  if not condition:
-    raise ValueError(f"{field}={value!r} is invalid; allowed: {allowed}.")
-
-
-def check_positive(obj: Any, *names: str) -> None:
-  for name in names:
-    value = getattr(obj, name)
-    check_field(isinstance(value, int) and value > 0, f"{type(obj).__name__}.{name}", value, "a positive integer")
 
 
 @dataclasses.dataclass(frozen=True)

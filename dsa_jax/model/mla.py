@@ -46,6 +46,28 @@ jax.tree_util.register_dataclass(
 
 
 @dataclasses.dataclass(frozen=True)
+class MQAOperands:
+  """The absorbed queries and shared key entries of MQA mode: the indexer's KL target is recomputed from them."""
+  q: jax.Array  # [B, T, N, C + R]: [q_nope . W_UK | q_rope]
+  kv: jax.Array  # [B, S, C + R]: [c | k_rope]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionAux:
+  """What one layer's attention hands to training and sampling; None where a field does not apply."""
+  lse: jax.Array  # [B, T, N] float32 log-sum-exp of the scaled attention logits
+  mqa: MQAOperands | None = None  # MQA mode only
+  topk_indices: jax.Array | None = None  # [B, T, K] int32, ascending, -1 padded: sparse attention only
+  indexer: IndexerInputs | None = None  # models with an indexer (keys of the whole cache when decoding)
+  cache: LayerCache | None = None  # the updated layer cache when decoding (collected into ModelOutput.cache)
+
+
+jax.tree_util.register_dataclass(MQAOperands, data_fields=["q", "kv"], meta_fields=[])
+jax.tree_util.register_dataclass(AttentionAux, data_fields=["lse", "mqa", "topk_indices", "indexer", "cache"],
+                                 meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionOptions:
   """How to run attention: dense or sparse (DSA), MLA mode, kernel implementation."""
   kind: str = "sparse"
@@ -107,51 +129,50 @@ class MLA(nnx.Module):
     return c, rope.apply_interleaved(kv[..., self.cfg.kv_lora_rank:], layout.cos, layout.sin)
 
   def __call__(self, x: jax.Array, layout: TokenLayout, options: AttentionOptions,
-               cache: LayerCache | None = None) -> tuple[jax.Array, dict]:
-    """x [B, T, D] (normed) -> (out [B, T, D], aux with "topk_indices" and "indexer" inputs when DSA runs).
+               cache: LayerCache | None = None) -> tuple[jax.Array, AttentionAux]:
+    """x [B, T, D] (normed) -> (out [B, T, D], AttentionAux: top-k indices and indexer inputs when DSA runs).
 
     With `cache` (decoding, `kv_cache`): the T new latent entries and indexer keys are appended, the queries
-    attend over every cached slot (layout.kv_* describe the cache), and aux["cache"] is the updated cache.
+    attend over every cached slot (layout.kv_* describe the cache), and AttentionAux.cache is the updated cache.
     """
     x = x.astype(self.dtype)
     q_latent, q_nope, q_rope = self.queries(x, layout)
     c, k_rope = self.latents(x, layout)
     c, k_rope = constrain(c, KV_ENTRY_AXES), constrain(k_rope, KV_ENTRY_AXES)
-    aux = {}
+    indexer = topk_indices = None
     if self.indexer is not None:
       # The indexer's input is detached (paper section 2.1.1): it learns only from its KL loss, and that loss
       # never reaches the main model. Its discrete selection gives the LM loss no path into the indexer.
       inputs = self.indexer.project(jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent), layout.cos,
                                     layout.sin)
-      aux["indexer"] = IndexerInputs(q=inputs.q, k=constrain(inputs.k, KV_ENTRY_AXES), w=inputs.w)
+      indexer = IndexerInputs(q=inputs.q, k=constrain(inputs.k, KV_ENTRY_AXES), w=inputs.w)
     if cache is not None:
-      c, k_rope, aux = self._read_through(cache, c, k_rope, aux)
+      c, k_rope, indexer, cache = self._read_through(cache, c, k_rope, indexer)
     if options.kind == "sparse":
-      if self.indexer is None:
+      if indexer is None:
         raise ValueError("attention='sparse' needs an indexer, but this model has none (a dense DeepSeek-V3 "
                          "config); allowed: attention='dense'.")
-      aux["topk_indices"] = select(aux["indexer"], self.topk, q_positions=layout.q_positions,
-                                   kv_positions=layout.kv_positions, q_segment_ids=layout.q_segment_ids,
-                                   kv_segment_ids=layout.kv_segment_ids, implementation=options.implementation,
-                                   fp8_numerics=self.indexer.fp8_numerics)
+      topk_indices = select(indexer, self.topk, q_positions=layout.q_positions, kv_positions=layout.kv_positions,
+                            q_segment_ids=layout.q_segment_ids, kv_segment_ids=layout.kv_segment_ids,
+                            implementation=options.implementation, fp8_numerics=self.indexer.fp8_numerics)
     w_uk = self._w(self.wkv_b)[..., :self.cfg.qk_nope_head_dim]  # [C, N, P]
     w_uv = self._w(self.wkv_b)[..., self.cfg.qk_nope_head_dim:]  # [C, N, V]
+    mqa = None
     if options.resolved_mode == "mha":
       out, lse = self._mha(q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options)
     else:
-      out, lse, aux["mqa"] = self._mqa(q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options, aux)
-    aux["lse"] = lse
+      out, lse, mqa = self._mqa(q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options, topk_indices)
+    aux = AttentionAux(lse=lse, mqa=mqa, topk_indices=topk_indices, indexer=indexer, cache=cache)
     return jnp.einsum("btnv,nvd->btd", out, self._w(self.wo)), aux
 
-  def _read_through(self, cache: LayerCache, c, k_rope, aux):
-    """Appends this step's entries to the cache and returns the whole cache as keys (MQA entries)."""
-    index_k = aux["indexer"].k if self.indexer is not None else None
-    cache = cache.append(jnp.concatenate([c, k_rope], axis=-1), index_k)
+  def _read_through(self, cache: LayerCache, c, k_rope, indexer: IndexerInputs | None):
+    """Appends this step's entries to the cache -> the whole cache as keys (MQA entries, indexer inputs with
+    every cached indexer key) and the updated cache."""
+    cache = cache.append(jnp.concatenate([c, k_rope], axis=-1), None if indexer is None else indexer.k)
+    if indexer is not None:
+      indexer = dataclasses.replace(indexer, k=cache.index_k)
     c_dim = self.cfg.kv_lora_rank
-    if self.indexer is not None:
-      aux["indexer"] = dataclasses.replace(aux["indexer"], k=cache.index_k)
-    aux["cache"] = cache
-    return cache.latent[..., :c_dim], cache.latent[..., c_dim:], aux
+    return cache.latent[..., :c_dim], cache.latent[..., c_dim:], indexer, cache
 
   def _dense(self, q, k, v, layout: TokenLayout, options: AttentionOptions) -> tuple[jax.Array, jax.Array]:
     """Dense attention over every visible key (`flash_attention`: never a [T, S] mask or logits).
@@ -170,13 +191,13 @@ class MLA(nnx.Module):
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
     return self._dense(q, k, v, layout, options)
 
-  def _mqa(self, q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options, aux):
+  def _mqa(self, q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options, topk_indices):
     q = jnp.concatenate([jnp.einsum("btnp,cnp->btnc", q_nope, w_uk), q_rope], axis=-1)  # [B, T, N, C + R]
     kv = jnp.concatenate([c, k_rope], axis=-1)  # [B, S, C + R]
     c_dim = self.cfg.kv_lora_rank
     if options.kind == "sparse":
-      out_latent, lse = sparse_mla_api.sparse_mla(q, kv, aux["topk_indices"], scale=self.softmax_scale, v_dim=c_dim,
+      out_latent, lse = sparse_mla_api.sparse_mla(q, kv, topk_indices, scale=self.softmax_scale, v_dim=c_dim,
                                                   implementation=options.implementation)
     else:
       out_latent, lse = self._dense(q, kv, c, layout, options)
-    return jnp.einsum("btnc,cnv->btnv", out_latent, w_uv), lse, {"q": q, "kv": kv}
+    return jnp.einsum("btnc,cnv->btnv", out_latent, w_uv), lse, MQAOperands(q, kv)

@@ -12,6 +12,7 @@ Experts run dropless: assignments sorted by expert, then a grouped matmul
 (`pallas_kernels.moe_gmm.api`).
 """
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -24,8 +25,20 @@ from pallas_kernels.moe_gmm import api as gmm_api
 
 
 # (tokens [M, D], experts [M, k], gates [M, k], (w_gate, w_up, w_down) in compute dtype, implementation)
-#   -> (routed output [M, D] float32, extra aux). `dsa_jax.sharding.expert_parallel` provides one.
-ExpertDispatch = Callable[..., tuple[jax.Array, dict]]
+#   -> (routed output [M, D] float32, dropped assignments: int32 scalar). `dsa_jax.sharding.expert_parallel`
+#   provides one.
+ExpertDispatch = Callable[..., tuple[jax.Array, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEAux:
+  """One MoE layer's routing: what the balance loss, the bias update and Keep Routing read."""
+  experts: jax.Array  # [B, T, k] int32 chosen experts
+  scores: jax.Array  # [B, T, E] float32 sigmoid affinities (unbiased)
+  dropped_assignments: jax.Array | None = None  # int32 scalar: assignments an `ExpertDispatch` dropped
+
+
+jax.tree_util.register_dataclass(MoEAux, data_fields=["experts", "scores", "dropped_assignments"], meta_fields=[])
 
 
 def route(scores: jax.Array, bias: jax.Array, cfg: MoEConfig) -> jax.Array:
@@ -74,8 +87,8 @@ class MoE(nnx.Module):
         hidden, f * cfg.num_shared_experts, rngs=rngs, dtype=dtype, param_dtype=param_dtype, std=std)
 
   def __call__(self, x: jax.Array, forced_experts: jax.Array | None = None, implementation: str | None = None,
-               dispatch: ExpertDispatch | None = None) -> tuple[jax.Array, dict]:
-    """x [B, T, D] -> (y [B, T, D], aux {"experts" [B, T, k], "scores" [B, T, E]})."""
+               dispatch: ExpertDispatch | None = None) -> tuple[jax.Array, MoEAux]:
+    """x [B, T, D] -> (y [B, T, D], MoEAux)."""
     b, t, d = x.shape
     tokens = x.reshape(b * t, d)
     scores = jax.nn.sigmoid(jnp.einsum("md,de->me", tokens.astype(jnp.float32), self.router[...]))
@@ -84,16 +97,15 @@ class MoE(nnx.Module):
     else:
       experts = forced_experts.reshape(b * t, -1).astype(jnp.int32)
     weights = gates(scores, experts, self.cfg)
-    aux = {}
+    dropped = None
     if dispatch is None:
       y = self._experts(tokens.astype(self.dtype), experts, weights, implementation)
     else:
-      y, aux = dispatch(tokens.astype(self.dtype), experts, weights, self.expert_weights(), implementation)
+      y, dropped = dispatch(tokens.astype(self.dtype), experts, weights, self.expert_weights(), implementation)
     y = y.reshape(b, t, d)
     if self.shared is not None:
       y = y + self.shared(x)
-    aux.update(experts=experts.reshape(b, t, -1), scores=scores.reshape(b, t, -1))
-    return y.astype(x.dtype), aux
+    return y.astype(x.dtype), MoEAux(experts.reshape(b, t, -1), scores.reshape(b, t, -1), dropped)
 
   def expert_weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(w_gate, w_up [E, D, F], w_down [E, F, D]) in the compute dtype."""

@@ -16,11 +16,21 @@ from dsa_jax.model import rope
 from dsa_jax.model.config import ModelConfig
 from dsa_jax.model.kv_cache import KVCache, LayerCache
 from dsa_jax.model.layers import MLP, RMSNorm, constrain, param
-from dsa_jax.model.mla import MLA, AttentionOptions, TokenLayout
-from dsa_jax.model.moe import ExpertDispatch, MoE
+from dsa_jax.model.mla import MLA, AttentionAux, AttentionOptions, TokenLayout
+from dsa_jax.model.moe import ExpertDispatch, MoE, MoEAux
 
 INIT_STD = 0.02
 ACT_BTD = ("act_batch", "act_length", "act_embed")  # logical axes of the residual stream (sharding hints)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerAux:
+  """One decoder layer's (or the MTP block's) intermediates that training and sampling read."""
+  attention: AttentionAux
+  moe: MoEAux | None = None  # MoE layers only
+
+
+jax.tree_util.register_dataclass(LayerAux, data_fields=["attention", "moe"], meta_fields=[])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,10 +38,10 @@ class ModelOutput:
   """Logits and per-layer intermediates of one forward pass."""
   logits: jax.Array  # [B, T, V] float32
   hidden_states: tuple[jax.Array, ...]  # per layer [B, T, D], before the final norm
-  layer_aux: tuple[dict, ...]  # per layer: "topk_indices", "indexer", "lse", "experts", "scores", ...
+  layer_aux: tuple[LayerAux, ...]  # per decoder layer
   mtp_logits: jax.Array | None = None  # [B, T, V]: position i predicts token i + 2
   cache: KVCache | None = None  # the updated decode cache when one was passed in
-  mtp_aux: dict | None = None  # the MTP block's aux (like a layer's): its indexer's KL and its router's load
+  mtp_aux: LayerAux | None = None  # the MTP block's (like a layer's): its indexer's KL and its router's load
 
 
 jax.tree_util.register_dataclass(
@@ -55,16 +65,16 @@ class Block(nnx.Module):
 
   def __call__(self, x: jax.Array, layout: TokenLayout, options: AttentionOptions,
                forced_experts: jax.Array | None = None, cache: LayerCache | None = None,
-               expert_dispatch: ExpertDispatch | None = None) -> tuple[jax.Array, dict]:
-    attn_out, aux = self.attn(self.attn_norm(x), layout, options, cache)
+               expert_dispatch: ExpertDispatch | None = None) -> tuple[jax.Array, LayerAux]:
+    attn_out, attn_aux = self.attn(self.attn_norm(x), layout, options, cache)
     x = x + attn_out.astype(x.dtype)
+    moe_aux = None
     if isinstance(self.ffn, MoE):
       ffn_out, moe_aux = self.ffn(self.ffn_norm(x), forced_experts, implementation=options.implementation,
                                   dispatch=expert_dispatch)
-      aux.update(moe_aux)
     else:
       ffn_out = self.ffn(self.ffn_norm(x))
-    return constrain(x + ffn_out.astype(x.dtype), ACT_BTD), aux
+    return constrain(x + ffn_out.astype(x.dtype), ACT_BTD), LayerAux(attn_aux, moe_aux)
 
 
 class MTP(nnx.Module):
@@ -79,8 +89,8 @@ class MTP(nnx.Module):
     self.head_norm = RMSNorm(d, "embed", eps=cfg.rms_norm_eps, param_dtype=pdt)  # shared_head.norm
     self.dtype = cfg.dtype
 
-  def __call__(self, hidden: jax.Array, next_embeds: jax.Array, layout: TokenLayout,
-               options: AttentionOptions, expert_dispatch: ExpertDispatch | None = None) -> tuple[jax.Array, dict]:
+  def __call__(self, hidden: jax.Array, next_embeds: jax.Array, layout: TokenLayout, options: AttentionOptions,
+               expert_dispatch: ExpertDispatch | None = None) -> tuple[jax.Array, LayerAux]:
     joined = jnp.concatenate([self.enorm(next_embeds), self.hnorm(hidden)], axis=-1).astype(self.dtype)
     x = jnp.einsum("bte,ed->btd", joined, self.eh_proj[...].astype(self.dtype))
     x, aux = self.block(x, layout, options, expert_dispatch=expert_dispatch)
@@ -139,7 +149,7 @@ class DeepseekV32(nnx.Module):
       hidden.append(x)
       aux.append(layer_aux)
     if cache is not None:
-      cache = dataclasses.replace(cache, layers=tuple(a.pop("cache") for a in aux))
+      cache = dataclasses.replace(cache, layers=tuple(a.attention.cache for a in aux))
     mtp_logits = mtp_aux = None
     if with_mtp:
       if self.mtp is None:

@@ -70,7 +70,7 @@ def _route_agreement(cfg: ModelConfig, params: nnx.State, out, batch: RolloutBat
   """Fraction of the sampler's experts that the trainer's own router would also pick (generated tokens)."""
   agree = []
   for i, sampler_experts in batch.experts.items():
-    scores = out.layer_aux[i]["scores"]
+    scores = out.layer_aux[i].moe.scores
     own = moe.route(scores.reshape(-1, scores.shape[-1]), params["layers"][i]["ffn"]["bias"][...], cfg.moe)
     own = own.reshape(sampler_experts.shape)
     hit = (sampler_experts[..., :, None] == own[..., None, :]).any(-1).mean(-1)  # [B, L]

@@ -18,7 +18,8 @@ import optax
 import orbax.checkpoint as ocp
 
 from dsa_jax.data.tokenizer import Tokenizer
-from dsa_jax.model.config import ModelConfig, check_positive
+from dsa_jax.model.config import ModelConfig
+from dsa_jax.validation import check_positive
 from dsa_jax.rl import grpo_step
 from dsa_jax.rl.rewards import Task
 from dsa_jax.rl.rollout import draw_prompts, rollout

@@ -9,6 +9,10 @@ gives the LM loss no path into it), so with `indexer_kl_weight` > 0 the warm sta
 dense-attention KL of the paper's indexer warm-up (`training.losses.indexer_kl`). Without it the top-k keys come
 from a random indexer and the sparse model learns sorting much more slowly (docs/grpo_demo.md); the default 0
 keeps earlier studies (`experiments.grpo_mismatch`, notebook 04) as they were measured.
+
+It has its own step rather than a stage of `training.train_step`: here the LM loss runs with sparse attention
+while the indexer learns the dense KL of a second, dense forward pass, under plain Adam; the sparse stage
+pairs sparse attention with the sparse KL, and the stages use AdamW with clipping and a warm-up schedule.
 """
 
 import functools
@@ -21,19 +25,11 @@ from flax import nnx
 
 from dsa_jax.data.tokenizer import Tokenizer
 from dsa_jax.model import functional
-from dsa_jax.model.config import IndexerConfig, ModelConfig, tiny
+from dsa_jax.model.config import ModelConfig
 from dsa_jax.rl.rewards import Task
 from dsa_jax.rl.rollout import draw_prompts
 from dsa_jax.sampling import left_pad, train_layout
 from dsa_jax.training import losses
-
-
-def demo_config(vocab_size: int, index_topk: int = 4) -> ModelConfig:
-  """The tiny MoE DSA model of the GRPO demonstrations: 3 layers (2 MoE, 8 experts, 2 active), indexer top-k
-  so that DSA is sparse from token k + 1 on (`experiments.train_grpo` uses 8: every completion token of
-  "sort:ddd=", 9 prompt tokens)."""
-  indexer = IndexerConfig(num_heads=4, head_dim=16, topk=index_topk)
-  return tiny().replace(vocab_size=vocab_size, num_mtp_layers=0, indexer=indexer)
 
 
 def supervised_batch(task: Task, tokenizer: Tokenizer, rng: np.random.Generator, size: int, prompt_width: int,

@@ -88,7 +88,7 @@ def train_layout(prompt_lengths: jax.Array, prompt_width: int, total: int) -> tu
 
 
 def _moe_experts(cfg: ModelConfig, out) -> dict[int, jax.Array]:
-  return {i: out.layer_aux[i]["experts"] for i in range(cfg.num_layers) if cfg.is_moe_layer(i)}
+  return {i: out.layer_aux[i].moe.experts for i in range(cfg.num_layers) if cfg.is_moe_layer(i)}
 
 
 def _draw(rng, logits_bv, sampling: SamplingConfig):

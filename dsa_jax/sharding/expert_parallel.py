@@ -8,7 +8,7 @@ exchanges them with `jax.lax.all_to_all` over `expert`, runs its local experts a
 
 Slots are padded because `jax.lax.ragged_all_to_all` is not implemented on XLA:CPU (jax 0.11.2). The
 default capacity (every assignment of a device fits in one destination) is dropless; `capacity_factor`
-shrinks the slots to cf x the balanced load and reports the dropped assignments in the layer aux.
+shrinks the slots to cf x the balanced load and reports the dropped assignments (`MoEAux.dropped_assignments`).
 Expert hidden dims may also be split over `tensor` (partial sums reduced with `psum`). The routes are an
 input, so Keep Routing's forced routes pass through unchanged.
 """
@@ -82,7 +82,6 @@ def make_dispatch(mesh, capacity_factor: float | None = None) -> ExpertDispatch:
         mesh=mesh, in_specs=(tok, tok, tok, P("expert", None, "tensor"), P("expert", None, "tensor"),
                              P("expert", "tensor", None)),
         out_specs=(tok, P()))
-    y, dropped = body(tokens, experts, gate_w, w_gate, w_up, w_down)
-    return y, {"dropped_assignments": dropped}
+    return body(tokens, experts, gate_w, w_gate, w_up, w_down)
 
   return dispatch

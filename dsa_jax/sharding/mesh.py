@@ -17,7 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh
 
-from dsa_jax.model.config import ModelConfig, check_field
+from dsa_jax.model.config import ModelConfig
+from dsa_jax.validation import check_field
 
 AXES = ("data", "fsdp", "expert", "context", "tensor")
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsa_jax.data import retrieval
-from dsa_jax.model import functional
+from dsa_jax.model import AttentionAux, functional
 from dsa_jax.model.config import ModelConfig
 from dsa_jax.model.indexer import select
 from dsa_jax.training import losses
@@ -53,12 +53,12 @@ def _unpacked(ids: np.ndarray) -> dict:
           "segment_ids": jnp.zeros(ids.shape, jnp.int32)}
 
 
-def _topk_mass(cfg: ModelConfig, aux: dict, layout: dict, implementation: str | None) -> jax.Array:
+def _topk_mass(cfg: ModelConfig, aux: AttentionAux, layout: dict, implementation: str | None) -> jax.Array:
   """Mean over queries of sum_{s in top-k(t)} p[t, s], p the head-averaged dense attention of one layer."""
-  idx = select(aux["indexer"], cfg.indexer.topk, implementation=implementation, **layout)  # [B, T, K]
-  kv = jax.vmap(lambda kv_b, i_b: kv_b[jnp.maximum(i_b, 0)])(aux["mqa"]["kv"], idx)  # [B, T, K, C+R]
-  logits = jnp.einsum("btnc,btkc->btnk", aux["mqa"]["q"], kv, preferred_element_type=jnp.float32)
-  probs = jnp.exp(logits * cfg.softmax_scale - aux["lse"][..., None]).mean(axis=2)  # [B, T, K]
+  idx = select(aux.indexer, cfg.indexer.topk, implementation=implementation, **layout)  # [B, T, K]
+  kv = jax.vmap(lambda kv_b, i_b: kv_b[jnp.maximum(i_b, 0)])(aux.mqa.kv, idx)  # [B, T, K, C+R]
+  logits = jnp.einsum("btnc,btkc->btnk", aux.mqa.q, kv, preferred_element_type=jnp.float32)
+  probs = jnp.exp(logits * cfg.softmax_scale - aux.lse[..., None]).mean(axis=2)  # [B, T, K]
   return jnp.where(idx >= 0, probs, 0.0).sum(-1).mean()
 
 
@@ -76,8 +76,8 @@ def _indexer_metrics(cfg: ModelConfig, params: dict, other: dict, batch: dict,
   layout = dict(q_positions=batch["positions"], kv_positions=batch["positions"],
                 q_segment_ids=batch["segment_ids"], kv_segment_ids=batch["segment_ids"])
   kl = losses.indexer_kl(cfg, out.layer_aux, batch["positions"], batch["segment_ids"], losses.LossConfig(),
-                         sparse=False)
-  mass = jnp.stack([_topk_mass(cfg, aux, layout, implementation) for aux in out.layer_aux]).mean()
+                         sparse=False, implementation=implementation)
+  mass = jnp.stack([_topk_mass(cfg, aux.attention, layout, implementation) for aux in out.layer_aux]).mean()
   return {"dense_kl": kl, "topk_mass": mass}
 
 

@@ -11,11 +11,14 @@ Defaults and their sources:
 """
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from dsa_jax.model.config import ModelConfig, check_positive
+from dsa_jax.model import AttentionAux, LayerAux
+from dsa_jax.model.config import ModelConfig
+from dsa_jax.validation import check_positive
 from pallas_kernels.indexer_kl import api as kl_api
 
 
@@ -42,16 +45,16 @@ def _pow2_floor(x: float) -> int:
   return 1 << max(int(x), 1).bit_length() - 1
 
 
-def kl_chunks(loss_cfg: LossConfig, aux: dict, sparse: bool) -> dict:
+def kl_chunks(loss_cfg: LossConfig, aux: AttentionAux, sparse: bool) -> dict:
   """Chunk sizes of the indexer KL for one layer: queries per chunk (and keys per chunk when dense).
 
   Bytes per query of a sparse chunk: its K gathered latent and indexer keys (bf16) and its attention and
   indexer logits (f32); of a dense chunk, per (query, key) pair: the two sets of logits.
   """
-  (_, t, n, c), (_, _, i, h) = aux["mqa"]["q"].shape, aux["indexer"].q.shape
-  s_chunk = min(loss_cfg.kl_s_chunk, aux["mqa"]["kv"].shape[1])
+  (_, t, n, c), (_, _, i, h) = aux.mqa.q.shape, aux.indexer.q.shape
+  s_chunk = min(loss_cfg.kl_s_chunk, aux.mqa.kv.shape[1])
   if sparse:
-    per_query = aux["topk_indices"].shape[-1] * (2 * c + 2 * h + 4 * n + 4 * i + 16)
+    per_query = aux.topk_indices.shape[-1] * (2 * c + 2 * h + 4 * n + 4 * i + 16)
   else:
     per_query = s_chunk * (4 * n + 4 * i + 24)
   t_chunk = loss_cfg.kl_t_chunk or _pow2_floor(loss_cfg.kl_chunk_bytes / per_query)
@@ -86,22 +89,27 @@ def lm_loss(logits: jax.Array, ids: jax.Array, loss_mask: jax.Array, segment_ids
   return cross_entropy(logits, *shifted_labels(ids, loss_mask, segment_ids, shift))
 
 
-def indexer_kl(cfg: ModelConfig, layer_aux: tuple[dict, ...], positions: jax.Array, segment_ids: jax.Array,
-               loss_cfg: LossConfig, sparse: bool) -> jax.Array:
+def indexer_kl(cfg: ModelConfig, layer_aux: Sequence[LayerAux], positions: jax.Array, segment_ids: jax.Array,
+               loss_cfg: LossConfig, sparse: bool, implementation: str | None = None) -> jax.Array:
   """Sum over layers of the mean per-query KL(p || softmax(I)) (paper section 2.1; dense or sparse form).
 
   layer_aux: the decoder layers' aux and, when it ran, the MTP block's (its indexer trains the same way).
-  Needs the forward pass in MQA mode (`aux["mqa"]`). Gradients reach only the indexer's q, k and w.
+  Needs the forward pass in MQA mode (`AttentionAux.mqa`) of a model with an indexer; the sparse form needs
+  sparse attention (`AttentionAux.topk_indices`). Gradients reach only the indexer's q, k and w.
   Positions and segment ids decide visibility, so any token order (context parallelism) gives the same KL.
+  `implementation` picks the kernel of `pallas_kernels.indexer_kl.api` (None: Pallas on a GPU where it fits).
   """
   total = jnp.zeros((), jnp.float32)
-  for aux in layer_aux:
-    idx = aux["indexer"]
-    args = (aux["mqa"]["q"], aux["mqa"]["kv"], aux["lse"], cfg.softmax_scale, idx.q, idx.k, idx.w)
+  for layer in layer_aux:
+    aux, idx = layer.attention, layer.attention.indexer
+    if aux.mqa is None or idx is None or (sparse and aux.topk_indices is None):
+      raise ValueError(f"indexer_kl(sparse={sparse}) needs the forward pass in MLA mode 'mqa' with an indexer"
+                       f"{' and sparse attention' if sparse else ''}; allowed: apply(..., mla_mode='mqa').")
+    args = (aux.mqa.q, aux.mqa.kv, aux.lse, cfg.softmax_scale, idx.q, idx.k, idx.w)
     where = dict(q_positions=positions, kv_positions=positions, q_segment_ids=segment_ids,
-                 kv_segment_ids=segment_ids)
+                 kv_segment_ids=segment_ids, implementation=implementation)
     if sparse:
-      kl = kl_api.sparse_kl(*args, aux["topk_indices"], **kl_chunks(loss_cfg, aux, True), **where)
+      kl = kl_api.sparse_kl(*args, aux.topk_indices, **kl_chunks(loss_cfg, aux, True), **where)
     else:
       kl = kl_api.dense_kl(*args, **kl_chunks(loss_cfg, aux, False), **where)
     total = total + kl.mean()
@@ -122,8 +130,8 @@ def sequence_balance_loss(scores: jax.Array, experts: jax.Array, num_experts: in
   return (f * p).sum(axis=-1).mean()
 
 
-def balance_loss(cfg: ModelConfig, layer_aux: tuple[dict, ...]) -> jax.Array:
+def balance_loss(cfg: ModelConfig, layer_aux: Sequence[LayerAux]) -> jax.Array:
   """Sum over MoE layers (the MTP block's included when its aux is passed) of `sequence_balance_loss`."""
-  losses = [sequence_balance_loss(a["scores"], a["experts"], cfg.moe.num_experts) for a in layer_aux
-            if "experts" in a]
+  losses = [sequence_balance_loss(a.moe.scores, a.moe.experts, cfg.moe.num_experts) for a in layer_aux
+            if a.moe is not None]
   return sum(losses, jnp.zeros((), jnp.float32))

@@ -24,15 +24,17 @@ import time
 import jax
 import numpy as np
 
+from dsa_jax.checkpoint.hf_config import read_config
 from dsa_jax.data import pipeline, retrieval
 from dsa_jax.model import functional
-from dsa_jax.model.config import ModelConfig
+from dsa_jax.model.config import ModelConfig, preset
 from dsa_jax.sharding import distributed, expert_parallel, partition, rules
 from dsa_jax.sharding.mesh import MeshConfig, make_mesh
 from dsa_jax.training import checkpointing, evaluation, flops, loop, losses, moe_balance
 from dsa_jax.training import optimizer as optim
 from dsa_jax.training import state as state_lib
 from dsa_jax.training.train_step import StepConfig
+from dsa_jax.validation import as_dict, dataclass_from_config
 
 INITS = ("random", "orbax", "hf")
 STAGE_NAMES = ("dense", "warmup", "sparse", "dense_cont")
@@ -94,6 +96,31 @@ class RecipeConfig:
         raise ValueError(f"RecipeConfig.{name}={getattr(self, name)!r} is invalid; allowed: an integer >= 0.")
     self.mesh.validate_model(self.model)  # before any data or weights are read
     self.mesh.validate_batch(self.data.batch_size, self.data.seq_len)
+
+  @classmethod
+  def from_config(cls, tree) -> "RecipeConfig":
+    """A config file's tree (`experiments/configs/train_*.py`: a ConfigDict or nested dict) -> RecipeConfig.
+
+    `model`: a preset's name and overrides of its fields ({"preset": "tiny", "indexer": {"topk": 32}}); with
+    init="hf" the checkpoint's config.json instead, of which the file sets only `indexer.topk` and
+    `max_position` (the weights fix every shape). `train` and the top-level keys: RecipeConfig's own fields.
+    `data`, `optimizer`, `loss`, `mesh`: their dataclasses. Unknown keys fail with their name
+    (`validation.dataclass_from_config`).
+    """
+    tree = as_dict(tree)
+    model, train = as_dict(tree.pop("model")), as_dict(tree.pop("train", {}))
+    both = sorted(set(train) & set(tree))
+    if both:
+      raise ValueError(f"RecipeConfig fields {both} are set both in `train` and at the top level; allowed: one.")
+    fields = {**train, **tree}
+    if "preset" not in model:
+      raise ValueError(f"RecipeConfig.model={model!r} is invalid; allowed: a 'preset' and overrides of its fields.")
+    model = dataclass_from_config(preset(model.pop("preset")), model, where="ModelConfig")
+    if fields.get("init") == "hf":
+      hf = read_config(fields.get("init_path", ""))
+      model = hf.replace(indexer=dataclasses.replace(hf.indexer, topk=model.indexer.topk),
+                         max_position=model.max_position)
+    return dataclass_from_config(cls, {**fields, "model": model})
 
 
 def initial_state(cfg: RecipeConfig) -> state_lib.TrainState:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dsa_jax.model import functional
+from dsa_jax.model import LayerAux, functional
 from dsa_jax.model.config import ModelConfig
 from dsa_jax.model.moe import ExpertDispatch
 from dsa_jax.sharding import context_parallel
@@ -77,7 +77,7 @@ def with_labels(batch: Batch, config: StepConfig) -> Batch:
   return context_parallel.to_context_layout(out, config.context) if config.context > 1 else out
 
 
-def _with_mtp(layer_aux: tuple[dict, ...], mtp_aux: dict | None) -> tuple[dict, ...]:
+def _with_mtp(layer_aux: tuple[LayerAux, ...], mtp_aux: LayerAux | None) -> tuple[LayerAux, ...]:
   """The layers' aux and the MTP block's: it trains like one more layer (indexer KL, balance loss, load)."""
   return layer_aux + (() if mtp_aux is None else (mtp_aux,))
 
@@ -93,7 +93,8 @@ def loss_fn(params: dict, other: dict, batch: Batch, config: StepConfig):
   aux = _with_mtp(out.layer_aux, out.mtp_aux)
   metrics = {"lm_loss": losses.cross_entropy(out.logits, batch["labels"], batch["label_mask"])}
   if config.stage == "warmup":
-    kl = losses.indexer_kl(config.model, aux, batch["positions"], batch["segment_ids"], config.loss, sparse=False)
+    kl = losses.indexer_kl(config.model, aux, batch["positions"], batch["segment_ids"], config.loss, sparse=False,
+                           implementation=config.implementation)
     metrics["kl"] = kl
     return config.loss.kl_weight * kl, (metrics, out.layer_aux, out.mtp_aux)
   total = metrics["lm_loss"]
@@ -105,7 +106,7 @@ def loss_fn(params: dict, other: dict, batch: Batch, config: StepConfig):
     total = total + config.loss.balance_weight * metrics["balance_loss"]
   if config.stage == "sparse":
     metrics["kl"] = losses.indexer_kl(config.model, aux, batch["positions"], batch["segment_ids"], config.loss,
-                                      sparse=True)
+                                      sparse=True, implementation=config.implementation)
     total = total + config.loss.kl_weight * metrics["kl"]
   return total, (metrics, out.layer_aux, out.mtp_aux)
 

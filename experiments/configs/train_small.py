@@ -11,7 +11,8 @@ from experiments.configs import train_tiny
 
 def get_config() -> ml_collections.ConfigDict:
   config = train_tiny.get_config()
-  config.model.update({"preset": "small", "topk": 512, "index_heads": 16, "index_dim": 64, "max_position": 32768})
+  config.model.update({"preset": "small", "max_position": 32768})
+  config.model.indexer.update({"num_heads": 16, "head_dim": 64, "topk": 512})
   config.model.vocab_size = 512  # the byte tokenizer's ids (256 bytes + specials) fit; an embedding of 32768 would idle
   config.loss.mtp_weight = 0.0  # as in the recorded run (docs/reports/dsa_parity.md); > 0 also trains the MTP indexer
   config.data.update({"seq_len": 8192, "batch_size": 1})

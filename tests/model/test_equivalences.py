@@ -44,7 +44,7 @@ class EquivalenceTest(chex.TestCase):
 
   def test_topk_is_causal_and_sized(self):
     out = functional.apply(self.cfg, self.params, self.ids)
-    idx = np.asarray(out.layer_aux[0]["topk_indices"])
+    idx = np.asarray(out.layer_aux[0].attention.topk_indices)
     chex.assert_shape(idx, (2, 20, self.cfg.indexer.topk))
     t = np.arange(20)[None, :, None]
     self.assertTrue(np.all(idx < np.minimum(t + 1, 20)))
@@ -64,14 +64,14 @@ class EquivalenceTest(chex.TestCase):
 
   def test_keep_routing_replays_choices(self):
     out = functional.apply(self.cfg, self.params, self.ids)
-    recorded = {i: aux["experts"] for i, aux in enumerate(out.layer_aux) if "experts" in aux}
+    recorded = {i: aux.moe.experts for i, aux in enumerate(out.layer_aux) if aux.moe is not None}
     self.assertTrue(recorded)
     replayed = functional.apply(self.cfg, self.params, self.ids, forced_experts=recorded)
     chex.assert_trees_all_close(replayed.logits, out.logits, atol=0, rtol=0)
     layer = min(recorded)
     other = {layer: (recorded[layer] + 1) % self.cfg.moe.num_experts}
     forced = functional.apply(self.cfg, self.params, self.ids, forced_experts=other)
-    np.testing.assert_array_equal(forced.layer_aux[layer]["experts"], other[layer])
+    np.testing.assert_array_equal(forced.layer_aux[layer].moe.experts, other[layer])
     self.assertGreater(float(jnp.abs(forced.logits - out.logits).max()), 1e-4)
 
     def loss(router):

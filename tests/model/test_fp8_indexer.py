@@ -38,7 +38,7 @@ class FP8Test(chex.TestCase):
     exact = functional.apply(cfg, params, ids)
     quant = functional.apply(cfg, params, ids, indexer_fp8=True)
     for a, b in zip(exact.layer_aux, quant.layer_aux):
-      ia, ib = np.asarray(a["topk_indices"]), np.asarray(b["topk_indices"])
+      ia, ib = np.asarray(a.attention.topk_indices), np.asarray(b.attention.topk_indices)
       overlap = np.mean([len(set(x) & set(y)) / len(set(x)) for x, y in zip(ia.reshape(-1, 8), ib.reshape(-1, 8))])
       # Tiny index heads (16 dims) make e4m3 rounding visible; most of each selected set survives it.
       self.assertGreater(overlap, 0.85)

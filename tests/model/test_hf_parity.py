@@ -39,7 +39,7 @@ class HFParityTest(chex.TestCase, parameterized.TestCase):
     for i in range(cfg.num_layers):
       if f"hidden_layer{i}" in golden:
         self.assertLess(relative_error(out.hidden_states[i], golden[f"hidden_layer{i}"]), 1e-4, f"layer {i}")
-      np.testing.assert_array_equal(out.layer_aux[i]["topk_indices"], golden[f"topk_indices_layer{i}"],
+      np.testing.assert_array_equal(out.layer_aux[i].attention.topk_indices, golden[f"topk_indices_layer{i}"],
                                     err_msg=f"top-k of layer {i}")
 
   def test_public_forward(self):

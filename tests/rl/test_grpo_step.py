@@ -61,7 +61,7 @@ def test_replayed_routes_are_used_verbatim():
   out = functional.apply(CFG, _params(), batch.tokens, positions=batch.positions, segment_ids=batch.segment_ids,
                          forced_experts=forced)
   for i, e in forced.items():
-    np.testing.assert_array_equal(np.asarray(out.layer_aux[i]["experts"]), np.asarray(e))
+    np.testing.assert_array_equal(np.asarray(out.layer_aux[i].moe.experts), np.asarray(e))
   replayed = dataclasses.replace(batch, experts=forced)
   _, own_stats = grpo_step.policy_logp(CFG, GRPO, _params(), batch)
   logp_forced, forced_stats = grpo_step.policy_logp(CFG, GRPO, _params(), replayed)

@@ -6,10 +6,12 @@ from absl.testing import absltest, parameterized
 
 from dsa_jax.data.tokenizer import ByteTokenizer
 from dsa_jax.model import functional
+from dsa_jax.model.config import IndexerConfig, tiny
 from dsa_jax.rl import get_task, warm_start
 
 TOK = ByteTokenizer()
-CFG = warm_start.demo_config(TOK.vocab_size, index_topk=8).replace(num_layers=2)  # layer 1 is MoE
+CFG = tiny().replace(vocab_size=TOK.vocab_size, num_mtp_layers=0, num_layers=2,  # layer 1 is MoE
+                     indexer=IndexerConfig(num_heads=4, head_dim=16, topk=8))
 TASK = get_task("sort", min_len=3, max_len=3)
 
 

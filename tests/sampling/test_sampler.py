@@ -45,7 +45,7 @@ def test_tokens_in_kept_set_and_logprobs_match_forward():
   own = functional.apply(CFG, _params(), seq, positions=positions, segment_ids=segments)
   for i, experts in out.experts.items():  # fp32 sampler: its routes are the trainer's own routes
     real = np.asarray(segments) == 0
-    np.testing.assert_array_equal(np.asarray(experts)[real], np.asarray(own.layer_aux[i]["experts"])[real])
+    np.testing.assert_array_equal(np.asarray(experts)[real], np.asarray(own.layer_aux[i].moe.experts)[real])
 
 
 def test_eos_and_max_length_stops():

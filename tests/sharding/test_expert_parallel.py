@@ -43,8 +43,8 @@ def test_dropless_equals_single_device(moe_and_tokens, mesh_cfg):
   y0, aux0 = run(*moe_and_tokens)
   y1, aux1 = run(*moe_and_tokens, mesh=make_mesh(mesh_cfg))
   chex.assert_trees_all_close(y1, y0, atol=1e-6, rtol=1e-5)
-  assert int(aux1["dropped_assignments"]) == 0
-  assert (aux1["experts"] == aux0["experts"]).all()
+  assert int(aux1.dropped_assignments) == 0
+  assert (aux1.experts == aux0.experts).all()
 
 
 def test_forced_routes_all_to_one_device(moe_and_tokens):
@@ -53,7 +53,7 @@ def test_forced_routes_all_to_one_device(moe_and_tokens):
   y0, _ = run(*moe_and_tokens, forced=forced)
   y1, aux1 = run(*moe_and_tokens, mesh=make_mesh(MeshConfig(expert=4, data=2)), forced=forced)
   chex.assert_trees_all_close(y1, y0, atol=1e-6, rtol=1e-5)
-  assert int(aux1["dropped_assignments"]) == 0
+  assert int(aux1.dropped_assignments) == 0
 
 
 def test_capacity_factor_drops_and_reports(moe_and_tokens):
@@ -61,7 +61,7 @@ def test_capacity_factor_drops_and_reports(moe_and_tokens):
   mesh = make_mesh(MeshConfig(expert=4, data=2))
   # 8 tokens x 2 choices per device, all for device 0; capacity 1.0 x 16 / 4 = 4 slots -> 12 dropped each.
   y, aux = run(*moe_and_tokens, mesh=mesh, forced=forced, capacity_factor=1.0)
-  assert int(aux["dropped_assignments"]) == 8 * 12
+  assert int(aux.dropped_assignments) == 8 * 12
   y0, _ = run(*moe_and_tokens, forced=forced)
   assert not jnp.allclose(y, y0, atol=1e-4)
   with pytest.raises(ValueError, match="capacity_factor=0"):

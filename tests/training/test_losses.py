@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dsa_jax.model import AttentionAux, LayerAux, MoEAux
 from dsa_jax.sharding import context_parallel
 from dsa_jax.training import losses, moe_balance
 
@@ -41,9 +42,10 @@ def test_sequence_balance_loss_is_one_when_balanced_and_larger_when_not():
 
 def test_bias_update_moves_against_load():
   state = {"layers": {1: {"ffn": {"bias": jnp.zeros(4)}}}}
-  aux = ({}, {"experts": jnp.asarray([[[0, 1], [0, 2]]]), "scores": jnp.zeros((1, 2, 4))})
+  attention = AttentionAux(lse=jnp.zeros((1, 2, 1)))
+  aux = (LayerAux(attention), LayerAux(attention, MoEAux(jnp.asarray([[[0, 1], [0, 2]]]), jnp.zeros((1, 2, 4)))))
   state["mtp"] = {"block": {"ffn": {"bias": jnp.zeros(4)}}}
-  mtp_aux = {"experts": jnp.asarray([[[3, 2], [3, 1]]]), "scores": jnp.zeros((1, 2, 4))}  # loads 0, 1, 1, 2
+  mtp_aux = LayerAux(attention, MoEAux(jnp.asarray([[[3, 2], [3, 1]]]), jnp.zeros((1, 2, 4))))  # loads 0, 1, 1, 2
   new = moe_balance.update(state, aux, gamma=0.1, mtp_aux=mtp_aux)  # loads 2, 1, 1, 0; mean 1
   np.testing.assert_allclose(new["layers"][1]["ffn"]["bias"], [-0.1, 0.0, 0.0, 0.1])
   np.testing.assert_allclose(new["mtp"]["block"]["ffn"]["bias"], [0.1, 0.0, 0.0, -0.1])

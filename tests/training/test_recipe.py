@@ -1,7 +1,6 @@
 """Starting points of the recipe (an HF checkpoint, our own Orbax checkpoint), stage subsets, KL chunks."""
 
 import dataclasses
-import types
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,7 @@ import pytest
 from dsa_jax.checkpoint.hf_config import read_config
 from dsa_jax.checkpoint.hf_convert import load_hf
 from dsa_jax.data.pipeline import DataConfig
-from dsa_jax.model.config import preset
+from dsa_jax.model import AttentionAux, IndexerInputs, MQAOperands, preset
 from dsa_jax.training import checkpointing, losses, recipe, state
 from tests.conftest import FIXTURES
 
@@ -51,12 +50,40 @@ def test_stage_subsets_and_their_validation():
 
 
 def test_kl_chunks_follow_the_byte_budget():
-  aux = lambda t, n, c, i, h, k: {"mqa": {"q": jnp.zeros((1, t, n, c)), "kv": jnp.zeros((1, t, c))},
-                                  "indexer": types.SimpleNamespace(q=jnp.zeros((1, t, i, h))),
-                                  "topk_indices": jnp.zeros((1, t, k))}
+  aux = lambda t, n, c, i, h, k: AttentionAux(
+      lse=jnp.zeros((1, t, n)), mqa=MQAOperands(q=jnp.zeros((1, t, n, c)), kv=jnp.zeros((1, t, c))),
+      indexer=IndexerInputs(q=jnp.zeros((1, t, i, h)), k=jnp.zeros((1, t, h)), w=jnp.zeros((1, t, i))),
+      topk_indices=jnp.zeros((1, t, k)))
   cfg = losses.LossConfig()
   v32, small = aux(4096, 128, 576, 64, 128, 2048), aux(8192, 16, 320, 16, 64, 512)
   assert losses.kl_chunks(cfg, v32, True) == {"t_chunk": 32}
   assert losses.kl_chunks(cfg, small, True) == {"t_chunk": 512}
   assert losses.kl_chunks(cfg, small, False) == {"t_chunk": 1024, "s_chunk": 1024}
   assert losses.kl_chunks(losses.LossConfig(kl_t_chunk=16), small, True) == {"t_chunk": 16}
+
+
+def test_from_config_builds_every_section_and_names_unknown_keys():
+  tree = {"model": {"preset": "tiny", "max_position": 512, "indexer": {"num_heads": 4, "topk": 32}},
+          "data": {"seq_len": 64, "batch_size": 2, "files": "a.txt,b.txt", "retrieval": {"rate": 0.5}},
+          "optimizer": {"lr_main": 1e-3}, "loss": {"mtp_weight": 0.0}, "mesh": {"data": 1},
+          "train": {"dense_steps": 4, "stages": "dense"}, "run_dir": "unused", "implementation": None}
+  cfg = recipe.RecipeConfig.from_config(tree)
+  tiny = preset("tiny")
+  assert cfg.model == tiny.replace(max_position=512, indexer=dataclasses.replace(tiny.indexer, num_heads=4, topk=32))
+  assert cfg.data == DataConfig(seq_len=64, batch_size=2, files=("a.txt", "b.txt"),
+                                retrieval=dataclasses.replace(DataConfig().retrieval, rate=0.5))
+  assert (cfg.optimizer.lr_main, cfg.loss.mtp_weight, cfg.dense_steps, cfg.stage_names) == (1e-3, 0.0, 4, ("dense",))
+  with pytest.raises(ValueError, match=r"RecipeConfig.loss.mtp is unknown; allowed: \["):
+    recipe.RecipeConfig.from_config({**tree, "loss": {"mtp": 0.0}})
+  with pytest.raises(ValueError, match=r"ModelConfig.indexer.heads is unknown"):
+    recipe.RecipeConfig.from_config({**tree, "model": {"preset": "tiny", "indexer": {"heads": 4}}})
+  with pytest.raises(ValueError, match=r"\['seed'\] are set both in `train` and at the top level"):
+    recipe.RecipeConfig.from_config({**tree, "seed": 1, "train": {"seed": 2}})
+
+
+def test_from_config_with_hf_weights_takes_only_top_k_and_context_from_the_file():
+  tree = {"model": {"preset": "tiny", "max_position": 512, "indexer": {"num_heads": 4, "topk": 4}},
+          "data": {}, "run_dir": "unused", "init": "hf", "init_path": str(TINY_HF)}
+  hf = read_config(TINY_HF)
+  assert recipe.RecipeConfig.from_config(tree).model == hf.replace(
+      max_position=512, indexer=dataclasses.replace(hf.indexer, topk=4))

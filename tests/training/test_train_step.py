@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dsa_jax.model import functional
 from dsa_jax.training import losses, optimizer, train_step
@@ -64,10 +65,10 @@ def test_kl_target_is_head_summed_l1_normalised_attention(cfg, batch):
   mask = (pos[:, None, :] <= pos[:, :, None]) & (seg[:, None, :] == seg[:, :, None])  # [B, T, S]
   naive = 0.0
   for aux in out.layer_aux:
-    logits = jnp.einsum("btnc,bsc->bnts", aux["mqa"]["q"], aux["mqa"]["kv"]) * cfg.softmax_scale
+    logits = jnp.einsum("btnc,bsc->bnts", aux.attention.mqa.q, aux.attention.mqa.kv) * cfg.softmax_scale
     probs = jax.nn.softmax(jnp.where(mask[:, None], logits, -jnp.inf), axis=-1).sum(axis=1)  # head sum
     p = probs / probs.sum(-1, keepdims=True)
-    idx = aux["indexer"]
+    idx = aux.attention.indexer
     scores = jnp.einsum("btih,bsh->btis", idx.q, idx.k)
     scores = jnp.einsum("btis,bti->bts", jax.nn.relu(scores), idx.w)
     log_q = jax.nn.log_softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
@@ -75,6 +76,11 @@ def test_kl_target_is_head_summed_l1_normalised_attention(cfg, batch):
   ours = losses.indexer_kl(cfg, out.layer_aux, pos, seg, losses.LossConfig(kl_t_chunk=16, kl_s_chunk=16),
                            sparse=False)
   np.testing.assert_allclose(ours, naive, rtol=1e-4, atol=1e-7)
+  with pytest.raises(ValueError, match="implementation='nope'"):  # the choice reaches the kernel's api
+    losses.indexer_kl(cfg, out.layer_aux, pos, seg, losses.LossConfig(), sparse=False, implementation="nope")
+  mha = functional.apply(cfg, model_state(cfg, state.params, state.model_state), batch["ids"], attention="dense")
+  with pytest.raises(ValueError, match="MLA mode 'mqa'"):  # MHA mode keeps no MQA operands to recompute p from
+    losses.indexer_kl(cfg, mha.layer_aux, pos, seg, losses.LossConfig(), sparse=False)
 
 
 def test_dense_stage_freezes_the_indexer_and_updates_router_biases(cfg, batch):

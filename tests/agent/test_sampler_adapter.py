@@ -11,13 +11,13 @@ import numpy as np
 
 from dsa_jax.agent.chat_format import Assistant, ToolCall, User, render_completion
 from dsa_jax.agent.rollout import Generation, RolloutConfig, rollout
+from dsa_jax.agent.sampler_adapter import SamplerGenerateFn
 from dsa_jax.agent.tools import Tool, ToolRegistry
 from dsa_jax.data.tokenizer import ByteTokenizer
 from dsa_jax.model import functional
 from dsa_jax.model.config import tiny
 from dsa_jax.sampling.sampling_mask import kept_log_softmax
 from dsa_jax.sampling import SamplingConfig, train_layout
-from dsa_jax.sampling.agent_adapter import SamplerGenerateFn
 
 TOK = ByteTokenizer()
 CFG = tiny().replace(vocab_size=TOK.vocab_size, num_mtp_layers=0)

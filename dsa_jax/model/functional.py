@@ -43,15 +43,18 @@ def apply(cfg: ModelConfig, state: nnx.State, input_ids: jax.Array, *, attention
           mla_mode: str | None = None, implementation: str | None = None, positions: jax.Array | None = None,
           segment_ids: jax.Array | None = None, forced_experts: dict[int, jax.Array] | None = None,
           with_mtp: bool = False, indexer_fp8: bool = False, cache: KVCache | None = None,
-          expert_dispatch: ExpertDispatch | None = None, next_ids: jax.Array | None = None) -> ModelOutput:
+          expert_dispatch: ExpertDispatch | None = None, next_ids: jax.Array | None = None,
+          mqa_operands: bool = False) -> ModelOutput:
   """Runs the model: input_ids [B, T] -> ModelOutput (logits, per-layer hidden states and aux).
 
   `cache` (`kv_cache.init_cache`) appends the tokens to a decode cache; see `DeepseekV32.__call__`.
   `expert_dispatch` runs the routed experts elsewhere (`dsa_jax.sharding.expert_parallel`); None: on this device.
   `next_ids` feeds the MTP block the next token of each position when the sequence is permuted.
+  `mqa_operands` returns the MQA operands in MHA mode too (`AttentionOptions`).
   """
   model = nnx.merge(graphdef(cfg, indexer_fp8), state)
-  options = AttentionOptions(kind=attention, mode=mla_mode, implementation=implementation)
+  options = AttentionOptions(kind=attention, mode=mla_mode, implementation=implementation,
+                             mqa_operands=mqa_operands)
   return model(jnp.asarray(input_ids), positions=positions, segment_ids=segment_ids, options=options,
                forced_experts=forced_experts, with_mtp=with_mtp, cache=cache, expert_dispatch=expert_dispatch,
                next_ids=next_ids)

@@ -56,7 +56,7 @@ class MQAOperands:
 class AttentionAux:
   """What one layer's attention hands to training and sampling; None where a field does not apply."""
   lse: jax.Array  # [B, T, N] float32 log-sum-exp of the scaled attention logits
-  mqa: MQAOperands | None = None  # MQA mode only
+  mqa: MQAOperands | None = None  # MQA mode, or MHA mode with AttentionOptions.mqa_operands
   topk_indices: jax.Array | None = None  # [B, T, K] int32, ascending, -1 padded: sparse attention only
   indexer: IndexerInputs | None = None  # models with an indexer (keys of the whole cache when decoding)
   cache: LayerCache | None = None  # the updated layer cache when decoding (collected into ModelOutput.cache)
@@ -69,10 +69,16 @@ jax.tree_util.register_dataclass(AttentionAux, data_fields=["lse", "mqa", "topk_
 
 @dataclasses.dataclass(frozen=True)
 class AttentionOptions:
-  """How to run attention: dense or sparse (DSA), MLA mode, kernel implementation."""
+  """How to run attention: dense or sparse (DSA), MLA mode, kernel implementation.
+
+  `mqa_operands` makes MHA mode also return the MQA operands (absorbed queries, latent entries): the dense
+  warm-up attends in MHA mode, whose head dims (192 / 128) cuDNN's flash attention takes, while its indexer KL
+  recomputes the target from the MQA form. Both modes compute the same function, so the lse is the same.
+  """
   kind: str = "sparse"
   mode: str | None = None  # None: "mha" for dense, "mqa" for sparse
   implementation: str | None = None
+  mqa_operands: bool = False
 
   def __post_init__(self):
     if self.kind not in ATTENTION_KINDS:
@@ -160,6 +166,8 @@ class MLA(nnx.Module):
     mqa = None
     if options.resolved_mode == "mha":
       out, lse = self._mha(q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options)
+      if options.mqa_operands:
+        mqa = self._mqa_operands(q_nope, q_rope, c, k_rope, w_uk)
     else:
       out, lse, mqa = self._mqa(q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options, topk_indices)
     aux = AttentionAux(lse=lse, mqa=mqa, topk_indices=topk_indices, indexer=indexer, cache=cache)
@@ -191,13 +199,16 @@ class MLA(nnx.Module):
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
     return self._dense(q, k, v, layout, options)
 
-  def _mqa(self, q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options, topk_indices):
+  def _mqa_operands(self, q_nope, q_rope, c, k_rope, w_uk) -> MQAOperands:
     q = jnp.concatenate([jnp.einsum("btnp,cnp->btnc", q_nope, w_uk), q_rope], axis=-1)  # [B, T, N, C + R]
-    kv = jnp.concatenate([c, k_rope], axis=-1)  # [B, S, C + R]
+    return MQAOperands(q=q, kv=jnp.concatenate([c, k_rope], axis=-1))  # kv [B, S, C + R]
+
+  def _mqa(self, q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options, topk_indices):
+    q, kv = (operands := self._mqa_operands(q_nope, q_rope, c, k_rope, w_uk)).q, operands.kv
     c_dim = self.cfg.kv_lora_rank
     if options.kind == "sparse":
       out_latent, lse = sparse_mla_api.sparse_mla(q, kv, topk_indices, scale=self.softmax_scale, v_dim=c_dim,
                                                   implementation=options.implementation)
     else:
       out_latent, lse = self._dense(q, kv, c, layout, options)
-    return jnp.einsum("btnc,cnv->btnv", out_latent, w_uv), lse, MQAOperands(q, kv)
+    return jnp.einsum("btnc,cnv->btnv", out_latent, w_uv), lse, operands

@@ -103,8 +103,9 @@ def indexer_kl(cfg: ModelConfig, layer_aux: Sequence[LayerAux], positions: jax.A
   for layer in layer_aux:
     aux, idx = layer.attention, layer.attention.indexer
     if aux.mqa is None or idx is None or (sparse and aux.topk_indices is None):
-      raise ValueError(f"indexer_kl(sparse={sparse}) needs the forward pass in MLA mode 'mqa' with an indexer"
-                       f"{' and sparse attention' if sparse else ''}; allowed: apply(..., mla_mode='mqa').")
+      raise ValueError(f"indexer_kl(sparse={sparse}) needs the MQA operands of a forward pass with an indexer"
+                       f"{' and sparse attention' if sparse else ''}; allowed: apply(..., mla_mode='mqa') or "
+                       "apply(..., mla_mode='mha', mqa_operands=True).")
     args = (aux.mqa.q, aux.mqa.kv, aux.lse, cfg.softmax_scale, idx.q, idx.k, idx.w)
     where = dict(q_positions=positions, kv_positions=positions, q_segment_ids=segment_ids,
                  kv_segment_ids=segment_ids, implementation=implementation)

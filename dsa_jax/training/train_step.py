@@ -2,7 +2,8 @@
 `jax.jit` with the state donated.
 
   dense   dense attention (MHA mode); LM (+ MTP, + balance) loss; the main model trains.
-  warmup  dense attention in MQA mode; only the dense indexer KL; only the indexer trains.
+  warmup  dense attention in MHA mode (cuDNN's flash attention on a GPU) with the MQA operands returned for the
+          KL target; only the dense indexer KL; only the indexer trains.
   sparse  DSA (top-k sparse attention, MQA mode); LM (+ MTP, + balance) loss for the main model and the
           sparse KL over the selected set for the indexer. The two never mix: the indexer's input is
           detached inside the model and the KL target is a stop-gradient, while top-k selection gives
@@ -62,7 +63,7 @@ class StepConfig:
   @property
   def attention(self) -> tuple[str, str]:
     """(attention kind, MLA mode) of the stage's forward pass."""
-    return {"dense": ("dense", "mha"), "warmup": ("dense", "mqa"), "sparse": ("sparse", "mqa")}[self.stage]
+    return {"dense": ("dense", "mha"), "warmup": ("dense", "mha"), "sparse": ("sparse", "mqa")}[self.stage]
 
 
 def with_labels(batch: Batch, config: StepConfig) -> Batch:
@@ -89,7 +90,8 @@ def loss_fn(params: dict, other: dict, batch: Batch, config: StepConfig):
   out = functional.apply(config.model, model_state(config.model, params, other), batch["ids"], attention=kind,
                          mla_mode=mode, implementation=config.implementation, positions=batch["positions"],
                          segment_ids=batch["segment_ids"], with_mtp=config.with_mtp,
-                         expert_dispatch=config.expert_dispatch, next_ids=batch["labels"])
+                         expert_dispatch=config.expert_dispatch, next_ids=batch["labels"],
+                         mqa_operands=config.stage == "warmup")
   aux = _with_mtp(out.layer_aux, out.mtp_aux)
   metrics = {"lm_loss": losses.cross_entropy(out.logits, batch["labels"], batch["label_mask"])}
   if config.stage == "warmup":

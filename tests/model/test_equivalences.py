@@ -19,14 +19,20 @@ class EquivalenceTest(chex.TestCase):
   def setUp(self):
     super().setUp()
     self.cfg = tiny()
-    self.params = functional.init(self.cfg, seed=int(np.random.randint(1 << 30)))
-    self.ids = jnp.asarray(np.random.randint(0, self.cfg.vocab_size, (2, 20)))
+    self.params = functional.init(self.cfg, seed=0)
+    self.ids = jnp.asarray(np.random.default_rng(0).integers(0, self.cfg.vocab_size, (2, 20)))
 
   def test_mha_equals_mqa(self):
-    mha = functional.apply(self.cfg, self.params, self.ids, attention="dense", mla_mode="mha")
+    """Same function; with mqa_operands MHA mode also hands over MQA mode's operands (the warm-up's KL target)."""
+    mha = functional.apply(self.cfg, self.params, self.ids, attention="dense", mla_mode="mha", mqa_operands=True)
     mqa = functional.apply(self.cfg, self.params, self.ids, attention="dense", mla_mode="mqa")
     chex.assert_trees_all_close(mha.logits, mqa.logits, atol=1e-5, rtol=1e-5)
     chex.assert_trees_all_close(mha.hidden_states, mqa.hidden_states, atol=1e-5, rtol=1e-5)
+    for a, b in zip(mha.layer_aux, mqa.layer_aux):
+      chex.assert_trees_all_close(a.attention.lse, b.attention.lse, atol=1e-5, rtol=1e-5)
+      chex.assert_trees_all_close(a.attention.mqa, b.attention.mqa, atol=1e-5, rtol=1e-5)
+    plain = functional.apply(self.cfg, self.params, self.ids, attention="dense", mla_mode="mha")
+    assert all(layer.attention.mqa is None for layer in plain.layer_aux)
 
   def test_dsa_equals_dense_when_t_le_topk(self):
     cfg = tiny(indexer=config.IndexerConfig(num_heads=16, head_dim=16, topk=20))

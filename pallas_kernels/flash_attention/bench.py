@@ -3,9 +3,11 @@
 Per T in cfg["seq_lens"] (batch 1, one document, positions 0..T-1, bf16):
   * "mha": MLA's MHA mode, the dense baseline: 128 heads, q/k 192, v 128;
   * "mqa": MLA's MQA mode, the dense warm-up: 128 heads sharing one key of 576 and one value of 512.
-Implementations: "cudnn" (`api` with implementation="cudnn": packed documents, `max_segments` sequences a row),
-"cudnn_unpacked" (max_segments=1: the cost of packing), "xla" (`chunked`, default blocks) and "reference" where
-XLA's memory analysis of it fits `MEMORY_BUDGET` (else a printed skip). cuDNN does not take MQA mode's head dims.
+Implementations: "cudnn" (`api` with implementation="cudnn", the default one document a row), "cudnn_packed8"
+(the packed layout with 8 sequences a row: the cost of packing; skipped where its backward's float32 dq
+accumulators, 8 x T x N x Hk, pass PACKED_DQ_BUDGET), "xla" (`chunked`, default blocks; up to XLA_MAX_T, beyond
+which one call takes minutes) and "reference" where XLA's memory analysis of it fits `MEMORY_BUDGET` (else a
+printed skip). cuDNN does not take MQA mode's head dims.
 Ops: "fwd" (out and lse) and "fwd+bwd" (grad of sum(out) w.r.t. q, k, v).
 
 FLOPs, causal (half of T x S counted):  forward = 2 * B * N * (T * S / 2) * (Hk + Hv);  backward = 2.5 x forward,
@@ -21,6 +23,9 @@ from pallas_kernels.flash_attention import api, cudnn, reference
 HEADS = 128
 SHAPES = {"mha": (192, 128, False), "mqa": (576, 512, True)}  # (Hk, Hv, keys shared by all heads)
 MEMORY_BUDGET = 75 * 2**30
+PACKED_SEGMENTS = 8
+PACKED_DQ_BUDGET = 40 * 2**30
+XLA_MAX_T = 32768
 
 
 def _inputs(t: int, shape: str):
@@ -35,8 +40,8 @@ def _inputs(t: int, shape: str):
 
 def _functions(impl: str, hk: int):
   """(forward, forward+backward) of one implementation: (q, k, v, positions, segment ids) -> outputs."""
-  kwargs = dict(implementation="xla" if impl == "xla" else "cudnn", max_segments=1 if impl == "cudnn_unpacked"
-                else cudnn.DEFAULT_MAX_SEGMENTS)
+  kwargs = dict(implementation="xla" if impl == "xla" else "cudnn",
+                max_segments=PACKED_SEGMENTS if impl == "cudnn_packed8" else cudnn.DEFAULT_MAX_SEGMENTS)
   attend = reference.attention if impl == "reference" else lambda *a, **kw: api.flash_attention(*a, **kw, **kwargs)
   forward = lambda q, k, v, pos, seg: attend(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg,
                                              kv_segment_ids=seg, scale=hk**-0.5)
@@ -49,6 +54,10 @@ def _skip(impl: str, shape: str, t: int, args) -> str | None:
   hk = SHAPES[shape][0]
   if impl.startswith("cudnn") and cudnn.unsupported(*args[:3]):
     return cudnn.unsupported(*args[:3])
+  if impl == "cudnn_packed8" and PACKED_SEGMENTS * t * HEADS * hk * 4 > PACKED_DQ_BUDGET:
+    return f"its backward's float32 dq accumulators alone take {PACKED_SEGMENTS * t * HEADS * hk * 4 / 2**30:.0f} GiB"
+  if impl == "xla" and t > XLA_MAX_T:
+    return f"timed up to T = {XLA_MAX_T}: beyond, one call of the chunked XLA path takes minutes"
   if impl == "reference":
     if HEADS * t * t * 4 > MEMORY_BUDGET:  # its float32 logits alone
       return f"the float32 [N, T, S] logits alone take {HEADS * t * t * 4 / 2**30:.0f} GiB"
@@ -64,7 +73,7 @@ def run(cfg: dict) -> list[dict]:
     for shape, (hk, hv, _) in SHAPES.items():
       args = _inputs(t, shape)
       flops = 2.0 * HEADS * (t * t / 2) * (hk + hv)
-      for impl in ("cudnn", "cudnn_unpacked", "xla", "reference"):
+      for impl in ("cudnn", "cudnn_packed8", "xla", "reference"):
         base = dict(section="flash_attention", shape=shape, T=t, impl=impl)
         reason = _skip(impl, shape, t, args)
         if reason:

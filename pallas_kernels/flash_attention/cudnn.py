@@ -22,9 +22,9 @@ than `max_segments` runs in a row).
 
 Each row is passed as exactly M sequences (empty ones of length 0 at the row's end), so the statistics of run r
 of row b sit at [b * M + r] whatever the batch sharding: jax compacts the sequences of each shard on its own,
-which breaks a global running count but not this fixed stride. The cost is memory: the statistics hold
-B * M * N * T floats (M = 64, N = 128, T = 128K: 4 GiB), written by the forward and rebuilt in the backward from
-the [B, T, N] lse that is saved.
+which breaks a global running count but not this fixed stride. The cost is memory, which is why M defaults to
+1 (rows of one document; packed rows run `chunked`): the statistics hold B * M * N * T floats, and cuDNN's
+backward a float32 dq accumulator of B * M * T * N * Hk (see DEFAULT_MAX_SEGMENTS).
 """
 
 import jax
@@ -33,7 +33,10 @@ import jax.numpy as jnp
 from jax._src.cudnn import fused_attention_stablehlo as _cudnn  # private: MLA head dims, packing, statistics
 
 MAX_HEAD_DIM = 256
-DEFAULT_MAX_SEGMENTS = 64
+# One document a row by default: cuDNN's backward over a packed layout keeps a float32 dq accumulator per packed
+# sequence, B * M * T * N * Hk floats (M = 64 at T = 32K: it asked for 196 GiB on the H200), while a row of one
+# document needs B * T * N * Hk (12 GiB at 128K). Rows of several documents then run the chunked path.
+DEFAULT_MAX_SEGMENTS = 1
 _DTYPES = (jnp.bfloat16, jnp.float16)
 _LAYOUT = _cudnn.AttentionLayout.BTNH.value
 

@@ -195,9 +195,15 @@ class CudnnPreparationTest(parameterized.TestCase):
 
   def test_layout_ok_accepts_documents_in_order(self):
     _, packed = _layout("packed")
-    self.assertTrue(self._ok(packed["q_positions"], packed["q_segment_ids"]))
+    self.assertTrue(self._ok(packed["q_positions"], packed["q_segment_ids"], max_segments=64))
     self.assertTrue(self._ok(np.arange(8), np.zeros(8)))
-    self.assertTrue(self._ok(np.r_[0, 2, 5, 0, 1], np.r_[3, 3, 3, 1, 1]))  # gaps in positions keep the order
+    self.assertTrue(self._ok(np.r_[0, 2, 5, 0, 1], np.r_[3, 3, 3, 1, 1], max_segments=2))  # gaps in positions
+
+  def test_layout_ok_default_takes_one_document_a_row(self):
+    """cuDNN's packed backward keeps a dq accumulator per packed sequence, so by default only one-document rows
+    take the cuDNN path (`cudnn.DEFAULT_MAX_SEGMENTS`)."""
+    self.assertEqual(cudnn.DEFAULT_MAX_SEGMENTS, 1)
+    self.assertFalse(self._ok(np.r_[0, 1, 0, 1], np.r_[0, 0, 1, 1]))
 
   @parameterized.named_parameters(
       ("keys_are_not_the_queries", np.arange(8), np.zeros(8), np.arange(8) + 1, None),

@@ -43,18 +43,21 @@ def apply(cfg: ModelConfig, state: nnx.State, input_ids: jax.Array, *, attention
           mla_mode: str | None = None, implementation: str | None = None, positions: jax.Array | None = None,
           segment_ids: jax.Array | None = None, forced_experts: dict[int, jax.Array] | None = None,
           with_mtp: bool = False, indexer_fp8: bool = False, cache: KVCache | None = None,
-          expert_dispatch: ExpertDispatch | None = None, next_ids: jax.Array | None = None) -> ModelOutput:
+          expert_dispatch: ExpertDispatch | None = None, next_ids: jax.Array | None = None, remat: str = "none",
+          with_logits: bool = True) -> ModelOutput:
   """Runs the model: input_ids [B, T] -> ModelOutput (logits, per-layer hidden states and aux).
 
   `cache` (`kv_cache.init_cache`) appends the tokens to a decode cache; see `DeepseekV32.__call__`.
   `expert_dispatch` runs the routed experts elsewhere (`dsa_jax.sharding.expert_parallel`); None: on this device.
   `next_ids` feeds the MTP block the next token of each position when the sequence is permuted.
+  `remat` ("none" | "layer" | "layer_save_dots") rematerialises each layer in the backward pass;
+  `with_logits=False` returns the LM head's input and weights instead of logits (`transformer` docstring).
   """
   model = nnx.merge(graphdef(cfg, indexer_fp8), state)
   options = AttentionOptions(kind=attention, mode=mla_mode, implementation=implementation)
   return model(jnp.asarray(input_ids), positions=positions, segment_ids=segment_ids, options=options,
                forced_experts=forced_experts, with_mtp=with_mtp, cache=cache, expert_dispatch=expert_dispatch,
-               next_ids=next_ids)
+               next_ids=next_ids, remat=remat, with_logits=with_logits)
 
 
 def forward(cfg: ModelConfig, state: nnx.State, input_ids: jax.Array, attention: str = "sparse",

@@ -9,7 +9,10 @@ by the routed scaling factor. Shared experts see every token.
 Keep Routing (V3.2 paper section 3.1): `forced_experts` replays recorded choices verbatim; gates are
 still computed from the live scores so the router keeps its gradient.
 Experts run dropless: assignments sorted by expert, then a grouped matmul
-(`pallas_kernels.moe_gmm.api`).
+(`pallas_kernels.moe_gmm.api`). Long rows run the routed experts over token chunks, each under
+`jax.checkpoint` (`TOKEN_CHUNK_BYTES`): at 128K tokens and top-8 the sorted token copies alone would take
+15 GB ([T k, D] bf16) and their float32 outputs 30 GB. The price is one more forward pass of the routed
+experts in the backward pass (a second one under layer rematerialisation).
 """
 
 from collections.abc import Callable
@@ -26,6 +29,9 @@ from pallas_kernels.moe_gmm import api as gmm_api
 # (tokens [M, D], experts [M, k], gates [M, k], (w_gate, w_up, w_down) in compute dtype, implementation)
 #   -> (routed output [M, D] float32, extra aux). `dsa_jax.sharding.expert_parallel` provides one.
 ExpertDispatch = Callable[..., tuple[jax.Array, dict]]
+# Tokens per chunk of the local routed experts: the chunk's sorted token copies [c k, D] take about this many
+# bytes (8192 tokens at V3.2's D = 7168, top-8, bf16); shorter rows run in one piece.
+TOKEN_CHUNK_BYTES = 2**30
 
 
 def route(scores: jax.Array, bias: jax.Array, cfg: MoEConfig) -> jax.Array:
@@ -58,6 +64,41 @@ def swiglu_experts(xs: jax.Array, weights: tuple[jax.Array, jax.Array, jax.Array
   return gmm_api.grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes, implementation=implementation)
 
 
+def routed_experts(tokens: jax.Array, experts: jax.Array, gate_weights: jax.Array,
+                   weights: tuple[jax.Array, jax.Array, jax.Array], implementation: str | None) -> jax.Array:
+  """Dropless dispatch of tokens [M, D] to experts [M, k] with gates [M, k]: sort the M k assignments by expert,
+  grouped matmuls, gate-weighted scatter-add back -> [M, D] float32."""
+  m, k = experts.shape
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  token_of = order // k
+  group_sizes = jnp.bincount(flat, length=weights[0].shape[0]).astype(jnp.int32)
+  out = swiglu_experts(tokens[token_of], weights, group_sizes, implementation)
+  out = out.astype(jnp.float32) * gate_weights.reshape(-1)[order][:, None]
+  return jnp.zeros((m, tokens.shape[-1]), jnp.float32).at[token_of].add(out)
+
+
+def token_chunk(k: int, hidden: int, dtype) -> int:
+  """Tokens per chunk of `chunked_routed_experts` under `TOKEN_CHUNK_BYTES` (a power of two)."""
+  tokens = max(TOKEN_CHUNK_BYTES // (k * hidden * jnp.dtype(dtype).itemsize), 1)
+  return 1 << (tokens.bit_length() - 1)
+
+
+def chunked_routed_experts(tokens: jax.Array, experts: jax.Array, gate_weights: jax.Array,
+                           weights: tuple[jax.Array, jax.Array, jax.Array], implementation: str | None,
+                           chunk: int) -> jax.Array:
+  """`routed_experts` over `chunk` tokens at a time, each chunk rematerialised in the backward pass; padding
+  rows (to a multiple of chunk) go to expert 0 with gate 0 and are dropped."""
+  m, d = tokens.shape
+  if chunk >= m:
+    return routed_experts(tokens, experts, gate_weights, weights, implementation)
+  pad = -m % chunk
+  split = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, chunk, *x.shape[1:])
+  run = jax.checkpoint(lambda xs: routed_experts(*xs, weights, implementation))
+  out = jax.lax.map(run, (split(tokens), split(experts), split(gate_weights)))
+  return out.reshape(-1, d)[:m]
+
+
 class MoE(nnx.Module):
   """Routed experts stacked as [E, D, F] / [E, F, D], a float32 router, shared experts."""
 
@@ -86,7 +127,9 @@ class MoE(nnx.Module):
     weights = gates(scores, experts, self.cfg)
     aux = {}
     if dispatch is None:
-      y = self._experts(tokens.astype(self.dtype), experts, weights, implementation)
+      chunk = token_chunk(self.cfg.experts_per_token, d, self.dtype)
+      y = chunked_routed_experts(tokens.astype(self.dtype), experts, weights, self.expert_weights(), implementation,
+                                 chunk)
     else:
       y, aux = dispatch(tokens.astype(self.dtype), experts, weights, self.expert_weights(), implementation)
     y = y.reshape(b, t, d)
@@ -99,13 +142,3 @@ class MoE(nnx.Module):
     """(w_gate, w_up [E, D, F], w_down [E, F, D]) in the compute dtype."""
     return tuple(p[...].astype(self.dtype) for p in (self.w_gate, self.w_up, self.w_down))
 
-  def _experts(self, tokens: jax.Array, experts: jax.Array, weights: jax.Array, implementation: str | None):
-    """Dropless dispatch: sort the M*k assignments by expert, grouped matmuls, weighted scatter-add back."""
-    m, k = experts.shape
-    flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    token_of = order // k
-    group_sizes = jnp.bincount(flat, length=self.cfg.num_experts).astype(jnp.int32)
-    out = swiglu_experts(tokens[token_of], self.expert_weights(), group_sizes, implementation)
-    out = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-    return jnp.zeros((m, tokens.shape[-1]), jnp.float32).at[token_of].add(out)

@@ -8,9 +8,13 @@ Defaults and their sources:
   kl_chunk_bytes 256 MiB  the KL's query chunk is sized so that one chunk's gathered keys and logits take
                        about this much (`kl_chunks`): a fixed chunk of 64 queries made the `small` model's
                        8K sparse stage loop 128 times per layer; kl_t_chunk > 0 fixes the chunk instead.
+  lm_chunk_bytes 2 GiB the LM loss runs over token chunks whose float32 logits take about this much
+                       (`chunked_cross_entropy`): [T, V] logits of 128K tokens and V3.2's 129,280 vocabulary
+                       would take 62 GiB; 4096 tokens a chunk at that vocabulary.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +31,13 @@ class LossConfig:
   kl_t_chunk: int = 0  # 0: sized from kl_chunk_bytes
   kl_s_chunk: int = 1024
   kl_chunk_bytes: int = 2**28
+  lm_chunk_bytes: int = 2**31
 
   def __post_init__(self):
     for name in ("mtp_weight", "balance_weight", "kl_weight"):
       if not getattr(self, name) >= 0:
         raise ValueError(f"LossConfig.{name}={getattr(self, name)!r} is invalid; allowed: >= 0.")
-    check_positive(self, "kl_s_chunk", "kl_chunk_bytes")
+    check_positive(self, "kl_s_chunk", "kl_chunk_bytes", "lm_chunk_bytes")
     if not (isinstance(self.kl_t_chunk, int) and self.kl_t_chunk >= 0):
       raise ValueError(f"LossConfig.kl_t_chunk={self.kl_t_chunk!r} is invalid; allowed: 0 (automatic) or a "
                        "positive integer.")
@@ -78,6 +83,74 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_mask: jax.Array) -
   logits = logits.astype(jnp.float32)
   nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
   return jnp.sum(jnp.where(label_mask, nll, 0.0)) / jnp.maximum(label_mask.sum(), 1)
+
+
+def lm_chunk(loss_cfg: LossConfig, vocab_size: int) -> int:
+  """Tokens per chunk of `chunked_cross_entropy`: float32 logits of about `lm_chunk_bytes`, a power of two."""
+  return _pow2_floor(loss_cfg.lm_chunk_bytes / (4 * vocab_size))
+
+
+def _chunk_logits(h: jax.Array, w: jax.Array) -> jax.Array:
+  """h [c, D] @ w [D, V] accumulated in float32 -> [c, V]."""
+  return jnp.einsum("md,dv->mv", h, w, preferred_element_type=jnp.float32)
+
+
+def _chunks(chunk: int, *xs):
+  """[M, ...] arrays -> [M / chunk, chunk, ...] (M a multiple of chunk)."""
+  return tuple(x.reshape(x.shape[0] // chunk, chunk, *x.shape[1:]) for x in xs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _weighted_nll(h, w, labels, weights, chunk):
+  return _weighted_nll_fwd(h, w, labels, weights, chunk)[0]
+
+
+def _weighted_nll_fwd(h, w, labels, weights, chunk):
+  def body(total, xs):
+    h_c, labels_c, weights_c = xs
+    logits = _chunk_logits(h_c, w)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    nll = lse - jnp.take_along_axis(logits, labels_c[:, None], axis=-1)[:, 0]
+    return total + jnp.sum(weights_c * nll), lse
+  total, lse = jax.lax.scan(body, jnp.zeros((), jnp.float32), _chunks(chunk, h, labels, weights))
+  return total, (h, w, labels, weights, lse.reshape(-1))
+
+
+def _weighted_nll_bwd(chunk, res, g):
+  """Recomputes each chunk's logits: dlogits = g w_t (softmax - onehot), in the compute dtype for the two
+  matmuls; dW is accumulated in float32 over the chunks."""
+  h, w, labels, weights, lse = res
+  def body(dw, xs):
+    h_c, labels_c, weights_c, lse_c = xs
+    probs = jnp.exp(_chunk_logits(h_c, w) - lse_c[:, None])
+    dlogits = (probs - jax.nn.one_hot(labels_c, w.shape[1], dtype=jnp.float32)) * (g * weights_c)[:, None]
+    dlogits = dlogits.astype(h.dtype)
+    dh = jnp.einsum("mv,dv->md", dlogits, w, preferred_element_type=jnp.float32).astype(h.dtype)
+    return dw + jnp.einsum("md,mv->dv", h_c, dlogits, preferred_element_type=jnp.float32), dh
+  dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), _chunks(chunk, h, labels, weights, lse))
+  return dh.reshape(h.shape), dw.astype(w.dtype), None, None
+
+
+_weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
+
+
+def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array, label_mask: jax.Array, *,
+                          chunk: int) -> jax.Array:
+  """`cross_entropy` of logits = hidden [B, T, D] @ head [D, V] without materialising [B, T, V] logits.
+
+  The tokens run `chunk` at a time (padded to a multiple; padding does not count): the forward keeps each
+  token's log-sum-exp (4 bytes), the backward recomputes each chunk's logits once (a custom VJP, so the
+  head's gradient is summed in float32 whatever its dtype). Inputs in the compute dtype; logits accumulate
+  in float32 as `DeepseekV32.logits` does.
+  """
+  d = hidden.shape[-1]
+  h, labels = hidden.reshape(-1, d), labels.reshape(-1)
+  weights = label_mask.reshape(-1).astype(jnp.float32) / jnp.maximum(label_mask.sum(), 1)
+  chunk = min(chunk, h.shape[0])
+  pad = -h.shape[0] % chunk
+  if pad:
+    h, labels, weights = (jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in (h, labels, weights))
+  return _weighted_nll(h, head.astype(hidden.dtype), labels, weights, chunk)
 
 
 def lm_loss(logits: jax.Array, ids: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array,

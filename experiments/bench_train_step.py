@@ -1,12 +1,13 @@
 """Whole training steps at DeepSeek-V3.2 layer shapes on one GPU: step time, tokens/s, memory, MFU, top ops.
 
   python -m experiments.bench_train_step                                    # 3 stages x 32K, 64K, 128K
-  python -m experiments.bench_train_step --stages=sparse --seq_lens=131072 --remat=layer
+  python -m experiments.bench_train_step --stages=sparse --seq_lens=131072 --remat=layer --q_chunk=32768
   python -m experiments.bench_train_step --allow_cpu --preset=tiny --seq_lens=256 --steps=1   # CPU check
 
 Each (stage, T) is one row of T tokens (batch 1) through `train_step.step` as the library defines it
 (forward, backward, AdamW update, donated state) for the `--preset` model with `--moe_layers` MoE layers
-after its dense ones (`v3_2_layers`: the exact V3.2 layer shapes, 32 local experts). Each row runs in its own
+after its dense ones (`v3_2_layers`: the exact V3.2 layer shapes, 32 local experts), with `--remat` and
+`--q_chunk` (`StepConfig.remat`, `StepConfig.q_chunk`: what fits 128K tokens). Each row runs in its own
 process (this one never touches the device), so that everything is freed between rows and the device's
 `peak_bytes_in_use` is that row's. Before
 allocating anything the row compiles the step and reads the executable's `memory_analysis()`; a row that
@@ -48,6 +49,8 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/dsa_jax/bench_train_step", "Wher
 _PROFILE = flags.DEFINE_bool("profile", True, "Trace one more step and list its top 15 ops by device time.")
 _REMAT = flags.DEFINE_enum("remat", "layer", ["none", "layer", "layer_save_dots"],
                            "Rematerialisation of the layers (dsa_jax.model.transformer.REMAT_POLICIES).")
+_Q_CHUNK = flags.DEFINE_integer("q_chunk", 16384, "Attention queries per chunk (dsa_jax.model.mla) on rows longer "
+                                "than this; 0: all queries at once.")
 _MAX_GIB = flags.DEFINE_float("max_gib", 75.0, "Skip a row whose compiled step needs more device memory (GiB).")
 _ALLOW_CPU = flags.DEFINE_bool("allow_cpu", False, "Run without a GPU (tests, with a tiny preset).")
 _ROW = flags.DEFINE_string("row", "", "Internal: measure one row 'stage:T' in this process.")
@@ -83,11 +86,12 @@ def memory_estimate(compiled) -> dict:
 def measure(stage: str, seq_len: int) -> dict:
   """Compiles, checks the memory estimate, runs and profiles one row in this process."""
   cfg = model_config()
-  config = train_step.StepConfig(model=cfg, stage=stage, remat=_REMAT.value)
+  q_chunk = _Q_CHUNK.value if 0 < _Q_CHUNK.value < seq_len else 0
+  config = train_step.StepConfig(model=cfg, stage=stage, remat=_REMAT.value, q_chunk=q_chunk)
   init = lambda: state_lib.create(cfg, functional.init(cfg, 0), optimizer.build(config.optimizer, stage), 0)
   host_batch = random_row(cfg.vocab_size, seq_len)
   row = dict(stage=stage, T=seq_len, preset=_PRESET.value, moe_layers=_MOE_LAYERS.value, remat=config.remat,
-             device=jax.devices()[0].device_kind)
+             q_chunk=q_chunk, device=jax.devices()[0].device_kind)
   start = time.perf_counter()
   compiled = train_step.step.lower(jax.eval_shape(init), host_batch, config=config).compile()
   row.update(compile_s=time.perf_counter() - start, **memory_estimate(compiled))

@@ -8,7 +8,7 @@ import sys
 
 from tests.conftest import REPO
 
-FIELDS = {"stage", "T", "preset", "moe_layers", "remat", "device", "status", "compile_s", "estimate_gib", "step_s",
+FIELDS = {"stage", "T", "preset", "moe_layers", "remat", "q_chunk", "device", "status", "compile_s", "estimate_gib", "step_s",
           "step_times_s", "tokens_per_s", "flops_per_token", "mfu", "peak_flops", "peak_gib", "loss", "top_ops"}
 
 
@@ -22,13 +22,14 @@ def _bench(tmp_path, *flags):
 
 
 def test_every_stage_gives_a_row_with_every_field(tmp_path):
-  done, record = _bench(tmp_path, "--allow_cpu")
+  done, record = _bench(tmp_path, "--allow_cpu", "--q_chunk=128")
   assert done.returncode == 0, done.stderr[-3000:]
   assert record["device"] == "cpu" and "--allow_cpu" in record["command"] and record["commit"]
   assert [(r["stage"], r["T"], r["status"]) for r in record["rows"]] == [
       ("dense", 256, "ok"), ("warmup", 256, "ok"), ("sparse", 256, "ok")]
   for row in record["rows"]:
     assert FIELDS <= set(row), FIELDS - set(row)
+    assert row["remat"] == "layer" and row["q_chunk"] == 128
     assert row["tokens_per_s"] == 256 / row["step_s"] and 0 < row["mfu"] and row["estimate_gib"] > 0
     assert len(row["top_ops"]) == 15 and {"op", "ms", "share", "count"} <= set(row["top_ops"][0])
   for stage in ("dense", "warmup", "sparse"):

@@ -6,20 +6,31 @@ Official `MLA.forward` / HF `DeepseekV32Attention`. Two modes compute the same f
     shared 576-dim entry [c | k_rope] and its value is c; the output is projected by W_UV[h] afterwards.
 Dense attention runs either mode; sparse attention (DSA) runs MQA mode over the indexer's top-k entries,
 gathered by `pallas_kernels.sparse_mla.api` (never a [T, S] mask).
+
+Long rows (`AttentionOptions.q_chunk`): the per-query work after the shared entries, the indexer inputs and
+the top-k selection (all tokens at once) runs `q_chunk` queries at a time under `jax.checkpoint`: the query
+heads, the attention core, the output projection and `aux_reducer` (the training step's indexer KL). At
+V3.2's 128 heads and 128K tokens the absorbed queries alone are [T, 128, 576] bf16 = 18 GiB, the latent
+outputs 16 GiB and the backward pass doubles both; a chunk holds T / q_chunk of that. The price is one more
+forward pass of the chunk in the backward pass. `aux_reducer(aux, layout) -> dict` turns a layer's (or a
+chunk's) aux into the few values a loss needs, summed over the chunks, so that the [T, N, C] tensors never
+leave the layer: under rematerialisation they are rebuilt in its backward pass, not kept.
 """
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dsa_jax.model import rope
 from dsa_jax.model.attention import dense_attention
 from dsa_jax.model.config import IndexerConfig, MLAConfig
 from dsa_jax.model.indexer import Indexer, IndexerInputs, select
 from dsa_jax.model.kv_cache import LayerCache
-from dsa_jax.model.layers import RMSNorm, constrain, param
+from dsa_jax.model.layers import CHUNKED_OUTPUT, TOPK_INDICES, RMSNorm, constrain, param
 from pallas_kernels.sparse_mla import api as sparse_mla_api
 from pallas_kernels.visibility import visible
 
@@ -48,12 +59,17 @@ jax.tree_util.register_dataclass(
 
 @dataclasses.dataclass(frozen=True)
 class AttentionOptions:
-  """How to run attention: dense or sparse (DSA), MLA mode, kernel implementation."""
+  """How to run attention: dense or sparse (DSA), MLA mode, kernel implementation, query chunks, aux reducer
+  (module docstring)."""
   kind: str = "sparse"
   mode: str | None = None  # None: "mha" for dense, "mqa" for sparse
   implementation: str | None = None
+  q_chunk: int = 0  # queries per chunk (a divisor of T); 0: all at once
+  aux_reducer: Callable[[dict, "TokenLayout"], dict] | None = None
 
   def __post_init__(self):
+    if not (isinstance(self.q_chunk, int) and self.q_chunk >= 0):
+      raise ValueError(f"q_chunk={self.q_chunk!r} is invalid; allowed: 0 (no chunks) or a positive integer.")
     if self.kind not in ATTENTION_KINDS:
       raise ValueError(f"attention={self.kind!r} is invalid; allowed: {ATTENTION_KINDS}.")
     if self.mode is not None and self.mode not in MLA_MODES:
@@ -94,12 +110,11 @@ class MLA(nnx.Module):
   def _w(self, p: nnx.Param) -> jax.Array:
     return p[...].astype(self.dtype)
 
-  def queries(self, x: jax.Array, layout: TokenLayout) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """-> q_latent [B, T, Cq], q_nope [B, T, N, P], q_rope [B, T, N, R] (RoPE applied)."""
-    q_latent = self.q_norm(jnp.einsum("btd,dc->btc", x, self._w(self.wq_a)))
+  def queries(self, q_latent: jax.Array, layout: TokenLayout) -> tuple[jax.Array, jax.Array]:
+    """q_latent [B, T, Cq] -> q_nope [B, T, N, P], q_rope [B, T, N, R] (RoPE applied)."""
     q = jnp.einsum("btc,cnh->btnh", q_latent, self._w(self.wq_b))
     p = self.cfg.qk_nope_head_dim
-    return q_latent, q[..., :p], rope.apply_interleaved(q[..., p:], layout.cos, layout.sin)
+    return q[..., :p], rope.apply_interleaved(q[..., p:], layout.cos, layout.sin)
 
   def latents(self, x: jax.Array, layout: TokenLayout) -> tuple[jax.Array, jax.Array]:
     """-> c [B, S, C] (normalised latent), k_rope [B, S, R] (RoPE applied); the MQA entry is [c | k_rope]."""
@@ -115,7 +130,7 @@ class MLA(nnx.Module):
     attend over every cached slot (layout.kv_* describe the cache), and aux["cache"] is the updated cache.
     """
     x = x.astype(self.dtype)
-    q_latent, q_nope, q_rope = self.queries(x, layout)
+    q_latent = self.q_norm(jnp.einsum("btd,dc->btc", x, self._w(self.wq_a)))
     c, k_rope = self.latents(x, layout)
     c, k_rope = constrain(c, KV_ENTRY_AXES), constrain(k_rope, KV_ENTRY_AXES)
     aux = {}
@@ -131,10 +146,19 @@ class MLA(nnx.Module):
       if self.indexer is None:
         raise ValueError("attention='sparse' needs an indexer, but this model has none (a dense DeepSeek-V3 "
                          "config); allowed: attention='dense'.")
-      aux["topk_indices"] = select(aux["indexer"], self.topk, q_positions=layout.q_positions,
-                                   kv_positions=layout.kv_positions, q_segment_ids=layout.q_segment_ids,
-                                   kv_segment_ids=layout.kv_segment_ids, implementation=options.implementation,
-                                   fp8_numerics=self.indexer.fp8_numerics)
+      aux["topk_indices"] = checkpoint_name(select(
+          aux["indexer"], self.topk, q_positions=layout.q_positions, kv_positions=layout.kv_positions,
+          q_segment_ids=layout.q_segment_ids, kv_segment_ids=layout.kv_segment_ids,
+          implementation=options.implementation, fp8_numerics=self.indexer.fp8_numerics), TOPK_INDICES)
+    t = x.shape[1]
+    if options.q_chunk and options.q_chunk < t and cache is None:
+      return self._chunked(q_latent, c, k_rope, layout, options, aux)
+    out, aux = self._attend(q_latent, c, k_rope, layout, options, aux)
+    return out, aux if options.aux_reducer is None else options.aux_reducer(aux, layout)
+
+  def _attend(self, q_latent, c, k_rope, layout, options, aux) -> tuple[jax.Array, dict]:
+    """The per-query part: query heads, attention core, output projection -> (out [B, T, D], aux)."""
+    q_nope, q_rope = self.queries(q_latent, layout)
     w_uk = self._w(self.wkv_b)[..., :self.cfg.qk_nope_head_dim]  # [C, N, P]
     w_uv = self._w(self.wkv_b)[..., self.cfg.qk_nope_head_dim:]  # [C, N, V]
     if options.resolved_mode == "mha":
@@ -143,6 +167,44 @@ class MLA(nnx.Module):
       out, lse, aux["mqa"] = self._mqa(q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options, aux)
     aux["lse"] = lse
     return jnp.einsum("btnv,nvd->btd", out, self._w(self.wo)), aux
+
+  def _chunked(self, q_latent, c, k_rope, layout, options, aux) -> tuple[jax.Array, dict]:
+    """`_attend` (and the reducer) over query chunks, each rematerialised -> (out, reduced aux summed)."""
+    if options.aux_reducer is None:
+      raise ValueError("q_chunk > 0 needs an aux_reducer: the per-query aux of every chunk would otherwise be "
+                       "kept whole; allowed: q_chunk=0, or pass aux_reducer.")
+    b, t = q_latent.shape[:2]
+    if t % options.q_chunk:
+      raise ValueError(f"q_chunk={options.q_chunk} is invalid for {t} queries; allowed: a divisor of T.")
+    n = t // options.q_chunk
+    split = lambda x: jnp.moveaxis(x.reshape(b, n, options.q_chunk, *x.shape[2:]), 1, 0)  # [n, B, T/n, ...]
+    per_query = dict(q_latent=q_latent, q_positions=layout.q_positions, q_segment_ids=layout.q_segment_ids,
+                     cos=layout.cos, sin=layout.sin)
+    if "indexer" in aux:
+      per_query.update(index_q=aux["indexer"].q, index_w=aux["indexer"].w)
+    if "topk_indices" in aux:
+      per_query["topk_indices"] = aux["topk_indices"]
+    # The keys' gradients add up over the chunks: in float32 copies (cast back inside, so the forward is
+    # unchanged) they are rounded once, not once per chunk.
+    keys = {"c": c, "k_rope": k_rope, **({"index_k": aux["indexer"].k} if "indexer" in aux else {})}
+    keys32 = jax.tree.map(lambda x: x.astype(jnp.float32), keys)
+
+    @jax.checkpoint
+    def chunk(xs):
+      chunk_layout = dataclasses.replace(layout, q_positions=xs["q_positions"], q_segment_ids=xs["q_segment_ids"],
+                                         cos=xs["cos"], sin=xs["sin"])
+      k = jax.tree.map(lambda x32, x: x32.astype(x.dtype), keys32, keys)
+      chunk_aux = {}
+      if "index_q" in xs:
+        chunk_aux["indexer"] = IndexerInputs(q=xs["index_q"], k=k["index_k"], w=xs["index_w"])
+      if "topk_indices" in xs:
+        chunk_aux["topk_indices"] = xs["topk_indices"]
+      out, chunk_aux = self._attend(xs["q_latent"], k["c"], k["k_rope"], chunk_layout, options, chunk_aux)
+      return out, options.aux_reducer(chunk_aux, chunk_layout)
+
+    out, reduced = jax.lax.map(chunk, jax.tree.map(split, per_query))
+    out = checkpoint_name(jnp.moveaxis(out, 0, 1).reshape(b, t, -1), CHUNKED_OUTPUT)
+    return out, jax.tree.map(lambda x: checkpoint_name(x.sum(0), CHUNKED_OUTPUT), reduced)
 
   def _read_through(self, cache: LayerCache, c, k_rope, aux):
     """Appends this step's entries to the cache and returns the whole cache as keys (MQA entries)."""

@@ -10,9 +10,10 @@ Keep Routing (V3.2 paper section 3.1): `forced_experts` replays recorded choices
 still computed from the live scores so the router keeps its gradient.
 Experts run dropless: assignments sorted by expert, then a grouped matmul
 (`pallas_kernels.moe_gmm.api`). Long rows run the routed experts over token chunks, each under
-`jax.checkpoint` (`TOKEN_CHUNK_BYTES`): at 128K tokens and top-8 the sorted token copies alone would take
-15 GB ([T k, D] bf16) and their float32 outputs 30 GB. The price is one more forward pass of the routed
-experts in the backward pass (a second one under layer rematerialisation).
+`jax.checkpoint` (`layers.over_token_chunks`, sized by the sorted copies [c k, D]): at 128K tokens and top-8
+the sorted token copies alone would take 14 GiB ([T k, D] bf16) and their float32 outputs 28 GiB. The price is
+one more forward pass of the routed experts in the backward pass (only one under layer remat too, which keeps
+the chunks' output: `layers.CHUNKED_OUTPUT`).
 """
 
 from collections.abc import Callable
@@ -22,16 +23,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsa_jax.model.config import MoEConfig
-from dsa_jax.model.layers import MLP, RouterBias, param
+from dsa_jax.model.layers import MLP, RouterBias, over_token_chunks, param, token_chunk
 from pallas_kernels.moe_gmm import api as gmm_api
 
 
 # (tokens [M, D], experts [M, k], gates [M, k], (w_gate, w_up, w_down) in compute dtype, implementation)
 #   -> (routed output [M, D] float32, extra aux). `dsa_jax.sharding.expert_parallel` provides one.
 ExpertDispatch = Callable[..., tuple[jax.Array, dict]]
-# Tokens per chunk of the local routed experts: the chunk's sorted token copies [c k, D] take about this many
-# bytes (8192 tokens at V3.2's D = 7168, top-8, bf16); shorter rows run in one piece.
-TOKEN_CHUNK_BYTES = 2**30
 
 
 def route(scores: jax.Array, bias: jax.Array, cfg: MoEConfig) -> jax.Array:
@@ -67,7 +65,8 @@ def swiglu_experts(xs: jax.Array, weights: tuple[jax.Array, jax.Array, jax.Array
 def routed_experts(tokens: jax.Array, experts: jax.Array, gate_weights: jax.Array,
                    weights: tuple[jax.Array, jax.Array, jax.Array], implementation: str | None) -> jax.Array:
   """Dropless dispatch of tokens [M, D] to experts [M, k] with gates [M, k]: sort the M k assignments by expert,
-  grouped matmuls, gate-weighted scatter-add back -> [M, D] float32."""
+  grouped matmuls, gate-weighted scatter-add back in float32 -> [M, D] in the tokens' dtype (as HF sums the
+  experts' outputs in the hidden dtype; a float32 [T, D] would be 3.5 GiB more to keep at 128K tokens)."""
   m, k = experts.shape
   flat = experts.reshape(-1)
   order = jnp.argsort(flat, stable=True)
@@ -75,28 +74,16 @@ def routed_experts(tokens: jax.Array, experts: jax.Array, gate_weights: jax.Arra
   group_sizes = jnp.bincount(flat, length=weights[0].shape[0]).astype(jnp.int32)
   out = swiglu_experts(tokens[token_of], weights, group_sizes, implementation)
   out = out.astype(jnp.float32) * gate_weights.reshape(-1)[order][:, None]
-  return jnp.zeros((m, tokens.shape[-1]), jnp.float32).at[token_of].add(out)
-
-
-def token_chunk(k: int, hidden: int, dtype) -> int:
-  """Tokens per chunk of `chunked_routed_experts` under `TOKEN_CHUNK_BYTES` (a power of two)."""
-  tokens = max(TOKEN_CHUNK_BYTES // (k * hidden * jnp.dtype(dtype).itemsize), 1)
-  return 1 << (tokens.bit_length() - 1)
+  return jnp.zeros((m, tokens.shape[-1]), jnp.float32).at[token_of].add(out).astype(tokens.dtype)
 
 
 def chunked_routed_experts(tokens: jax.Array, experts: jax.Array, gate_weights: jax.Array,
                            weights: tuple[jax.Array, jax.Array, jax.Array], implementation: str | None,
                            chunk: int) -> jax.Array:
   """`routed_experts` over `chunk` tokens at a time, each chunk rematerialised in the backward pass; padding
-  rows (to a multiple of chunk) go to expert 0 with gate 0 and are dropped."""
-  m, d = tokens.shape
-  if chunk >= m:
-    return routed_experts(tokens, experts, gate_weights, weights, implementation)
-  pad = -m % chunk
-  split = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, chunk, *x.shape[1:])
-  run = jax.checkpoint(lambda xs: routed_experts(*xs, weights, implementation))
-  out = jax.lax.map(run, (split(tokens), split(experts), split(gate_weights)))
-  return out.reshape(-1, d)[:m]
+  rows go to expert 0 with gate 0 and are dropped."""
+  return over_token_chunks(lambda xs: routed_experts(*xs, weights, implementation), (tokens, experts, gate_weights),
+                           chunk)
 
 
 class MoE(nnx.Module):
@@ -127,7 +114,7 @@ class MoE(nnx.Module):
     weights = gates(scores, experts, self.cfg)
     aux = {}
     if dispatch is None:
-      chunk = token_chunk(self.cfg.experts_per_token, d, self.dtype)
+      chunk = token_chunk(self.cfg.experts_per_token * d, self.dtype)
       y = chunked_routed_experts(tokens.astype(self.dtype), experts, weights, self.expert_weights(), implementation,
                                  chunk)
     else:

@@ -6,9 +6,10 @@ MTP (DeepSeek-V3 paper section 2.2, depth 1, checkpoint layer 61): h' = eh_proj(
 hnorm(h_i)]), one more block, shared_head norm, and the shared LM head: position i predicts token i+2.
 
 Rematerialisation (`remat`, for training at long context): "layer" wraps each decoder layer (and the MTP
-block) in `jax.checkpoint` saving nothing but its inputs, so the backward pass recomputes one layer at a
-time (one more forward pass of the layers); "layer_save_dots" keeps the outputs of the matmuls without batch
-dimensions (the projections) and recomputes the rest (attention, elementwise work).
+block) in `jax.checkpoint` keeping only its inputs, its top-k selection and the outputs of its chunked parts
+(`layers.CHUNKED_OUTPUT`: their chunks rematerialise themselves), so the backward pass recomputes one layer
+at a time (one more forward pass of the layers' unchunked parts); "layer_save_dots" also keeps the outputs of
+the matmuls without batch dimensions (the projections) and recomputes the rest (attention, elementwise work).
 `with_logits=False` returns the LM head's input and weights instead of [B, T, V] logits, for a loss that
 never materialises them (`dsa_jax.training.losses.chunked_cross_entropy`).
 """
@@ -22,14 +23,15 @@ from flax import nnx
 from dsa_jax.model import rope
 from dsa_jax.model.config import ModelConfig
 from dsa_jax.model.kv_cache import KVCache, LayerCache
-from dsa_jax.model.layers import MLP, RMSNorm, constrain, param
+from dsa_jax.model.layers import CHUNKED_OUTPUT, MLP, TOPK_INDICES, RMSNorm, constrain, param
 from dsa_jax.model.mla import MLA, AttentionOptions, TokenLayout
 from dsa_jax.model.moe import ExpertDispatch, MoE
 
 INIT_STD = 0.02
 ACT_BTD = ("act_batch", "act_length", "act_embed")  # logical axes of the residual stream (sharding hints)
-REMAT_POLICIES = {"none": None, "layer": jax.checkpoint_policies.nothing_saveable,
-                  "layer_save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+_KEPT = jax.checkpoint_policies.save_only_these_names(CHUNKED_OUTPUT, TOPK_INDICES)
+REMAT_POLICIES = {"none": None, "layer": _KEPT, "layer_save_dots": jax.checkpoint_policies.save_from_both_policies(
+    _KEPT, jax.checkpoint_policies.dots_with_no_batch_dims_saveable)}
 
 
 @dataclasses.dataclass(frozen=True)

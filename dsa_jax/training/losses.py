@@ -15,11 +15,13 @@ Defaults and their sources:
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from dsa_jax.model.config import ModelConfig, check_positive
+from dsa_jax.model.mla import TokenLayout
 from pallas_kernels.indexer_kl import api as kl_api
 
 
@@ -159,26 +161,52 @@ def lm_loss(logits: jax.Array, ids: jax.Array, loss_mask: jax.Array, segment_ids
   return cross_entropy(logits, *shifted_labels(ids, loss_mask, segment_ids, shift))
 
 
+def layer_kl(cfg: ModelConfig, aux: dict, loss_cfg: LossConfig, sparse: bool, *, q_positions: jax.Array,
+             kv_positions: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
+  """KL(p || softmax(I)) of each query of one layer (paper section 2.1; dense or sparse form) -> [B, T].
+
+  Needs the forward pass in MQA mode (`aux["mqa"]`). Gradients reach only the indexer's q, k and w.
+  Positions and segment ids decide visibility, so any token order (context parallelism) and any subset of
+  the queries (a query chunk) give the same per-query KL.
+  """
+  idx = aux["indexer"]
+  args = (aux["mqa"]["q"], aux["mqa"]["kv"], aux["lse"], cfg.softmax_scale, idx.q, idx.k, idx.w)
+  where = dict(q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
+               kv_segment_ids=kv_segment_ids)
+  if sparse:
+    return kl_api.sparse_kl(*args, aux["topk_indices"], **kl_chunks(loss_cfg, aux, True), **where)
+  return kl_api.dense_kl(*args, **kl_chunks(loss_cfg, aux, False), **where)
+
+
 def indexer_kl(cfg: ModelConfig, layer_aux: tuple[dict, ...], positions: jax.Array, segment_ids: jax.Array,
                loss_cfg: LossConfig, sparse: bool) -> jax.Array:
-  """Sum over layers of the mean per-query KL(p || softmax(I)) (paper section 2.1; dense or sparse form).
+  """Sum over layers of the mean per-query KL (`layer_kl`) of a forward pass's whole aux.
 
   layer_aux: the decoder layers' aux and, when it ran, the MTP block's (its indexer trains the same way).
-  Needs the forward pass in MQA mode (`aux["mqa"]`). Gradients reach only the indexer's q, k and w.
-  Positions and segment ids decide visibility, so any token order (context parallelism) gives the same KL.
   """
-  total = jnp.zeros((), jnp.float32)
-  for aux in layer_aux:
-    idx = aux["indexer"]
-    args = (aux["mqa"]["q"], aux["mqa"]["kv"], aux["lse"], cfg.softmax_scale, idx.q, idx.k, idx.w)
-    where = dict(q_positions=positions, kv_positions=positions, q_segment_ids=segment_ids,
-                 kv_segment_ids=segment_ids)
-    if sparse:
-      kl = kl_api.sparse_kl(*args, aux["topk_indices"], **kl_chunks(loss_cfg, aux, True), **where)
-    else:
-      kl = kl_api.dense_kl(*args, **kl_chunks(loss_cfg, aux, False), **where)
-    total = total + kl.mean()
-  return total
+  where = dict(q_positions=positions, kv_positions=positions, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+  return sum((layer_kl(cfg, aux, loss_cfg, sparse, **where).mean() for aux in layer_aux), jnp.zeros((), jnp.float32))
+
+
+def attention_reducer(cfg: ModelConfig, loss_cfg: LossConfig, stage: str) -> Callable[[dict, TokenLayout], dict]:
+  """The `aux_reducer` of a training stage (`dsa_jax.model.mla`): a layer's (or a query chunk's) attention aux
+  -> what the stage's loss needs of it, so that the [T, N, C] tensors the KL reads stay inside the layer.
+
+  dense: nothing; warmup / sparse: {"kl_sum": the dense / sparse KL summed over the queries} (`reduced_kl`).
+  """
+  if stage == "dense":
+    return lambda aux, layout: {}
+
+  def reduce(aux: dict, layout: TokenLayout) -> dict:
+    return {"kl_sum": layer_kl(cfg, aux, loss_cfg, stage == "sparse", q_positions=layout.q_positions,
+                               kv_positions=layout.kv_positions, q_segment_ids=layout.q_segment_ids,
+                               kv_segment_ids=layout.kv_segment_ids).sum()}
+  return reduce
+
+
+def reduced_kl(layer_aux: tuple[dict, ...], num_queries: int) -> jax.Array:
+  """`indexer_kl` from aux reduced by `attention_reducer`: sum over layers of kl_sum / (B T)."""
+  return sum((aux["kl_sum"] for aux in layer_aux), jnp.zeros((), jnp.float32)) / num_queries
 
 
 def sequence_balance_loss(scores: jax.Array, experts: jax.Array, num_experts: int) -> jax.Array:

@@ -10,8 +10,10 @@
 Freezing is the optimizer's (`optimizer.build`); MoE biases follow `moe_balance` when the main model trains.
 The MTP block is one more layer here: its indexer gets its KL (in the warm-up too) and its router bias moves.
 The LM (and MTP) loss never materialises [T, V] logits: the model returns the LM head's input and weights and
-`losses.chunked_cross_entropy` runs over token chunks. `StepConfig.remat` rematerialises the layers
-(`dsa_jax.model.transformer.REMAT_POLICIES`) to fit long rows.
+`losses.chunked_cross_entropy` runs over token chunks. The indexer KL is computed inside each layer
+(`losses.attention_reducer`), so the attention tensors it reads never leave the layer. `StepConfig.remat`
+rematerialises the layers (`dsa_jax.model.transformer.REMAT_POLICIES`) and `StepConfig.q_chunk` runs the
+attention over query chunks (`dsa_jax.model.mla`) to fit long rows.
 
 On a mesh (`dsa_jax.sharding.partition.jit_sharded`) `StepConfig.expert_dispatch` runs the routed experts
 expert-parallel and `StepConfig.context` permutes the sequence for context parallelism. The step takes the
@@ -50,6 +52,7 @@ class StepConfig:
   expert_dispatch: ExpertDispatch | None = None
   context: int = 1  # the mesh's context axis: the step permutes the sequence into its load-balanced order
   remat: str = "none"  # "none" | "layer" | "layer_save_dots": see `dsa_jax.model.transformer`
+  q_chunk: int = 0  # attention queries per chunk, a divisor of T (`dsa_jax.model.mla`); 0: all at once
 
   def __post_init__(self):
     if self.stage not in optim.STAGES:
@@ -58,6 +61,8 @@ class StepConfig:
       raise ValueError(f"StepConfig.stage={self.stage!r} needs a model with an indexer; allowed: 'dense'.")
     if not (isinstance(self.context, int) and self.context > 0):
       raise ValueError(f"StepConfig.context={self.context!r} is invalid; allowed: a positive integer.")
+    if not (isinstance(self.q_chunk, int) and self.q_chunk >= 0):
+      raise ValueError(f"StepConfig.q_chunk={self.q_chunk!r} is invalid; allowed: 0 or a positive integer.")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"StepConfig.remat={self.remat!r} is invalid; allowed: {tuple(REMAT_POLICIES)}.")
 
@@ -97,13 +102,14 @@ def loss_fn(params: dict, other: dict, batch: Batch, config: StepConfig):
                          mla_mode=mode, implementation=config.implementation, positions=batch["positions"],
                          segment_ids=batch["segment_ids"], with_mtp=config.with_mtp,
                          expert_dispatch=config.expert_dispatch, next_ids=batch["labels"], remat=config.remat,
-                         with_logits=False)
+                         with_logits=False, q_chunk=config.q_chunk,
+                         aux_reducer=losses.attention_reducer(config.model, config.loss, config.stage))
   aux = _with_mtp(out.layer_aux, out.mtp_aux)
   lm = functools.partial(losses.chunked_cross_entropy, head=out.lm_head,
                          chunk=losses.lm_chunk(config.loss, config.model.vocab_size))
   metrics = {"lm_loss": lm(out.head_input, labels=batch["labels"], label_mask=batch["label_mask"])}
   if config.stage == "warmup":
-    kl = losses.indexer_kl(config.model, aux, batch["positions"], batch["segment_ids"], config.loss, sparse=False)
+    kl = losses.reduced_kl(aux, batch["ids"].size)
     metrics["kl"] = kl
     return config.loss.kl_weight * kl, (metrics, out.layer_aux, out.mtp_aux)
   total = metrics["lm_loss"]
@@ -114,8 +120,7 @@ def loss_fn(params: dict, other: dict, batch: Batch, config: StepConfig):
     metrics["balance_loss"] = losses.balance_loss(config.model, aux)
     total = total + config.loss.balance_weight * metrics["balance_loss"]
   if config.stage == "sparse":
-    metrics["kl"] = losses.indexer_kl(config.model, aux, batch["positions"], batch["segment_ids"], config.loss,
-                                      sparse=True)
+    metrics["kl"] = losses.reduced_kl(aux, batch["ids"].size)
     total = total + config.loss.kl_weight * metrics["kl"]
   return total, (metrics, out.layer_aux, out.mtp_aux)
 

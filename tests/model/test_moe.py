@@ -1,11 +1,13 @@
-"""The routed experts over token chunks equal the unchunked dispatch, in value and gradients."""
+"""The feed-forward layers over token chunks (routed experts, SwiGLU MLP) equal one piece, in value and
+gradients."""
 
 import chex
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
-from dsa_jax.model import moe
+from dsa_jax.model import layers, moe
 
 
 @pytest.mark.parametrize("chunk", [8, 12, 64])  # several chunks; chunks with padding; one chunk
@@ -27,6 +29,19 @@ def test_chunked_routed_experts_equal_the_unchunked_ones(chunk):
   chex.assert_trees_all_close(chunked, plain, rtol=1e-5, atol=1e-6)
 
 
-def test_token_chunk_of_v3_2_shapes():
-  assert moe.token_chunk(8, 7168, jnp.bfloat16) == 8192  # [8192 x 8, 7168] bf16 is under 1 GiB
-  assert moe.token_chunk(2, 64, jnp.float32) == 2**21
+def test_token_chunks_of_v3_2_shapes():
+  assert layers.token_chunk(8 * 7168, jnp.bfloat16) == 8192  # the MoE's sorted copies [8192 x 8, 7168] bf16: 1 GiB
+  assert layers.token_chunk(18432, jnp.bfloat16) == 16384  # the dense MLP's [16384, 18432] bf16: under 1 GiB
+  assert layers.token_chunk(2 * 64, jnp.float32) == 2**21
+
+
+@pytest.mark.parametrize("chunk", [8, 12])
+def test_mlp_over_token_chunks_equals_one_piece(chunk, monkeypatch):
+  mlp = layers.MLP(16, 24, rngs=nnx.Rngs(0), dtype="float32", param_dtype="float32", std=0.3)
+  x = jax.random.normal(jax.random.key(1), (2, 20, 16))
+  graph, state = nnx.split(mlp)
+  run = lambda state, x: jnp.sum(jnp.sin(nnx.merge(graph, state)(x)))
+  whole = jax.value_and_grad(run, argnums=(0, 1))(state, x)
+  monkeypatch.setattr(layers, "token_chunk", lambda width, dtype: chunk)
+  chunked = jax.jit(jax.value_and_grad(run, argnums=(0, 1)))(state, x)
+  chex.assert_trees_all_close(chunked, whole, rtol=1e-5, atol=1e-6)

@@ -8,15 +8,13 @@ record (date, git commit, device kind, exact command, rows) goes to `--out_dir`,
 default; the current tables under `benchmarks/` cite the records they were made from.
 """
 
-import datetime
 import importlib
-import json
-import pathlib
-import subprocess
 import sys
 
 import jax
 from absl import app, flags
+
+from experiments import records
 
 # Modules that define SECTIONS, in the order their sections run.
 BENCH_MODULES = (
@@ -49,14 +47,6 @@ def sections() -> dict:
   return found
 
 
-def _git_commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
 def _table(rows: list[dict]) -> str:
   columns = list(dict.fromkeys(key for row in rows for key in row))
   fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -82,13 +72,9 @@ def main(argv):
   rows = []
   for name in names:
     rows += available[name](cfg)
-  now = datetime.datetime.now(datetime.timezone.utc)
-  record = dict(date=now.isoformat(timespec="seconds"), commit=_git_commit(), device=jax.devices()[0].device_kind,
-                command=" ".join(["python -m experiments.bench_kernels", *sys.argv[1:]]), rows=rows)
-  out = pathlib.Path(_OUT_DIR.value)
-  out.mkdir(parents=True, exist_ok=True)
-  path = out / f"bench_kernels_{now.strftime('%Y%m%d_%H%M%S')}.json"
-  path.write_text(json.dumps(record, indent=1))
+  record = records.header(jax.devices()[0].device_kind, " ".join(["python -m experiments.bench_kernels",
+                                                                   *sys.argv[1:]]))
+  path = records.write(_OUT_DIR.value, "bench_kernels", {**record, "rows": rows})
   for section in dict.fromkeys(row.get("section") for row in rows):
     print(f"\n## {section}\n" + _table([r for r in rows if r.get("section") == section]))
   print(f"\nwrote {path}")

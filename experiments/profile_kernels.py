@@ -9,19 +9,17 @@ Targets (the inputs of `experiments/bench_sections`, default implementations): "
 DSA attention core: index_topk + sparse MLA), and "train_step" (one training step of `--stage` with the
 model of `--train_config`, by default the parity run's `train_small`, on one row of `--seq_len` random
 tokens). After one warm-up call (compilation), `--iters` calls are
-traced with `jax.profiler` (a Perfetto trace); the table sums each op's time on the device streams (on a
-machine without an accelerator, on the host) and divides by the calls: ms per call, share, count per call.
+traced with `jax.profiler` (a Perfetto trace); the table (`dsa_jax.profiling`) sums each op's time on the device
+streams (on a machine without an accelerator, on the host) and divides by the calls: ms per call, share, count
+per call.
 """
 
-import collections
-import gzip
-import json
-import pathlib
 import tempfile
 
 import jax
 from absl import app, flags
 
+from dsa_jax import profiling
 from experiments.bench_sections import dsa_layer, topk
 
 TARGETS = ("pruned_select", "index_topk", "dsa_layer", "train_step")
@@ -70,44 +68,16 @@ def build(target: str, seq_len: int):
   return jax.jit(lambda x, vis: dsa_layer.layer(x, vis, None, "pruned_fused_select")), (x, vis)
 
 
-def op_times(trace_path: pathlib.Path) -> tuple[dict[str, float], dict[str, int], str]:
-  """Perfetto trace -> (microseconds per op name, events per op name, which processes were summed)."""
-  with gzip.open(trace_path) as f:
-    data = json.load(f)
-  events = data["traceEvents"] if isinstance(data, dict) else data
-  names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-  device = {pid for pid, name in names.items() if name.startswith("/device:")}
-  pids = device or set(names)
-  total, count = collections.Counter(), collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in pids:
-      total[e["name"]] += e.get("dur", 0.0)
-      count[e["name"]] += 1
-  return total, count, ", ".join(sorted(names[p] for p in pids))
-
-
-def table(total: dict[str, float], count: dict[str, int], calls: int, top: int) -> str:
-  whole = sum(total.values()) or 1.0
-  lines = [f"{'ms/call':>9} {'share':>6} {'n/call':>7}  op", f"{sum(total.values()) / calls / 1e3:9.3f} {1:6.1%} "
-           f"{sum(count.values()) / calls:7.1f}  (all)"]
-  for name, us in sorted(total.items(), key=lambda kv: -kv[1])[:top]:
-    lines.append(f"{us / calls / 1e3:9.3f} {us / whole:6.1%} {count[name] / calls:7.1f}  {name[:110]}")
-  return "\n".join(lines)
-
-
 def main(argv):
   del argv
   fn, args = build(_TARGET.value, _SEQ_LEN.value)
   jax.block_until_ready(fn(*args))  # compile outside the trace
-  trace_dir = pathlib.Path(_TRACE_DIR.value or tempfile.mkdtemp(prefix="profile_kernels_"))
-  with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
-    for _ in range(_ITERS.value):
-      jax.block_until_ready(fn(*args))
-  trace = max(trace_dir.glob("**/*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
-  total, count, summed = op_times(trace)
+  trace_dir = _TRACE_DIR.value or tempfile.mkdtemp(prefix="profile_kernels_")
+  trace = profiling.trace_calls(lambda: fn(*args), _ITERS.value, trace_dir)
+  total, count, summed = profiling.op_times(trace)
   print(f"{_TARGET.value} at T={_SEQ_LEN.value} on {jax.devices()[0].device_kind}; {_ITERS.value} calls; "
         f"summed: {summed}; trace {trace}")
-  print(table(total, count, _ITERS.value, _TOP.value))
+  print(profiling.table(total, count, _ITERS.value, _TOP.value))
 
 
 if __name__ == "__main__":

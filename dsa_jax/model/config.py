@@ -2,7 +2,7 @@
 
 One dataclass per concern; each layer receives only the sub-config it needs. Derived sizes are
 properties. Presets: `tiny` (CPU tests), `small` (one GPU), `v3_2_671b` (the official model,
-`config_671B_v3.2.json`).
+`config_671B_v3.2.json`), `v3_2_layers` (a few layers of the official shapes, for one-GPU step benchmarks).
 """
 
 import dataclasses
@@ -154,6 +154,22 @@ def v3_2_671b() -> ModelConfig:
   return ModelConfig()
 
 
+def v3_2_layers(moe_layers: int = 1) -> ModelConfig:
+  """A few DeepSeek-V3.2 layers at their exact shapes: what one GPU of 8-way expert parallelism computes.
+
+  Hidden 7168, MLA (128 heads, q rank 1536, kv rank 512, nope 128 / rope 64 / v 128), indexer 64 x 128 with
+  top-2048, vocabulary 129,280, YaRN RoPE, one dense layer (MLP hidden 18432) then `moe_layers` MoE layers,
+  no MTP. The MoE keeps the 256-expert model's per-token shapes (expert hidden 2048, top-8, one shared
+  expert, sigmoid, routed scaling 2.5, top-4 of 8 groups) but holds only the 32 routed experts one GPU has
+  under 8-way expert parallelism (8 groups of 4): per-token expert FLOPs and matmul shapes are the real
+  ones, the router chooses among 32. Parameters are bf16: the state of these ~4.1B parameters with AdamW
+  takes 8 B each (31 GiB) instead of 16 B (61 GiB) in float32, which would leave no room for 128K tokens.
+  """
+  base = ModelConfig()
+  return base.replace(num_layers=1 + moe_layers, first_k_dense=1, num_mtp_layers=0, param_dtype="bfloat16",
+                      moe=dataclasses.replace(base.moe, num_experts=32))
+
+
 def small() -> ModelConfig:
   """A few hundred million parameters for one GPU; top-k 512 at 8K context; entry widths the GPU kernels take
   (latent 256 + rope 64, indexer 16 x 128)."""
@@ -179,7 +195,7 @@ def tiny() -> ModelConfig:
       rope=RopeConfig(factor=4.0, original_max_position=16), dtype="float32")
 
 
-PRESETS = {"tiny": tiny, "small": small, "v3_2_671b": v3_2_671b}
+PRESETS = {"tiny": tiny, "small": small, "v3_2_671b": v3_2_671b, "v3_2_layers": v3_2_layers}
 
 
 def preset(name: str) -> ModelConfig:

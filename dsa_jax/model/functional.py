@@ -5,6 +5,8 @@ static graph of a config and runs the forward pass; `abstract_state` shapes it w
 """
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ from flax import nnx
 
 from dsa_jax.model.config import ModelConfig
 from dsa_jax.model.kv_cache import KVCache
-from dsa_jax.model.mla import AttentionOptions
+from dsa_jax.model.mla import AttentionAux, AttentionOptions, TokenLayout
 from dsa_jax.model.moe import ExpertDispatch
 from dsa_jax.model.transformer import DeepseekV32, ModelOutput
 
@@ -43,21 +45,26 @@ def apply(cfg: ModelConfig, state: nnx.State, input_ids: jax.Array, *, attention
           mla_mode: str | None = None, implementation: str | None = None, positions: jax.Array | None = None,
           segment_ids: jax.Array | None = None, forced_experts: dict[int, jax.Array] | None = None,
           with_mtp: bool = False, indexer_fp8: bool = False, cache: KVCache | None = None,
-          expert_dispatch: ExpertDispatch | None = None, next_ids: jax.Array | None = None,
+          expert_dispatch: ExpertDispatch | None = None, next_ids: jax.Array | None = None, remat: str = "none",
+          with_logits: bool = True, q_chunk: int = 0,
+          aux_reducer: Callable[[AttentionAux, TokenLayout], Any] | None = None,
           mqa_operands: bool = False) -> ModelOutput:
   """Runs the model: input_ids [B, T] -> ModelOutput (logits, per-layer hidden states and aux).
 
   `cache` (`kv_cache.init_cache`) appends the tokens to a decode cache; see `DeepseekV32.__call__`.
   `expert_dispatch` runs the routed experts elsewhere (`dsa_jax.sharding.expert_parallel`); None: on this device.
   `next_ids` feeds the MTP block the next token of each position when the sequence is permuted.
-  `mqa_operands` returns the MQA operands in MHA mode too (`AttentionOptions`).
+  `remat` ("none" | "layer" | "layer_save_dots") rematerialises each layer in the backward pass;
+  `with_logits=False` returns the LM head's input and weights instead of logits (`transformer` docstring).
+  `q_chunk` runs each layer's queries in chunks and `aux_reducer` reduces each layer's attention aux inside
+  the layer (`mla` docstring). `mqa_operands` returns the MQA operands in MHA mode too (`AttentionOptions`).
   """
   model = nnx.merge(graphdef(cfg, indexer_fp8), state)
-  options = AttentionOptions(kind=attention, mode=mla_mode, implementation=implementation,
-                             mqa_operands=mqa_operands)
+  options = AttentionOptions(kind=attention, mode=mla_mode, implementation=implementation, q_chunk=q_chunk,
+                             aux_reducer=aux_reducer, mqa_operands=mqa_operands)
   return model(jnp.asarray(input_ids), positions=positions, segment_ids=segment_ids, options=options,
                forced_experts=forced_experts, with_mtp=with_mtp, cache=cache, expert_dispatch=expert_dispatch,
-               next_ids=next_ids)
+               next_ids=next_ids, remat=remat, with_logits=with_logits)
 
 
 def forward(cfg: ModelConfig, state: nnx.State, input_ids: jax.Array, attention: str = "sparse",

@@ -1,14 +1,49 @@
-"""Building blocks shared by the model: parameters with logical axes, norms, the SwiGLU MLP.
+"""Building blocks shared by the model: parameters with logical axes, norms, the SwiGLU MLP, token chunks.
 
 Every parameter carries `logical_axes` metadata (one name per dimension); `dsa_jax.sharding` maps
 those names to mesh axes, so the model itself makes no device assumptions.
+
+Long rows run the feed-forward layers over token chunks (`over_token_chunks`), each rematerialised in the
+backward pass: at 128K tokens the dense MLP's [T, 18432] activations take 4.5 GiB each in bf16, and its
+backward pass holds several of them. A chunk's widest activation takes about `TOKEN_CHUNK_BYTES`; the price
+is one more forward pass of the chunked layer in the backward pass.
 """
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
+
+
+TOKEN_CHUNK_BYTES = 2**30
+# Names (`jax.ad_checkpoint.checkpoint_name`) of the values a rematerialised layer keeps
+# (`transformer.REMAT_POLICIES`): the outputs of chunked computations, whose chunks rematerialise themselves
+# (recomputing the whole chunk loop to rebuild its output would run every chunk a third time), and the top-k
+# selection (not differentiated, and costly to redo).
+CHUNKED_OUTPUT, TOPK_INDICES = "chunked_output", "topk_indices"
+
+
+def token_chunk(width: int, dtype) -> int:
+  """Tokens per chunk (a power of two) whose [chunk, width] activation of `dtype` takes about TOKEN_CHUNK_BYTES."""
+  tokens = max(TOKEN_CHUNK_BYTES // (width * jnp.dtype(dtype).itemsize), 1)
+  return 1 << (tokens.bit_length() - 1)
+
+
+def over_token_chunks(fn: Callable, xs, chunk: int):
+  """fn(pytree of [c, ...] token arrays) -> pytree of [c, ...], run `chunk` tokens at a time under
+  `jax.checkpoint` (one piece when the tokens fit one chunk). The token axis is zero-padded to a multiple of
+  `chunk`; the padding rows' outputs are dropped."""
+  m = jax.tree.leaves(xs)[0].shape[0]
+  if chunk >= m:
+    return fn(xs)
+  pad = -m % chunk
+  split = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, chunk, *x.shape[1:])
+  out = jax.lax.map(jax.checkpoint(fn), jax.tree.map(split, xs))
+  return jax.tree.map(lambda y: checkpoint_name(y.reshape(-1, *y.shape[2:])[:m], CHUNKED_OUTPUT), out)
 
 
 class RouterBias(nnx.Variable):
@@ -76,7 +111,15 @@ class MLP(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(self.dtype)
-    gate = jnp.einsum("btd,df->btf", x, self.gate[...].astype(self.dtype))
-    up = jnp.einsum("btd,df->btf", x, self.up[...].astype(self.dtype))
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.down[...].astype(self.dtype))
+    """x [B, T, D] -> [B, T, D], over token chunks on long rows (module docstring)."""
+    b, t, d = x.shape
+    weights = tuple(w[...].astype(self.dtype) for w in (self.gate, self.up, self.down))
+    chunk = token_chunk(weights[0].shape[1], self.dtype)
+    return over_token_chunks(lambda tokens: _swiglu(tokens, weights), x.astype(self.dtype).reshape(b * t, d),
+                             chunk).reshape(b, t, d)
+
+
+def _swiglu(x: jax.Array, weights: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+  gate, up, down = weights
+  h = jax.nn.silu(jnp.einsum("md,df->mf", x, gate)) * jnp.einsum("md,df->mf", x, up)
+  return jnp.einsum("mf,fd->md", h, down)

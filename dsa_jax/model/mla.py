@@ -6,19 +6,31 @@ Official `MLA.forward` / HF `DeepseekV32Attention`. Two modes compute the same f
     shared 576-dim entry [c | k_rope] and its value is c; the output is projected by W_UV[h] afterwards.
 Dense attention runs either mode; sparse attention (DSA) runs MQA mode over the indexer's top-k entries,
 gathered by `pallas_kernels.sparse_mla.api` (never a [T, S] mask).
+
+Long rows (`AttentionOptions.q_chunk`): the per-query work after the shared entries, the indexer inputs and
+the top-k selection (all tokens at once) runs `q_chunk` queries at a time under `jax.checkpoint`: the query
+heads, the attention core, the output projection and `aux_reducer` (the training step's indexer KL). At
+V3.2's 128 heads and 128K tokens the absorbed queries alone are [T, 128, 576] bf16 = 18 GiB, the latent
+outputs 16 GiB and the backward pass doubles both; a chunk holds T / q_chunk of that. The price is one more
+forward pass of the chunk in the backward pass. `aux_reducer(aux, layout) -> pytree` turns a layer's (or a
+chunk's) `AttentionAux` into the few values a loss needs, summed over the chunks, so that the [T, N, C]
+tensors never leave the layer: under rematerialisation they are rebuilt in its backward pass, not kept.
 """
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dsa_jax.model import rope
 from dsa_jax.model.config import IndexerConfig, MLAConfig
 from dsa_jax.model.indexer import Indexer, IndexerInputs, select
 from dsa_jax.model.kv_cache import LayerCache
-from dsa_jax.model.layers import RMSNorm, constrain, param
+from dsa_jax.model.layers import CHUNKED_OUTPUT, TOPK_INDICES, RMSNorm, constrain, param
 from pallas_kernels.flash_attention.api import flash_attention
 from pallas_kernels.sparse_mla import api as sparse_mla_api
 
@@ -55,7 +67,7 @@ class MQAOperands:
 @dataclasses.dataclass(frozen=True)
 class AttentionAux:
   """What one layer's attention hands to training and sampling; None where a field does not apply."""
-  lse: jax.Array  # [B, T, N] float32 log-sum-exp of the scaled attention logits
+  lse: jax.Array | None  # [B, T, N] float32 log-sum-exp of the scaled attention logits (None before attending)
   mqa: MQAOperands | None = None  # MQA mode, or MHA mode with AttentionOptions.mqa_operands
   topk_indices: jax.Array | None = None  # [B, T, K] int32, ascending, -1 padded: sparse attention only
   indexer: IndexerInputs | None = None  # models with an indexer (keys of the whole cache when decoding)
@@ -69,7 +81,8 @@ jax.tree_util.register_dataclass(AttentionAux, data_fields=["lse", "mqa", "topk_
 
 @dataclasses.dataclass(frozen=True)
 class AttentionOptions:
-  """How to run attention: dense or sparse (DSA), MLA mode, kernel implementation.
+  """How to run attention: dense or sparse (DSA), MLA mode, kernel implementation, query chunks and the aux
+  reducer (module docstring).
 
   `mqa_operands` makes MHA mode also return the MQA operands (absorbed queries, latent entries): the dense
   warm-up attends in MHA mode, whose head dims (192 / 128) cuDNN's flash attention takes, while its indexer KL
@@ -79,8 +92,12 @@ class AttentionOptions:
   mode: str | None = None  # None: "mha" for dense, "mqa" for sparse
   implementation: str | None = None
   mqa_operands: bool = False
+  q_chunk: int = 0  # queries per chunk (a divisor of T); 0: all at once
+  aux_reducer: Callable[["AttentionAux", "TokenLayout"], Any] | None = None
 
   def __post_init__(self):
+    if not (isinstance(self.q_chunk, int) and self.q_chunk >= 0):
+      raise ValueError(f"q_chunk={self.q_chunk!r} is invalid; allowed: 0 (no chunks) or a positive integer.")
     if self.kind not in ATTENTION_KINDS:
       raise ValueError(f"attention={self.kind!r} is invalid; allowed: {ATTENTION_KINDS}.")
     if self.mode is not None and self.mode not in MLA_MODES:
@@ -121,12 +138,15 @@ class MLA(nnx.Module):
   def _w(self, p: nnx.Param) -> jax.Array:
     return p[...].astype(self.dtype)
 
-  def queries(self, x: jax.Array, layout: TokenLayout) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """-> q_latent [B, T, Cq], q_nope [B, T, N, P], q_rope [B, T, N, R] (RoPE applied)."""
-    q_latent = self.q_norm(jnp.einsum("btd,dc->btc", x, self._w(self.wq_a)))
+  def query_latent(self, x: jax.Array) -> jax.Array:
+    """x [B, T, D] -> q_latent [B, T, Cq] (normalised: the input of the query heads and of the indexer)."""
+    return self.q_norm(jnp.einsum("btd,dc->btc", x, self._w(self.wq_a)))
+
+  def queries(self, q_latent: jax.Array, layout: TokenLayout) -> tuple[jax.Array, jax.Array]:
+    """q_latent [B, T, Cq] -> q_nope [B, T, N, P], q_rope [B, T, N, R] (RoPE applied)."""
     q = jnp.einsum("btc,cnh->btnh", q_latent, self._w(self.wq_b))
     p = self.cfg.qk_nope_head_dim
-    return q_latent, q[..., :p], rope.apply_interleaved(q[..., p:], layout.cos, layout.sin)
+    return q[..., :p], rope.apply_interleaved(q[..., p:], layout.cos, layout.sin)
 
   def latents(self, x: jax.Array, layout: TokenLayout) -> tuple[jax.Array, jax.Array]:
     """-> c [B, S, C] (normalised latent), k_rope [B, S, R] (RoPE applied); the MQA entry is [c | k_rope]."""
@@ -142,7 +162,7 @@ class MLA(nnx.Module):
     attend over every cached slot (layout.kv_* describe the cache), and AttentionAux.cache is the updated cache.
     """
     x = x.astype(self.dtype)
-    q_latent, q_nope, q_rope = self.queries(x, layout)
+    q_latent = self.query_latent(x)
     c, k_rope = self.latents(x, layout)
     c, k_rope = constrain(c, KV_ENTRY_AXES), constrain(k_rope, KV_ENTRY_AXES)
     indexer = topk_indices = None
@@ -158,9 +178,19 @@ class MLA(nnx.Module):
       if indexer is None:
         raise ValueError("attention='sparse' needs an indexer, but this model has none (a dense DeepSeek-V3 "
                          "config); allowed: attention='dense'.")
-      topk_indices = select(indexer, self.topk, q_positions=layout.q_positions, kv_positions=layout.kv_positions,
-                            q_segment_ids=layout.q_segment_ids, kv_segment_ids=layout.kv_segment_ids,
-                            implementation=options.implementation, fp8_numerics=self.indexer.fp8_numerics)
+      topk_indices = checkpoint_name(select(
+          indexer, self.topk, q_positions=layout.q_positions, kv_positions=layout.kv_positions,
+          q_segment_ids=layout.q_segment_ids, kv_segment_ids=layout.kv_segment_ids,
+          implementation=options.implementation, fp8_numerics=self.indexer.fp8_numerics), TOPK_INDICES)
+    aux = AttentionAux(lse=None, topk_indices=topk_indices, indexer=indexer, cache=cache)
+    if options.q_chunk and options.q_chunk < x.shape[1] and cache is None:
+      return self._chunked(q_latent, c, k_rope, layout, options, aux)
+    out, aux = self._attend(q_latent, c, k_rope, layout, options, aux)
+    return out, aux if options.aux_reducer is None else options.aux_reducer(aux, layout)
+
+  def _attend(self, q_latent, c, k_rope, layout, options, aux: AttentionAux) -> tuple[jax.Array, AttentionAux]:
+    """The per-query part: query heads, attention core, output projection -> (out [B, T, D], aux with lse)."""
+    q_nope, q_rope = self.queries(q_latent, layout)
     w_uk = self._w(self.wkv_b)[..., :self.cfg.qk_nope_head_dim]  # [C, N, P]
     w_uv = self._w(self.wkv_b)[..., self.cfg.qk_nope_head_dim:]  # [C, N, V]
     mqa = None
@@ -169,9 +199,41 @@ class MLA(nnx.Module):
       if options.mqa_operands:
         mqa = self._mqa_operands(q_nope, q_rope, c, k_rope, w_uk)
     else:
-      out, lse, mqa = self._mqa(q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options, topk_indices)
-    aux = AttentionAux(lse=lse, mqa=mqa, topk_indices=topk_indices, indexer=indexer, cache=cache)
-    return jnp.einsum("btnv,nvd->btd", out, self._w(self.wo)), aux
+      out, lse, mqa = self._mqa(q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options, aux.topk_indices)
+    return jnp.einsum("btnv,nvd->btd", out, self._w(self.wo)), dataclasses.replace(aux, lse=lse, mqa=mqa)
+
+  def _chunked(self, q_latent, c, k_rope, layout, options, aux: AttentionAux) -> tuple[jax.Array, Any]:
+    """`_attend` (and the reducer) over query chunks, each rematerialised -> (out, reduced aux summed)."""
+    if options.aux_reducer is None:
+      raise ValueError("q_chunk > 0 needs an aux_reducer: the per-query aux of every chunk would otherwise be "
+                       "kept whole; allowed: q_chunk=0, or pass aux_reducer.")
+    b, t = q_latent.shape[:2]
+    if t % options.q_chunk:
+      raise ValueError(f"q_chunk={options.q_chunk} is invalid for {t} queries; allowed: a divisor of T.")
+    n = t // options.q_chunk
+    split = lambda x: jnp.moveaxis(x.reshape(b, n, options.q_chunk, *x.shape[2:]), 1, 0)  # [n, B, T/n, ...]
+    indexer = aux.indexer
+    per_query = dict(q_latent=q_latent, q_positions=layout.q_positions, q_segment_ids=layout.q_segment_ids,
+                     cos=layout.cos, sin=layout.sin, topk_indices=aux.topk_indices,
+                     index_q=None if indexer is None else indexer.q, index_w=None if indexer is None else indexer.w)
+    # The keys' gradients add up over the chunks: in float32 copies (cast back inside, so the forward is
+    # unchanged) they are rounded once, not once per chunk.
+    keys = {"c": c, "k_rope": k_rope, "index_k": None if indexer is None else indexer.k}
+    keys32 = jax.tree.map(lambda x: x.astype(jnp.float32), keys)
+
+    @jax.checkpoint
+    def chunk(xs):
+      chunk_layout = dataclasses.replace(layout, q_positions=xs["q_positions"], q_segment_ids=xs["q_segment_ids"],
+                                         cos=xs["cos"], sin=xs["sin"])
+      k = jax.tree.map(lambda x32, x: x32.astype(x.dtype), keys32, keys)
+      chunk_indexer = None if indexer is None else IndexerInputs(q=xs["index_q"], k=k["index_k"], w=xs["index_w"])
+      chunk_aux = AttentionAux(lse=None, topk_indices=xs["topk_indices"], indexer=chunk_indexer)
+      out, chunk_aux = self._attend(xs["q_latent"], k["c"], k["k_rope"], chunk_layout, options, chunk_aux)
+      return out, options.aux_reducer(chunk_aux, chunk_layout)
+
+    out, reduced = jax.lax.map(chunk, jax.tree.map(split, per_query))
+    out = checkpoint_name(jnp.moveaxis(out, 0, 1).reshape(b, t, -1), CHUNKED_OUTPUT)
+    return out, jax.tree.map(lambda x: checkpoint_name(x.sum(0), CHUNKED_OUTPUT), reduced)
 
   def _read_through(self, cache: LayerCache, c, k_rope, indexer: IndexerInputs | None):
     """Appends this step's entries to the cache -> the whole cache as keys (MQA entries, indexer inputs with

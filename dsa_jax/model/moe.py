@@ -9,7 +9,11 @@ by the routed scaling factor. Shared experts see every token.
 Keep Routing (V3.2 paper section 3.1): `forced_experts` replays recorded choices verbatim; gates are
 still computed from the live scores so the router keeps its gradient.
 Experts run dropless: assignments sorted by expert, then a grouped matmul
-(`pallas_kernels.moe_gmm.api`).
+(`pallas_kernels.moe_gmm.api`). Long rows run the routed experts over token chunks, each under
+`jax.checkpoint` (`layers.over_token_chunks`, sized by the sorted copies [c k, D]): at 128K tokens and top-8
+the sorted token copies alone would take 14 GiB ([T k, D] bf16) and their float32 outputs 28 GiB. The price is
+one more forward pass of the routed experts in the backward pass (only one under layer remat too, which keeps
+the chunks' output: `layers.CHUNKED_OUTPUT`).
 """
 
 import dataclasses
@@ -20,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsa_jax.model.config import MoEConfig
-from dsa_jax.model.layers import MLP, RouterBias, param
+from dsa_jax.model.layers import MLP, RouterBias, over_token_chunks, param, token_chunk
 from pallas_kernels.moe_gmm import api as gmm_api
 
 
@@ -71,6 +75,30 @@ def swiglu_experts(xs: jax.Array, weights: tuple[jax.Array, jax.Array, jax.Array
   return gmm_api.grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes, implementation=implementation)
 
 
+def routed_experts(tokens: jax.Array, experts: jax.Array, gate_weights: jax.Array,
+                   weights: tuple[jax.Array, jax.Array, jax.Array], implementation: str | None) -> jax.Array:
+  """Dropless dispatch of tokens [M, D] to experts [M, k] with gates [M, k]: sort the M k assignments by expert,
+  grouped matmuls, gate-weighted scatter-add back in float32 -> [M, D] in the tokens' dtype (as HF sums the
+  experts' outputs in the hidden dtype; a float32 [T, D] would be 3.5 GiB more to keep at 128K tokens)."""
+  m, k = experts.shape
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  token_of = order // k
+  group_sizes = jnp.bincount(flat, length=weights[0].shape[0]).astype(jnp.int32)
+  out = swiglu_experts(tokens[token_of], weights, group_sizes, implementation)
+  out = out.astype(jnp.float32) * gate_weights.reshape(-1)[order][:, None]
+  return jnp.zeros((m, tokens.shape[-1]), jnp.float32).at[token_of].add(out).astype(tokens.dtype)
+
+
+def chunked_routed_experts(tokens: jax.Array, experts: jax.Array, gate_weights: jax.Array,
+                           weights: tuple[jax.Array, jax.Array, jax.Array], implementation: str | None,
+                           chunk: int) -> jax.Array:
+  """`routed_experts` over `chunk` tokens at a time, each chunk rematerialised in the backward pass; padding
+  rows go to expert 0 with gate 0 and are dropped."""
+  return over_token_chunks(lambda xs: routed_experts(*xs, weights, implementation), (tokens, experts, gate_weights),
+                           chunk)
+
+
 class MoE(nnx.Module):
   """Routed experts stacked as [E, D, F] / [E, F, D], a float32 router, shared experts."""
 
@@ -99,7 +127,9 @@ class MoE(nnx.Module):
     weights = gates(scores, experts, self.cfg)
     dropped = None
     if dispatch is None:
-      y = self._experts(tokens.astype(self.dtype), experts, weights, implementation)
+      chunk = token_chunk(self.cfg.experts_per_token * d, self.dtype)
+      y = chunked_routed_experts(tokens.astype(self.dtype), experts, weights, self.expert_weights(), implementation,
+                                 chunk)
     else:
       y, dropped = dispatch(tokens.astype(self.dtype), experts, weights, self.expert_weights(), implementation)
     y = y.reshape(b, t, d)
@@ -111,13 +141,3 @@ class MoE(nnx.Module):
     """(w_gate, w_up [E, D, F], w_down [E, F, D]) in the compute dtype."""
     return tuple(p[...].astype(self.dtype) for p in (self.w_gate, self.w_up, self.w_down))
 
-  def _experts(self, tokens: jax.Array, experts: jax.Array, weights: jax.Array, implementation: str | None):
-    """Dropless dispatch: sort the M*k assignments by expert, grouped matmuls, weighted scatter-add back."""
-    m, k = experts.shape
-    flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    token_of = order // k
-    group_sizes = jnp.bincount(flat, length=self.cfg.num_experts).astype(jnp.int32)
-    out = swiglu_experts(tokens[token_of], self.expert_weights(), group_sizes, implementation)
-    out = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-    return jnp.zeros((m, tokens.shape[-1]), jnp.float32).at[token_of].add(out)

@@ -4,6 +4,14 @@ Official `Transformer` / HF `DeepseekV32ForCausalLM`. Block i: x += MLA(RMSNorm(
 with a dense SwiGLU FFN for the first `first_k_dense` blocks and DeepSeekMoE after.
 MTP (DeepSeek-V3 paper section 2.2, depth 1, checkpoint layer 61): h' = eh_proj([enorm(Emb(t_{i+1})) ;
 hnorm(h_i)]), one more block, shared_head norm, and the shared LM head: position i predicts token i+2.
+
+Rematerialisation (`remat`, for training at long context): "layer" wraps each decoder layer (and the MTP
+block) in `jax.checkpoint` keeping only its inputs, its top-k selection and the outputs of its chunked parts
+(`layers.CHUNKED_OUTPUT`: their chunks rematerialise themselves), so the backward pass recomputes one layer
+at a time (one more forward pass of the layers' unchunked parts); "layer_save_dots" also keeps the outputs of
+the matmuls without batch dimensions (the projections) and recomputes the rest (attention, elementwise work).
+`with_logits=False` returns the LM head's input and weights instead of [B, T, V] logits, for a loss that
+never materialises them (`dsa_jax.training.losses.chunked_cross_entropy`).
 """
 
 import dataclasses
@@ -15,12 +23,15 @@ from flax import nnx
 from dsa_jax.model import rope
 from dsa_jax.model.config import ModelConfig
 from dsa_jax.model.kv_cache import KVCache, LayerCache
-from dsa_jax.model.layers import MLP, RMSNorm, constrain, param
+from dsa_jax.model.layers import CHUNKED_OUTPUT, MLP, TOPK_INDICES, RMSNorm, constrain, param
 from dsa_jax.model.mla import MLA, AttentionAux, AttentionOptions, TokenLayout
 from dsa_jax.model.moe import ExpertDispatch, MoE, MoEAux
 
 INIT_STD = 0.02
 ACT_BTD = ("act_batch", "act_length", "act_embed")  # logical axes of the residual stream (sharding hints)
+_KEPT = jax.checkpoint_policies.save_only_these_names(CHUNKED_OUTPUT, TOPK_INDICES)
+REMAT_POLICIES = {"none": None, "layer": _KEPT, "layer_save_dots": jax.checkpoint_policies.save_from_both_policies(
+    _KEPT, jax.checkpoint_policies.dots_with_no_batch_dims_saveable)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,17 +47,29 @@ jax.tree_util.register_dataclass(LayerAux, data_fields=["attention", "moe"], met
 @dataclasses.dataclass(frozen=True)
 class ModelOutput:
   """Logits and per-layer intermediates of one forward pass."""
-  logits: jax.Array  # [B, T, V] float32
+  logits: jax.Array | None  # [B, T, V] float32; None with with_logits=False
   hidden_states: tuple[jax.Array, ...]  # per layer [B, T, D], before the final norm
   layer_aux: tuple[LayerAux, ...]  # per decoder layer
   mtp_logits: jax.Array | None = None  # [B, T, V]: position i predicts token i + 2
   cache: KVCache | None = None  # the updated decode cache when one was passed in
   mtp_aux: LayerAux | None = None  # the MTP block's (like a layer's): its indexer's KL and its router's load
+  # with_logits=False: the LM head's input (final norm output) [B, T, D], the MTP block's, and the head [D, V],
+  # all in the compute dtype: logits = head_input @ lm_head.
+  head_input: jax.Array | None = None
+  mtp_head_input: jax.Array | None = None
+  lm_head: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(
-    ModelOutput, data_fields=["logits", "hidden_states", "layer_aux", "mtp_logits", "cache", "mtp_aux"],
-    meta_fields=[])
+    ModelOutput, data_fields=["logits", "hidden_states", "layer_aux", "mtp_logits", "cache", "mtp_aux", "head_input",
+                              "mtp_head_input", "lm_head"], meta_fields=[])
+
+
+def _remat(call, remat: str):
+  """`call(module, *arrays)` under the rematerialisation policy `remat` (the call itself for "none")."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r} is invalid; allowed: {tuple(REMAT_POLICIES)}.")
+  return call if remat == "none" else nnx.remat(call, policy=REMAT_POLICIES[remat])
 
 
 class Block(nnx.Module):
@@ -115,16 +138,18 @@ class DeepseekV32(nnx.Module):
     return TokenLayout(positions, constrain(positions, kv_axes), segment_ids, constrain(segment_ids, kv_axes), cos,
                        sin)
 
+  def head_weight(self) -> jax.Array:
+    return self.lm_head[...].astype(self.cfg.dtype)
+
   def logits(self, normed: jax.Array) -> jax.Array:
-    dt = self.cfg.dtype
-    return jnp.einsum("btd,dv->btv", normed.astype(dt), self.lm_head[...].astype(dt),
+    return jnp.einsum("btd,dv->btv", normed.astype(self.cfg.dtype), self.head_weight(),
                       preferred_element_type=jnp.float32)
 
   def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, options: AttentionOptions = AttentionOptions(),
                forced_experts: dict[int, jax.Array] | None = None, with_mtp: bool = False,
                cache: KVCache | None = None, expert_dispatch: ExpertDispatch | None = None,
-               next_ids: jax.Array | None = None) -> ModelOutput:
+               next_ids: jax.Array | None = None, remat: str = "none", with_logits: bool = True) -> ModelOutput:
     """input_ids [B, T] -> ModelOutput. forced_experts maps a MoE layer index to its [B, T, k] choices.
 
     With `cache` the T tokens are appended to it (prefill or one decode step) and attend to everything
@@ -132,6 +157,7 @@ class DeepseekV32(nnx.Module):
     expert_dispatch replaces the single-device expert computation (`dsa_jax.sharding.expert_parallel`).
     next_ids [B, T]: the token after each position in document order, the MTP block's input (default: the
     ids shifted along the array, wrong once the sequence is permuted for context parallelism).
+    remat: the layers' rematerialisation policy (`REMAT_POLICIES`); with_logits=False: see the module docstring.
     """
     b, t = input_ids.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if positions is None else positions
@@ -143,20 +169,27 @@ class DeepseekV32(nnx.Module):
     x = constrain(self.embed[...].astype(self.cfg.dtype)[input_ids], ACT_BTD)
     hidden, aux = [], []
     forced_experts = forced_experts or {}
+    run_block = _remat(lambda block, x, layout, forced, layer_cache: block(x, layout, options, forced, layer_cache,
+                                                                            expert_dispatch), remat)
     for i, block in enumerate(self.layers):
-      x, layer_aux = block(x, layout, options, forced_experts.get(i), None if cache is None else cache.layers[i],
-                           expert_dispatch)
+      x, layer_aux = run_block(block, x, layout, forced_experts.get(i), None if cache is None else cache.layers[i])
       hidden.append(x)
       aux.append(layer_aux)
     if cache is not None:
       cache = dataclasses.replace(cache, layers=tuple(a.attention.cache for a in aux))
-    mtp_logits = mtp_aux = None
+    mtp_hidden = mtp_aux = None
     if with_mtp:
       if self.mtp is None:
         raise ValueError("with_mtp=True needs num_mtp_layers=1; this config has num_mtp_layers=0.")
       if next_ids is None:
         next_ids = jnp.concatenate([input_ids[:, 1:], input_ids[:, -1:]], axis=1)
-      mtp_hidden, mtp_aux = self.mtp(x, self.embed[...].astype(self.cfg.dtype)[next_ids], layout, options,
-                                     expert_dispatch)
-      mtp_logits = self.logits(mtp_hidden)
-    return ModelOutput(self.logits(self.norm(x)), tuple(hidden), tuple(aux), mtp_logits, cache, mtp_aux)
+      run_mtp = _remat(lambda mtp, x, next_embeds, layout: mtp(x, next_embeds, layout, options, expert_dispatch),
+                       remat)
+      mtp_hidden, mtp_aux = run_mtp(self.mtp, x, self.embed[...].astype(self.cfg.dtype)[next_ids], layout)
+    normed = self.norm(x)
+    if not with_logits:
+      dt = self.cfg.dtype
+      return ModelOutput(None, tuple(hidden), tuple(aux), None, cache, mtp_aux, normed.astype(dt),
+                         None if mtp_hidden is None else mtp_hidden.astype(dt), self.head_weight())
+    mtp_logits = None if mtp_hidden is None else self.logits(mtp_hidden)
+    return ModelOutput(self.logits(normed), tuple(hidden), tuple(aux), mtp_logits, cache, mtp_aux)

@@ -7,7 +7,7 @@ rollouts (left padding, `sampling.train_layout`), with the loss on the answer an
 The indexer learns from its own loss only (DeepSeek-V3.2 §2.1.1: its input is detached and its top-k selection
 gives the LM loss no path into it), so with `indexer_kl_weight` > 0 the warm start also trains it with the
 dense-attention KL of the paper's indexer warm-up (`training.losses.indexer_kl`). Without it the top-k keys come
-from a random indexer and the sparse model learns sorting much more slowly (docs/grpo_demo.md); the default 0
+from a random indexer and the sparse model learns sorting much more slowly (docs/reports/grpo_demo.md); the default 0
 keeps earlier studies (`experiments.grpo_mismatch`, notebook 04) as they were measured.
 
 It has its own step rather than a stage of `training.train_step`: here the LM loss runs with sparse attention

@@ -64,6 +64,10 @@ class Checkpointer:
                               data=grain.checkpoint.CheckpointSave(_Snapshot(data_state)))
     return self.manager.save(step, args=args, force=force)
 
+  def due(self, step: int) -> bool:
+    """Whether `save(step, ...)` would save (the interval, and no newer checkpoint)."""
+    return self.manager.should_save(step)
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

@@ -1,7 +1,12 @@
 """The thin training loop: data in, `train_step.step`, metrics out (JSONL + TensorBoard + a progress line),
 checkpoints on an interval and on SIGTERM. Everything numeric lives in the step; this file only moves
 things around it: on one device the step is `train_step.step`, on a mesh `sharded_step` places the state and
-each host's rows as global arrays (JAX docs, "Multi-host and multi-process environments")."""
+each host's rows as global arrays (JAX docs, "Multi-host and multi-process environments").
+
+The loop never waits for the device between steps: each step's metrics stay on the device and are fetched
+in one transfer every `log_every` steps (and after the first, compiling step, before a checkpoint, at the
+end and on SIGTERM), then written one record per step; a record's `step_time_s` is the mean over the steps
+fetched together. A per-step fetch would make the host wait for every step before dispatching the next."""
 
 import json
 import pathlib
@@ -81,6 +86,34 @@ def sharded_step(config: train_step.StepConfig, state: TrainState, mesh, global_
   return step
 
 
+class _Pending:
+  """Metrics of the steps dispatched since the last fetch, still on the device."""
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self) -> None:
+    self.steps, self.metrics, self.tokens = [], [], 0
+    self.since = time.perf_counter()
+
+  def add(self, step: int, metrics: dict, tokens: int) -> None:
+    self.steps.append(step)
+    self.metrics.append(metrics)
+    self.tokens += tokens
+
+  def flush(self, log: MetricsLog) -> tuple[dict[str, float], float, int]:
+    """Fetches every pending step's metrics in one transfer and logs them -> (last record, seconds, tokens)."""
+    fetched = jax.device_get(self.metrics)
+    elapsed = time.perf_counter() - self.since
+    record = {}
+    for step, metrics in zip(self.steps, fetched):
+      record = {k: float(v) for k, v in metrics.items()}
+      log.write(step, {**record, "step_time_s": elapsed / len(self.steps)})
+    tokens = self.tokens
+    self.reset()
+    return record, elapsed, tokens
+
+
 def run(config: train_step.StepConfig, state: TrainState, data: Iterator[Batch], *, steps: int,
         checkpointer: checkpointing.Checkpointer, log: MetricsLog, flops_per_token: float, peak_flops: float,
         log_every: int = 10, stop: StopRequest | None = None, label: str = "",
@@ -95,26 +128,22 @@ def run(config: train_step.StepConfig, state: TrainState, data: Iterator[Batch],
   label = label or config.stage
   step_fn = step_fn or (lambda s, b: train_step.step(s, jax.tree.map(np.asarray, b), config=config))
   first = int(state.step) + 1
-  tokens_since, since = 0, time.perf_counter()
-  while int(state.step) < steps:
+  pending = _Pending()
+  for step in range(first, steps + 1):  # the host counts the steps: reading state.step would wait for the device
     batch = next(data)
-    started = time.perf_counter()
     state, metrics = step_fn(state, batch)
-    record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    step = int(state.step)
-    log.write(step, {**record, "step_time_s": time.perf_counter() - started})
+    pending.add(step, metrics, batch["ids"].size * data_shards)
+    stopping = stop is not None and stop.requested
+    report = step != first and (step % log_every == 0 or step == steps)
+    if step == first or report or stopping or checkpointer.due(step):
+      record, elapsed, tokens = pending.flush(log)  # the first step compiles: it is fetched, and timed, alone
+      if report:
+        tps = tokens / elapsed
+        print(f"[{label}] step {step}/{steps} loss {record['loss']:.4f} lm {record['lm_loss']:.4f}"
+              + (f" kl {record['kl']:.4f}" if "kl" in record else "")
+              + f" | {tps:,.0f} tok/s, MFU {100 * tps * flops_per_token / peak_flops:.2f}%", flush=True)
     checkpointer.save(step, state, checkpointing.data_state(data))
-    tokens_since += batch["ids"].size * data_shards
-    if step == first:  # the first step compiles: keep it out of the throughput
-      tokens_since, since = 0, time.perf_counter()
-    elif step % log_every == 0 or step == steps:
-      elapsed = time.perf_counter() - since
-      tps = tokens_since / elapsed
-      print(f"[{label}] step {step}/{steps} loss {record['loss']:.4f} lm {record['lm_loss']:.4f}"
-            + (f" kl {record['kl']:.4f}" if "kl" in record else "")
-            + f" | {tps:,.0f} tok/s, MFU {100 * tps * flops_per_token / peak_flops:.2f}%", flush=True)
-      tokens_since, since = 0, time.perf_counter()
-    if stop is not None and stop.requested:
+    if stopping:
       checkpointer.save(step, state, checkpointing.data_state(data), force=True)
       checkpointer.wait()
       print(f"[{label}] SIGTERM: saved step {step} to {checkpointer.directory}; stopping.", file=sys.stderr)

@@ -9,7 +9,7 @@
 Each stage checkpoints into `run_dir/<stage>/checkpoints` and logs to `run_dir/<stage>/metrics.jsonl` and
 TensorBoard events; a rerun resumes each stage from its newest readable checkpoint and skips finished ones.
 
-`RecipeConfig.mesh` of more than one device runs every stage sharded (`docs/multi_host.md`): the state is
+`RecipeConfig.mesh` of more than one device runs every stage sharded (`docs/sharding.md`): the state is
 placed by the parameters' logical axes, each host loads its own rows of the global batch, the routed experts
 run expert-parallel when `expert > 1` and the sequence is split over `context > 1`; checkpoints hold the
 sharded state. A mesh of one device is the plain single-device run.

@@ -10,6 +10,11 @@
           the LM loss no gradient into the indexer. So one summed loss trains each part on its own loss.
 Freezing is the optimizer's (`optimizer.build`); MoE biases follow `moe_balance` when the main model trains.
 The MTP block is one more layer here: its indexer gets its KL (in the warm-up too) and its router bias moves.
+The LM (and MTP) loss never materialises [T, V] logits: the model returns the LM head's input and weights and
+`losses.chunked_cross_entropy` runs over token chunks. The indexer KL is computed inside each layer
+(`losses.attention_reducer`), so the attention tensors it reads never leave the layer. `StepConfig.remat`
+rematerialises the layers (`dsa_jax.model.transformer.REMAT_POLICIES`) and `StepConfig.q_chunk` runs the
+attention over query chunks (`dsa_jax.model.mla`) to fit long rows.
 
 On a mesh (`dsa_jax.sharding.partition.jit_sharded`) `StepConfig.expert_dispatch` runs the routed experts
 expert-parallel and `StepConfig.context` permutes the sequence for context parallelism. The step takes the
@@ -26,6 +31,7 @@ import optax
 from dsa_jax.model import LayerAux, functional
 from dsa_jax.model.config import ModelConfig
 from dsa_jax.model.moe import ExpertDispatch
+from dsa_jax.model.transformer import REMAT_POLICIES
 from dsa_jax.sharding import context_parallel
 from dsa_jax.training import losses, moe_balance
 from dsa_jax.training import optimizer as optim
@@ -46,6 +52,8 @@ class StepConfig:
   # `expert_parallel.make_dispatch(mesh)`: hashed by identity, so build it once per mesh (one compile).
   expert_dispatch: ExpertDispatch | None = None
   context: int = 1  # the mesh's context axis: the step permutes the sequence into its load-balanced order
+  remat: str = "none"  # "none" | "layer" | "layer_save_dots": see `dsa_jax.model.transformer`
+  q_chunk: int = 0  # attention queries per chunk, a divisor of T (`dsa_jax.model.mla`); 0: all at once
 
   def __post_init__(self):
     if self.stage not in optim.STAGES:
@@ -54,6 +62,10 @@ class StepConfig:
       raise ValueError(f"StepConfig.stage={self.stage!r} needs a model with an indexer; allowed: 'dense'.")
     if not (isinstance(self.context, int) and self.context > 0):
       raise ValueError(f"StepConfig.context={self.context!r} is invalid; allowed: a positive integer.")
+    if not (isinstance(self.q_chunk, int) and self.q_chunk >= 0):
+      raise ValueError(f"StepConfig.q_chunk={self.q_chunk!r} is invalid; allowed: 0 or a positive integer.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"StepConfig.remat={self.remat!r} is invalid; allowed: {tuple(REMAT_POLICIES)}.")
 
   @property
   def with_mtp(self) -> bool:
@@ -90,25 +102,27 @@ def loss_fn(params: dict, other: dict, batch: Batch, config: StepConfig):
   out = functional.apply(config.model, model_state(config.model, params, other), batch["ids"], attention=kind,
                          mla_mode=mode, implementation=config.implementation, positions=batch["positions"],
                          segment_ids=batch["segment_ids"], with_mtp=config.with_mtp,
-                         expert_dispatch=config.expert_dispatch, next_ids=batch["labels"],
-                         mqa_operands=config.stage == "warmup")
+                         expert_dispatch=config.expert_dispatch, next_ids=batch["labels"], remat=config.remat,
+                         with_logits=False, q_chunk=config.q_chunk, mqa_operands=config.stage == "warmup",
+                         aux_reducer=losses.attention_reducer(config.model, config.loss, config.stage,
+                                                              config.implementation))
   aux = _with_mtp(out.layer_aux, out.mtp_aux)
-  metrics = {"lm_loss": losses.cross_entropy(out.logits, batch["labels"], batch["label_mask"])}
+  lm = functools.partial(losses.chunked_cross_entropy, head=out.lm_head,
+                         chunk=losses.lm_chunk(config.loss, config.model.vocab_size))
+  metrics = {"lm_loss": lm(out.head_input, labels=batch["labels"], label_mask=batch["label_mask"])}
   if config.stage == "warmup":
-    kl = losses.indexer_kl(config.model, aux, batch["positions"], batch["segment_ids"], config.loss, sparse=False,
-                           implementation=config.implementation)
+    kl = losses.reduced_kl(aux, batch["ids"].size)
     metrics["kl"] = kl
     return config.loss.kl_weight * kl, (metrics, out.layer_aux, out.mtp_aux)
   total = metrics["lm_loss"]
   if config.with_mtp:
-    metrics["mtp_loss"] = losses.cross_entropy(out.mtp_logits, batch["mtp_labels"], batch["mtp_label_mask"])
+    metrics["mtp_loss"] = lm(out.mtp_head_input, labels=batch["mtp_labels"], label_mask=batch["mtp_label_mask"])
     total = total + config.loss.mtp_weight * metrics["mtp_loss"]
   if config.model.num_layers > config.model.first_k_dense:
     metrics["balance_loss"] = losses.balance_loss(config.model, aux)
     total = total + config.loss.balance_weight * metrics["balance_loss"]
   if config.stage == "sparse":
-    metrics["kl"] = losses.indexer_kl(config.model, aux, batch["positions"], batch["segment_ids"], config.loss,
-                                      sparse=True, implementation=config.implementation)
+    metrics["kl"] = losses.reduced_kl(aux, batch["ids"].size)
     total = total + config.loss.kl_weight * metrics["kl"]
   return total, (metrics, out.layer_aux, out.mtp_aux)
 

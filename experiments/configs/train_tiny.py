@@ -2,15 +2,11 @@
 
 Rows of 256 tokens with top-k 32 (the `tiny` preset's top-k 8 would be too few to matter), so DSA keeps
 an eighth of the keys at the end of a row. `mesh`: the device mesh (`dsa_jax.sharding.mesh.MeshConfig`); all 1
-<<<<<<< HEAD
 is one device, and the product must equal the device count (`docs/sharding.md`).
-=======
-is one device, and the product must equal the device count (`docs/multi_host.md`).
 
 Sections mirror the library's dataclasses (`RecipeConfig.from_config`): `model` is a preset and overrides of
 its `ModelConfig` fields, `data` a `DataConfig` (`files`: comma-separated), `optimizer`, `loss` and `mesh`
 their configs, and `train` with the top-level keys `RecipeConfig`'s own fields.
->>>>>>> seams
 """
 
 import ml_collections

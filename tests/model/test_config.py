@@ -18,7 +18,7 @@ class ConfigTest(parameterized.TestCase):
       (lambda: config.MLAConfig(qk_rope_head_dim=7), r"MLAConfig.qk_rope_head_dim=7 is invalid; allowed: an even"),
       (lambda: config.ModelConfig(dtype="float16"), r"ModelConfig.dtype='float16' is invalid; allowed:"),
       (lambda: config.IndexerConfig(topk=0), r"IndexerConfig.topk=0 is invalid; allowed: a positive integer"),
-      (lambda: config.preset("huge"), r"preset='huge' is unknown; allowed: \['small', 'tiny', 'v3_2_671b'\]"),
+      (lambda: config.preset("huge"), r"preset='huge' is unknown; allowed: \['small', 'tiny', 'v3_2_671b', 'v3_2_layers'\]"),
   )
   def test_errors_name_field_value_and_allowed(self, make, message):
     with self.assertRaisesRegex(ValueError, message):

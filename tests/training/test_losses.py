@@ -49,3 +49,27 @@ def test_bias_update_moves_against_load():
   new = moe_balance.update(state, aux, gamma=0.1, mtp_aux=mtp_aux)  # loads 2, 1, 1, 0; mean 1
   np.testing.assert_allclose(new["layers"][1]["ffn"]["bias"], [-0.1, 0.0, 0.0, 0.1])
   np.testing.assert_allclose(new["mtp"]["block"]["ffn"]["bias"], [0.1, 0.0, 0.0, -0.1])
+
+
+@pytest.mark.parametrize("chunk", [4, 5, 64])  # several chunks; a chunk that needs padding; one chunk
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_chunked_cross_entropy_equals_the_plain_one_in_value_and_gradients(chunk, dtype):
+  kh, kw, kl, km = jax.random.split(jax.random.key(0), 4)
+  hidden = jax.random.normal(kh, (2, 13, 8)).astype(dtype)
+  head = 0.5 * jax.random.normal(kw, (8, 50))  # float32 parameters, used in the compute dtype as the model does
+  labels = jax.random.randint(kl, (2, 13), 0, 50)
+  mask = jax.random.bernoulli(km, 0.7, (2, 13))
+  plain = lambda h, w: losses.cross_entropy(
+      jnp.einsum("btd,dv->btv", h, w.astype(dtype), preferred_element_type=jnp.float32), labels, mask)
+  chunked = lambda h, w: losses.chunked_cross_entropy(h, w, labels, mask, chunk=chunk)
+  (want, want_grads), (got, got_grads) = (jax.value_and_grad(f, argnums=(0, 1))(hidden, head) for f in (plain, chunked))
+  tol = 1e-6 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(got, want, rtol=tol)
+  assert got_grads[0].dtype == dtype and got_grads[1].dtype == jnp.float32
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol * 1e-2)
+
+
+def test_lm_chunk_follows_the_byte_budget():
+  assert losses.lm_chunk(losses.LossConfig(), 129280) == 4096  # 2 GiB of float32 logits at V3.2's vocabulary
+  assert losses.lm_chunk(losses.LossConfig(lm_chunk_bytes=2**20), 512) == 512

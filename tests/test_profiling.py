@@ -1,9 +1,9 @@
-"""experiments/profile_kernels: summing a Perfetto trace per op (device streams only when there are any)."""
+"""dsa_jax.profiling: summing a Perfetto trace per op (device streams only when there are any)."""
 
 import gzip
 import json
 
-from experiments import profile_kernels
+from dsa_jax import profiling
 
 
 def _write(path, events):
@@ -17,11 +17,11 @@ def test_op_times_sums_device_events_only(tmp_path):
   _write(tmp_path / "t.trace.json.gz", [meta(1, "/host:CPU"), meta(7, "/device:GPU:0 (stream 3)"),
                                         span(1, "python", 900.0), span(7, "gemm", 30.0), span(7, "gemm", 10.0),
                                         span(7, "topk", 20.0)])
-  total, count, summed = profile_kernels.op_times(tmp_path / "t.trace.json.gz")
+  total, count, summed = profiling.op_times(tmp_path / "t.trace.json.gz")
   assert dict(total) == {"gemm": 40.0, "topk": 20.0}
   assert dict(count) == {"gemm": 2, "topk": 1}
   assert summed == "/device:GPU:0 (stream 3)"
-  lines = profile_kernels.table(total, count, calls=2, top=1).splitlines()
+  lines = profiling.table(total, count, calls=2, top=1).splitlines()
   assert lines[1].split()[:3] == ["0.030", "100.0%", "1.5"]  # (all): 60 us over 2 calls, 3 events
   assert lines[2].split() == ["0.020", "66.7%", "1.0", "gemm"] and len(lines) == 3
 
@@ -29,5 +29,5 @@ def test_op_times_sums_device_events_only(tmp_path):
 def test_op_times_falls_back_to_host_without_device(tmp_path):
   _write(tmp_path / "t.trace.json.gz", [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
                                         {"ph": "X", "pid": 1, "name": "fusion", "dur": 5.0}])
-  total, _, summed = profile_kernels.op_times(tmp_path / "t.trace.json.gz")
+  total, _, summed = profiling.op_times(tmp_path / "t.trace.json.gz")
   assert dict(total) == {"fusion": 5.0} and summed == "/host:CPU"

@@ -1,0 +1,66 @@
+"""The training loop keeps metrics on the device and fetches them every `log_every` steps (and before a
+checkpoint), in one transfer, while still writing one record per step."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsa_jax.training import loop, train_step
+from dsa_jax.training.state import TrainState
+
+
+class _Data:
+  def __next__(self):
+    return {"ids": np.zeros((2, 4), np.int32)}
+
+  def get_state(self):
+    return {}
+
+
+class _Checkpointer:
+  """Due at step 6 only; records the steps it saves."""
+
+  def __init__(self):
+    self.saved = []
+
+  def due(self, step):
+    return step == 6
+
+  def save(self, step, state, data_state, force=False):
+    if force or self.due(step):
+      self.saved.append(step)
+
+  def wait(self):
+    pass
+
+
+@jax.jit
+def _step(state, batch):
+  del batch
+  loss = 2.0 * state.step.astype(jnp.float32) + 1.0
+  return dataclasses.replace(state, step=state.step + 1), {"loss": loss, "lm_loss": loss / 2}
+
+
+def test_metrics_are_fetched_every_log_every_steps_and_logged_per_step(cfg, tmp_path, monkeypatch, capsys):
+  fetched = []
+  device_get = jax.device_get
+  monkeypatch.setattr(jax, "device_get", lambda tree: fetched.append(len(tree)) or device_get(tree))
+  state = TrainState(params={}, model_state={}, opt_state=(), step=jnp.zeros((), jnp.int32),
+                     rng=jnp.zeros((2,), jnp.uint32))
+  checkpointer, log = _Checkpointer(), loop.MetricsLog(tmp_path)
+  state, stopped = loop.run(train_step.StepConfig(model=cfg, stage="dense"), state, _Data(), steps=10,
+                            checkpointer=checkpointer, log=log, flops_per_token=1.0, peak_flops=1.0, log_every=4,
+                            step_fn=_step, final=False)
+  log.close()
+  assert not stopped and int(state.step) == 10 and checkpointer.saved == [6]
+  # Fetched after the first (compiling) step, at 4 and 8 (log_every), before the checkpoint at 6, and at the end.
+  assert fetched == [1, 3, 2, 2, 2]
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == list(range(1, 11))
+  assert [r["loss"] for r in records] == [2.0 * s + 1.0 for s in range(10)]
+  assert records[4]["step_time_s"] == records[5]["step_time_s"]  # steps 5 and 6 were fetched together
+  printed = [line.split()[2] for line in capsys.readouterr().out.splitlines()]
+  assert printed == ["4/10", "8/10", "10/10"]

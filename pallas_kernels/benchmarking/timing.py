@@ -30,3 +30,17 @@ def peak_bytes_of(fn: Callable, *args) -> int | None:
 
 def tflops(flops: float, seconds: float) -> float:
   return flops / seconds / 1e12
+
+
+# What one benchmark computation may take of device memory: fits an 80 GB H100 as well as a 141 GB H200.
+MEMORY_BUDGET_BYTES = 75 * 2**30
+
+
+def fits_memory(label: str, fn: Callable, *args, budget: int = MEMORY_BUDGET_BYTES) -> bool:
+  """Whether the compiled fn(*args) needs at most `budget` bytes (`peak_bytes_of`); prints why it is skipped if not."""
+  peak = peak_bytes_of(fn, *args)
+  if peak is not None and peak > budget:
+    print(f"skipped {label}: XLA plans {peak / 2**30:.1f} GiB of device memory, over the {budget / 2**30:.0f} GiB "
+          "budget", flush=True)
+    return False
+  return True

@@ -1,10 +1,16 @@
-"""Grouped matmul for routed experts on Hopper, built on the Mosaic GPU kernels shipped inside jax.
+"""Grouped matmul for routed experts on Hopper, built on the Mosaic GPU kernels shipped inside jax and ours.
 
-Forward and dgrad use `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu.ragged_dot` (rows grouped by expert;
-dgrad multiplies by the transposed expert weights) or our `kernel_scheduled` (same tiles, the group of each tile
-looked up in a schedule built in XLA; the default from SCHEDULED_MIN_GROUPS experts); wgrad uses
-`jax.experimental.pallas.ops.gpu.transposed_ragged_dot_mgpu.transposed_ragged_dot` (contraction over the
-grouped rows). This module pads shapes to the kernels' tile constraints and chooses kernels and tiles.
+Forward and dgrad use `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu.ragged_dot` ("bundled": rows grouped by
+expert; dgrad multiplies by the transposed expert weights) or our `kernel_scheduled` ("scheduled": same tiles, the
+group of each tile looked up in a schedule built in XLA); wgrad uses
+`jax.experimental.pallas.ops.gpu.transposed_ragged_dot_mgpu.transposed_ragged_dot` (contraction over the grouped
+rows). This module pads shapes to the kernels' tile constraints and chooses kernels and tiles.
+
+The bundled kernel searches all G groups for each output tile, a cost that grows with G; ours pays a few small XLA
+ops per call instead. So "auto" takes ours from SCHEDULED_MIN_GROUPS groups (it won with 256 experts on one device)
+and jax's below (it won with the 32 local experts of 8-way expert parallelism); between 32 and 256 groups the choice
+is not measured. Limits: 16-bit inputs; the wgrad kernel still searches all groups per tile.
+Today: 400-510 TFLOP/s at 512 and more rows per expert, 150-260 at 128 (H200; benchmarks/moe_gmm.md).
 """
 
 import dataclasses
@@ -16,14 +22,7 @@ from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 
 from pallas_kernels.moe_gmm import kernel_scheduled
 
-# Kernels of the forward and dgrad: "bundled" is jax's ragged_dot; "scheduled" is `kernel_scheduled` (the tile
-# schedule built in XLA instead of an in-kernel search over all groups per tile); "auto" picks "scheduled" from
-# SCHEDULED_MIN_GROUPS groups. On the H200 (session 8, DeepSeek shapes, 7168 <-> 2048, one run):
-# - 256 experts x 512 rows: scheduled fwd / dgrad up 526 / 483, down 478 / 492 TF/s; bundled 426 / 274, 268 / 417;
-# - 256 experts x 128 rows: scheduled 246-262, bundled 156-242;
-# - 32 experts x 1026 rows (8-way expert parallelism): scheduled 348-419, bundled 408-482.
-# From those rates the bundled search costs roughly 80 clocks per group per tile (an estimate, not profiled);
-# between 32 and 256 groups the choice is not measured.
+# Kernels of the forward and dgrad: "auto" picks "scheduled" from SCHEDULED_MIN_GROUPS groups, else "bundled".
 GMM_KERNELS = ("auto", "bundled", "scheduled")
 SCHEDULED_MIN_GROUPS = 64
 
@@ -39,8 +38,8 @@ def resolve_gmm_kernel(gmm_kernel: str, num_groups: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-  """Tile sizes of the kernels (block_k is the contraction tile) and the forward / dgrad kernel (GMM_KERNELS).
-  block_m=128 beat 64 on an H200 at 256 experts x 128 rows on average (up 235 vs 196 TF/s, down 157 vs 117)."""
+  """Tile sizes of the kernels (block_k is the contraction tile) and the forward / dgrad kernel (GMM_KERNELS). The
+  defaults were the best or within 9% of the best tiles of a sweep on the H200 (`bench.py`, "moe_gmm_tiles")."""
   gmm_kernel: str = "auto"
   block_m: int = 128
   block_n: int = 128

@@ -1,1 +1,1 @@
-"""Mosaic GPU building blocks shared by the kernels: row gathers (cp.async, TMA) and reduce-adds."""
+"""Mosaic GPU building blocks shared by the kernels: row gathers by cp.async and per-row TMA copies."""

@@ -1,10 +1,9 @@
 """Per-row copies of a gathered key block, issued from one lane or spread over the warps of a warpgroup.
 
-Hopper has no TMA gather: the sparse kernels (`sparse_mla.kernel_fwd` / `kernel_bwd`, `indexer_kl.kernel_sparse`
-/ `kernel_sparse_bwd`) move each selected row with its own TMA, into SMEM (the gathers) or out of it (the
-reduce-adds of the backward passes). One thread issuing hundreds of copies per 64-key block bounded those
-kernels on the H200; issuing them from the four warps of the warpgroup made the sparse MLA forward 2.08x and
-the sparse KL forward 3.5x faster (benchmarks/results/README.md, 2026-11-29).
+Hopper has no TMA gather: the sparse kernels move each selected row with its own TMA, into SMEM (the gathers of
+the sparse indexer-KL kernels, and of the sparse MLA kernels in interpret mode) or out of it (the dkv / d idx_k
+reduce-adds of the backward kernels). One thread issuing hundreds of copies per 64-key block bounds such a kernel;
+spreading them over the four warps of the warpgroup divides that issue time.
 """
 
 import jax.numpy as jnp
@@ -19,9 +18,10 @@ def issue_row_copies(bk: int, warps: int, index_of, copy_row) -> None:
   warpgroup copies rows w, w + G, ... from its own lane (`plgpu.warp_map`). Warp code cannot read SMEM
   scalars (memref.load has no warp semantics), so the warpgroup reads each group's G indices first and
   each warp picks its own. Copies that complete on an mbarrier may be issued from any lane. So may SMEM ->
-  GMEM copies tracked by bulk async groups (the reduce-adds of `sparse_mla.kernel_bwd` and `indexer_kl.kernel_sparse_bwd`): a group belongs to its
-  issuing thread, but `plgpu.commit_smem_to_gmem_group` and `plgpu.wait_smem_to_gmem` in warpgroup code
-  run on all 128 threads, each committing and awaiting its own copies, before a warpgroup barrier.
+  GMEM copies tracked by bulk async groups (the reduce-adds of `sparse_mla.kernel_bwd` and
+  `indexer_kl.kernel_sparse_bwd`): a group belongs to its issuing thread, but `plgpu.commit_smem_to_gmem_group`
+  and `plgpu.wait_smem_to_gmem` in warpgroup code run on all 128 threads, each committing and awaiting its own
+  copies, before a warpgroup barrier.
   """
   if warps == 1:
     @pl.loop(0, bk)

@@ -1,11 +1,9 @@
 """Public entry point of sparse MLA attention.
 
-"pallas": the Mosaic GPU forward kernel (`kernel_fwd`) under a custom_vjp whose backward is the Mosaic
-GPU kernel of `kernel_bwd` (recompute from the saved logsumexp, dkv by atomic TMA reduce-adds), or with
-`deterministic=True` the chunked XLA computation of `chunked_bwd` (a fixed summation order). "xla":
-`chunked` (the reference in blocks of query rows, backward by `chunked_bwd`). None picks by backend
-(`dispatch.resolve_implementation`). Both kernels gather rows with cp.async (`cp_async_gather`) on the GPU;
-in interpret mode, which cannot run that inline Mosaic GPU code, with their TMA gather.
+"pallas": the Mosaic GPU forward kernel (`kernel_fwd`) under a custom_vjp whose backward is the Mosaic GPU kernel
+of `kernel_bwd` (recompute from the saved logsumexp, dkv by atomic TMA reduce-adds), or with `deterministic=True`
+the chunked XLA computation of `chunked_bwd` (a fixed summation order). "xla": `chunked` (the reference in
+blocks of query rows, backward by `chunked_bwd`). None picks by backend (`dispatch.resolve_implementation`).
 """
 
 import functools
@@ -13,7 +11,7 @@ import functools
 import jax
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from pallas_kernels.dispatch import interpreting, resolve_implementation
+from pallas_kernels.dispatch import resolve_implementation
 from pallas_kernels.sparse_mla import chunked
 from pallas_kernels.sparse_mla import chunked_bwd
 from pallas_kernels.sparse_mla import kernel_bwd
@@ -31,16 +29,9 @@ def _interpret_params(interpret):
   return plgpu.InterpretGPUParams(detect_races=True) if interpret else False
 
 
-def _forward(q, kv, indices, scale, v_dim, interpret):
-  # Interpret mode cannot run the cp.async gather (inline Mosaic GPU code): there the TMA gather stands in.
-  config = kernel_fwd.Config(gather="tma") if interpreting(interpret) else kernel_fwd.Config()
-  return kernel_fwd.sparse_mla_fwd(q, kv, indices, scale=scale, v_dim=v_dim, config=config,
-                                   interpret=_interpret_params(interpret))
-
-
 def _pallas_fwd(q, kv, indices, scale, v_dim, deterministic, interpret):
   del deterministic
-  out, lse = _forward(q, kv, indices, scale, v_dim, interpret)
+  out, lse = kernel_fwd.sparse_mla_fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=_interpret_params(interpret))
   return (out, lse), (q, kv, indices, out, lse)
 
 
@@ -48,11 +39,9 @@ def _pallas_bwd(scale, v_dim, deterministic, interpret, res, cotangents):
   q, kv, indices, out, lse = res
   dout, dlse = cotangents
   if deterministic:
-    dq, dkv = chunked_bwd.sparse_mla_bwd(q, kv, indices, out, lse, dout, dlse, scale=scale, v_dim=v_dim,
-                                         deterministic=True)
+    dq, dkv = chunked_bwd.sparse_mla_bwd(q, kv, indices, out, lse, dout, dlse, scale=scale, v_dim=v_dim)
   else:
     dq, dkv = kernel_bwd.sparse_mla_bwd(q, kv, indices, out, lse, dout, dlse, scale=scale, v_dim=v_dim,
-                                        gather="tma" if interpreting(interpret) else "cp_async",
                                         interpret=_interpret_params(interpret))
   return dq, dkv, None
 
@@ -63,7 +52,7 @@ _pallas_sparse_mla.defvjp(_pallas_fwd, _pallas_bwd)
 def sparse_mla(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: float, v_dim: int,
                implementation: str | None = None, deterministic: bool = False,
                interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-  """q [B, T, N, Dk], kv [B, S, Dk], indices [B, T, K] -> (out [B, T, N, v_dim], lse [B, T, N]).
+  """q [B, T, N, Dk], kv [B, S, Dk], indices [B, T, K] (-1 = skip) -> (out [B, T, N, v_dim], lse [B, T, N]).
 
   `deterministic` makes the Pallas path's backward use the chunked XLA computation, whose dkv
   scatter-add has a fixed order (the kernel's atomic reduce-adds do not); `interpret` runs the Pallas

@@ -1,7 +1,8 @@
-"""Grouped matmul for routed experts: the jax-bundled Mosaic GPU kernels (interpret mode) under our
-custom_vjp against `lax.ragged_dot`, and lowering of forward + backward for an H200 on DeepSeek shapes."""
+"""Grouped matmul for routed experts: one contract for every implementation of `api.grouped_matmul` (forward and
+gradients against a dense float32 computation on fresh random inputs with fixed seeds), run for XLA and for the
+Pallas kernels in GPU interpret mode; our scheduled kernel and its tile schedule; cross-lowering for an H200 at
+DeepSeek shapes."""
 
-import time
 import types
 from unittest import mock
 
@@ -11,11 +12,9 @@ import jax.numpy as jnp
 from absl.testing import absltest, parameterized
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # race-detector state (private)
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from jax.sharding import AbstractDevice, AbstractMesh
 
-from pallas_kernels.moe_gmm import api, kernel, kernel_scheduled, reference
-
-H200 = AbstractMesh((), (), abstract_device=AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132))
+from pallas_kernels.moe_gmm import api, bench, kernel, kernel_scheduled, reference
+from tests.pallas_kernels.mosaic_lowering import SMEM_PER_BLOCK, lower_for_h200
 
 
 def _fake_gpu_devices(core_count):
@@ -35,7 +34,23 @@ def _f32(tree):
   return jax.tree.map(lambda a: a.astype(jnp.float32), tree)
 
 
-class GroupedMatmulTest(parameterized.TestCase):
+def _dense_grouped_matmul(x, w, group_sizes):
+  """The definition, without lax.ragged_dot: row i times w[e] for the group e whose rows hold i, zero past them."""
+  ends = jnp.cumsum(group_sizes)
+  rows = jnp.arange(x.shape[0])[:, None]
+  member = ((rows >= ends - group_sizes) & (rows < ends)).astype(jnp.float32)  # [M, E]
+  return jnp.einsum("me,md,edf->mf", member, x, w)
+
+
+class GroupedMatmulContract(parameterized.TestCase):
+  """What every implementation of `api.grouped_matmul` computes, and its vjp w.r.t. x and w, against the dense
+  float32 definition. Runs only through its subclasses (deleted below)."""
+
+  IMPLEMENTATION = None
+
+  def call(self, fn):
+    """fn() in the implementation's context."""
+    return fn()
 
   @parameterized.named_parameters(
       ("empty_group_and_unassigned_rows", 96, 128, 256, (20, 0, 70)),  # rows 90..95 belong to no expert
@@ -44,24 +59,49 @@ class GroupedMatmulTest(parameterized.TestCase):
       ("many_experts", 100, 64, 128, (3, 0, 1) * 21 + (1,)),
   )
   def test_forward_and_grads_match_reference(self, M, D, F, group_sizes):  # noqa: N803
-    x, w, gs, dy = _inputs(time.time_ns(), M, D, F, group_sizes)
-    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)), _fake_gpu_devices(2):
-      out, vjp = jax.vjp(lambda x, w: api.grouped_matmul(x, w, gs, implementation="pallas"), x, w)
-      grads = vjp(dy)
-    want_out, want_vjp = jax.vjp(lambda x, w: reference.grouped_matmul(x, w, gs), x, w)
+    x, w, gs, dy = _inputs(0, M, D, F, group_sizes)
+
+    def run():
+      out, vjp = jax.vjp(lambda x, w: api.grouped_matmul(x, w, gs, implementation=self.IMPLEMENTATION), x, w)
+      return out, vjp(dy)
+
+    out, grads = self.call(run)
+    want_out, want_vjp = jax.vjp(lambda x, w: _dense_grouped_matmul(x, w, gs), *_f32((x, w)))
     chex.assert_shape(out, (M, F))
-    chex.assert_trees_all_close(_f32(out), _f32(want_out), atol=0.25, rtol=1e-2)
-    chex.assert_trees_all_close(_f32(grads), _f32(want_vjp(dy)), atol=0.25, rtol=1e-2)
+    chex.assert_trees_all_equal_shapes_and_dtypes(grads, (x, w))
+    chex.assert_trees_all_close(_f32(out), want_out, atol=0.25, rtol=1e-2)
+    chex.assert_trees_all_close(_f32(grads), want_vjp(_f32(dy)), atol=0.25, rtol=1e-2)
+
+
+class TestXLA(GroupedMatmulContract):
+  IMPLEMENTATION = "xla"
+
+
+class TestPallasInterpret(GroupedMatmulContract):
+  """The Mosaic GPU kernels (ours and jax's) in GPU interpret mode."""
+
+  IMPLEMENTATION = "pallas"
+
+  def call(self, fn):
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)), _fake_gpu_devices(2):
+      return fn()
+
+
+del GroupedMatmulContract  # the contract runs through its subclasses only
+
+
+class ScheduledKernelTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("forward", False, 192, 128, 256, (20, 0, 70, 90)),  # rows 180..191 belong to no expert
       ("dgrad", True, 128, 64, 128, (64, 0, 63)),  # a group boundary one row before a block boundary
   )
-  def test_scheduled_kernel_matches_reference(self, transpose_w, M, D, N, group_sizes):  # noqa: N803
-    x, w, gs, _ = _inputs(time.time_ns(), M, D, N, group_sizes)
+  def test_matches_reference(self, transpose_w, M, D, N, group_sizes):  # noqa: N803
+    x, w, gs, _ = _inputs(1, M, D, N, group_sizes)
     if transpose_w:
       w = jnp.swapaxes(w, 1, 2)
     tiles = dict(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2)
+    gpu_callbacks.reset_gpu_interpret_mode_state()
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
       got = kernel_scheduled.gmm(x, w, gs, transpose_w=transpose_w, **tiles, num_sms=3)
     self.assertFalse(gpu_callbacks.get_races().races_found)
@@ -75,25 +115,12 @@ class GroupedMatmulTest(parameterized.TestCase):
             [4, 3, 48, 3], [5, 3, 51, 13], [5, 0, 0, 0]]  # group 5: the 13 rows of no expert
     chex.assert_trees_all_equal(got, jnp.array(want, jnp.int32))
 
-  @parameterized.parameters(dict(), dict(block_m=64, block_n=256))  # the default tiles; the benchmark's for few rows
-  def test_scheduled_kernel_lowers_for_h200(self, **tile_sizes):
-    """The DeepSeek down projection's forward (2048 -> 7168) and the up projection's dgrad, 256 experts."""
-    x = jax.ShapeDtypeStruct((16384 * 8, 2048), jnp.bfloat16)
-    gs = jax.ShapeDtypeStruct((256,), jnp.int32)
-    tiles = kernel.Tiles(gmm_kernel="scheduled", **tile_sizes)
-    for w, transpose_w in ((jax.ShapeDtypeStruct((256, 2048, 7168), jnp.bfloat16), False),
-                           (jax.ShapeDtypeStruct((256, 7168, 2048), jnp.bfloat16), True)):
-      f = lambda x, w, gs, t=transpose_w: kernel.gmm(x, w, gs, transpose_w=t, tiles=tiles)
-      with jax.sharding.use_abstract_mesh(H200):
-        text = jax.jit(f).trace(x, w, gs).lower(lowering_platforms=("cuda",)).as_text()
-      self.assertEqual(text.count("custom_call @mosaic_gpu"), 1)
-
   def test_auto_kernel_by_expert_count(self):
-    self.assertEqual(kernel.resolve_gmm_kernel("auto", 256), "scheduled")
-    self.assertEqual(kernel.resolve_gmm_kernel("auto", 32), "bundled")
+    self.assertEqual(kernel.resolve_gmm_kernel("auto", kernel.SCHEDULED_MIN_GROUPS), "scheduled")
+    self.assertEqual(kernel.resolve_gmm_kernel("auto", kernel.SCHEDULED_MIN_GROUPS - 1), "bundled")
     self.assertEqual(kernel.resolve_gmm_kernel("bundled", 256), "bundled")
 
-  def test_scheduled_kernel_rejects_bad_tiles(self):
+  def test_rejects_bad_tiles(self):
     x, w, gs, _ = _inputs(0, 192, 64, 128, (100, 92))
     with self.assertRaisesRegex(ValueError, r"block_m=192 must be a power of two"):
       kernel_scheduled.gmm(x, w, gs, block_m=192)
@@ -106,20 +133,48 @@ class GroupedMatmulTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"tiles.gmm_kernel='cutlass' must be one of " + allowed):
       kernel.gmm(x, w, gs, tiles=kernel.Tiles(gmm_kernel="cutlass"))
 
-  def test_reference_gradients(self):
-    x, w, gs, _ = _inputs(time.time_ns(), 7, 3, 4, (2, 0, 5), dtype=jnp.float32)
+  def test_reference_gradients_by_finite_differences(self):
+    x, w, gs, _ = _inputs(2, 7, 3, 4, (2, 0, 5), dtype=jnp.float32)
     jax.test_util.check_grads(lambda x, w: reference.grouped_matmul(x, w, gs), (x, w), order=1, modes=("rev",),
                               atol=1e-2, rtol=1e-2)
 
-  def test_forward_and_backward_lower_for_h200(self):
-    """DeepSeek routed-expert up projection: 7168 -> 2048, 256 experts, 4096 tokens x 8 active."""
-    x = jax.ShapeDtypeStruct((4096 * 8, 7168), jnp.bfloat16)
-    w = jax.ShapeDtypeStruct((256, 7168, 2048), jnp.bfloat16)
+
+class LoweringTest(absltest.TestCase):
+  """Cross-lowering for an H200 at DeepSeek shapes: every kernel is persistent (one CTA per SM of the H200) and
+  fits its shared memory."""
+
+  def assert_persistent(self, kernels, count):
+    self.assertLen(kernels, count)
+    for lowered in kernels:
+      self.assertEqual(lowered.grid, (132, 1, 1))
+      self.assertLessEqual(lowered.smem_bytes, SMEM_PER_BLOCK)
+
+  def test_scheduled_kernel(self):
+    """The down projection's forward (2048 -> 7168) and the up projection's dgrad, 256 experts."""
+    x = jax.ShapeDtypeStruct((16384 * 8, 2048), jnp.bfloat16)
     gs = jax.ShapeDtypeStruct((256,), jnp.int32)
+    tiles = kernel.Tiles(gmm_kernel="scheduled")
+    for w, transpose_w in ((jax.ShapeDtypeStruct((256, 2048, 7168), jnp.bfloat16), False),
+                           (jax.ShapeDtypeStruct((256, 7168, 2048), jnp.bfloat16), True)):
+      f = lambda x, w, gs, t=transpose_w: kernel.gmm(x, w, gs, transpose_w=t, tiles=tiles)
+      self.assert_persistent(lower_for_h200(f, x, w, gs), 1)
+
+  def test_forward_and_backward(self):
+    """The up projection (7168 -> 2048), 4096 tokens x 8 active: forward, dgrad and wgrad kernels, with 256
+    experts (ours for forward and dgrad) and with 32 (jax's)."""
+    x = jax.ShapeDtypeStruct((4096 * 8, 7168), jnp.bfloat16)
     loss = lambda x, w, gs: jnp.sum(api.grouped_matmul(x, w, gs, implementation="pallas").astype(jnp.float32))
-    with jax.sharding.use_abstract_mesh(H200), _fake_gpu_devices(132):
-      text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(x, w, gs).lower(lowering_platforms=("cuda",)).as_text()
-    self.assertEqual(text.count("custom_call @mosaic_gpu"), 3)  # forward, dgrad, wgrad
+    for experts in (256, 32):
+      w = jax.ShapeDtypeStruct((experts, 7168, 2048), jnp.bfloat16)
+      gs = jax.ShapeDtypeStruct((experts,), jnp.int32)
+      with _fake_gpu_devices(132):
+        self.assert_persistent(lower_for_h200(jax.value_and_grad(loss, argnums=(0, 1)), x, w, gs), 3)
+
+
+class BenchTest(absltest.TestCase):
+
+  def test_sections(self):
+    self.assertEqual(set(bench.SECTIONS), {"moe_gmm", "moe_gmm_tiles"})
 
 
 if __name__ == "__main__":

@@ -1,247 +1,231 @@
-"""Sparse MLA: the Mosaic GPU forward and backward kernels in interpret mode and the chunked backward against
-the reference, reference gradients by finite differences, and lowering of the forward, of the Pallas
-path's gradient and of the backward kernel with split gather warps for an H200 at production shapes."""
+"""Sparse MLA: one contract for every implementation of `api.sparse_mla` (out, lse and gradients against the float32
+reference on fresh random inputs with fixed seeds, invalid and repeated indices), run for XLA and for the Pallas
+kernels in GPU interpret mode with either backward; the reference's gradients by finite differences and the chunked
+backward's padding; cross-lowering of the kernels for an H200 at V3.2 shapes; the benchmark module."""
 
 import functools
-import time
 
 import chex
 import jax
 import jax.numpy as jnp
 from absl.testing import absltest, parameterized
-from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # race-detector state (private)
-from jax.sharding import AbstractDevice, AbstractMesh
 
-from pallas_kernels.mosaic import bulk_reduce
-from pallas_kernels.sparse_mla import api, chunked_bwd, kernel_bwd, kernel_fwd, reference
+from pallas_kernels.benchmarking import timing
+from pallas_kernels.sparse_mla import api, bench, chunked_bwd, kernel_bwd, kernel_fwd, reference
+from tests.pallas_kernels.mosaic_lowering import SMEM_PER_BLOCK, lower_for_h200
 
-H200 = AbstractMesh((), (), abstract_device=AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132))
-
-
-def _inputs(seed, B, T, N, S, K, C=128, R=64, dtype=jnp.bfloat16):  # noqa: N803
-  """Random q, kv and indices with invalid (-1) entries, one query with none valid, and a key that every
-  query selects (repeated indices across queries)."""
-  ks = jax.random.split(jax.random.key(seed), 3)
-  q = jax.random.normal(ks[0], (B, T, N, C + R), jnp.float32).astype(dtype)
-  kv = jax.random.normal(ks[1], (B, S, C + R), jnp.float32).astype(dtype)
-  idx = jax.random.randint(ks[2], (B, T, K), -1, S)
-  idx = idx.at[:, :, 0].set(S // 2).at[:, -1, :].set(-1)
-  return q, kv, idx
+SCALE = 0.1
 
 
-class SparseMlaTest(parameterized.TestCase):
+def _inputs(seed, B, T, N, S, K, C=128, R=64, invalid=0.1, low=0):  # noqa: N803
+  """Random bf16 q [B, T, N, C + R], kv [B, S, C + R]; indices [B, T, K] uniform in [low, S), a fraction `invalid`
+  of them -1 (duplicates within a row occur where K is near S)."""
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(ks[0], (B, T, N, C + R), jnp.float32).astype(jnp.bfloat16)
+  kv = jax.random.normal(ks[1], (B, S, C + R), jnp.float32).astype(jnp.bfloat16)
+  idx = jax.random.randint(ks[2], (B, T, K), low, S)
+  return q, kv, jnp.where(jax.random.uniform(ks[3], idx.shape) < invalid, -1, idx)
+
+
+def _f32(tree):
+  return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
+def _finite(x):
+  return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
+class SparseMLAContract(parameterized.TestCase):
+  """What every implementation of `api.sparse_mla` computes: `reference.sparse_mla` in float32, its out and lse and
+  their vjp w.r.t. q and kv (cotangents on both outputs). Runs only through its subclasses (deleted below)."""
+
+  IMPLEMENTATION = None
+  OPTIONS = {}
 
   def setUp(self):
     super().setUp()
     gpu_callbacks.reset_gpu_interpret_mode_state()
 
-  @parameterized.named_parameters(("heads16_pad", 1, 3, 16, 150, 1), ("heads64_batch2", 2, 2, 64, 128, 1),
-                                  ("heads16_pad_gather_warps4", 1, 3, 16, 150, 4),
-                                  ("heads80_adjacent_tiles", 1, 2, 80, 70, 4, True))
-  def test_forward_kernel_matches_reference(self, B, T, N, K, gather_warps, adjacent_tiles=False):  # noqa: N803
-    """With `adjacent_tiles` (two head tiles, the second padded) the CTAs enumerate (token, head tile) pairs."""
-    q, kv, idx = _inputs(time.time_ns(), B, T, N, 40, K)
-    config = kernel_fwd.Config(gather="tma", gather_warps=gather_warps, adjacent_tiles=adjacent_tiles)
-    out, lse = kernel_fwd.sparse_mla_fwd(q, kv, idx, scale=0.1, v_dim=128, config=config,
-                                         interpret=plgpu.InterpretGPUParams(detect_races=True))
-    self.assertFalse(gpu_callbacks.get_races().races_found)
-    want_out, want_lse = reference.sparse_mla(q, kv, idx, scale=0.1, v_dim=128)
-    chex.assert_shape(out, (B, T, N, 128))
-    chex.assert_trees_all_close(out.astype(jnp.float32), want_out.astype(jnp.float32), atol=2e-2, rtol=2e-2)
-    chex.assert_trees_all_equal(jnp.isneginf(lse), jnp.isneginf(want_lse))
-    chex.assert_trees_all_close(jnp.where(jnp.isfinite(lse), lse, 0.0), jnp.where(jnp.isfinite(want_lse), want_lse, 0.0),
-                                atol=1e-3, rtol=1e-3)
+  def assert_ran_cleanly(self):
+    """Checks specific to the implementation after each call (interpret mode: no races)."""
 
-  def test_reference_gradients(self):
-    q, kv, idx = _inputs(time.time_ns(), 1, 3, 2, 6, 4, C=8, R=4, dtype=jnp.float32)
-    idx = idx.at[:, -1, 0].set(1)  # no empty row: lse = -inf has no finite derivative
+  def check_against_reference(self, q, kv, idx, v_dim: int, seed: int = 1):
+    """out, lse, dq, dkv of the implementation on bf16 inputs, checked against the float32 reference; returned."""
+    f = lambda q, kv: api.sparse_mla(q, kv, idx, scale=SCALE, v_dim=v_dim, implementation=self.IMPLEMENTATION,
+                                     **self.OPTIONS)
+    (out, lse), vjp = jax.vjp(f, q, kv)
+    ks = jax.random.split(jax.random.key(seed))
+    do = jax.random.normal(ks[0], out.shape).astype(jnp.bfloat16)
+    dlse = jnp.where(jnp.isfinite(lse), jax.random.normal(ks[1], lse.shape), 0.0)
+    dq, dkv = vjp((do, dlse))
+    self.assert_ran_cleanly()
+    ref = lambda q, kv: reference.sparse_mla(q, kv, idx, scale=SCALE, v_dim=v_dim)
+    (want_out, want_lse), want_vjp = jax.vjp(ref, _f32(q), _f32(kv))
+    want_dq, want_dkv = want_vjp((_f32(do), dlse))
+    chex.assert_trees_all_equal_shapes_and_dtypes((out, lse, dq, dkv), (do, want_lse, q, kv))
+    chex.assert_trees_all_close(_f32(out), want_out, atol=2e-2, rtol=2e-2)
+    chex.assert_trees_all_equal(jnp.isneginf(lse), jnp.isneginf(want_lse))
+    chex.assert_trees_all_close(_finite(lse), _finite(want_lse), atol=1e-3, rtol=1e-3)
+    for got, want in ((dq, want_dq), (dkv, want_dkv)):
+      chex.assert_trees_all_close(_f32(got), want, atol=2e-2 * float(jnp.max(jnp.abs(want))), rtol=2e-2)
+    return out, lse, dq, dkv
+
+  @parameterized.named_parameters(
+      # one whole 64-head tile (the other cases pad 16 or 80 heads); K = 70: two 64-key blocks, the second mostly
+      # padding
+      ("one_head_tile", 1, 2, 64, 40, 70, 128),
+      # 80 heads: two head tiles, the second padded; K = 150: three blocks, both index slots reused
+      ("two_head_tiles_batch2", 2, 1, 80, 40, 150, 128),
+      # v_dim 256: 128-column latent chunks (the kernel's 128-column dkv slabs) beside the 64 rope columns
+      ("wide_latent", 1, 2, 16, 40, 70, 256),
+  )
+  def test_matches_reference(self, B, T, N, S, K, C):  # noqa: N803
+    q, kv, idx = _inputs(0, B, T, N, S, K, C)
+    self.check_against_reference(q, kv, idx, v_dim=C)
+
+  def test_invalid_indices(self):
+    """-1 entries add nothing: a query with none valid gives out 0, lse -inf and dq 0; row 0, which only invalid
+    entries would touch, gets no gradient."""
+    q, kv, idx = _inputs(2, 1, 2, 16, 24, 64, invalid=0.5, low=1)
+    idx = idx.at[:, 1].set(-1)
+    out, lse, dq, dkv = self.check_against_reference(q, kv, idx, v_dim=128)
+    chex.assert_trees_all_equal(out[:, 1], jnp.zeros_like(out[:, 1]))
+    self.assertTrue(bool(jnp.all(jnp.isneginf(lse[:, 1]))))
+    chex.assert_trees_all_equal(dq[:, 1], jnp.zeros_like(dq[:, 1]))
+    chex.assert_trees_all_equal(dkv[:, 0], jnp.zeros_like(dkv[:, 0]))
+
+  def test_repeated_indices(self):
+    """A key selected many times by one query (it counts each time) and by every query (its dkv row sums them);
+    keys that no query selects get no gradient."""
+    q, kv, idx = _inputs(3, 1, 2, 16, 24, 64, invalid=0.0)
+    idx = (idx % 12).at[:, :, :8].set(3).at[:, :, 8].set(5)
+    _, _, _, dkv = self.check_against_reference(q, kv, idx, v_dim=128)
+    chex.assert_trees_all_equal(dkv[:, 12:], jnp.zeros_like(dkv[:, 12:]))
+
+
+class TestXLA(SparseMLAContract):
+  IMPLEMENTATION = "xla"
+
+
+class TestPallasInterpret(SparseMLAContract):
+  """The Mosaic GPU forward and backward kernels in GPU interpret mode, with race detection."""
+
+  IMPLEMENTATION, OPTIONS = "pallas", dict(interpret=True)
+
+  def assert_ran_cleanly(self):
+    self.assertFalse(gpu_callbacks.get_races().races_found)
+
+
+class TestPallasDeterministicInterpret(TestPallasInterpret):
+  """The forward kernel in GPU interpret mode with the chunked XLA backward."""
+
+  OPTIONS = dict(interpret=True, deterministic=True)
+
+
+del SparseMLAContract  # the contract runs through its subclasses only
+
+
+class ReferenceAndChunkedTest(parameterized.TestCase):
+
+  def test_reference_gradients_by_finite_differences(self):
+    q, kv, idx = _inputs(4, 1, 3, 2, 6, 4, C=8, R=4, invalid=0.3)
+    q, kv = _f32((q, kv))
+    idx = idx.at[:, :, 0].set(1)  # no empty row: lse = -inf has no finite derivative
     f = lambda q, kv: reference.sparse_mla(q, kv, idx, scale=0.3, v_dim=8)
     jax.test_util.check_grads(f, (q, kv), order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
 
-  @parameterized.parameters(False, True)
-  def test_backward_matches_reference_vjp(self, deterministic):
-    q, kv, idx = _inputs(time.time_ns(), 2, 5, 4, 24, 16, C=16, R=8, dtype=jnp.float32)
-    f = lambda q, kv: reference.sparse_mla(q, kv, idx, scale=0.2, v_dim=16)
-    (out, lse), vjp = jax.vjp(f, q, kv)
-    do = jax.random.normal(jax.random.key(1), out.shape)
-    dlse = jnp.where(jnp.isfinite(lse), jax.random.normal(jax.random.key(2), lse.shape), 0.0)
-    want = vjp((do, dlse))
-    got = chunked_bwd.sparse_mla_bwd(q, kv, idx, out, lse, do, dlse, scale=0.2, v_dim=16, block_t=2,
-                                    deterministic=deterministic)
-    chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
+  def test_chunked_backward_pads_query_blocks(self):
+    """T = 5 in blocks of 2 (the last one padded with invalid queries), a query with no valid key."""
+    q, kv, idx = _inputs(5, 2, 5, 4, 24, 16, C=16, R=8, invalid=0.2)
+    q, kv = _f32((q, kv))
+    idx = idx.at[:, -1].set(-1)
+    (out, lse), vjp = jax.vjp(lambda q, kv: reference.sparse_mla(q, kv, idx, scale=0.2, v_dim=16), q, kv)
+    ks = jax.random.split(jax.random.key(6))
+    do = jax.random.normal(ks[0], out.shape)
+    dlse = jnp.where(jnp.isfinite(lse), jax.random.normal(ks[1], lse.shape), 0.0)
+    got = chunked_bwd.sparse_mla_bwd(q, kv, idx, out, lse, do, dlse, scale=0.2, v_dim=16, block_t=2)
+    chex.assert_trees_all_close(got, vjp((do, dlse)), atol=1e-4, rtol=1e-4)
 
-  @parameterized.named_parameters(("heads16_pad", 1, 3, 16, 70, 1), ("heads64_batch2", 2, 2, 64, 150, 1),
-                                  ("heads16_pad_gather_warps4", 1, 3, 16, 70, 4),
-                                  ("heads16_no_prefetch", 1, 2, 16, 100, 4, False),
-                                  ("heads80_adjacent_tiles", 1, 2, 80, 70, 4, True, True))
-  def test_backward_kernel_matches_reference_vjp(self, B, T, N, K, gather_warps, prefetch_idx=True,  # noqa: N803
-                                                 adjacent_tiles=False):
-    """K not a multiple of the 64-key block, -1 entries, a query with no valid key (lse = -inf) and a key
-    that every query selects (its dkv row sums over queries). The index block is prefetched into two slots
-    (the default; with K = 150, three blocks, both slots are used), or with `prefetch_idx=False` loaded after each release."""
-    q, kv, idx = _inputs(time.time_ns(), B, T, N, 40, K)
-    f32 = lambda x: x.astype(jnp.float32)
-    f = lambda q, kv: reference.sparse_mla(q, kv, idx, scale=0.1, v_dim=128)
-    (out, lse), vjp = jax.vjp(f, f32(q), f32(kv))
-    keys = jax.random.split(jax.random.key(time.time_ns()))
-    do = jax.random.normal(keys[0], out.shape).astype(jnp.bfloat16)
-    dlse = jnp.where(jnp.isfinite(lse), jax.random.normal(keys[1], lse.shape), 0.0)
-    want = vjp((f32(do), dlse))
-    got = kernel_bwd.sparse_mla_bwd(q, kv, idx, out.astype(jnp.bfloat16), lse, do, dlse, scale=0.1, v_dim=128,
-                                    gather="tma", gather_warps=gather_warps, prefetch_idx=prefetch_idx,
-                                    adjacent_tiles=adjacent_tiles,
-                                    interpret=plgpu.InterpretGPUParams(detect_races=True))
-    self.assertFalse(gpu_callbacks.get_races().races_found)
-    chex.assert_trees_all_equal_shapes_and_dtypes(got, (q, kv))
-    for g, w in zip(got, want):
-      chex.assert_trees_all_close(f32(g), w, atol=2e-2 * float(jnp.max(jnp.abs(w))), rtol=2e-2)
 
-  def test_backward_kernel_wide_slabs_match_reference_vjp(self):
-    """slab_cols=128 at v_dim = 256: 128-column slabs on the latent chunks, a 64-column one on the rope chunk
-    (sharing the staging bytes, so it waits for the slab before it)."""
-    q, kv, idx = _inputs(time.time_ns(), 1, 2, 16, 40, 70, C=256)
-    f32 = lambda x: x.astype(jnp.float32)
-    (out, lse), vjp = jax.vjp(lambda q, kv: reference.sparse_mla(q, kv, idx, scale=0.1, v_dim=256), f32(q), f32(kv))
-    do = jax.random.normal(jax.random.key(time.time_ns()), out.shape).astype(jnp.bfloat16)
-    dlse = jnp.zeros_like(lse)
-    want = vjp((f32(do), dlse))
-    got = kernel_bwd.sparse_mla_bwd(q, kv, idx, out.astype(jnp.bfloat16), lse, do, dlse, scale=0.1, v_dim=256,
-                                    gather="tma", slab_cols=128, interpret=plgpu.InterpretGPUParams(detect_races=True))
-    self.assertFalse(gpu_callbacks.get_races().races_found)
-    for g, w in zip(got, want):
-      chex.assert_trees_all_close(f32(g), w, atol=2e-2 * float(jnp.max(jnp.abs(w))), rtol=2e-2)
+class KernelArgumentsTest(parameterized.TestCase):
 
-  @parameterized.parameters(False, True)
-  def test_pallas_path_gradients_match_reference(self, deterministic):
-    q, kv, idx = _inputs(time.time_ns(), 1, 2, 16, 32, 64)
-    loss = lambda impl, **kw: (lambda q, kv: jnp.sum(jnp.sin(api.sparse_mla(
-        q, kv, idx, scale=0.1, v_dim=128, implementation=impl, **kw)[0].astype(jnp.float32))))
-    got = jax.grad(loss("pallas", interpret=True, deterministic=deterministic), argnums=(0, 1))(q, kv)
-    want = jax.grad(loss("xla"), argnums=(0, 1))(q, kv)
-    chex.assert_trees_all_close(jax.tree.map(lambda x: x.astype(jnp.float32), got),
-                                jax.tree.map(lambda x: x.astype(jnp.float32), want), atol=3e-2, rtol=3e-2)
+  def test_supported_widths(self):
+    self.assertTrue(kernel_fwd.supports(576, 512, jnp.bfloat16))
+    self.assertTrue(kernel_fwd.supports(320, 256, jnp.bfloat16))
+    self.assertFalse(kernel_fwd.supports(576, 512, jnp.float32))
+    self.assertFalse(kernel_fwd.supports(560, 512, jnp.bfloat16))  # rope 48: not whole 64-column tiles
+    with self.assertRaisesRegex(ValueError, r"Unsupported dims dk=560, v_dim=512"):
+      kernel_fwd.column_chunks(560, 512)
 
-  def test_config_rejects_gather_warps(self):
-    with self.assertRaisesRegex(ValueError, r"gather_warps=3 must be one of \(1, 2, 4\)"):
-      kernel_fwd.Config(gather_warps=3)
-    with self.assertRaisesRegex(ValueError, r"gather='ldg' must be one of \('tma', 'cp_async'\)"):
-      kernel_fwd.Config(gather="ldg")
-    with self.assertRaisesRegex(ValueError, r"skip='copies' must be '', 'math' or \(with gather='cp_async'\)"):
-      kernel_fwd.Config(gather="tma", skip="copies")
+  def test_config_rejects(self):
+    with self.assertRaisesRegex(ValueError, r"block_k=96 must be a multiple of 64 in \[64, 256\]"):
+      kernel_fwd.Config(block_k=96)
+    with self.assertRaisesRegex(ValueError, r"stages=0 must be >= 1"):
+      kernel_fwd.Config(stages=0)
 
-  def test_backward_rejects_skip_and_reduce_warps(self):
-    q, kv, idx = _inputs(0, 1, 1, 16, 40, 64)
-    with self.assertRaisesRegex(ValueError, r"reduce_warps=3 must be one of \(1, 2, 4\)"):
-      kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
-                                jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", reduce_warps=3)
-    with self.assertRaisesRegex(ValueError, r"reduce='atomic' must be one of \('tma', 'red', 'bulk'\)"):
-      kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
-                                jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", reduce="atomic")
-    with self.assertRaisesRegex(ValueError, r"slab_cols=128 must be one of \(64, 128\), and 64 with reduce='red'"):
-      kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
-                                jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, reduce="red", slab_cols=128)
-    with self.assertRaisesRegex(ValueError, "reduce='red' runs inline Mosaic GPU code"):
-      kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
-                                jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", reduce="red",
-                                interpret=plgpu.InterpretGPUParams())
-    with self.assertRaisesRegex(ValueError, "reduce='bulk' runs inline Mosaic GPU code"):
-      kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
-                                jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", reduce="bulk",
-                                interpret=plgpu.InterpretGPUParams())
-    with self.assertRaisesRegex(ValueError, r"skip='copies' must be '', 'reduce' or \(with gather='cp_async'\)"):
-      kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
-                                jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="tma", skip="copies")
 
-  def test_backward_rejects_release_options(self):
-    q, kv, idx = _inputs(0, 1, 1, 16, 40, 64)
-    args = (q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128], jnp.zeros(q.shape[:3]))
-    with self.assertRaisesRegex(ValueError,
-                                r"split_release=True needs gather='cp_async' \(got 'tma'\) and prefetch_idx=True"):
-      kernel_bwd.sparse_mla_bwd(*args, scale=0.1, v_dim=128, gather="tma", split_release=True)
-    with self.assertRaisesRegex(ValueError, r"split_release=True needs .* and prefetch_idx=True \(got False\)"):
-      kernel_bwd.sparse_mla_bwd(*args, scale=0.1, v_dim=128, prefetch_idx=False, split_release=True)
+def _v32_shapes(t: int = 131072):
+  """q, kv, indices and the backward's out, lse, do, dlse at V3.2 shapes: T = t tokens (128K: the grid's token
+  axis above CUDA's 65535 limit for y and z), K = 2048 of S = t latent rows, 128 heads."""
+  bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  return (bf16(1, t, 128, 576), bf16(1, t, 576), jax.ShapeDtypeStruct((1, t, 2048), jnp.int32),
+          bf16(1, t, 128, 512), f32(1, t, 128), bf16(1, t, 128, 512), f32(1, t, 128))
 
-  def test_cp_async_gather_refuses_interpret_mode(self):
-    q, kv, idx = _inputs(0, 1, 1, 16, 40, 64)
-    with self.assertRaisesRegex(ValueError, "gather='cp_async' runs inline Mosaic GPU code"):
-      kernel_fwd.sparse_mla_fwd(q, kv, idx, scale=0.1, v_dim=128, config=kernel_fwd.Config(gather="cp_async"),
-                                interpret=plgpu.InterpretGPUParams())
-    with self.assertRaisesRegex(ValueError, "gather='cp_async' runs inline Mosaic GPU code"):
-      kernel_bwd.sparse_mla_bwd(q, kv, idx, q[..., :128], jnp.zeros(q.shape[:3]), q[..., :128],
-                                jnp.zeros(q.shape[:3]), scale=0.1, v_dim=128, gather="cp_async",
-                                interpret=plgpu.InterpretGPUParams())
 
-  @parameterized.parameters(("tma", 1), ("tma", 4), ("cp_async", 4))
-  def test_forward_lowers_for_h200(self, gather, gather_warps):
-    """V3.2 shapes: T=128K queries, K=2048 of S=128K latent rows, 128 heads. For the cp.async gather this
-    is the only CPU check (interpret mode cannot run inline Mosaic GPU code): the H200 benchmark checks its
-    outputs (`experiments/bench_sections/sparse_mla_gather.py`)."""
-    args = (jax.ShapeDtypeStruct((1, 131072, 128, 576), jnp.bfloat16),
-            jax.ShapeDtypeStruct((1, 131072, 576), jnp.bfloat16),
-            jax.ShapeDtypeStruct((1, 131072, 2048), jnp.int32))
-    f = functools.partial(kernel_fwd.sparse_mla_fwd, scale=0.135, v_dim=512,
-                          config=kernel_fwd.Config(gather=gather, gather_warps=gather_warps))
-    with jax.sharding.use_abstract_mesh(H200):
-      text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    self.assertIn("mosaic_gpu", text)
+CP_ASYNC = "nvvm.cp.async.shared.global"  # one 16-byte row-piece copy of the cp.async gather
+ROW_PIECES = 4 * 9  # a 64-key block of 576-column rows: 4 passes of 16 rows x 9 lines of 64 columns per thread
+TMA_REDUCE_ADD = "cp.reduce.async.bulk.tensor"
 
-  def test_backward_lowers_for_h200(self):
-    """The gradient through the Pallas path at V3.2 shapes: T=128K tokens (the grid's token axis above
-    CUDA's 65535 limit for y and z), K=2048, 128 heads."""
-    args = (jax.ShapeDtypeStruct((1, 131072, 128, 576), jnp.bfloat16),
-            jax.ShapeDtypeStruct((1, 131072, 576), jnp.bfloat16),
-            jax.ShapeDtypeStruct((1, 131072, 2048), jnp.int32))
-    loss = lambda q, kv, idx: jnp.sum(api.sparse_mla(q, kv, idx, scale=0.135, v_dim=512,
-                                                     implementation="pallas")[0].astype(jnp.float32))
-    with jax.sharding.use_abstract_mesh(H200):
-      text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    self.assertGreaterEqual(text.count("mosaic_gpu"), 2)
 
-  @parameterized.parameters(("tma", 1, "tma"), ("cp_async", 1, "tma"), ("cp_async", 4, "tma"), ("cp_async", 4, "red"),
-                            ("cp_async", 4, "tma", 128), ("cp_async", 4, "bulk", 128))
-  def test_backward_kernel_lowers_for_h200(self, gather, reduce_warps, reduce, slab_cols=64):
-    """The backward kernel itself with each gather (TMA from 4 warps, cp.async), its dkv TMA reduce-adds from
-    one or four warps, its bulk reduce-adds one row per thread or its `red_add` reductions from registers, at the
-    V3.2 shapes above. (Interpret mode
-    replaces the reduce-adds by per-token partials and cannot run `red_add`, so only this test compiles them.)"""
-    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-    args = (bf16(1, 131072, 128, 576), bf16(1, 131072, 576), jax.ShapeDtypeStruct((1, 131072, 2048), jnp.int32),
-            bf16(1, 131072, 128, 512), jax.ShapeDtypeStruct((1, 131072, 128), jnp.float32),
-            bf16(1, 131072, 128, 512), jax.ShapeDtypeStruct((1, 131072, 128), jnp.float32))
-    f = functools.partial(kernel_bwd.sparse_mla_bwd, scale=0.135, v_dim=512, gather_warps=4, gather=gather,
-                          reduce_warps=reduce_warps, reduce=reduce, slab_cols=slab_cols)
-    with jax.sharding.use_abstract_mesh(H200):
-      text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    self.assertIn("mosaic_gpu", text)
-    if reduce == "bulk":  # 512-byte rows of the 128-column latent slabs, 256-byte ones of the rope slab
-      for size in (512, 256):
-        self.assertIn(f"cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [$2], [$1], {size};", text)
+class LoweringTest(parameterized.TestCase):
+  """Cross-lowering for an H200 at V3.2 shapes: what interpret mode cannot check (the cp.async gather, the TMA
+  reduce-adds, the launch grid and the shared memory)."""
 
-  def test_bulk_reduce_rejects_shapes(self):
-    """`bulk_reduce.add_rows` names the slab shape it cannot issue (rows not a multiple of 4 up to 128, rows
-    or column offsets not whole 16-byte units) before emitting any code."""
-    slab = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-    for shape, col in (((66, 128), 0), ((256, 128), 0), ((64, 6), 0), ((64, 128), 2)):
-      with self.assertRaisesRegex(ValueError, rf"staged \({shape[0]}, {shape[1]}\) at col={col}: rows must be"):
-        bulk_reduce.add_rows(slab(*shape), None, None, col=col)
+  def assert_launch(self, kernel, min_smem: int):
+    """(token, head tile) pairs on CUDA x, three warpgroups, shared memory between the buffers and the limit."""
+    self.assertEqual(kernel.grid, (131072 * 2, 1, 1))
+    self.assertEqual(kernel.block, (3 * 128, 1, 1))
+    self.assertBetween(kernel.smem_bytes, min_smem, SMEM_PER_BLOCK)
 
-  def test_benchmark_backward_configs_lower_for_h200(self):
-    """Every backward configuration of the GPU benchmark (`sparse_mla_gather.BACKWARD_CONFIGS`: with and without
-    the index prefetch and the split release) is a valid call that lowers at the benchmark's shapes (8K keys,
-    4096 queries, 128 heads, K = 2048)."""
-    from experiments.bench_sections import sparse_mla_gather  # noqa: PLC0415 (benchmark code, not the library)
-    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-    args = (bf16(1, 4096, 128, 576), bf16(1, 8192, 576), jax.ShapeDtypeStruct((1, 4096, 2048), jnp.int32),
-            bf16(1, 4096, 128, 512), f32(1, 4096, 128), bf16(1, 4096, 128, 512), f32(1, 4096, 128))
-    for fields in sparse_mla_gather.BACKWARD_CONFIGS:
-      f = functools.partial(kernel_bwd.sparse_mla_bwd, scale=0.135, v_dim=512,
-                            **sparse_mla_gather.backward_arguments(fields))
-      with jax.sharding.use_abstract_mesh(H200):
-        text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-      self.assertIn("mosaic_gpu", text, msg=str(fields))
+  def test_forward_kernel(self):
+    (kernel,) = lower_for_h200(functools.partial(kernel_fwd.sparse_mla_fwd, scale=0.135, v_dim=512),
+                               *_v32_shapes()[:3])
+    # Q tile 72 KiB + two gathered 64-key blocks 144 KiB + P 8 KiB
+    self.assert_launch(kernel, (64 * 576 + 2 * 64 * 576 + 64 * 64) * 2)
+    self.assertEqual(kernel.count(CP_ASYNC) % ROW_PIECES, 0)
+    self.assertGreater(kernel.count(CP_ASYNC), 0)
 
+  def test_backward_kernel(self):
+    (kernel,) = lower_for_h200(functools.partial(kernel_bwd.sparse_mla_bwd, scale=0.135, v_dim=512), *_v32_shapes())
+    # Q 72 KiB + dO 64 KiB + one key block 72 KiB + P^T, dS^T 16 KiB
+    self.assert_launch(kernel, (64 * 576 + 64 * 512 + 64 * 576 + 2 * 64 * 64) * 2)
+    self.assertEqual(kernel.count(CP_ASYNC), ROW_PIECES)  # one gathered block per iteration
+    # One reduce-add site per 128-column dkv slab: [0, 256) from wg 0; [256, 512) and the 64 rope columns from wg 1.
+    self.assertEqual(kernel.count(TMA_REDUCE_ADD), 5)
+
+  @parameterized.named_parameters(("kernel_backward", False, 2), ("deterministic", True, 1))
+  def test_gradient_through_api(self, deterministic, kernels):
+    """The forward kernel, then the backward kernel or (deterministic) the chunked XLA backward."""
+    loss = lambda q, kv, idx: jnp.sum(api.sparse_mla(q, kv, idx, scale=0.135, v_dim=512, implementation="pallas",
+                                                     deterministic=deterministic)[0].astype(jnp.float32))
+    lowered = lower_for_h200(jax.grad(loss, argnums=(0, 1)), *_v32_shapes()[:3])
+    self.assertLen(lowered, kernels)
+    self.assertEqual(lowered[-1].count(TMA_REDUCE_ADD), 5 if not deterministic else 0)
+
+
+class BenchTest(absltest.TestCase):
+
+  def test_sections(self):
+    self.assertEqual(set(bench.SECTIONS), {"sparse_mla", "sparse_mla_gather", "parity_shapes"})
+
+  def test_memory_check_skips_what_does_not_fit(self):
+    """`timing.fits_memory`, which the benchmark's XLA baselines go through, from XLA's plan of the compiled call."""
+    q, kv, idx, _, _, do, dlse = _v32_shapes(16)
+    autodiff = bench._fns()["autodiff"]  # noqa: SLF001
+    self.assertTrue(timing.fits_memory("autodiff", autodiff, q, kv, idx, do, dlse))
+    self.assertFalse(timing.fits_memory("autodiff", autodiff, q, kv, idx, do, dlse, budget=2**20))
 
 if __name__ == "__main__":
   absltest.main()

@@ -173,8 +173,8 @@ def main(argv):
   out = pathlib.Path(_OUT_DIR.value)
   out.mkdir(parents=True, exist_ok=True)
   path = None
-  for stage in _STAGES.value:
-    for seq_len in (int(t) for t in _SEQ_LENS.value):
+  for seq_len in (int(t) for t in _SEQ_LENS.value):  # every stage at the first T before the next T
+    for stage in _STAGES.value:
       row_out = out / f"row_{stage}_{seq_len}.json"
       row_out.unlink(missing_ok=True)
       done = subprocess.run([sys.executable, "-m", "experiments.bench_train_step", *sys.argv[1:],

@@ -5,7 +5,7 @@
 Each op keeps its benchmark beside it (`pallas_kernels/<op>/bench.py`) with `SECTIONS: dict[name, run]`,
 `run(cfg) -> list[dict]`; every row is printed as it is measured, so a time-out still leaves results. The JSON
 record (date, git commit, device kind, exact command, rows) goes to `--out_dir`, outside the repository by
-default; the current tables under `benchmarks/` cite the records they were made from.
+default, rewritten after each section; a section that raises is recorded as failed and the next one runs; the current tables under `benchmarks/` cite the records they were made from.
 """
 
 import importlib
@@ -69,12 +69,16 @@ def main(argv):
     raise app.UsageError(f"bench_kernels times GPU kernels, but JAX's backend here is "
                          f"{jax.default_backend()!r}; run it on a GPU machine.")
   cfg = dict(seq_lens=[int(t) for t in _SEQ_LENS.value])
-  rows = []
-  for name in names:
-    rows += available[name](cfg)
   record = records.header(jax.devices()[0].device_kind, " ".join(["python -m experiments.bench_kernels",
                                                                    *sys.argv[1:]]))
-  path = records.write(_OUT_DIR.value, "bench_kernels", {**record, "rows": rows})
+  rows = []
+  for name in names:
+    try:
+      rows += available[name](cfg)
+    except Exception as e:  # noqa: BLE001 (a section that fails, e.g. out of memory, must not lose the others)
+      print(f"[bench_kernels] section {name!r} failed: {type(e).__name__}: {str(e)[:500]}", flush=True)
+      rows.append(dict(section=name, status="failed", error=f"{type(e).__name__}: {str(e)[:500]}"))
+    path = records.write(_OUT_DIR.value, "bench_kernels", {**record, "rows": rows})  # rewritten per section
   for section in dict.fromkeys(row.get("section") for row in rows):
     print(f"\n## {section}\n" + _table([r for r in rows if r.get("section") == section]))
   print(f"\nwrote {path}")

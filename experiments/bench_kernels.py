@@ -5,7 +5,8 @@
 Each op keeps its benchmark beside it (`pallas_kernels/<op>/bench.py`) with `SECTIONS: dict[name, run]`,
 `run(cfg) -> list[dict]`; every row is printed as it is measured, so a time-out still leaves results. The JSON
 record (date, git commit, device kind, exact command, rows) goes to `--out_dir`, outside the repository by
-default, rewritten after each section; a section that raises is recorded as failed and the next one runs; the current tables under `benchmarks/` cite the records they were made from.
+default, rewritten after each section; a section that raises is recorded as failed and the next one runs. The
+current tables under `benchmarks/` cite the records they were made from.
 """
 
 import importlib

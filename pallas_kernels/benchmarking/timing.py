@@ -30,3 +30,15 @@ def peak_bytes_of(fn: Callable, *args) -> int | None:
 
 def tflops(flops: float, seconds: float) -> float:
   return flops / seconds / 1e12
+
+
+DEVICE_BYTES = 75 * 2**30  # what one benchmark row may use of a GPU's memory (an H100 has 80 GB)
+
+
+def fits(what: str, nbytes: float) -> bool:
+  """Whether a row needing about `nbytes` of device memory fits DEVICE_BYTES; prints that it is skipped if not."""
+  if nbytes <= DEVICE_BYTES:
+    return True
+  print(f"skipped {what}: needs about {nbytes / 2**30:.0f} GiB of device memory, more than "
+        f"{DEVICE_BYTES / 2**30:.0f} GiB", flush=True)
+  return False

@@ -6,7 +6,7 @@ On one row of T = `seq_lens` tokens: the indexer scores kernel with each `key_wa
 reference, and `index_topk`'s selections against the XLA path's; then per variant (all queries, causal random
 indices, 5% invalid) the sparse MLA backward kernel with each dkv addition (`BACKWARD_VARIANTS`), its dq / dkv
 against the float32 reference's vjp, and the sparse indexer KL (value and indexer gradients) through the kernels
-with each gather against the XLA path on float32 inputs. Each row says which variant it is before it runs (printed),
+against the XLA path on float32 inputs. Each row says which variant it is before it runs (printed),
 so that a variant that hangs on the GPU is named in the log even when a timeout kills the process.
 """
 
@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from pallas_kernels.benchmarking import timing
 from experiments.bench_sections.sparse_mla import rel_err
 from pallas_kernels.indexer_kl import api as kl_api
-from pallas_kernels.indexer_kl import kernel_sparse, sparse_pallas
 from pallas_kernels.lightning_indexer import api as indexer_api
 from pallas_kernels.lightning_indexer import kernel as indexer_kernel
 from pallas_kernels.lightning_indexer import reference as indexer_reference
@@ -69,30 +68,23 @@ def _kl_rows(T, q, kv, idx, idx_args, vis) -> list[dict]:  # noqa: N803
   lse = reference.sparse_mla(q.astype(jnp.float32), kv.astype(jnp.float32), idx, scale=SCALE, v_dim=LATENT)[1]
   fixed = (q, kv, lse, idx, vis)  # arguments, not closure constants: XLA would constant-fold their gathers
 
-  def kl(config):
-    """(indexer args, fixed) -> KL [1, T] through the kernels with `config`, or the XLA path (None)."""
+  def kl(implementation):
+    """(indexer args, fixed) -> KL [1, T] through `implementation`."""
     def f(idx_args, fixed):
       q, kv, lse, idx, vis = fixed
-      if config is None:
-        return kl_api.sparse_kl(q, kv, lse, SCALE, *idx_args, idx, **vis, implementation="xla")
-      return sparse_pallas.sparse_kl(q, kv, lse, SCALE, *idx_args, idx, **vis, config=config)
+      return kl_api.sparse_kl(q, kv, lse, SCALE, *idx_args, idx, **vis, implementation=implementation)
     return f
 
   value_and_grads = lambda f: jax.jit(jax.value_and_grad(lambda idx_args, fixed: f(idx_args, fixed).sum()))
-  want_kl, want_grads = value_and_grads(kl(None))(jax.tree.map(lambda x: x.astype(jnp.float32), idx_args), fixed)
-  rows = []
-  for name, config in (("tma", kernel_sparse.Config(gather="tma", reduce_warps=1)),
-                       ("tma_reduce4", kernel_sparse.Config(gather="tma")),
-                       ("cp_async_reduce4", kernel_sparse.Config())):
-    print(f"parity_shapes: sparse indexer KL, {name} ...", flush=True)
-    step = value_and_grads(kl(config))
-    got_kl, got = jax.block_until_ready(step(idx_args, fixed))
-    row = dict(section="parity_shapes", T=T, op="sparse_kl fwd+bwd", variant=name,
-               ms=timing.time_fn(step, idx_args, fixed) * 1e3, kl_err=rel_err(got_kl, want_kl))
-    row.update({f"{n}_err": rel_err(g, w) for n, g, w in zip(("d_iq", "d_ik", "d_w"), got, want_grads)})
-    rows.append(row)
-    print(rows[-1], flush=True)
-  return rows
+  want_kl, want_grads = value_and_grads(kl("xla"))(jax.tree.map(lambda x: x.astype(jnp.float32), idx_args), fixed)
+  print("parity_shapes: sparse indexer KL, pallas ...", flush=True)
+  step = value_and_grads(kl("pallas"))
+  got_kl, got = jax.block_until_ready(step(idx_args, fixed))
+  row = dict(section="parity_shapes", T=T, op="sparse_kl fwd+bwd", variant="pallas",
+             ms=timing.time_fn(step, idx_args, fixed) * 1e3, kl_err=rel_err(got_kl, want_kl))
+  row.update({f"{n}_err": rel_err(g, w) for n, g, w in zip(("d_iq", "d_ik", "d_w"), got, want_grads)})
+  print(row, flush=True)
+  return [row]
 
 
 def _scores_rows(T, idx_args, vis) -> list[dict]:  # noqa: N803

@@ -1,17 +1,16 @@
 """Where the device time of one benchmarked computation goes: a profiler trace of a few calls, summed per op.
 
   python -m experiments.profile_kernels --target=index_topk --seq_len=131072
-  python -m experiments.profile_kernels --target=dsa_layer --seq_len=131072 --trace_dir=$OUT/trace
+  python -m experiments.profile_kernels --target=dsa_core --seq_len=131072 --trace_dir=$OUT/trace
 
-Targets (the inputs of `experiments/bench_sections`, default implementations): "pruned_select" (the default top-k,
-"pruned_fused_select", of
-1024 rows of causal indexer scores), "index_topk" (scores + top-k of a causal sequence), "dsa_layer" (the
-DSA attention core: index_topk + sparse MLA), and "train_step" (one training step of `--stage` with the
-model of `--train_config`, by default the parity run's `train_small`, on one row of `--seq_len` random
-tokens). After one warm-up call (compilation), `--iters` calls are
-traced with `jax.profiler` (a Perfetto trace); the table (`dsa_jax.profiling`) sums each op's time on the device
-streams (on a machine without an accelerator, on the host) and divides by the calls: ms per call, share, count
-per call.
+Targets (the inputs of the benchmark sections, default implementations): "topk" (the default top-k of 1024 rows
+of causal indexer scores, `pallas_kernels/topk/bench.py`), "index_topk" (scores + top-k of a causal sequence),
+"dsa_core" (the DSA attention core: index_topk + sparse MLA, `pallas_kernels/benchmarking/dsa_core.py`), and
+"train_step" (one training step of `--stage` with the model of `--train_config`, by default the parity run's
+`train_small`, on one row of `--seq_len` random tokens). After one warm-up call (compilation), `--iters` calls
+are traced with `jax.profiler` (a Perfetto trace); the table (`dsa_jax.profiling`) sums each op's time on the
+device streams (on a machine without an accelerator, on the host) and divides by the calls: ms per call, share,
+count per call.
 """
 
 import tempfile
@@ -20,9 +19,11 @@ import jax
 from absl import app, flags
 
 from dsa_jax import profiling
-from experiments.bench_sections import dsa_layer, topk
+from pallas_kernels.benchmarking import dsa_core
+from pallas_kernels.topk import api as topk_api
+from pallas_kernels.topk import bench as topk_bench
 
-TARGETS = ("pruned_select", "index_topk", "dsa_layer", "train_step")
+TARGETS = ("topk", "index_topk", "dsa_core", "train_step")
 _TARGET = flags.DEFINE_enum("target", "index_topk", TARGETS, "What to profile.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 32768, "Sequence length T (keys per row).")
 _ITERS = flags.DEFINE_integer("iters", 3, "Traced calls.")
@@ -58,14 +59,15 @@ def build(target: str, seq_len: int):
   """-> (jitted function, its arguments) for `target` at `seq_len`."""
   if target == "train_step":
     return _train_step(_STAGE.value, seq_len, _TRAIN_CONFIG.value)
-  if target == "pruned_select":
-    return jax.jit(topk.SELECT_FNS["pruned_fused_select"]), (topk.score_rows(seq_len)["indexer"],)
-  x, vis = dsa_layer.inputs(seq_len)
+  if target == "topk":
+    fn = lambda scores: topk_api.topk_indices(scores, topk_bench.TOPK)
+    return jax.jit(fn), (topk_bench.score_rows(seq_len)["indexer"],)
+  x, vis = dsa_core.inputs(seq_len)
   if target == "index_topk":
     from pallas_kernels.lightning_indexer import api as indexer_api  # noqa: PLC0415
-    fn = lambda x, vis: indexer_api.index_topk(x["iq"], x["ik"], x["iw"], topk=dsa_layer.K, **vis)
+    fn = lambda x, vis: indexer_api.index_topk(x["iq"], x["ik"], x["iw"], topk=dsa_core.K, **vis)
     return jax.jit(fn), (x, vis)
-  return jax.jit(lambda x, vis: dsa_layer.layer(x, vis, None, "pruned_fused_select")), (x, vis)
+  return jax.jit(lambda x, vis: dsa_core.layer(x, vis, None)), (x, vis)
 
 
 def main(argv):

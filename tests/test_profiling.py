@@ -31,3 +31,13 @@ def test_op_times_falls_back_to_host_without_device(tmp_path):
                                         {"ph": "X", "pid": 1, "name": "fusion", "dur": 5.0}])
   total, _, summed = profiling.op_times(tmp_path / "t.trace.json.gz")
   assert dict(total) == {"fusion": 5.0} and summed == "/host:CPU"
+
+
+def test_build_targets_run_on_small_inputs():
+  """The kernel targets build from the benchmark sections' inputs and run (XLA paths on CPU)."""
+  topk, (scores,) = profile_kernels.build("topk", 512)
+  assert scores.shape == (512, 512) and topk(scores).shape == (512, 512)  # k = 2048 > S: every visible key
+  index_topk, args = profile_kernels.build("index_topk", 256)
+  assert index_topk(*args).shape == (1, 256, 256)
+  dsa_core, args = profile_kernels.build("dsa_core", 256)
+  assert dsa_core(*args).shape == (1, 256, 128, 512)

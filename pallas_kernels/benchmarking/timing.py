@@ -36,11 +36,16 @@ def tflops(flops: float, seconds: float) -> float:
 MEMORY_BUDGET_BYTES = 75 * 2**30
 
 
-def fits_memory(label: str, fn: Callable, *args, budget: int = MEMORY_BUDGET_BYTES) -> bool:
-  """Whether the compiled fn(*args) needs at most `budget` bytes (`peak_bytes_of`); prints why it is skipped if not."""
+def fits(what: str, nbytes: float, budget: int = MEMORY_BUDGET_BYTES) -> bool:
+  """Whether a row needing about `nbytes` of device memory fits `budget`; prints that it is skipped if not."""
+  if nbytes <= budget:
+    return True
+  print(f"skipped {what}: needs about {nbytes / 2**30:.1f} GiB of device memory, more than "
+        f"{budget / 2**30:.0f} GiB", flush=True)
+  return False
+
+
+def fits_memory(what: str, fn: Callable, *args, budget: int = MEMORY_BUDGET_BYTES) -> bool:
+  """`fits` with XLA's plan for the compiled fn(*args) (`peak_bytes_of`; fits when XLA gives none)."""
   peak = peak_bytes_of(fn, *args)
-  if peak is not None and peak > budget:
-    print(f"skipped {label}: XLA plans {peak / 2**30:.1f} GiB of device memory, over the {budget / 2**30:.0f} GiB "
-          "budget", flush=True)
-    return False
-  return True
+  return peak is None or fits(what, peak, budget)

@@ -4,7 +4,7 @@ DeepSeek-V3.2 dense warm-up (arXiv 2512.02556, section 2.1): per query t the los
 KL(p[t, :] || softmax(I[t, :])) needs, over the visible keys s, five numbers: the running max m and sum l
 of I's logsumexp, and z = sum p, a = sum p I, c = sum p log p, where p[t, s] = sum_h exp(scale q[t, h].k[s]
 - lse[t, h]) and I[t, s] = sum_j w[t, j] ReLU(iq[t, j].ik[s]); then KL = c/z - log z - a/z + m + log l
-(`api.dense_kl`'s chunked XLA path folds the same statistics). Nothing of size [T, S] is written.
+(`chunked.dense_kl` folds the same statistics). Nothing of size [T, S] is written.
 
 One CTA owns one query token and two warpgroups:
   * wg 1 (memory) streams the token's key tiles of BLOCK_S = 64 keys through a ring of `stages` SMEM slots
@@ -18,21 +18,21 @@ One CTA owns one query token and two warpgroups:
     five statistics per key lane ([64] vectors, no cross-lane reduction in the loop).
 The CTA writes its per-lane statistics [5, 64]; `combine` reduces the lanes in XLA (1.3 KB per token) and
 `kl_from_stats` turns them into the KL. What the four per-token kernels share (ring, launch, the wgmma over
-ring slots, the statistics update) is in `streaming`.
+ring slots, the statistics update) is in `per_token_cta`.
 
 Why this shape: the V3.2 query is 128 heads x 576 bf16 = 144 KiB, so one token's query fills most of the
 227 KiB of SMEM and no tile of several tokens fits; a whole 64-key tile (88 KiB with the index key) does
 not fit beside it either, hence the sub-tile ring (7 slots of 8 KiB at V3.2 shapes, more for smaller
 models). Keys are re-read by every token's CTA, from L2 for neighbouring tokens running together.
-Masked tiles are skipped: `chunking.visible_block_ranges` gives each token the first and one-past-last key
+Masked tiles are skipped: `visibility.visible_block_ranges` gives each token the first and one-past-last key
 tile that holds a visible key (causal order and segments), and only those are streamed.
 
 Heads are padded to a multiple of HEAD_MULTIPLE (padded attention heads get lse = +inf, so p = 0; padded
 index heads get w = 0), the key dims to a multiple of 64 with zeros, keys to a multiple of 64 with
 position INT32_MAX (never visible). Computation in bf16 with float32 accumulation, like the other kernels.
+Today's figure (T = 128K, V3.2 shapes, H200): about 475 TF/s of useful causal work, benchmarks/indexer_kl.md.
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -41,26 +41,22 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.chunking import PAD_POSITION, visible_block_ranges
-from pallas_kernels.indexer_kl import streaming
-from pallas_kernels.indexer_kl.streaming import BLOCK_S, CHUNK, FLOOR, LOG2E, round_up
+from pallas_kernels.indexer_kl import per_token_cta
+from pallas_kernels.indexer_kl.per_token_cta import BLOCK_S, CHUNK, FLOOR, LOG2E, round_up
+from pallas_kernels.visibility import PAD_POSITION, visible_block_ranges
 
 HEAD_MULTIPLE = 16
 MAX_HEADS = 256  # wgmma N
 NUM_STATS = 5  # m, l, z, a, c
+MAX_STAGES = 12  # ring slots, if they fit in SMEM
+# Pallas's automatic warpgroup barriers around SMEM accesses: cheap here (12 copies per 64-key tile).
+AUTO_BARRIERS = True
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-  max_stages: int = 12  # ring slots, if they fit in SMEM
-  # Pallas's automatic warpgroup barriers around SMEM accesses: cheap here (12 copies per 64-key tile).
-  auto_barriers: bool = True
-
-
-def stages_for(n: int, c: int, i: int, h: int, config: Config = Config()) -> int:
+def stages_for(n: int, c: int, i: int, h: int) -> int:
   """Ring slots that fit beside the queries for padded head counts n, i and padded dims c, h."""
   buffers = (2 * c * n, 2 * h * i, 4 * n, 4 * i, 4 * 2 * 2 * BLOCK_S, 4 * NUM_STATS * BLOCK_S)
-  return streaming.ring_stages(buffers, config.max_stages)
+  return per_token_cta.ring_stages(buffers, MAX_STAGES)
 
 
 def padded_dims(n: int, c: int, i: int, h: int) -> tuple[int, int, int, int]:
@@ -125,15 +121,15 @@ def _compute(lohi_ref, qvis_ref, q_ref, iq_ref, lse_ref, w_ref, out_ref, q_smem,
   def tile(j, stats):
     n = j - lo
     g0 = n * per_tile
-    logits = streaming.stream_matmul(ring, ready, free, stages, g0, q_smem)
-    index_logits = streaming.stream_matmul(ring, ready, free, stages, g0 + n_chunks, iq_smem)
+    logits = per_token_cta.stream_matmul(ring, ready, free, stages, g0, q_smem)
+    index_logits = per_token_cta.stream_matmul(ring, ready, free, stages, g0 + n_chunks, iq_smem)
     keep = key_visibility(pos_smem, pos_ready, pos_free, n, q_pos, q_seg)
-    p = jnp.where(keep, streaming.attention_mass(logits, lse2, scale), 0.0)
-    scores = jnp.where(keep, streaming.index_scores(index_logits, w), FLOOR)
-    return streaming.update_stats(stats, p, scores, keep)
+    p = jnp.where(keep, per_token_cta.attention_mass(logits, lse2, scale), 0.0)
+    scores = jnp.where(keep, per_token_cta.index_scores(index_logits, w), FLOOR)
+    return per_token_cta.update_stats(stats, p, scores, keep)
 
-  stats = lax.fori_loop(lo, hi, tile, streaming.initial_stats())
-  streaming.write_stats(stats, out_smem, out_ref, b, t)
+  stats = lax.fori_loop(lo, hi, tile, per_token_cta.initial_stats())
+  per_token_cta.write_stats(stats, out_smem, out_ref, b, t)
 
 
 def stream_keys(lohi_ref, k_ref, ik_ref, kvvis_ref, ring, pos_smem, ready, free, pos_ready, pos_free, *, n_chunks,
@@ -159,7 +155,7 @@ def stream_keys(lohi_ref, k_ref, ik_ref, kvvis_ref, ring, pos_smem, ready, free,
 
     plgpu.copy_gmem_to_smem(kvvis_ref.at[b, :, keys], pos_smem.at[ps], pos_ready.at[ps])
     for k in range(per_tile):
-      slot = streaming.acquire_slot(free, n * per_tile + k, stages)
+      slot = per_token_cta.acquire_slot(free, n * per_tile + k, stages)
       src = k_ref if k < n_chunks else ik_ref
       col = k if k < n_chunks else k - n_chunks
       plgpu.copy_gmem_to_smem(src.at[b, keys, pl.ds(col * CHUNK, CHUNK)], ring.at[slot], ready.at[slot])
@@ -178,7 +174,7 @@ def stream_keys(lohi_ref, k_ref, ik_ref, kvvis_ref, ring, pos_smem, ready, free,
 
 def _body(lohi_ref, qvis_ref, kvvis_ref, q_ref, k_ref, lse_ref, iq_ref, ik_ref, w_ref, out_ref, q_smem, iq_smem,
           lse_smem, w_smem, ring, pos_smem, out_smem, q_bar, ready, free, pos_ready, pos_free, *, scale, stages):
-  streaming.split_warpgroups(
+  per_token_cta.split_warpgroups(
       functools.partial(_compute, lohi_ref, qvis_ref, q_ref, iq_ref, lse_ref, w_ref, out_ref, q_smem, iq_smem,
                         lse_smem, w_smem, ring, pos_smem, out_smem, q_bar, ready, free, pos_ready, pos_free,
                         scale=scale, stages=stages),
@@ -217,7 +213,7 @@ def padded_operands(attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, q_positions, 
 
 
 def dense_stats(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w, *, q_positions, kv_positions,
-                q_segment_ids, kv_segment_ids, config: Config = Config(), interpret=False) -> jax.Array:
+                q_segment_ids, kv_segment_ids, interpret=False) -> jax.Array:
   """Per-lane statistics float32 [B, T, 5, 64] of the dense KL (reduce them with `combine`).
 
   attn_q [B, T, N, C], attn_k [B, S, C], attn_lse [B, T, N], idx_q [B, T, I, H], idx_k [B, S, H],
@@ -226,7 +222,7 @@ def dense_stats(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w
   bsz, t, n, c = attn_q.shape
   i, h = idx_q.shape[2:]
   n_p, c_p, i_p, h_p = padded_dims(n, c, i, h)
-  stages = stages_for(n_p, c_p, i_p, h_p, config)
+  stages = stages_for(n_p, c_p, i_p, h_p)
   if not supports(n, c, i, h):
     raise ValueError(f"Unsupported sizes: heads {n} x {c}, index heads {i} x {h} (padded {n_p}, {i_p} must be "
                      f"<= {MAX_HEADS}; queries must leave SMEM for >= 2 ring slots, have {stages}).")
@@ -234,17 +230,17 @@ def dense_stats(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w
       attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
       index_heads=i_p)
 
-  return streaming.launch_per_token(
+  return per_token_cta.launch_per_token(
       functools.partial(_body, scale=float(attn_scale), stages=stages),
       (bsz, t),
       out_type=jax.ShapeDtypeStruct((bsz, t, NUM_STATS, BLOCK_S), jnp.float32),
       scratch_types=(
-          *streaming.query_scratch(n_p, c_p, i_p, h_p),
-          streaming.wgmma_smem((stages, BLOCK_S, CHUNK)),
+          *per_token_cta.query_scratch(n_p, c_p, i_p, h_p),
+          per_token_cta.wgmma_smem((stages, BLOCK_S, CHUNK)),
           plgpu.SMEM((2, 2, BLOCK_S), jnp.int32),
           plgpu.SMEM((NUM_STATS, BLOCK_S), jnp.float32),
-          *streaming.barriers(c_p // CHUNK + h_p // CHUNK + 2, stages),
+          *per_token_cta.barriers(c_p // CHUNK + h_p // CHUNK + 2, stages),
       ),
-      params=streaming.compiler_params(auto_barriers=config.auto_barriers),
+      params=per_token_cta.compiler_params(auto_barriers=AUTO_BARRIERS),
       interpret=interpret,
   )(lohi, qvis, kvvis, q, k, lse, iq, ik, w)

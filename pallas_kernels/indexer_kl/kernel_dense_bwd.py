@@ -6,7 +6,7 @@ z = sum p (the custom_vjp residuals) and the upstream cotangent g [B, T], over t
   dI[t, s] = g_t (softmax(I)[t, s] - p[t, s] / z_t),   p[t, s] = sum_h exp(scale q[t, h].k[s] - lse[t, h]),
   dL[t, j, s] = dI[t, s] w[t, j] [L[t, j, s] > 0],      L[t, j, s] = iq[t, j].ik[s],
   d w[t, j] = sum_s dI ReLU(L),  d iq[t, j] = sum_s dL ik[s],  d ik[s] = sum_{t, j} dL iq[t, j].
-Same function as the chunked XLA pass of `dense_bwd` (the api's `deterministic=True` path).
+Same function as `chunked.dense_kl_grads` (the api's `deterministic=True` path).
 
 The CTA is the forward's (`kernel_dense`): its memory warpgroup (`kernel_dense.stream_keys`) streams the
 token's visible key tiles of 64 keys through a ring of 64 x 64 bf16 slots, 9 attention-key chunks then
@@ -18,7 +18,7 @@ token's visible key tiles of 64 keys through a ring of 64 x 64 bf16 slots, 9 att
   3. d iq [I, H] += dL^T ik (wgmma, registers across tiles), then the index chunks are released;
   4. d ik of the tile = dL iq [64 keys, H] in two 64-column slabs, each staged in one f32 SMEM slab and
      added into the f32 d ik output by one TMA reduce-add (atomic per element: the order of the additions,
-     hence the rounding, varies run to run; that is why `dense_bwd` stays as the deterministic path).
+     hence the rounding, varies run to run; that is why `chunked.dense_kl_grads` stays as the deterministic path).
 d iq (through the same f32 slab) and d w (its own 256 bytes) are written once per token at the end.
 
 SMEM at V3.2 shapes (128 heads x 576, 64 index heads x 128, bf16), each buffer aligned to 1 KiB: the
@@ -34,7 +34,8 @@ add into the same key tiles, which stay in L2.
 
 GPU interpret mode does not implement TMA reductions: there each token writes its d ik slabs whole into a
 [B, T, S, H] buffer of per-token partials that XLA sums, so CPU tests check everything but the reduce-add
-TMAs (which the cross-lowering test compiles).
+TMAs (which the cross-lowering test compiles). Today's figure (T = 128K, V3.2 shapes, H200): about 330 TF/s,
+benchmarks/indexer_kl.md.
 """
 
 import functools
@@ -44,24 +45,25 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.indexer_kl import kernel_dense, streaming
+from pallas_kernels.dispatch import interpreting
+from pallas_kernels.indexer_kl import kernel_dense, per_token_cta
 from pallas_kernels.indexer_kl.kernel_dense import MAX_HEADS
-from pallas_kernels.indexer_kl.streaming import BLOCK_S, CHUNK, LOG2E
+from pallas_kernels.indexer_kl.per_token_cta import BLOCK_S, CHUNK, LOG2E
 
 INDEX_HEADS = 64  # index heads padded to this: the M of the d iq wgmma
 MAX_INDEX_DIM = 128
 REDUCTION_SCRATCH_BYTES = 2048  # d w's cross-warp sum over keys, once per token
 
 
-def stages_for(n: int, c: int, h: int, max_stages: int = 12) -> int:
+def stages_for(n: int, c: int, h: int) -> int:
   """Ring slots beside the queries, d L, the f32 slab and the small buffers, for padded sizes."""
   buffers = (2 * c * n, 2 * h * INDEX_HEADS, 4 * n, 4 * INDEX_HEADS, 4 * 2 * 2 * BLOCK_S,
              2 * BLOCK_S * INDEX_HEADS, 4 * INDEX_HEADS * CHUNK, 4 * INDEX_HEADS, REDUCTION_SCRATCH_BYTES)
-  return streaming.ring_stages(buffers, max_stages)
+  return per_token_cta.ring_stages(buffers, kernel_dense.MAX_STAGES)
 
 
 def supports(num_heads: int, key_dim: int, index_heads: int, index_dim: int) -> bool:
-  """Whether the backward kernel handles these sizes (the API falls back to `dense_bwd` otherwise)."""
+  """Whether the backward kernel handles these sizes (the API falls back to `chunked.dense_kl_grads` otherwise)."""
   n, c, _, h = kernel_dense.padded_dims(num_heads, key_dim, index_heads, index_dim)
   return n <= MAX_HEADS and index_heads <= INDEX_HEADS and h <= MAX_INDEX_DIM and stages_for(n, c, h) >= 2
 
@@ -102,11 +104,11 @@ def _compute(refs, smem, *, scale, stages, interpret):
     dq, dw = carry
     n = j - lo
     g0 = n * per_tile
-    logits = streaming.stream_matmul(ring, ready, free, stages, g0, q_smem)
+    logits = per_token_cta.stream_matmul(ring, ready, free, stages, g0, q_smem)
     # p before the index logits: [64, N] f32 need not live beside them.
-    p = streaming.attention_mass(logits, lse2, scale)
+    p = per_token_cta.attention_mass(logits, lse2, scale)
     # The index-key chunks stay in the ring until d iq has read them.
-    index = streaming.stream_matmul(ring, ready, free, stages, g0 + n_chunks, iq_smem, release=False)
+    index = per_token_cta.stream_matmul(ring, ready, free, stages, g0 + n_chunks, iq_smem, release=False)
     index_slots = [slot_of(g0 + n_chunks + k) for k in range(h_chunks)]
     keep = kernel_dense.key_visibility(pos_smem, pos_ready, pos_free, n, q_pos, q_seg)
     w_b = lax.broadcast_in_dim(w, index.shape, [1])
@@ -145,7 +147,7 @@ def _compute(refs, smem, *, scale, stages, interpret):
 def _body(lohi_ref, qvis_ref, kvvis_ref, tok_ref, q_ref, k_ref, lse_ref, iq_ref, ik_ref, w_ref, dq_ref, dw_ref,
           dk_ref, q_smem, iq_smem, lse_smem, w_smem, ring, pos_smem, dl_smem, slab, dw_smem, q_bar, ready, free,
           pos_ready, pos_free, *, scale, stages, interpret):
-  streaming.split_warpgroups(
+  per_token_cta.split_warpgroups(
       functools.partial(_compute, (lohi_ref, qvis_ref, tok_ref, q_ref, lse_ref, iq_ref, w_ref, dq_ref, dw_ref, dk_ref),
                         (q_smem, iq_smem, lse_smem, w_smem, ring, pos_smem, dl_smem, slab, dw_smem, q_bar, ready,
                          free, pos_ready, pos_free), scale=scale, stages=stages, interpret=interpret),
@@ -157,7 +159,7 @@ def dense_grads(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w
                 kv_positions, q_segment_ids, kv_segment_ids, interpret=False):
   """Cotangent g [B, T] of the dense KL -> gradients w.r.t. idx_q, idx_k, idx_w (in their dtypes).
 
-  Arguments as `dense_bwd.dense_kl_grads` (lse_scores, z: the forward's logsumexp(I) and sum of p per token);
+  Arguments as `chunked.dense_kl_grads` (lse_scores, z: the forward's logsumexp(I) and sum of p per token);
   computes in bf16 with float32 accumulation.
   """
   bsz, t, n, c = attn_q.shape
@@ -175,20 +177,21 @@ def dense_grads(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w
   tok = jnp.stack([jnp.where(has_keys, g.astype(jnp.float32), 0.0), jnp.where(has_keys, lse_scores, 0.0), inv_z],
                   axis=-1)
   stages = stages_for(n_p, c_p, h_p)
-  kernel = streaming.launch_per_token(
-      functools.partial(_body, scale=float(attn_scale), stages=stages, interpret=bool(interpret)),
+  interpret_mode = interpreting(interpret)  # no TMA reductions there: per-token partials, summed below
+  kernel = per_token_cta.launch_per_token(
+      functools.partial(_body, scale=float(attn_scale), stages=stages, interpret=interpret_mode),
       (bsz, t),
       out_type=(),
       scratch_types=(
-          *streaming.query_scratch(n_p, c_p, INDEX_HEADS, h_p),
-          streaming.wgmma_smem((stages, BLOCK_S, CHUNK)),
+          *per_token_cta.query_scratch(n_p, c_p, INDEX_HEADS, h_p),
+          per_token_cta.wgmma_smem((stages, BLOCK_S, CHUNK)),
           plgpu.SMEM((2, 2, BLOCK_S), jnp.int32),
-          streaming.wgmma_smem((BLOCK_S, INDEX_HEADS)),
+          per_token_cta.wgmma_smem((BLOCK_S, INDEX_HEADS)),
           plgpu.SMEM((INDEX_HEADS, CHUNK), jnp.float32),
           plgpu.SMEM((INDEX_HEADS,), jnp.float32),
-          *streaming.barriers(c_p // CHUNK + h_p // CHUNK + 2, stages),
+          *per_token_cta.barriers(c_p // CHUNK + h_p // CHUNK + 2, stages),
       ),
-      params=streaming.compiler_params(auto_barriers=True, reduction_scratch_bytes=REDUCTION_SCRATCH_BYTES),
+      params=per_token_cta.compiler_params(auto_barriers=True, reduction_scratch_bytes=REDUCTION_SCRATCH_BYTES),
       interpret=interpret,
   )
 
@@ -196,10 +199,10 @@ def dense_grads(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w
     kernel(lohi, qvis, kvvis, tok, q, k, lse, iq, ik, w, *refs)
 
   # Written in place: d ik must start at zero for the reductions (d iq, d w of tokens without keys too).
-  dk_shape = (bsz, t, s_p, h_p) if interpret else (bsz, s_p, h_p)
+  dk_shape = (bsz, t, s_p, h_p) if interpret_mode else (bsz, s_p, h_p)
   zeros = lambda shape: jnp.zeros(shape, jnp.float32)
   dq, dw, dk = pl.run_state(run)((zeros((bsz, t, INDEX_HEADS, h_p)), zeros((bsz, t, INDEX_HEADS)), zeros(dk_shape)))
-  if interpret:
+  if interpret_mode:
     dk = dk.sum(1)
   s = attn_k.shape[1]
   return (dq[:, :, :i, :h].astype(idx_q.dtype), dk[:, :s, :h].astype(idx_k.dtype), dw[:, :, :i].astype(idx_w.dtype))

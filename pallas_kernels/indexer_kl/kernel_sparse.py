@@ -5,18 +5,18 @@ DeepSeek-V3.2 sparse training (arXiv 2512.02556, section 2.1): per query t the l
 KL(p[t, S_t] || softmax(I[t, S_t])) over the selected set S_t = indices[t, :], with
 p[t, s] = sum_h exp(scale q[t, h].k[s] - lse[t, h]) (renormalised over S_t) and
 I[t, s] = sum_j w[t, j] ReLU(iq[t, j].ik[s]). As in the dense kernel (`kernel_dense`; the statistics update
-is `streaming`'s, the lane reduction `kernel_dense.combine`), five running numbers per key lane suffice: the
+is `per_token_cta`'s, the lane reduction `kernel_dense.combine`), five running numbers per key lane suffice: the
 max m and sum l of I's logsumexp, z = sum p, a = sum p I and c = sum p log p; then
 KL = c/z - log z - a/z + m + log l.
 
 One CTA owns one query token and two warpgroups:
   * wg 1 (memory, `gather`) walks the token's selected keys in blocks of BLOCK_S = 64: it copies the index
     block into SMEM and then, per 64-column chunk of the keys (the 576-dim latent key is 9 chunks, the
-    128-dim index key 2), gathers the 64 selected rows with one TMA each into a ring slot of 64 keys x 64
-    columns. Hopper has no TMA gather; a single row lands in the swizzled, tiled layout that wgmma reads
-    through a second view of the slot as 128-byte lines (as in `sparse_mla.kernel_fwd`). The row copies are
-    spread over `Config.gather_warps` warps of wg 1 (4, the default: each issues a quarter of every chunk's
-    rows from its own lane; 1 or 2 also allowed), through `pallas_kernels.mosaic.row_copies.issue_row_copies`.
+    128-dim index key 2), gathers the 64 selected rows into a ring slot of 64 keys x 64 columns. Hopper has
+    no TMA gather: all 128 threads of wg 1 copy 16-byte pieces with cp.async to their swizzled places
+    (`pallas_kernels.mosaic.cp_async_gather`, as the sparse MLA kernels do). GPU interpret mode cannot run
+    that inline code, so there each row is one TMA into the tiled view, issued from ROW_COPY_WARPS warps
+    (`pallas_kernels.mosaic.row_copies`).
   * wg 0 (compute) holds the token's attention query [N, C] and index query [I, H] in SMEM and per block
     runs the dense kernel's two wgmmas with the keys as M: logits [64 keys, N heads] and index logits
     [64 keys, I heads], so the sums over heads are row reductions inside each warp. It releases each ring
@@ -24,16 +24,10 @@ One CTA owns one query token and two warpgroups:
 
 SMEM at V3.2 shapes (bf16): the query 144 KiB + the index query 16 KiB + small buffers leave room for 7 ring
 slots of 8 KiB (the dense kernel's budget: a whole 88 KiB key block does not fit beside the query).
-Each 64-key block costs 11 x 64 row copies of 128 bytes, and their issue, not the tensor cores, bounds this
-kernel. On the H200 (4096 queries, K = 2048, 2026-11-29): the forward took 40.7 ms with one issuing thread,
-11.7-11.9 ms with four warps and 8.7 ms with the cp.async gather (`Config.gather="cp_async"`, the default: all
-128 threads of wg 1 copy 16-byte pieces, as in the sparse MLA kernels), against 16.9 ms for the XLA path;
-forward + backward 81.8 (one thread) / 27.8 (four TMA warps) / 24.6 (cp.async) / **20.3 ms (cp.async, the
-backward's d ik reduce-adds from 4 warps: the defaults)** against 23.6 ms for XLA
-(`experiments/bench_sections/indexer_kl_sparse.py`, benchmarks/results session 5). The defaults are therefore
-the automatic choice on the GPU (`api.sparse_kl`) up to `api.SPARSE_KERNEL_MAX_KEYS` keys: over 32K / 64K / 128K
-keys forward + backward took 24.8 / 26.3 / 27.0 ms against XLA's 23.9 / 24.6 / 25.6 (sessions 7-8), while the
-forward alone stayed faster (10.9 / 11.8 / 11.7 vs 17.0 / 17.3 / 17.7 ms).
+Each 64-key block costs 11 x 64 row copies of 128 bytes, and issuing them, not the tensor cores, bounds this
+kernel. Today's figure (4096 queries, K = 2048, H200): forward about 2x and forward + backward about 1.15x
+faster than `chunked.sparse_kl` over 8K keys, but slower over 32K+ keys, hence `api.SPARSE_KERNEL_MAX_KEYS`;
+benchmarks/indexer_kl.md.
 
 Validity (causal order, segments, -1 slots) is folded into the index list by `selected_keys` in XLA, so
 the kernel only tests idx >= 0 (an invalid slot gathers row 0 and is masked). Indices within a row must
@@ -41,7 +35,6 @@ be distinct (top-k output), as for the chunked XLA path. Attention heads are pad
 (lse = +inf, so p = 0), index heads to INDEX_HEADS (w = 0), key dims to multiples of 64 with zeros.
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -50,56 +43,34 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic import cp_async_gather
-from pallas_kernels.indexer_kl import kernel_dense, streaming
+from pallas_kernels.dispatch import interpreting
+from pallas_kernels.indexer_kl import kernel_dense, per_token_cta
 from pallas_kernels.indexer_kl.kernel_dense import HEAD_MULTIPLE, MAX_HEADS, NUM_STATS
-from pallas_kernels.indexer_kl.streaming import BLOCK_S, CHUNK, FLOOR, LOG2E, round_up
+from pallas_kernels.indexer_kl.per_token_cta import BLOCK_S, CHUNK, FLOOR, LOG2E, round_up
+from pallas_kernels.mosaic import cp_async_gather
 from pallas_kernels.mosaic.row_copies import issue_row_copies
 
 INDEX_HEADS = 64  # index heads padded to one wgmma M: the backward's d iq product has them as M
-_LINE_TRANSFORMS = (plgpu.TilingTransform((1, CHUNK)), plgpu.SwizzleTransform(128))
-GATHERS = ("tma", "cp_async")
+ROW_COPY_WARPS = 4  # warps that issue per-row TMA copies (the interpret-mode gather, the backward's reduce-adds)
 # No automatic warpgroup barriers (here and in the backward): each 64-key block issues 704 row copies, and every
-# SMEM region is written and read by the same threads or ordered by commit_smem (sparse_mla measured 2.5x).
+# SMEM region is written and read by the same threads or ordered by commit_smem.
 AUTO_BARRIERS = False
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-  """Settings of the forward and the backward (the backward sizes its ring itself: `kernel_sparse_bwd`)."""
-  max_stages: int = 12  # ring slots of the forward, if they fit in SMEM
-  # Warps of the memory warpgroup that issue the row copies (1, 2 or 4; `gather`), forward and backward: with
-  # 4 the forward took 11.7 ms instead of 40.7 on the H200 (module docstring).
-  gather_warps: int = 4
-  # Warps of the backward's compute warpgroup that issue its d ik reduce-adds (1, 2 or 4): with 4 (the default)
-  # forward + backward took 20.3 ms instead of 24.6 with 1 on the H200 (cp.async gather; module docstring).
-  reduce_warps: int = 4
-  # "cp_async" (the default; `pallas_kernels.mosaic.cp_async_gather`: all 128 threads of the memory warpgroup copy
-  # 16-byte pieces, as in the sparse MLA kernels; forward 8.7 ms vs 11.9 with 4 TMA warps on the H200) or "tma"
-  # (per-row TMA copies from `gather_warps` warps). GPU interpret mode cannot run cp.async: `sparse_pallas`
-  # substitutes "tma" there.
-  gather: str = "cp_async"
-
-  def __post_init__(self):
-    for name in ("gather_warps", "reduce_warps"):
-      if getattr(self, name) not in (1, 2, 4):
-        raise ValueError(f"{name}={getattr(self, name)} must be one of (1, 2, 4).")
-    if self.gather not in GATHERS:
-      raise ValueError(f"gather={self.gather!r} must be one of {GATHERS}.")
-
-  def ring_arrivals(self) -> int:
-    """Arrivals on a ring slot's ready barrier: one per row TMA, or one (per thread) after the cp.async wait."""
-    return 1 if self.gather == "cp_async" else BLOCK_S
+def ring_arrivals(interpret: bool) -> int:
+  """Arrivals on a ring slot's ready barrier: one per row TMA (interpret mode), or one per thread after the
+  cp.async wait."""
+  return BLOCK_S if interpret else 1
 
 
 def padded_dims(n: int, c: int, i: int, h: int) -> tuple[int, int, int, int]:
   return round_up(n, HEAD_MULTIPLE), round_up(c, CHUNK), INDEX_HEADS, round_up(h, CHUNK)
 
 
-def forward_stages(n_p: int, c_p: int, i_p: int, h_p: int, config: Config = Config()) -> int:
+def forward_stages(n_p: int, c_p: int, i_p: int, h_p: int) -> int:
   """Ring slots of the forward: its fixed buffers are the dense kernel's (the index block takes the place
   of the key positions), so its budget is too."""
-  return kernel_dense.stages_for(n_p, c_p, i_p, h_p, kernel_dense.Config(max_stages=config.max_stages))
+  return kernel_dense.stages_for(n_p, c_p, i_p, h_p)
 
 
 def supports(num_heads: int, key_dim: int, index_heads: int, index_dim: int) -> bool:
@@ -134,19 +105,13 @@ def padded_operands(attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w):
           _pad(bf16(idx_k), {2: h_p}), _pad(idx_w.astype(jnp.float32), {2: i_p}))
 
 
-def ring_buffer(stages: int, interpret: bool, gather: str = "tma"):
-  """The ring (wgmma view [stages, 64 keys, 64 columns], per-row TMA view as 128-byte lines or None; with
-  gather="cp_async" a flat view instead, written at swizzled addresses by `cp_async_gather`).
-
-  Interpret mode models views logically, so there rows are copied into the tiled view directly."""
-  tiled = streaming.wgmma_smem((stages, BLOCK_S, CHUNK))
-  if gather == "cp_async":
-    if interpret:
-      raise ValueError("gather='cp_async' runs inline Mosaic GPU code, which GPU interpret mode cannot run.")
-    return plgpu.RefUnion(tiled, plgpu.SMEM((stages * BLOCK_S * CHUNK,), jnp.bfloat16))
+def ring_buffer(stages: int, interpret: bool):
+  """The ring: (wgmma view [stages, 64 keys, 64 columns], None) in interpret mode, where rows are copied into the
+  tiled view directly; else a union with a flat view that `cp_async_gather` writes at swizzled addresses."""
+  tiled = per_token_cta.wgmma_smem((stages, BLOCK_S, CHUNK))
   if interpret:
     return tiled, None
-  return plgpu.RefUnion(tiled, plgpu.SMEM((stages * BLOCK_S, CHUNK), jnp.bfloat16, transforms=_LINE_TRANSFORMS))
+  return plgpu.RefUnion(tiled, plgpu.SMEM((stages * BLOCK_S * CHUNK,), jnp.bfloat16))
 
 
 def publish_lag(stages: int, per_block: int) -> int:
@@ -163,17 +128,18 @@ def publish_lag(stages: int, per_block: int) -> int:
 
 
 def gather(sel_ref, k_ref, ik_ref, ring, idx_smem, ready, free, idx_ready, idx_free, *, n_chunks, i_chunks,
-           stages, gather_warps, mode="tma"):
+           stages):
   """Memory warpgroup: per block of 64 selected keys the index block, then chunk by chunk the selected rows.
 
   Ring slot g % stages holds chunk g = block * (n_chunks + i_chunks) + k: the latent key's chunks first,
   then the index key's. idx_smem is double-buffered and released by the compute warpgroup (idx_free).
-  mode "tma": one TMA per row, issued by `gather_warps` warps (`issue_row_copies`); they all complete on the
-  slot's ready barrier, so any lane may issue them. mode "cp_async" (`Config.gather`): all 128 threads copy
-  16-byte pieces (`cp_async_gather`), one commit group per chunk; chunk g is published (its copies awaited,
-  a proxy fence, every thread arrives on its ready barrier) once chunk g + lag has been issued (`publish_lag`).
+  Compiled, all 128 threads copy 16-byte pieces (`cp_async_gather`), one commit group per chunk; chunk g is
+  published (its copies awaited, a proxy fence, every thread arrives on its ready barrier) once chunk g + lag has
+  been issued (`publish_lag`). In interpret mode (`ring` without its flat view) one TMA per row, issued by
+  ROW_COPY_WARPS warps (`issue_row_copies`); they all complete on the slot's ready barrier.
   """
-  ring, lines = ring
+  ring, flat = ring
+  mode = "tma" if flat is None else "cp_async"
   b, t = lax.axis_index("b"), lax.axis_index("t")
   blocks = sel_ref.shape[-1] // BLOCK_S
   per_block = n_chunks + i_chunks
@@ -197,11 +163,11 @@ def gather(sel_ref, k_ref, ik_ref, ring, idx_smem, ready, free, idx_ready, idx_f
     plgpu.copy_gmem_to_smem(sel_ref.at[b, t, pl.ds(n * BLOCK_S, BLOCK_S)], idx_smem.at[ps], idx_ready.at[ps])
     plgpu.barrier_wait(idx_ready.at[ps])
     for k in range(per_block):
-      slot = streaming.acquire_slot(free, n * per_block + k, stages)
+      slot = per_token_cta.acquire_slot(free, n * per_block + k, stages)
       src, col = (k_ref, k) if k < n_chunks else (ik_ref, k - n_chunks)
       if mode == "cp_async":
         g = n * per_block + k
-        view = lines.at[pl.ds(slot * BLOCK_S * CHUNK, BLOCK_S * CHUNK)]
+        view = flat.at[pl.ds(slot * BLOCK_S * CHUNK, BLOCK_S * CHUNK)]
         cp_async_gather.issue_block(src.at[b], idx_smem.at[ps], [view], chunks=((col * CHUNK, CHUNK),),
                                     rows=BLOCK_S)
 
@@ -211,10 +177,10 @@ def gather(sel_ref, k_ref, ik_ref, ring, idx_smem, ready, free, idx_ready, idx_f
         continue
 
       def copy_row(r, row):
-        dst = ring.at[slot, pl.ds(r, 1)] if lines is None else lines.at[pl.ds(slot * BLOCK_S + r, 1)]
-        plgpu.copy_gmem_to_smem(src.at[b, pl.ds(row, 1), pl.ds(col * CHUNK, CHUNK)], dst, ready.at[slot])
+        plgpu.copy_gmem_to_smem(src.at[b, pl.ds(row, 1), pl.ds(col * CHUNK, CHUNK)], ring.at[slot, pl.ds(r, 1)],
+                                ready.at[slot])
 
-      issue_row_copies(BLOCK_S, gather_warps, lambda r: idx_smem[ps, r], copy_row)
+      issue_row_copies(BLOCK_S, ROW_COPY_WARPS, lambda r: idx_smem[ps, r], copy_row)
 
     plgpu.commit_smem()  # order this block's index reads before the TMA that refills idx_smem
 
@@ -265,32 +231,31 @@ def _compute(q_ref, iq_ref, lse_ref, w_ref, out_ref, q_smem, iq_smem, lse_smem, 
   w = plgpu.load(w_smem, (), layout=cols)
   n_chunks = q_smem.shape[0]
   per_block = n_chunks + iq_smem.shape[0]
-  matmul = functools.partial(streaming.stream_matmul, ring[0], ready, free, stages)
+  matmul = functools.partial(per_token_cta.stream_matmul, ring[0], ready, free, stages)
 
   def block(n, stats):
     logits = matmul(n * per_block, q_smem)
     index_logits = matmul(n * per_block + n_chunks, iq_smem)
     keep = read_index_block(idx_smem, idx_ready, idx_free, n)
-    p, scores = streaming.attention_mass(logits, lse2, scale), streaming.index_scores(index_logits, w)
-    return streaming.update_stats(stats, jnp.where(keep, p, 0.0), jnp.where(keep, scores, FLOOR), keep)
+    p, scores = per_token_cta.attention_mass(logits, lse2, scale), per_token_cta.index_scores(index_logits, w)
+    return per_token_cta.update_stats(stats, jnp.where(keep, p, 0.0), jnp.where(keep, scores, FLOOR), keep)
 
-  stats = lax.fori_loop(0, blocks, block, streaming.initial_stats())
-  streaming.write_stats(stats, out_smem, out_ref, b, t)
+  stats = lax.fori_loop(0, blocks, block, per_token_cta.initial_stats())
+  per_token_cta.write_stats(stats, out_smem, out_ref, b, t)
 
 
 def _body(sel_ref, q_ref, k_ref, lse_ref, iq_ref, ik_ref, w_ref, out_ref, q_smem, iq_smem, lse_smem, w_smem, ring,
-          idx_smem, out_smem, q_bar, ready, free, idx_ready, idx_free, *, scale, stages, gather_warps, mode):
-  streaming.split_warpgroups(
+          idx_smem, out_smem, q_bar, ready, free, idx_ready, idx_free, *, scale, stages):
+  per_token_cta.split_warpgroups(
       functools.partial(_compute, q_ref, iq_ref, lse_ref, w_ref, out_ref, q_smem, iq_smem, lse_smem, w_smem,
                         tuple(ring), idx_smem, out_smem, q_bar, ready, free, idx_ready, idx_free, scale=scale,
                         stages=stages, blocks=sel_ref.shape[-1] // BLOCK_S),
       functools.partial(gather, sel_ref, k_ref, ik_ref, tuple(ring), idx_smem, ready, free, idx_ready, idx_free,
-                        n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages,
-                        gather_warps=gather_warps, mode=mode))
+                        n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages))
 
 
 def sparse_stats(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w, selected, *,
-                 config: Config = Config(), interpret=False) -> jax.Array:
+                 interpret=False) -> jax.Array:
   """Per-lane statistics float32 [B, T, 5, 64] of the sparse KL (reduce them with `kernel_dense.combine`).
 
   attn_q [B, T, N, C], attn_k [B, S, C], attn_lse [B, T, N], idx_q [B, T, I, H], idx_k [B, S, H],
@@ -303,20 +268,21 @@ def sparse_stats(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_
                      f"{HEAD_MULTIPLE} must be <= {MAX_HEADS}, index heads <= {INDEX_HEADS}, and the queries must "
                      "leave SMEM for >= 2 ring slots).")
   n_p, c_p, i_p, h_p = padded_dims(n, c, i, h)
-  stages = forward_stages(n_p, c_p, i_p, h_p, config)
+  stages = forward_stages(n_p, c_p, i_p, h_p)
+  interpret_mode = interpreting(interpret)
   q, k, lse, iq, ik, w = padded_operands(attn_q, attn_k, attn_lse, idx_q, idx_k, idx_w)
-  return streaming.launch_per_token(
-      functools.partial(_body, scale=float(attn_scale), stages=stages, gather_warps=config.gather_warps,
-                        mode=config.gather),
+  return per_token_cta.launch_per_token(
+      functools.partial(_body, scale=float(attn_scale), stages=stages),
       (bsz, t),
       out_type=jax.ShapeDtypeStruct((bsz, t, NUM_STATS, BLOCK_S), jnp.float32),
       scratch_types=(
-          *streaming.query_scratch(n_p, c_p, i_p, h_p),
-          ring_buffer(stages, bool(interpret), config.gather),
+          *per_token_cta.query_scratch(n_p, c_p, i_p, h_p),
+          ring_buffer(stages, interpret_mode),
           plgpu.SMEM((2, BLOCK_S), jnp.int32),
           plgpu.SMEM((NUM_STATS, BLOCK_S), jnp.float32),
-          *streaming.barriers(c_p // CHUNK + h_p // CHUNK + 2, stages, ring_arrivals=config.ring_arrivals()),
+          *per_token_cta.barriers(c_p // CHUNK + h_p // CHUNK + 2, stages,
+                                  ring_arrivals=ring_arrivals(interpret_mode)),
       ),
-      params=streaming.compiler_params(auto_barriers=AUTO_BARRIERS),
+      params=per_token_cta.compiler_params(auto_barriers=AUTO_BARRIERS),
       interpret=interpret,
   )(selected, q, k, lse, iq, ik, w)

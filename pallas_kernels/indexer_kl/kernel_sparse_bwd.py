@@ -2,7 +2,7 @@
 selected keys at a time, d iq and d w in registers, d ik by TMA reduce-add into the selected key rows.
 
 With p̂ = p / z the target and q = softmax(I) over the selected set, d KL[t] / d I[t, s] = q[t, s] - p̂[t, s]
-(as in `dense_bwd`). The forward's logsumexp(I) and z give, per selected key s of token t and upstream
+(as in `chunked.dense_kl_grads`). The forward's logsumexp(I) and z give, per selected key s of token t and upstream
 gradient g_t, G[s] = g_t exp(I[s] - logsumexp(I)) - (g_t / z_t) p[s], and through
 I[s] = sum_j w_j ReLU(iq_j . ik_s), with A[s, j] = G[s] [iq_j . ik_s > 0]:
   V = A^T ik (index heads x H),  d iq = w V,  d w_j = sum_s G[s] ReLU(iq_j . ik_s) = iq_j . V_j,
@@ -10,16 +10,13 @@ I[s] = sum_j w_j ReLU(iq_j . ik_s), with A[s, j] = G[s] [iq_j . ik_s > 0]:
 The identity d w_j = iq_j . V_j saves a cross-thread column sum over keys per block.
 
 The CTA layout is the forward's (`kernel_sparse`): wg 1 gathers the selected rows into the same ring, in the
-same order (by default with cp.async; forward + backward on the H200, 4096 queries, K = 2048: 81.8 ms with
-one TMA-issuing thread, 27.8 with 4 TMA warps, 24.6 with cp.async, 20.3 with cp.async and 4 reduce warps);
-wg 0 recomputes the attention logits [64 keys, N] (p) and the index logits [64 keys, I], keeps the two
+same order; wg 0 recomputes the attention logits [64 keys, N] (p) and the index logits [64 keys, I], keeps the two
 index-key ring slots until V += A^T ik has read them, stages A and A w (bf16, 8 KiB each) for the wgmmas,
 and per 64-column chunk of d ik stages 64 keys x 64 f32 and adds it into the f32 d ik output with one TMA
-reduce-add per valid selected row (atomic per element: the summation order, hence the rounding, varies run
-to run). `Config.reduce_warps` spreads them over 4 warps (the default; 1 or 2 also allowed; 20.3 vs 24.6 ms
-forward + backward with 1): a bulk async group belongs to its issuing thread, but the warpgroup-wide commit and wait run
-on every thread, each for its own copies. The index heads are the M of the V product: they are padded to
-INDEX_HEADS = 64.
+reduce-add per selected row (atomic per element: the summation order, hence the rounding, varies run to run),
+issued from `kernel_sparse.ROW_COPY_WARPS` warps: a bulk async group belongs to its issuing thread, but the
+warpgroup-wide commit and wait run on every thread, each for its own copies. The index heads are the M of the V
+product: they are padded to INDEX_HEADS = 64.
 
 SMEM at V3.2 shapes: the query 144 KiB + the index query 16 KiB + A, A w 16 KiB + the d ik stage 16 KiB
 leave 3 ring slots of 8 KiB (the stage is single-buffered: a chunk waits until the previous one's row
@@ -28,7 +25,9 @@ through w's.
 
 GPU interpret mode does not implement TMA reductions: there each staged chunk is copied whole into a
 [B, T, K, H] buffer of per-token partials that XLA scatter-adds, so the tests check everything but the
-reduce-add TMAs (which the cross-lowering test compiles).
+reduce-add TMAs (which the cross-lowering test compiles), and the gather is `kernel_sparse`'s TMA stand-in.
+Limits: over 32K+ keys the d ik reduce-adds miss L2 and the pair of kernels is slower than the chunked XLA path
+(`api.SPARSE_KERNEL_MAX_KEYS`, benchmarks/indexer_kl.md).
 """
 
 import functools
@@ -39,20 +38,19 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.indexer_kl import kernel_sparse, streaming
+from pallas_kernels.dispatch import interpreting
+from pallas_kernels.indexer_kl import kernel_dense, kernel_sparse, per_token_cta
 from pallas_kernels.indexer_kl.kernel_dense import MAX_HEADS
 from pallas_kernels.indexer_kl.kernel_sparse import INDEX_HEADS
-from pallas_kernels.indexer_kl.streaming import BLOCK_S, CHUNK, LOG2E
+from pallas_kernels.indexer_kl.per_token_cta import BLOCK_S, CHUNK, LOG2E
 from pallas_kernels.mosaic.row_copies import issue_row_copies
-
-MAX_STAGES = 12
 
 
 def stages_for(n_p: int, c_p: int, i_p: int, h_p: int) -> int:
   """Ring slots of the backward for padded sizes."""
   buffers = (2 * c_p * n_p, 2 * h_p * i_p, 4 * n_p, 4 * i_p, 4 * i_p, 4 * 2 * BLOCK_S, 2 * 2 * BLOCK_S * i_p,
              4 * BLOCK_S * CHUNK)
-  return streaming.ring_stages(buffers, MAX_STAGES)
+  return per_token_cta.ring_stages(buffers, kernel_dense.MAX_STAGES)
 
 
 def supports(num_heads: int, key_dim: int, index_heads: int, index_dim: int) -> bool:
@@ -72,7 +70,7 @@ def _product(a, b, shape):
 
 def _compute(tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q_smem, iq_smem, lse_smem, w_smem,
              ring, idx_smem, a_smem, aw_smem, stage, q_bar, ready, free, idx_ready, idx_free, *, scale, stages, blocks,
-             interpret, reduce_warps):
+             interpret):
   b, t = lax.axis_index("b"), lax.axis_index("t")
   # w goes to two buffers: one SMEM ref is read in one register layout (Mosaic's layout inference found no
   # solution for both), and the second one, read per index head, later stages d w.
@@ -87,7 +85,7 @@ def _compute(tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q
   per_block = n_chunks + h_chunks
   i_p = iq_smem.shape[1]
   slot_of = lambda g: lax.rem(g, jnp.int32(stages))
-  matmul = functools.partial(streaming.stream_matmul, ring[0], ready, free, stages)
+  matmul = functools.partial(per_token_cta.stream_matmul, ring[0], ready, free, stages)
 
   def add_rows(n, ps, c, acc):
     """d ik[b, idx[r], chunk c] += acc[r] for the block's valid rows."""
@@ -98,20 +96,11 @@ def _compute(tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q
       plgpu.copy_smem_to_gmem(stage, dik_ref.at[b, t, pl.ds(n * BLOCK_S, BLOCK_S), pl.ds(c * CHUNK, CHUNK)])
       return
 
-    if reduce_warps > 1:  # invalid rows (-1 -> row 0) add their zero rows of acc: harmless
-      def add_row(r, row):
-        plgpu.copy_smem_to_gmem(stage.at[pl.ds(r, 1)], dik_ref.at[b, pl.ds(row, 1), pl.ds(c * CHUNK, CHUNK)],
-                                commit_group=False, reduction_op="add")
+    def add_row(r, row):  # invalid rows (-1 -> row 0) add their zero rows of acc: harmless
+      plgpu.copy_smem_to_gmem(stage.at[pl.ds(r, 1)], dik_ref.at[b, pl.ds(row, 1), pl.ds(c * CHUNK, CHUNK)],
+                              commit_group=False, reduction_op="add")
 
-      issue_row_copies(BLOCK_S, reduce_warps, lambda r: idx_smem[ps, r], add_row)
-    else:
-      @pl.loop(0, BLOCK_S)
-      def _row(r):
-        row = idx_smem[ps, r]
-        plgpu.copy_smem_to_gmem(stage.at[pl.ds(r, 1)],
-                                dik_ref.at[b, pl.ds(jnp.maximum(row, 0), 1), pl.ds(c * CHUNK, CHUNK)],
-                                predicate=row >= 0, commit_group=False, reduction_op="add")
-
+    issue_row_copies(BLOCK_S, kernel_sparse.ROW_COPY_WARPS, lambda r: idx_smem[ps, r], add_row)
     plgpu.commit_smem_to_gmem_group()  # every thread commits (and later awaits) its own bulk group
 
   def block(n, v):
@@ -120,7 +109,7 @@ def _compute(tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q
     index_logits = matmul(g0 + n_chunks, iq_smem, release=False)
     ps = lax.rem(n, 2)
     keep = kernel_sparse.read_index_block(idx_smem, idx_ready, idx_free, n, release=False)
-    p, scores = streaming.attention_mass(logits, lse2, scale), streaming.index_scores(index_logits, w)
+    p, scores = per_token_cta.attention_mass(logits, lse2, scale), per_token_cta.index_scores(index_logits, w)
     grad_scores = jnp.where(keep, g * jnp.exp2((scores - lse_scores) * LOG2E) - g_over_z * p, 0.0)
     a = jnp.where(index_logits > 0, lax.broadcast_in_dim(grad_scores, index_logits.shape, [0]), 0.0)
     a_smem[...] = a.astype(a_smem.dtype)
@@ -153,24 +142,21 @@ def _compute(tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q
 
 def _body(sel_ref, tok_ref, q_ref, k_ref, lse_ref, iq_ref, ik_ref, w_ref, diq_ref, dw_ref, dik_ref, q_smem, iq_smem,
           lse_smem, w_smem, ring, idx_smem, a_smem, aw_smem, stage, q_bar, ready, free, idx_ready, idx_free, *,
-          scale, stages, gather_warps, reduce_warps, mode, interpret):
-  streaming.split_warpgroups(
+          scale, stages, interpret):
+  per_token_cta.split_warpgroups(
       functools.partial(_compute, tok_ref, q_ref, iq_ref, lse_ref, w_ref, diq_ref, dw_ref, dik_ref, q_smem, iq_smem,
                         lse_smem, w_smem, tuple(ring), idx_smem, a_smem, aw_smem, stage, q_bar, ready, free,
                         idx_ready, idx_free, scale=scale, stages=stages, blocks=sel_ref.shape[-1] // BLOCK_S,
-                        interpret=interpret, reduce_warps=reduce_warps),
+                        interpret=interpret),
       functools.partial(kernel_sparse.gather, sel_ref, k_ref, ik_ref, tuple(ring), idx_smem, ready, free, idx_ready,
-                        idx_free, n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages,
-                        gather_warps=gather_warps, mode=mode))
+                        idx_free, n_chunks=q_smem.shape[0], i_chunks=iq_smem.shape[0], stages=stages))
 
 
 def sparse_grads(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_w, selected, lse_scores, z, g, *,
-                 config: kernel_sparse.Config = kernel_sparse.Config(),
                  interpret=False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(d idx_q, d idx_k, d idx_w) of sum_t g[t] KL[t], given the forward's logsumexp(I) and z per token [B, T].
 
-  Shapes as in `kernel_sparse.sparse_stats`; `selected` from `kernel_sparse.selected_keys`. Of `config`
-  gather, gather_warps and reduce_warps apply: the backward's ring is sized by `stages_for`.
+  Shapes as in `kernel_sparse.sparse_stats`; `selected` from `kernel_sparse.selected_keys`.
   """
   bsz, t, n, c = attn_q.shape
   i, h = idx_q.shape[2:]
@@ -184,22 +170,23 @@ def sparse_grads(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_
   g = jnp.where(has_keys, g.astype(jnp.float32), 0.0)
   tok = jnp.stack([jnp.where(has_keys, lse_scores, 0.0), g, g / jnp.where(has_keys, z, 1.0), jnp.zeros_like(g)],
                   axis=-1)
-  q_scratch, iq_scratch, lse_scratch, w_scratch = streaming.query_scratch(n_p, c_p, i_p, h_p)
-  kernel = streaming.launch_per_token(
-      functools.partial(_body, scale=float(attn_scale), stages=stages, gather_warps=config.gather_warps,
-                        reduce_warps=config.reduce_warps, mode=config.gather, interpret=bool(interpret)),
+  q_scratch, iq_scratch, lse_scratch, w_scratch = per_token_cta.query_scratch(n_p, c_p, i_p, h_p)
+  interpret_mode = interpreting(interpret)  # no cp.async and no TMA reductions there (module docstring)
+  kernel = per_token_cta.launch_per_token(
+      functools.partial(_body, scale=float(attn_scale), stages=stages, interpret=interpret_mode),
       (bsz, t),
       out_type=(),
       scratch_types=(
           q_scratch, iq_scratch, lse_scratch, (w_scratch, w_scratch),  # w twice: see `_compute`
-          kernel_sparse.ring_buffer(stages, bool(interpret), config.gather),
+          kernel_sparse.ring_buffer(stages, interpret_mode),
           plgpu.SMEM((2, BLOCK_S), jnp.int32),
-          streaming.wgmma_smem((BLOCK_S, i_p)),
-          streaming.wgmma_smem((BLOCK_S, i_p)),
+          per_token_cta.wgmma_smem((BLOCK_S, i_p)),
+          per_token_cta.wgmma_smem((BLOCK_S, i_p)),
           plgpu.SMEM((BLOCK_S, CHUNK), jnp.float32),
-          *streaming.barriers(c_p // CHUNK + h_p // CHUNK + 3, stages, ring_arrivals=config.ring_arrivals()),
+          *per_token_cta.barriers(c_p // CHUNK + h_p // CHUNK + 3, stages,
+                                  ring_arrivals=kernel_sparse.ring_arrivals(interpret_mode)),
       ),
-      params=streaming.compiler_params(auto_barriers=kernel_sparse.AUTO_BARRIERS),
+      params=per_token_cta.compiler_params(auto_barriers=kernel_sparse.AUTO_BARRIERS),
       interpret=interpret,
   )
 
@@ -207,10 +194,10 @@ def sparse_grads(attn_q, attn_k, attn_lse, attn_scale: float, idx_q, idx_k, idx_
     kernel(selected, tok, q, k, lse, iq, ik, w, *refs)
 
   # The outputs are kernel operands written in place: d ik must start at zero for the reductions.
-  dik_shape = (bsz, t, selected.shape[-1], h_p) if interpret else (bsz, attn_k.shape[1], h_p)
+  dik_shape = (bsz, t, selected.shape[-1], h_p) if interpret_mode else (bsz, attn_k.shape[1], h_p)
   diq, dw, dik = pl.run_state(run)((jnp.zeros(iq.shape, iq.dtype), jnp.zeros(w.shape, jnp.float32),
                                     jnp.zeros(dik_shape, jnp.float32)))
-  if interpret:
+  if interpret_mode:
     rows = jnp.where(selected >= 0, selected, 0)
     dik = jax.vmap(lambda r, x: jnp.zeros((attn_k.shape[1], h_p), jnp.float32).at[r].add(x))(rows, dik)
   return (diq[:, :, :i, :h].astype(idx_q.dtype), dik[:, :, :h].astype(idx_k.dtype),

@@ -1,8 +1,8 @@
 """Public entry points of the lightning indexer: scores, and scores fused with top-k selection.
 
 Implementations: "xla" (`reference.py`) and "pallas" (`kernel.py`, Mosaic GPU; forward only, its backward
-is `jax.vjp` of the reference, which materialises [B, T, I, S] logits: fine for the short sequences of the
-indexer warm-up tests, not for 128K training, where `pallas_kernels.indexer_kl` computes the loss instead).
+is `jax.vjp` of the reference, which materialises [B, T, I, S] logits: fine for short sequences, not for 128K
+training, where `pallas_kernels.indexer_kl` computes the loss and its gradients instead).
 FP8 (the official numerics): `quantize_fp8`, `index_scores_fp8` (`kernel_fp8.py`, forward only: its scores
 feed selection) and `index_topk(fp8=True)`.
 """
@@ -108,42 +108,31 @@ def keys_precede_queries(q_positions: jax.Array, kv_positions: jax.Array, q_segm
   return same & rising & contiguous
 
 
-# Key-prefix stages of index_topk's causal path (see `index_topk`); at most one per row block. On the H200 at
-# T = 128K (32 row blocks of 4096), the DSA core took 0.4275 / 0.4229 / 0.4206 s with 8 / 16 / 32 stages
-# (session 8, one run). Each stage compiles its own scores and selection kernels: with 32, each index_topk jit at
-# 128K took roughly 35 s longer to compile than with 8 (from the benchmark's wall time; once per shape).
+# Key-prefix stages of index_topk's causal path (see `index_topk`); at most one per row block. More stages write and
+# select fewer scores (the fraction tends to 1/2) but each compiles its own scores and selection kernels.
 CAUSAL_STAGES = 32
 
 
 def index_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, q_positions: jax.Array,
                kv_positions: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
                implementation: str | None = None, rows_per_block: int | None = None,
-               select_implementation: str = "pruned_fused_select", fp8: bool = False,
-               causal_prefix: bool | None = None, causal_stages: int = CAUSAL_STAGES) -> jax.Array:
+               select_implementation: str = "pallas", fp8: bool = False,
+               causal_prefix: bool | None = None) -> jax.Array:
   """Top-k keys by indexer score -> int32 [B, T, min(topk, S)], sorted ascending, -1 padded.
 
   "pallas" computes the scores of `rows_per_block` queries at a time with the Mosaic GPU kernel and selects
-  with `topk.api.topk_indices(implementation=select_implementation)`, so at most B x rows_per_block x S
-  float32 scores exist at once (default: 2 GiB), never [B, T, S]. The default selection is the exact pruned
-  select whose threshold kernel also compacts (`topk/pruned.py`, inner "fused_select"). On the H200 at T = 128K
-  the whole index_topk took 0.2745 s (session 8: two key warpgroups in the scores kernel, 8 causal stages; the
-  bf16 matmul floor at XLA's rate in that run, 643 TF/s, is 0.219 s); 0.331 s in session 6; before the causal
-  stages and the scores kernel's 2 heads per step 0.394 s, with the XLA compaction ("pruned_select") 0.440 s,
-  with the sorting pruned select 0.65 s and with lax.top_k 1.40 s (identical selections); the radix select ran
-  20x slower inside this lax.map (see `topk/kernel.py`). "xla" scores and selects in row blocks too (`chunked.py`).
+  with `topk.api.topk_indices(implementation=select_implementation)` (default: the exact pruned select of
+  `topk/pruned.py`; "xla" selects with `lax.top_k`), so at most B x rows_per_block x S float32 scores exist at
+  once (default: 2 GiB), never [B, T, S]. "xla" scores and selects in row blocks too (`chunked.py`). Today's figure
+  (T = 128K, V3.2 shapes, H200): about 1.25x the bf16 matmul floor, benchmarks/index_topk.md.
   fp8: quantise q and k with `quantize_fp8` and score in FP8 (`index_scores_fp8`). Exact on inputs that are
   already dequantised e4m3 values (the model's `fp8_numerics`): requantising them changes nothing.
   causal_prefix: when no query t sees a key j > t (`keys_precede_queries`), a row block ending at query r only
-  needs the first r keys: the blocks run in `causal_stages` stages, each scoring and selecting over the key
-  prefix its last block needs, instead of all S keys (about 56% of the scores written and rows selected at 8
-  stages, 52% at 32; 8 stages were 1.07-1.12x faster than all keys at T = 128K on the H200, identical indices).
-  Same result. None: checked on the data (a `lax.cond` between both paths); True: the caller guarantees it;
-  False: always all S keys.
-  causal_stages: how many key-prefix stages (at most one per row block); more stages write and select fewer
-  scores (the fraction tends to 1/2), each compiles its own kernels.
+  needs the first r keys: the blocks run in CAUSAL_STAGES stages, each scoring and selecting over the key prefix
+  its last block needs, instead of all S keys (about 52% of the scores written and rows selected). Same result.
+  None: checked on the data (a `lax.cond` between both paths); True: the caller guarantees it; False: always all
+  S keys.
   """
-  if causal_stages < 1:
-    raise ValueError(f"causal_stages={causal_stages} must be at least 1.")
   q, k, w = jax.tree.map(jax.lax.stop_gradient, (q, k, w))  # indices are discrete: no gradient
   if fp8:
     q8, q_scale, k8, k_scale = quantize_fp8(q, k)
@@ -185,7 +174,7 @@ def index_topk(q: jax.Array, k: jax.Array, w: jax.Array, *, topk: int, q_positio
     return jnp.pad(idx, [(0, 0)] * 3 + [(0, k_out - idx.shape[-1])], constant_values=-1)
 
   def staged():
-    bounds = sorted({round(i * n_blocks / causal_stages) for i in range(causal_stages + 1)})
+    bounds = sorted({round(i * n_blocks / CAUSAL_STAGES) for i in range(CAUSAL_STAGES + 1)})
     widths = [min(S, -(-last * rows_per_block // kernel.KEY_ALIGN) * kernel.KEY_ALIGN) for last in bounds[1:]]
     return jnp.concatenate([blocks_topk(a, b, width) for a, b, width in zip(bounds, bounds[1:], widths)])
 

@@ -1,29 +1,22 @@
 """Mosaic GPU kernel for lightning-indexer scores (DeepSeek-V3.2 paper section 2.1; official `Indexer.forward`
 computes the same I[t,s] = sum_j w[t,j] * ReLU(q[t,j] . k[s]) with DeepGEMM's `fp8_mqa_logits`).
 
-One CTA owns a [BLOCK_T, BLOCK_S] tile of scores. It loads the key tile once, then pipelines the index
-heads j: per head one wgmma q[t-tile, j] @ k[s-tile]^T (bf16 here, e4m3 in `kernel_fp8`; fp32 accumulate),
-and in the epilogue of that head ReLU, the row scale w[t, j] and the head sum, all in registers; the
-[T, I, S] logits never leave the chip. Causal + segment visibility is applied in the final epilogue from
-positions and segment ids (`pallas_kernels/visibility.py`); tiles that are certainly fully masked (all keys
-later than every query, or disjoint segment ranges) skip the matmuls and only write -inf.
+One CTA owns a [BLOCK_T, key tile] block of scores. It loads the key tile once, then pipelines the index heads j
+over 2 query-tile buffers: per head one wgmma q[t-tile, j] @ k[s-tile]^T (bf16 here, e4m3 in `kernel_fp8`; fp32
+accumulate), and in that head's epilogue ReLU, the row scale w[t, j] and the head sum, all in registers; the
+[T, I, S] logits never leave the chip. A pipeline step takes 2 heads when the head count is even: both wgmmas
+are issued and the first head's epilogue runs while the second one computes. Causal + segment visibility is
+applied in the final epilogue from positions and segment ids (`pallas_kernels/visibility.py`); tiles that are
+certainly fully masked (all keys later than every query, or disjoint segment ranges) skip the matmuls and only
+write -inf.
 
-Consecutive CTAs share one query tile (the grid's fastest axis runs over key tiles), so the per-head q
-tiles, the large operand (16 KiB per token in bf16), are re-read from L2 rather than HBM.
-
-Pipeline options (measured on the H200 at T = 128K, 4096 query rows x 128K keys, session 6 of 2026-11-29; every
-option exact: same error and mask):
-- 1 head per step, 4 query buffers: each head's epilogue waits for its wgmma and the next wgmma for the epilogue;
-  bf16 448-487 TF/s against 583-608 for XLA's plain matmul, FP8 922;
-- 1 head per step, 2 buffers (two CTAs per SM): bf16 422 TF/s;
-- 2 heads per step (the second head's wgmma runs during the first head's epilogue), 4 buffers: bf16 500, FP8 812;
-- 2 heads per step, 2 buffers: bf16 502-513 TF/s, FP8 1008.
-Both dtypes then moved ~3.9 TB/s of query tiles from L2 (128 / 256 FLOPs per byte), so the key tile grew
-(session 8, same run, 4096 x 128K): **two compute warpgroups sharing each query tile over 256 keys
-(`key_warpgroups=2`), 2 heads per step, 2 buffers: bf16 634 TF/s against 500 for the same options with one
-warpgroup (1.27x; XLA's plain bf16 matmul 514 in that run); FP8 1109 against 1099: the default** (BEST_OPTIONS,
-`default_key_warpgroups`: at the parity model's 16 x 64 heads one warpgroup stays faster). With 1 head per step
-and 4 buffers: bf16 617.
+Why this shape: the per-head query tiles are the large operand (16 KiB per token in bf16). Consecutive CTAs
+share one query tile (the grid's fastest axis runs over key tiles), so they are re-read from L2 rather than HBM,
+and with many query columns per token (I x H >= TWO_KEY_WARPGROUPS_FROM_COLUMNS, V3.2's 64 x 128) two compute
+warpgroups share each query tile over 2 x 128 keys while a third loads the tiles, halving that L2 traffic; with
+few columns (the small parity models) one warpgroup over 128 keys is faster. Limits: H a multiple of 64, T a
+multiple of 64 and S of the key tile (the API pads), forward only. Today's figure (4096 x 128K, V3.2 shapes,
+H200): about 630 TF/s in bf16 and 1100 in FP8, benchmarks/index_topk.md.
 """
 
 import functools
@@ -35,28 +28,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 BLOCK_T = 64  # one warpgroup's wgmma M
-BLOCK_S = 128
-# Query-tile buffers of the head pipeline (1 to 4). With 4 and 1 head per step, SMEM is 32 (keys) + 16 (w) + 32
-# (out) + 4 x 16 KiB = 144 KiB: one CTA per SM. With 2 buffers two CTAs fit per SM and overlap each other's
-# epilogues (ReLU, scale, sum).
-MAX_CONCURRENT_STEPS = 4
-# Index heads per pipeline step. 1: each head's wgmma is awaited before its epilogue, so the tensor cores idle
-# during it. 2: a step issues both heads' wgmmas into two accumulators, waits for the first only
-# (`wgmma_accumulator_load(wait_n=1)`) and runs its epilogue while the second one computes. Query buffers are
-# then 64 x 2H (32 KiB in bf16).
-HEADS_PER_STEP = (1, 2)
-# Compute warpgroups per CTA, splitting a key tile (1 or 2). 1: one warpgroup scores [BLOCK_T, BLOCK_S]; each CTA
-# streams all I x H query columns of its row tile for only BLOCK_S keys, so the L2 -> SMEM query traffic is
-# 128 (bf16) or 256 (FP8) FLOPs per byte, and both dtypes measured ~3.9 TB/s of it. 2: two compute warpgroups
-# share each query tile over 2 BLOCK_S keys (half that traffic) while a third warpgroup loads the tiles. SMEM with
-# 2: 64 (keys) + 16 (w) + 64 (out) + buffers x 32 KiB (bf16, 2 heads per step): at most 2 buffers in bf16.
-KEY_WARPGROUPS = (1, 2)
-MEMORY_REGISTERS = 40  # setmaxnreg of the query-loading warpgroup when KEY_WARPGROUPS is 2
-KEY_ALIGN = 2 * BLOCK_S  # the API pads S to this: a multiple of every option's key tile
-BEST_OPTIONS = dict(heads_per_step=2, max_concurrent_steps=2)  # the fastest measured (module docstring)
-# Two key warpgroups from this many query columns (index heads x head dim) per token. V3.2's 64 x 128 = 8192:
-# 634-661 vs 473-500 TF/s (above). The parity model's 16 x 64 = 1024 at T = 8K: 0.624 vs 0.561 ms with one (its
-# CTAs hold only 8 pipeline steps of 2 heads, and one CTA per SM hides less latency). Between: not measured.
+BLOCK_S = 128  # keys per compute warpgroup
+QUERY_BUFFERS = 2  # query-tile buffers of the head pipeline: with one key warpgroup two CTAs fit per SM
+KEY_WARPGROUPS = (1, 2)  # compute warpgroups per CTA, splitting its key tile
+MEMORY_REGISTERS = 40  # setmaxnreg of the query-loading warpgroup with two key warpgroups
+KEY_ALIGN = 2 * BLOCK_S  # the API pads S to this: a multiple of every key tile
+# Two key warpgroups from this many query columns (index heads x head dim) per token: V3.2's 64 x 128 = 8192 is
+# faster with two, the parity model's 16 x 64 = 1024 with one; between them it is not measured.
 TWO_KEY_WARPGROUPS_FROM_COLUMNS = 8192
 
 
@@ -70,23 +48,21 @@ def _tile_summaries(positions: jax.Array, segment_ids: jax.Array, block: int, re
 
 def index_scores(q: jax.Array, k: jax.Array, w: jax.Array, *, q_positions: jax.Array, kv_positions: jax.Array,
                  q_segment_ids: jax.Array, kv_segment_ids: jax.Array, interpret=None,
-                 max_concurrent_steps: int = BEST_OPTIONS["max_concurrent_steps"],
-                 heads_per_step: int | None = None,
                  key_warpgroups: int | None = None) -> jax.Array:
   """q [B, T, I, H] bf16, k [B, S, H] bf16, w [B, T, I] -> float32 [B, T, S] (as `reference.index_scores`).
 
-  T must be a multiple of 64 and S of 128 x key_warpgroups (the API pads to KEY_ALIGN). heads_per_step None:
-  `default_heads_per_step`; key_warpgroups None: `default_key_warpgroups`.
+  T must be a multiple of 64 and S of 128 x key_warpgroups (the API pads to KEY_ALIGN); key_warpgroups None:
+  `default_key_warpgroups`.
   """
   return launch(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), w, None, q_positions=q_positions,
                 kv_positions=kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                interpret=interpret, max_concurrent_steps=max_concurrent_steps, heads_per_step=heads_per_step,
-                key_warpgroups=key_warpgroups)
+                interpret=interpret, key_warpgroups=key_warpgroups)
 
 
-def default_heads_per_step(num_heads: int) -> int:
-  """BEST_OPTIONS' 2 heads per pipeline step when the index heads are even, else 1."""
-  return BEST_OPTIONS["heads_per_step"] if num_heads % 2 == 0 else 1
+def heads_per_step_for(num_heads: int) -> int:
+  """Index heads per pipeline step: 2 (the second head's wgmma overlaps the first head's epilogue) when the
+  heads are even, else 1."""
+  return 2 if num_heads % 2 == 0 else 1
 
 
 def default_key_warpgroups(num_heads: int, head_dim: int) -> int:
@@ -96,28 +72,17 @@ def default_key_warpgroups(num_heads: int, head_dim: int) -> int:
 
 def launch(q: jax.Array, k: jax.Array, w: jax.Array, k_scale: jax.Array | None, *, q_positions: jax.Array,
            kv_positions: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array, interpret=None,
-           max_concurrent_steps: int = BEST_OPTIONS["max_concurrent_steps"],
-           heads_per_step: int | None = None, key_warpgroups: int | None = None) -> jax.Array:
+           key_warpgroups: int | None = None) -> jax.Array:
   """The scores kernel for q [B, T, I, H] and k [B, S, H] of one wgmma dtype (bf16 here, e4m3 in `kernel_fp8`).
 
   k_scale [B, S] float32 (or None): a per-key factor applied to each score column in the epilogue.
-  max_concurrent_steps: query-tile buffers of the head pipeline (1 to 4; see MAX_CONCURRENT_STEPS).
-  heads_per_step: 1, or 2 to overlap a head's epilogue with the next head's wgmma (see HEADS_PER_STEP); None:
-  `default_heads_per_step`.
-  key_warpgroups: 1, or 2 compute warpgroups sharing each query tile over twice the keys (see KEY_WARPGROUPS);
-  None: `default_key_warpgroups`.
+  key_warpgroups: 1, or 2 compute warpgroups sharing each query tile over twice the keys; None:
+  `default_key_warpgroups`.
   """
   if key_warpgroups is None:
     key_warpgroups = default_key_warpgroups(*q.shape[2:])
   if key_warpgroups not in KEY_WARPGROUPS:
     raise ValueError(f"key_warpgroups={key_warpgroups} must be one of {KEY_WARPGROUPS}.")
-  if heads_per_step is None:
-    heads_per_step = default_heads_per_step(q.shape[2])
-  if not 1 <= max_concurrent_steps <= MAX_CONCURRENT_STEPS:
-    raise ValueError(f"max_concurrent_steps={max_concurrent_steps} must be in [1, {MAX_CONCURRENT_STEPS}].")
-  if heads_per_step not in HEADS_PER_STEP or q.shape[2] % heads_per_step:
-    raise ValueError(f"heads_per_step={heads_per_step} must be one of {HEADS_PER_STEP} and divide the "
-                     f"{q.shape[2]} index heads.")
   B, T, I, H = q.shape  # noqa: N806
   S = k.shape[1]  # noqa: N806
   cta_keys = BLOCK_S * key_warpgroups
@@ -136,7 +101,7 @@ def launch(q: jax.Array, k: jax.Array, w: jax.Array, k_scale: jax.Array | None, 
   transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
   two = key_warpgroups == 2
   body = functools.partial(_kernel_two_warpgroups if two else _kernel, num_heads=I, head_dim=H,
-                           transforms=transforms, steps=max_concurrent_steps, heads_per_step=heads_per_step)
+                           transforms=transforms, heads_per_step=heads_per_step_for(I))
   scratch = dict(
       k_smem=plgpu.SMEM((cta_keys, H), q.dtype, transforms=transforms),
       w_smem=plgpu.SMEM((I, BLOCK_T), jnp.float32),
@@ -204,9 +169,9 @@ def _visible(scores, q_pos_smem, kv_pos_smem, k_scale_smem):
 
 
 def _tile(cta_keys: int, refs, smem):
-  """The CTA's tile: (b, ti, t_slice, s_slice, live, copies), ti its row-tile index. live is False when the tile is certainly fully masked
-  (`_tile_summaries`: all keys later, or disjoint segments); copies are the (source, destination) pairs of the
-  tile-wide operands: keys, w, query and key positions / segments, key scales."""
+  """The CTA's tile: (b, ti, t_slice, s_slice, live, copies), ti its row-tile index. live is False when the tile is
+  certainly fully masked (`_tile_summaries`: all keys later, or disjoint segments); copies are the (source,
+  destination) pairs of the tile-wide operands: keys, w, query and key positions / segments, key scales."""
   k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_sum_ref, kv_sum_ref, k_scale_ref = refs
   k_smem, w_smem, q_pos_smem, kv_pos_smem, k_scale_smem = smem
   si, ti, b = lax.axis_index("s"), lax.axis_index("t"), lax.axis_index("b")
@@ -222,7 +187,7 @@ def _tile(cta_keys: int, refs, smem):
 
 def _kernel(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_sum_ref, kv_sum_ref,
             *k_scale_and_out, k_smem, w_smem, q_pos_smem, kv_pos_smem, k_scale_smem, out_smem, barriers, num_heads,
-            head_dim, transforms, steps, heads_per_step):
+            head_dim, transforms, heads_per_step):
   """One warpgroup per CTA: a [BLOCK_T, BLOCK_S] tile."""
   *k_scale_ref, out_ref = k_scale_and_out  # k_scale_ref and k_scale_smem: one ref each with key scales, or none
   b, ti, t_slice, s_slice, live, copies = _tile(
@@ -239,7 +204,7 @@ def _kernel(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q
     scores = plgpu.emit_pipeline(
         _head_step(k_smem, w_smem, head_dim, heads_per_step), grid=(num_heads // heads_per_step,),
         in_specs=[plgpu.BlockSpec((BLOCK_T, heads_per_step * head_dim), lambda j: (ti, j), transforms=transforms)],
-        max_concurrent_steps=min(steps, num_heads // heads_per_step), init_carry=zeros,
+        max_concurrent_steps=min(QUERY_BUFFERS, num_heads // heads_per_step), init_carry=zeros,
     )(q_ref.at[b])
     out_smem[...] = _visible(scores, q_pos_smem, (kv_pos_smem.at[0], kv_pos_smem.at[1]), k_scale_smem)
 
@@ -254,7 +219,7 @@ def _kernel(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q
 
 def _kernel_two_warpgroups(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_sum_ref, kv_sum_ref,
                            *k_scale_and_out, k_smem, w_smem, q_pos_smem, kv_pos_smem, k_scale_smem, out_smem,
-                           barriers, num_heads, head_dim, transforms, steps, heads_per_step):
+                           barriers, num_heads, head_dim, transforms, heads_per_step):
   """Two compute warpgroups per CTA share one stream of query tiles (`KEY_WARPGROUPS`): wg 0 and wg 1 score keys
   [0, BLOCK_S) and [BLOCK_S, 2 BLOCK_S) of a 2 BLOCK_S key tile; wg 2 loads the query tiles
   (`emit_pipeline_warp_specialized`). out_smem [2, BLOCK_T, BLOCK_S]: one slot per compute warpgroup."""
@@ -284,7 +249,7 @@ def _kernel_two_warpgroups(q_ref, k_ref, w_ref, q_pos_ref, q_seg_ref, kv_pos_ref
         memory_registers=MEMORY_REGISTERS,
         in_specs=[plgpu.BlockSpec((BLOCK_T, heads_per_step * head_dim), lambda j: (ti, j), transforms=transforms,
                                   memory_space=plgpu.SMEM)],
-        max_concurrent_steps=min(steps, num_heads // heads_per_step), wg_axis="wg", num_compute_wgs=2,
+        max_concurrent_steps=min(QUERY_BUFFERS, num_heads // heads_per_step), wg_axis="wg", num_compute_wgs=2,
         compute_context=compute_context,
     )(q_ref.at[b])
 

@@ -8,11 +8,10 @@ k [s, h] rows are; 128-byte swizzle for H = 128):
 - the q scale is folded into w outside the kernel (as the official code folds it into the head weights);
 - the k scale, a positive power of two, multiplies each score column once in the final epilogue: it commutes
   exactly with ReLU, w and the head sum, so only the fp32 summation order differs from the reference.
-Shared memory per CTA at H = 128, I = 64 with 2 heads per step and 2 buffers: one key warpgroup: k tile 16 KiB, 2
-pipelined q tiles of 2 heads 32 KiB, w 16 KiB, out 32 KiB (bf16: 32 + 64 + 16 + 32 KiB); two key warpgroups (the
-default there): k 32, q 32, w 16, out 64 KiB (bf16: 64 + 64 + 16 + 64). Hopper accumulates fp8 wgmma products with
-about 14 mantissa bits (DeepSeek-V3 paper section 3.3.2), so DeepGEMM promotes to fp32 every K = 128; here each
-head's logits are one K = H = 128 wgmma chain, promoted by the fp32 register sum over heads: the same granularity.
+Hopper accumulates fp8 wgmma products with about 14 mantissa bits (DeepSeek-V3 paper section 3.3.2), so DeepGEMM
+promotes to fp32 every K = 128; here each head's logits are one K = H = 128 wgmma chain, promoted by the fp32
+register sum over heads: the same granularity. Today's figure (4096 x 128K, V3.2 shapes, H200): about 1100 TF/s,
+benchmarks/index_topk.md.
 """
 
 import jax
@@ -23,19 +22,13 @@ from pallas_kernels.lightning_indexer import kernel
 
 def index_scores_fp8(q8: jax.Array, q_scale: jax.Array, k8: jax.Array, k_scale: jax.Array, w: jax.Array, *,
                      q_positions: jax.Array, kv_positions: jax.Array, q_segment_ids: jax.Array,
-                     kv_segment_ids: jax.Array, interpret=None,
-                     max_concurrent_steps: int = kernel.BEST_OPTIONS["max_concurrent_steps"],
-                     heads_per_step: int | None = None,
-                     key_warpgroups: int | None = None) -> jax.Array:
+                     kv_segment_ids: jax.Array, interpret=None, key_warpgroups: int | None = None) -> jax.Array:
   """q8 [B, T, I, H] e4m3, q_scale [B, T, I], k8 [B, S, H] e4m3, k_scale [B, S], w [B, T, I] -> float32 [B, T, S].
 
-  T must be a multiple of 64 and S of 128 x key_warpgroups (the API pads). Pipeline options as `kernel.launch`
-  (default: 2 heads per step, 2 query buffers, `kernel.default_key_warpgroups`; at V3.2's 64 x 128 on the H200
-  1109 TF/s with 2 key warpgroups, against 1099 with one and 914 with that and 1 head, 4 buffers).
+  T must be a multiple of 64 and S of 128 x key_warpgroups (the API pads); key_warpgroups as `kernel.launch`.
   """
   if q8.dtype != jnp.float8_e4m3fn or k8.dtype != jnp.float8_e4m3fn:
     raise ValueError(f"q8 and k8 must be float8_e4m3fn; got q8 {q8.dtype}, k8 {k8.dtype}.")
   return kernel.launch(q8, k8, w.astype(jnp.float32) * q_scale, k_scale, q_positions=q_positions,
                        kv_positions=kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                       interpret=interpret, max_concurrent_steps=max_concurrent_steps,
-                       heads_per_step=heads_per_step, key_warpgroups=key_warpgroups)
+                       interpret=interpret, key_warpgroups=key_warpgroups)

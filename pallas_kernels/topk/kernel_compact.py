@@ -1,15 +1,14 @@
-"""Mosaic GPU kernel: the exact top-k positions of short uint32 rows (M <= 16384), threshold AND compaction.
+"""Mosaic GPU kernel: the exact top-k positions of short uint32 rows (M <= 16384), threshold and compaction.
 
-`topk_positions(keys, k)` = `kernel._select(keys, kernel_select.kth_largest_keys(keys, k), k, 1)`: per row the
-ascending positions of the k largest keys (ties to the lower position), -1 padded, keys equal to the -inf key
-(`kernel.sortable_keys(-inf)`) never selected. `pruned.topk_indices(inner="fused_select")` uses it for both of its
-selections. With `kernel_select` the compaction ran in XLA: a cumsum over the row (a dozen reduce passes on the
-GPU) and a scatter, ~0.45 of the pruned select's 1.0 ms of device time at 1024 x 128K on the H200 (profile of
-2026-11-29), and ~40 of its ~80 launches. Here the row, already in SMEM for the threshold, is compacted in place.
+`topk_positions(keys, k)` = `radix.topk_positions(keys, k)`: per row the ascending positions of the k largest
+keys (ties to the lower position), -1 padded, the -inf key (`radix.NEG_INF_KEY`) never selected. The pruned
+select (`pruned.py`) runs it for both of its selections. Compacting in XLA instead (a cumsum over the row and a
+scatter after the threshold kernel) cost about as much device time as everything else in the select; here the
+row, already in SMEM for the threshold, is compacted in place.
 
 One CTA = one warpgroup = one row, as `kernel_select`: TMA the row into SMEM as [M / 128, 128], bisect it in
-registers (`kernel_select.bisect`, any counting option) to the threshold x, then (inline Mosaic GPU code, every
-thread; block row i holds positions 128 i .. 128 i + 127, thread t reads column t):
+registers (`kernel_select.bisect`) to the threshold x, then (inline Mosaic GPU code, every thread; block row i
+holds positions 128 i .. 128 i + 127, thread t reads column t):
 1. Per block row, each warp's count of keys above x and of ties (== x): `vote.sync.ballot` + popc, lane 0
    stores them into SMEM counts [2, 4 warps, M / 128]. Barrier.
 2. Thread t owns block row t: its row totals, an inclusive scan over the 128 threads (5 `shfl.up` rounds, the
@@ -19,15 +18,12 @@ thread; block row i holds positions 128 i .. 128 i + 127, thread t reads column 
    above keys take rank = (above before) + min(ties before, need), ties only while (ties before) < need =
    k - #above; selected keys store their position to out[r, rank] (GMEM), and the slots from the selected
    count to k get -1.
-Padding to a multiple of 128 (key 0) is excluded by position. Scores must not be NaN (the XLA path would select
-negative-NaN ties below -inf; this kernel never does).
+Padding to a multiple of 128 (key 0) is excluded by position. Scores must not be NaN.
 
-Pallas GPU interpret mode cannot run the inline code: there (CPU tests) the kernel returns the threshold and
-XLA's `kernel._select` compacts, so the tests check the threshold part and the API; the compaction itself is
-checked exact on the GPU (`experiments/bench_sections/topk.py`, `*_pruned_fused_select_exact`, and on rows full of
-ties, `tied_pruned_fused_select_exact`). Measured on the H200 (session 5 of 2026-11-29, 1024 x 128K, k = 2048):
-the pruned select built on it takes 0.73-0.79 ms (12.1-12.9x lax.top_k) against 1.24-1.28 ms with the XLA
-compaction; its first selection (1024 rows of 16K group maxima) 0.39 ms against 0.69.
+GPU interpret mode cannot run the inline code: there the threshold kernel (`kernel_select`) runs and XLA
+compacts (`radix.select`), so CPU tests check the threshold and the API; the compaction is checked by
+cross-lowering here and for exactness on the GPU (`bench.py`, including rows full of ties). Today's figure
+(the whole pruned select at 1024 x 128K, k = 2048): about 12x `lax.top_k`, benchmarks/topk.md.
 """
 
 import functools
@@ -41,35 +37,30 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, llvm, math as mlir_math, memref, nvvm, scf
 
 from pallas_kernels.dispatch import interpreting
-from pallas_kernels.topk import kernel, kernel_select
+from pallas_kernels.topk import kernel_select, radix
 
 LANES = kernel_select.LANES
 WARPS = LANES // 32
-NEG_INF_KEY = 0x007FFFFF  # kernel.sortable_keys(-inf): ~0xFF800000
+NEG_INF_KEY = radix.NEG_INF_KEY
 
 
-def topk_positions(keys: jax.Array, k: int, *, bits_per_step: int = 1, partial_sums: int | None = None,
-                   interpret=False) -> jax.Array:
+def topk_positions(keys: jax.Array, k: int, *, bits_per_step: int = 1, interpret=False) -> jax.Array:
   """keys uint32 [R, M] (M <= 16384, k <= M) -> int32 [R, k]: ascending positions of each row's top k, -1 padded.
 
-  bits_per_step, partial_sums: `kernel_select`'s counting options (same result for all).
+  bits_per_step: the bisection's bits per step (`kernel_select`; same result for both).
   """
-  kernel_select.check_options(bits_per_step, partial_sums)
+  kernel_select.check_bits_per_step(bits_per_step)
   rows, m = keys.shape
   if m > kernel_select.MAX_KEYS or not 0 < k <= m:
     raise ValueError(f"rows of {m} keys with k={k}: allowed M <= {kernel_select.MAX_KEYS} and 0 < k <= M.")
   keys = keys.astype(jnp.uint32)
-  if interpreting(interpret):  # no inline compaction there: the kernel's threshold, XLA's compaction
-    threshold = kernel_select.kth_largest_keys(keys, k, bits_per_step=bits_per_step, partial_sums=partial_sums,
-                                               interpret=interpret)
-    return kernel._select(keys, threshold, k, 1)
+  if interpreting(interpret):  # no inline compaction there: the threshold kernel, then XLA's compaction
+    threshold = kernel_select.kth_largest_keys(keys, k, bits_per_step=bits_per_step, interpret=interpret)
+    return radix.select(keys, threshold, k)
   padded = jnp.pad(keys, ((0, 0), (0, -m % LANES)))  # key 0: never counted, excluded by position
   blocks = padded.shape[1] // LANES
-  params = dict(reduction_scratch_bytes=kernel_select.reduction_scratch_bytes(bits_per_step))
-  if kernel_select.stacked(bits_per_step, partial_sums):
-    params["lowering_semantics"] = plgpu.LoweringSemantics.Lane
   return plgpu.kernel(
-      functools.partial(_kernel, k=k, m=m, bits_per_step=bits_per_step, partial_sums=partial_sums),
+      functools.partial(_kernel, k=k, m=m, bits_per_step=bits_per_step),
       out_type=jax.ShapeDtypeStruct((rows, k), jnp.int32),
       scratch_types=dict(keys_smem=plgpu.SMEM((blocks, LANES), jnp.uint32), barrier=plgpu.Barrier(),
                          threshold_smem=plgpu.SMEM((1,), jnp.uint32),
@@ -77,20 +68,19 @@ def topk_positions(keys: jax.Array, k: int, *, bits_per_step: int = 1, partial_s
                          totals_smem=plgpu.SMEM((2, WARPS), jnp.int32)),
       grid=(rows,),
       grid_names=("r",),
-      compiler_params=plgpu.CompilerParams(**params),
+      compiler_params=kernel_select.compiler_params(bits_per_step),
       kernel_name="_topk_positions",
       interpret=interpret,
   )(padded.reshape(rows, blocks, LANES))
 
 
 def _kernel(keys_ref, out_ref, *, keys_smem, barrier, threshold_smem, counts_smem, totals_smem, k, m,
-            bits_per_step, partial_sums):
+            bits_per_step):
   r = lax.axis_index("r")
   plgpu.copy_gmem_to_smem(keys_ref.at[r], keys_smem, barrier)
   plgpu.barrier_wait(barrier)
-  values = kernel_select.load_row(keys_smem, bits_per_step=bits_per_step, partial_sums=partial_sums)
-  threshold_smem[0] = kernel_select.bisect(values, jnp.int32(k), bits_per_step=bits_per_step,
-                                           partial_sums=partial_sums)
+  values = kernel_select.load_row(keys_smem, bits_per_step=bits_per_step)
+  threshold_smem[0] = kernel_select.bisect(values, jnp.int32(k), bits_per_step=bits_per_step)
   _compact(keys_smem, threshold_smem, counts_smem, totals_smem, out_ref.at[r], k=k, m=m)
 
 

@@ -1,6 +1,6 @@
-"""What the four per-token indexer-KL kernels share (`kernel_dense`, `kernel_dense_bwd`, `kernel_sparse`,
+"""The CTA shape of the four indexer-KL kernels (`kernel_dense`, `kernel_dense_bwd`, `kernel_sparse`,
 `kernel_sparse_bwd`): one query token per CTA of two warpgroups, keys streamed in tiles of BLOCK_S = 64
-through a ring of 64 keys x 64 columns bf16 SMEM slots.
+through a ring of 64 keys x 64 columns bf16 SMEM slots (`kernel_dense` says why).
 
 Here: the ring's sizes and SMEM budget, the query buffers and barriers every kernel declares, the launch
 (grid (B, T); warpgroup 0 computes, 1 moves memory), the hand-off of ring slots and the wgmma over a tile's

@@ -1,1 +1,0 @@
-"""Sections of `experiments/bench_kernels.py`: each module exposes `run(flags_dict) -> list[dict]`."""

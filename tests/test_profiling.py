@@ -2,6 +2,11 @@
 
 import gzip
 import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
 
 from dsa_jax import profiling
 
@@ -33,11 +38,12 @@ def test_op_times_falls_back_to_host_without_device(tmp_path):
   assert dict(total) == {"fusion": 5.0} and summed == "/host:CPU"
 
 
-def test_build_targets_run_on_small_inputs():
-  """The kernel targets build from the benchmark sections' inputs and run (XLA paths on CPU)."""
-  topk, (scores,) = profile_kernels.build("topk", 512)
-  assert scores.shape == (512, 512) and topk(scores).shape == (512, 512)  # k = 2048 > S: every visible key
-  index_topk, args = profile_kernels.build("index_topk", 256)
-  assert index_topk(*args).shape == (1, 256, 256)
-  dsa_core, args = profile_kernels.build("dsa_core", 256)
-  assert dsa_core(*args).shape == (1, 256, 128, 512)
+@pytest.mark.parametrize("target", ["topk", "index_topk", "dsa_core"])
+def test_profile_kernels_targets_run_on_small_inputs(target, tmp_path):
+  """`python -m experiments.profile_kernels` builds each kernel target from its benchmark's inputs, runs it (XLA
+  paths on CPU) and prints the per-op table."""
+  done = subprocess.run([sys.executable, "-m", "experiments.profile_kernels", f"--target={target}", "--seq_len=256",
+                         "--iters=1", "--top=3", f"--trace_dir={tmp_path}"], capture_output=True, text=True,
+                        cwd=pathlib.Path(__file__).resolve().parents[1], timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "100.0%" in done.stdout, done.stdout[-2000:]  # the (all) row of the table

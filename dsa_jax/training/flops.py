@@ -8,7 +8,7 @@ of H dims, K the top-k:
   W = 2 x matmul parameters used per token        routed experts k/E of theirs; the LM head once more when
                                                   the MTP loss is used; embedding lookups and norms 0
   Wi = the same for the indexer's projections (wq_b, wk, weights_proj)
-  A = 2N(P + R + Vh) per key in MHA mode (dense stage); 2N(2C + R) in MQA mode (warm-up, sparse: the
+  A = 2N(P + R + Vh) per key in MHA mode (dense stage, warm-up); 2N(2C + R) in MQA mode (sparse: the
       absorbed query against the shared [c | k_rope] entry, then the latent value)
   X = 2I(H + 1) per key: the indexer's scores (I dot products of H, then the weighted sum over heads)
   G = N per key: the KL target, the attention probabilities summed over heads
@@ -99,8 +99,9 @@ def breakdown(cfg: ModelConfig, seq_len: int, stage: str, with_mtp: bool) -> Ste
   a = 2 * m.num_heads * (2 * m.kv_lora_rank + m.qk_rope_head_dim)
   x = 2 * idx.num_heads * (idx.head_dim + 1)
   g = m.num_heads
-  if stage == "warmup":
-    return StepFlops(w, layers * a * s, 3 * wi + layers * 3 * x * s, layers * g * s)
+  if stage == "warmup":  # attends in MHA mode (`train_step.StepConfig.attention`)
+    a_mha = 2 * m.num_heads * (m.qk_head_dim + m.v_head_dim)
+    return StepFlops(w, layers * a_mha * s, 3 * wi + layers * 3 * x * s, layers * g * s)
   ks = mean_selected_keys(seq_len, idx.topk)
   return StepFlops(3 * w, 3 * layers * a * ks, 3 * wi + layers * (x * s + 2 * x * ks), layers * g * ks)
 

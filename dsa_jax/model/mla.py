@@ -266,7 +266,8 @@ class MLA(nnx.Module):
     return MQAOperands(q=q, kv=jnp.concatenate([c, k_rope], axis=-1))  # kv [B, S, C + R]
 
   def _mqa(self, q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options, topk_indices):
-    q, kv = (operands := self._mqa_operands(q_nope, q_rope, c, k_rope, w_uk)).q, operands.kv
+    operands = self._mqa_operands(q_nope, q_rope, c, k_rope, w_uk)
+    q, kv = operands.q, operands.kv
     c_dim = self.cfg.kv_lora_rank
     if options.kind == "sparse":
       out_latent, lse = sparse_mla_api.sparse_mla(q, kv, topk_indices, scale=self.softmax_scale, v_dim=c_dim,

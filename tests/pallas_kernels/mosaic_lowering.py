@@ -13,9 +13,9 @@ from unittest import mock
 
 import jax
 from jax._src.pallas.mosaic_gpu import lowering  # private: the lowered module, grid and block of each kernel
-from jax.sharding import AbstractDevice, AbstractMesh
 
-H200 = AbstractMesh((), (), abstract_device=AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132))
+from tests.pallas_kernels.mosaic_checks import H200
+
 SMEM_PER_BLOCK = 232448  # bytes of shared memory one Hopper block may have (227 KiB)
 
 

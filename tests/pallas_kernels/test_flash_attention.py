@@ -11,11 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 from jax._src.cudnn import fused_attention_stablehlo as jax_cudnn  # private: patched for cross-lowering
-from jax.sharding import AbstractDevice, AbstractMesh
 
 from pallas_kernels.flash_attention import api, chunked, cudnn, reference
+from tests.pallas_kernels.mosaic_checks import H200
 
-H200 = AbstractMesh((), (), abstract_device=AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132))
 UNWRITTEN = np.iinfo(np.int32).max
 LAYOUTS = ("causal", "packed", "unseen", "decode")
 

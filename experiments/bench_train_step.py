@@ -50,7 +50,7 @@ _PROFILE = flags.DEFINE_bool("profile", True, "Trace one more step and list its 
 _REMAT = flags.DEFINE_enum("remat", "layer", ["none", "layer", "layer_save_dots"],
                            "Rematerialisation of the layers (dsa_jax.model.transformer.REMAT_POLICIES).")
 _Q_CHUNK = flags.DEFINE_integer("q_chunk", 16384, "Attention queries per chunk (dsa_jax.model.mla) on rows longer "
-                                "than this, in the sparse stage; 0: all queries at once.")
+                                "than this; 0: all queries at once.")
 _MAX_GIB = flags.DEFINE_float("max_gib", 75.0, "Skip a row whose compiled step needs more device memory (GiB).")
 _ALLOW_CPU = flags.DEFINE_bool("allow_cpu", False, "Run without a GPU (tests, with a tiny preset).")
 _ROW = flags.DEFINE_string("row", "", "Internal: measure one row 'stage:T' in this process.")
@@ -86,9 +86,10 @@ def memory_estimate(compiled) -> dict:
 def measure(stage: str, seq_len: int) -> dict:
   """Compiles, checks the memory estimate, runs and profiles one row in this process."""
   cfg = model_config()
-  # Dense attention runs whole (cuDNN's flash attention needs the queries to be the keys); the sparse stage's
-  # absorbed queries and latent outputs ([T, 128, 576] / [T, 128, 512]) are what query chunks save.
-  q_chunk = _Q_CHUNK.value if stage == "sparse" and 0 < _Q_CHUNK.value < seq_len else 0
+  # Query chunks hold a chunk's queries, outputs and their gradients: the sparse stage's absorbed queries and
+  # latent outputs ([T, 128, 576] / [T, 128, 512]); in the dense stages the expanded MHA keys of the keys up to
+  # the chunk's last query, and cuDNN's float32 dq accumulator of the chunk only.
+  q_chunk = _Q_CHUNK.value if 0 < _Q_CHUNK.value < seq_len else 0
   config = train_step.StepConfig(model=cfg, stage=stage, remat=_REMAT.value, q_chunk=q_chunk)
   init = lambda: state_lib.create(cfg, functional.init(cfg, 0), optimizer.build(config.optimizer, stage), 0)
   host_batch = random_row(cfg.vocab_size, seq_len)

@@ -29,7 +29,7 @@ def test_every_stage_gives_a_row_with_every_field(tmp_path):
       ("dense", 256, "ok"), ("warmup", 256, "ok"), ("sparse", 256, "ok")]
   for row in record["rows"]:
     assert FIELDS <= set(row), FIELDS - set(row)
-    assert row["remat"] == "layer" and row["q_chunk"] == (128 if row["stage"] == "sparse" else 0)
+    assert row["remat"] == "layer" and row["q_chunk"] == 128
     assert row["tokens_per_s"] == 256 / row["step_s"] and 0 < row["mfu"] and row["estimate_gib"] > 0
     assert len(row["top_ops"]) == 15 and {"op", "ms", "share", "count"} <= set(row["top_ops"][0])
   for stage in ("dense", "warmup", "sparse"):

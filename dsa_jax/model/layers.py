@@ -25,6 +25,10 @@ TOKEN_CHUNK_BYTES = 2**30
 # (recomputing the whole chunk loop to rebuild its output would run every chunk a third time), and the top-k
 # selection (not differentiated, and costly to redo).
 CHUNKED_OUTPUT, TOPK_INDICES = "chunked_output", "topk_indices"
+# Kept by every policy and by the query chunks of `mla`: the attention's log-sum-exp, 4 bytes per query and head.
+# Where nothing differentiates the attention (the dense warm-up trains only the indexer, whose KL target reads
+# the lse), keeping it lets the backward pass skip the attention forward that produced it.
+ATTENTION_LSE = "attention_lse"
 
 
 def token_chunk(width: int, dtype) -> int:

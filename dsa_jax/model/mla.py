@@ -18,6 +18,7 @@ tensors never leave the layer: under rematerialisation they are rebuilt in its b
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,8 @@ from dsa_jax.model import rope
 from dsa_jax.model.config import IndexerConfig, MLAConfig
 from dsa_jax.model.indexer import Indexer, IndexerInputs, select
 from dsa_jax.model.kv_cache import LayerCache
-from dsa_jax.model.layers import CHUNKED_OUTPUT, TOPK_INDICES, RMSNorm, constrain, param
+from dsa_jax.model.layers import ATTENTION_LSE, CHUNKED_OUTPUT, TOPK_INDICES, RMSNorm, constrain, param
+from pallas_kernels.flash_attention import cudnn
 from pallas_kernels.flash_attention.api import flash_attention
 from pallas_kernels.sparse_mla import api as sparse_mla_api
 
@@ -200,6 +202,7 @@ class MLA(nnx.Module):
         mqa = self._mqa_operands(q_nope, q_rope, c, k_rope, w_uk)
     else:
       out, lse, mqa = self._mqa(q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options, aux.topk_indices)
+    lse = checkpoint_name(lse, ATTENTION_LSE)
     return jnp.einsum("btnv,nvd->btd", out, self._w(self.wo)), dataclasses.replace(aux, lse=lse, mqa=mqa)
 
   def _chunked(self, q_latent, c, k_rope, layout, options, aux: AttentionAux) -> tuple[jax.Array, Any]:
@@ -221,19 +224,49 @@ class MLA(nnx.Module):
     keys = {"c": c, "k_rope": k_rope, "index_k": None if indexer is None else indexer.k}
     keys32 = jax.tree.map(lambda x: x.astype(jnp.float32), keys)
 
-    @jax.checkpoint
-    def chunk(xs):
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(ATTENTION_LSE))
+    def chunk(xs, chunk_keys32=keys32, kv_layout=None):
       chunk_layout = dataclasses.replace(layout, q_positions=xs["q_positions"], q_segment_ids=xs["q_segment_ids"],
-                                         cos=xs["cos"], sin=xs["sin"])
-      k = jax.tree.map(lambda x32, x: x32.astype(x.dtype), keys32, keys)
+                                         cos=xs["cos"], sin=xs["sin"], **(kv_layout or {}))
+      k = jax.tree.map(lambda x32, x: x32.astype(x.dtype), chunk_keys32, keys)
       chunk_indexer = None if indexer is None else IndexerInputs(q=xs["index_q"], k=k["index_k"], w=xs["index_w"])
       chunk_aux = AttentionAux(lse=None, topk_indices=xs["topk_indices"], indexer=chunk_indexer)
       out, chunk_aux = self._attend(xs["q_latent"], k["c"], k["k_rope"], chunk_layout, options, chunk_aux)
       return out, options.aux_reducer(chunk_aux, chunk_layout)
 
-    out, reduced = jax.lax.map(chunk, jax.tree.map(split, per_query))
-    out = checkpoint_name(jnp.moveaxis(out, 0, 1).reshape(b, t, -1), CHUNKED_OUTPUT)
-    return out, jax.tree.map(lambda x: checkpoint_name(x.sum(0), CHUNKED_OUTPUT), reduced)
+    if options.kind == "dense" and c.shape[1] == t:
+      out, reduced = self._causal_chunks(chunk, per_query, keys32, layout, n)
+    else:
+      out, reduced = jax.lax.map(chunk, jax.tree.map(split, per_query))
+      out, reduced = jnp.moveaxis(out, 0, 1).reshape(b, t, -1), jax.tree.map(lambda x: x.sum(0), reduced)
+    return checkpoint_name(out, CHUNKED_OUTPUT), jax.tree.map(lambda x: checkpoint_name(x, CHUNKED_OUTPUT), reduced)
+
+  @staticmethod
+  def _causal_chunks(chunk, per_query, keys32, layout, n):
+    """Dense attention's query chunks, chunk i over the keys up to its last query only (an unrolled loop: the
+    key counts differ). Half the work of every chunk over all keys, and on the GPU each chunk is the last keys
+    of its row, which cuDNN takes (`flash_attention.cudnn`): the expanded MHA keys and their gradients exist
+    for one chunk's keys at a time, not whole-row queries, outputs and cuDNN's dq accumulator as well.
+
+    Exact when no key after a query is visible to it: the queries are the keys in document order
+    (`cudnn.layout_ok` with any number of documents), as training rows are. Any other layout makes the
+    outputs NaN (checked at run time; the training loop stops on a non-finite loss), never a silent error.
+    """
+    t = layout.q_positions.shape[1]
+    size = t // n
+    ordered = cudnn.layout_ok(layout.q_positions, layout.kv_positions, layout.q_segment_ids, layout.kv_segment_ids,
+                              max_segments=t)
+    outs, reduced = [], []
+    for i in range(n):
+      queries = jax.tree.map(lambda x: x[:, i * size:(i + 1) * size], per_query)
+      end = (i + 1) * size
+      visible = dict(kv_positions=layout.kv_positions[:, :end], kv_segment_ids=layout.kv_segment_ids[:, :end])
+      out, chunk_reduced = chunk(queries, jax.tree.map(lambda x: x[:, :end], keys32), visible)
+      outs.append(out)
+      reduced.append(chunk_reduced)
+    poison = lambda x: jnp.where(ordered, x, jnp.nan) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    reduced = jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *reduced)
+    return poison(jnp.concatenate(outs, axis=1)), jax.tree.map(poison, reduced)
 
   def _read_through(self, cache: LayerCache, c, k_rope, indexer: IndexerInputs | None):
     """Appends this step's entries to the cache -> the whole cache as keys (MQA entries, indexer inputs with

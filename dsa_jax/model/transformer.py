@@ -23,13 +23,13 @@ from flax import nnx
 from dsa_jax.model import rope
 from dsa_jax.model.config import ModelConfig
 from dsa_jax.model.kv_cache import KVCache, LayerCache
-from dsa_jax.model.layers import CHUNKED_OUTPUT, MLP, TOPK_INDICES, RMSNorm, constrain, param
+from dsa_jax.model.layers import ATTENTION_LSE, CHUNKED_OUTPUT, MLP, TOPK_INDICES, RMSNorm, constrain, param
 from dsa_jax.model.mla import MLA, AttentionAux, AttentionOptions, TokenLayout
 from dsa_jax.model.moe import ExpertDispatch, MoE, MoEAux
 
 INIT_STD = 0.02
 ACT_BTD = ("act_batch", "act_length", "act_embed")  # logical axes of the residual stream (sharding hints)
-_KEPT = jax.checkpoint_policies.save_only_these_names(CHUNKED_OUTPUT, TOPK_INDICES)
+_KEPT = jax.checkpoint_policies.save_only_these_names(CHUNKED_OUTPUT, TOPK_INDICES, ATTENTION_LSE)
 REMAT_POLICIES = {"none": None, "layer": _KEPT, "layer_save_dots": jax.checkpoint_policies.save_from_both_policies(
     _KEPT, jax.checkpoint_policies.dots_with_no_batch_dims_saveable)}
 

@@ -15,10 +15,11 @@ takes no packed documents. What cuDNN accepts there (checked by jax at trace tim
   * jax's own backward drops the lse cotangent; here the caller (`api`) runs the chunked backward when it is
     nonzero.
 
-So cuDNN computes `reference.attention` only when queries and keys are the same tokens in index order, each
-document one run of equal segment ids with increasing positions: `layout_ok` checks that at run time, and
-`api` falls back to the chunked XLA path where it fails (a decode cache, a context-parallel permutation, more
-than `max_segments` runs in a row).
+So cuDNN computes `reference.attention` only when the queries are the keys in index order (or the last T of
+them, in one document: a chunk of queries with the keys up to its last query, `dsa_jax.model.mla`'s query
+chunks), each document one run of equal segment ids with increasing positions: `layout_ok` checks that at run
+time, and `api` falls back to the chunked XLA path where it fails (a decode cache, a context-parallel
+permutation, more than `max_segments` runs in a row).
 
 Each row is passed as exactly M sequences (empty ones of length 0 at the row's end), so the statistics of run r
 of row b sit at [b * M + r] whatever the batch sharding: jax compacts the sequences of each shard on its own,
@@ -46,8 +47,8 @@ def unsupported(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
   hk, hv = q.shape[-1], v.shape[-1]
   if not (q.dtype == k.dtype == v.dtype and q.dtype in _DTYPES):
     return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}: cuDNN needs one of bfloat16 / float16"
-  if q.shape[1] != k.shape[1]:
-    return f"T={q.shape[1]} != S={k.shape[1]}: cuDNN's causal mask needs the queries to be the keys"
+  if q.shape[1] > k.shape[1]:
+    return f"T={q.shape[1]} > S={k.shape[1]}: cuDNN's causal mask needs the queries to be the last T keys"
   if max(hk, hv) > MAX_HEAD_DIM or hk % 8 or hv % 8:
     return f"head dims {hk} / {hv}: cuDNN needs multiples of 8 <= {MAX_HEAD_DIM}"
   return None
@@ -57,19 +58,22 @@ def layout_ok(q_positions: jax.Array, kv_positions: jax.Array, q_segment_ids: ja
               max_segments: int = DEFAULT_MAX_SEGMENTS) -> jax.Array:
   """bool scalar: cuDNN's index-causal mask per run equals the position/segment rule in every row.
 
-  Holds when queries and keys are the same tokens (equal positions and ids), every segment id forms one run,
-  positions increase strictly along each run, and no row has more than `max_segments` runs.
+  Holds when the queries are the last T of the S keys (equal positions and ids; T == S in training, T < S for a
+  chunk of queries with the keys up to its last query), every segment id forms one run, positions increase
+  strictly along each run, and no row has more than `max_segments` runs (one run when T < S: `forward` splits
+  the keys into the causal tail and the fully visible past, which holds only inside one document).
   """
-  if q_positions.shape != kv_positions.shape:
+  t, s = q_positions.shape[-1], kv_positions.shape[-1]
+  if q_positions.shape[:-1] != kv_positions.shape[:-1] or t > s:
     return jnp.asarray(False)
-  same = jnp.all(q_positions == kv_positions) & jnp.all(q_segment_ids == kv_segment_ids)
-  seg, pos = q_segment_ids, q_positions
+  same = jnp.all(q_positions == kv_positions[:, s - t:]) & jnp.all(q_segment_ids == kv_segment_ids[:, s - t:])
+  seg, pos = kv_segment_ids, kv_positions
   inside = seg[:, 1:] == seg[:, :-1]
   increasing = jnp.all(~inside | (pos[:, 1:] > pos[:, :-1]))
   runs = 1 + jnp.sum(~inside, axis=1)
   ordered = jnp.sort(seg, axis=1)
   distinct = 1 + jnp.sum(ordered[:, 1:] != ordered[:, :-1], axis=1)
-  return same & increasing & jnp.all(runs == distinct) & jnp.all(runs <= max_segments)
+  return same & increasing & jnp.all(runs == distinct) & jnp.all(runs <= (max_segments if t == s else 1))
 
 
 def packing(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -123,7 +127,43 @@ def _sequences(segment_ids: jax.Array, max_segments: int, dtype):
 
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, scale: float,
             max_segments: int = DEFAULT_MAX_SEGMENTS) -> tuple[jax.Array, jax.Array]:
-  """q [B, T, N, Hk], k/v [B, T, (N,) H], segment_ids [B, T] (a `layout_ok` layout) -> (out, lse [B, T, N])."""
+  """q [B, T, N, Hk], k/v [B, S, (N,) H], segment_ids [B, T] (a `layout_ok` layout) -> (out, lse [B, T, N]).
+
+  T < S (the queries are the last T keys of one document): two calls, causal over the last T keys and unmasked
+  over the S - T before them, merged by their lse (the same split as FlashAttention's blocks).
+  """
+  t, s = q.shape[1], k.shape[1]
+  if t == s:
+    return _forward_call(q, k, v, segment_ids, scale, max_segments, _cudnn.MaskType.CAUSAL)
+  (out_tail, lse_tail), (out_past, lse_past) = (
+      _forward_call(q, k[:, s - t:], v[:, s - t:], segment_ids, scale, 1, _cudnn.MaskType.CAUSAL),
+      _forward_call(q, k[:, :s - t], v[:, :s - t], segment_ids, scale, 1, _cudnn.MaskType.NO_MASK))
+  lse = jnp.logaddexp(lse_tail, lse_past)
+  weight = lambda part_lse: jnp.exp(part_lse - lse)[..., None]
+  out = out_tail.astype(jnp.float32) * weight(lse_tail) + out_past.astype(jnp.float32) * weight(lse_past)
+  return out.astype(q.dtype), lse
+
+
+def backward(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, out: jax.Array, lse: jax.Array,
+             dout: jax.Array, *, scale: float, max_segments: int = DEFAULT_MAX_SEGMENTS):
+  """(dq, dk, dv) of `forward` for the output cotangent `dout` (its lse cotangent taken as zero).
+
+  T < S: each of the two calls' backward gets the merged output and lse, so its probabilities and
+  D = rowsum(dO * O) are the whole row's: its dq is that key range's share and its dk / dv are exact.
+  """
+  t, s = q.shape[1], k.shape[1]
+  if t == s:
+    return _backward_call(q, k, v, segment_ids, out, lse, dout, scale, max_segments, _cudnn.MaskType.CAUSAL)
+  dq_tail, dk_tail, dv_tail = _backward_call(q, k[:, s - t:], v[:, s - t:], segment_ids, out, lse, dout, scale, 1,
+                                             _cudnn.MaskType.CAUSAL)
+  dq_past, dk_past, dv_past = _backward_call(q, k[:, :s - t], v[:, :s - t], segment_ids, out, lse, dout, scale, 1,
+                                             _cudnn.MaskType.NO_MASK)
+  dq = (dq_tail.astype(jnp.float32) + dq_past.astype(jnp.float32)).astype(dq_tail.dtype)
+  return dq, jnp.concatenate([dk_past, dk_tail], axis=1), jnp.concatenate([dv_past, dv_tail], axis=1)
+
+
+def _forward_call(q, k, v, segment_ids, scale, max_segments, mask_type):
+  """One cuDNN forward: `mask_type` CAUSAL (T == S, per packed run) or NO_MASK -> (out, lse [B, T, N])."""
   k, v = _heads(k), _heads(v)
   empty = jnp.zeros(0, q.dtype)
   _cudnn.check_layout(q, k, v, None, None, None, None, None, None, None, _cudnn.AttentionLayout.BTNH)
@@ -131,21 +171,20 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
   operands, run, start = _sequences(segment_ids, max_segments, q.dtype)
   out, stats = _cudnn._dot_product_attention_fwd_p_wrapper.bind(
       q, k, v, empty, *operands, empty, empty, scale=scale, seed=0, dropout_rate=0.0, variadic_args=(False, False),
-      mask_type=_cudnn.MaskType.CAUSAL, layout=_LAYOUT, sliding_window_length=None, is_training=True)
+      mask_type=mask_type, layout=_LAYOUT, sliding_window_length=None, is_training=True)
   if run is None:
     return out, jnp.transpose(stats, (0, 2, 1))
   return out, lse_from_stats(stats, run, start, max_segments)
 
 
-def backward(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, out: jax.Array, lse: jax.Array,
-             dout: jax.Array, *, scale: float, max_segments: int = DEFAULT_MAX_SEGMENTS):
-  """(dq, dk, dv) of `forward` for the output cotangent `dout` (its lse cotangent taken as zero)."""
+def _backward_call(q, k, v, segment_ids, out, lse, dout, scale, max_segments, mask_type):
+  """One cuDNN backward with the given output and lse -> (dq, dk, dv)."""
   shared = k.ndim == 3
   empty = jnp.zeros(0, q.dtype)
   operands, run, start = _sequences(segment_ids, max_segments, q.dtype)
   stats = jnp.transpose(lse, (0, 2, 1)) if run is None else stats_from_lse(lse, run, start, max_segments)
   dq, dk, dv = _cudnn._dot_product_attention_bwd_p_wrapper.bind(
       q, _heads(k), _heads(v), empty, *operands, empty, empty, stats, out, dout.astype(out.dtype), scale=scale,
-      seed=0, dropout_rate=0.0, variadic_args=(False, False), mask_type=_cudnn.MaskType.CAUSAL, layout=_LAYOUT,
+      seed=0, dropout_rate=0.0, variadic_args=(False, False), mask_type=mask_type, layout=_LAYOUT,
       sliding_window_length=None)
   return (dq, dk[:, :, 0], dv[:, :, 0]) if shared else (dq, dk, dv)

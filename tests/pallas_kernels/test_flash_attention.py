@@ -16,14 +16,15 @@ from pallas_kernels.flash_attention import api, chunked, cudnn, reference
 from tests.pallas_kernels.mosaic_checks import H200
 
 UNWRITTEN = np.iinfo(np.int32).max
-LAYOUTS = ("causal", "packed", "unseen", "decode")
+LAYOUTS = ("causal", "packed", "unseen", "chunk", "decode")
 
 
 def _layout(kind: str) -> tuple[int, dict]:
   """(T, positions and segment ids) of a batch of 2 rows, S = 37 keys.
 
   causal: one document. packed: 2 and 3 documents with positions restarting. unseen: keys 4 positions ahead of
-  the queries, so the first 4 queries see nothing. decode: 5 queries against a 37-slot cache with left padding
+  the queries, so the first 4 queries see nothing. chunk: the last 12 tokens of one document as queries (a query
+  chunk of `dsa_jax.model.mla`). decode: 5 queries against a 37-slot cache with left padding
   (segment -1) and unwritten slots (int32-max positions), as `dsa_jax.model.kv_cache` lays it out.
   """
   s = 37
@@ -38,6 +39,9 @@ def _layout(kind: str) -> tuple[int, dict]:
   if kind == "unseen":
     pos, seg = np.stack([arange, arange]), np.zeros((2, s))
     return s, dict(q_positions=pos, kv_positions=pos + 4, q_segment_ids=seg, kv_segment_ids=seg)
+  if kind == "chunk":
+    pos, seg = np.stack([arange, arange]), np.zeros((2, s))
+    return 12, dict(q_positions=pos[:, -12:], kv_positions=pos, q_segment_ids=seg[:, -12:], kv_segment_ids=seg)
   kv_pos, kv_seg, q_pos = np.full((2, s), UNWRITTEN), np.full((2, s), -1), []
   for row, pad in enumerate((3, 0)):
     written = 25 - pad  # prompt and the 5 new tokens, after `pad` padding slots
@@ -175,7 +179,8 @@ class CudnnPreparationTest(parameterized.TestCase):
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     self.assertIsNone(cudnn.unsupported(bf16(1, 64, 128, 192), bf16(1, 64, 128, 192), bf16(1, 64, 128, 128)))
     self.assertIn("head dims 576 / 512", cudnn.unsupported(bf16(1, 64, 128, 576), bf16(1, 64, 576), bf16(1, 64, 512)))
-    self.assertIn("T=8 != S=64", cudnn.unsupported(bf16(1, 8, 4, 64), bf16(1, 64, 4, 64), bf16(1, 64, 4, 64)))
+    self.assertIsNone(cudnn.unsupported(bf16(1, 8, 4, 64), bf16(1, 64, 4, 64), bf16(1, 64, 4, 64)))  # last 8 keys
+    self.assertIn("T=64 > S=8", cudnn.unsupported(bf16(1, 64, 4, 64), bf16(1, 8, 4, 64), bf16(1, 8, 4, 64)))
     f32 = jax.ShapeDtypeStruct((1, 64, 4, 64), jnp.float32)
     self.assertIn("float32", cudnn.unsupported(f32, f32, f32))
 
@@ -217,7 +222,59 @@ class CudnnPreparationTest(parameterized.TestCase):
     pos, seg = np.r_[0, 1, 0, 1, 0], np.r_[0, 0, 1, 1, 2]
     self.assertTrue(self._ok(pos, seg, max_segments=3))
     self.assertFalse(self._ok(pos, seg, max_segments=2))
-    self.assertFalse(bool(cudnn.layout_ok(*(jnp.zeros((1, n), jnp.int32) for n in (4, 6, 4, 6)))))  # T != S
+    self.assertFalse(bool(cudnn.layout_ok(*(jnp.zeros((1, n), jnp.int32) for n in (4, 6, 4, 6)))))  # not a tail
+
+  def test_layout_ok_takes_the_last_keys_of_one_document(self):
+    """A chunk of queries with the keys up to its last query (T < S): one document, the queries its last T."""
+    pos, seg = np.arange(8), np.zeros(8)
+    self.assertTrue(self._ok(pos[5:], seg[5:], pos, seg))
+    self.assertFalse(self._ok(pos[4:7], seg[4:7], pos, seg))  # not the last keys
+    self.assertFalse(self._ok(pos[5:], seg[5:], pos[::-1], seg))  # keys out of order
+    two_docs = np.r_[0, 0, 0, 1, 1, 1, 1, 1]
+    self.assertFalse(self._ok(np.r_[0:5][2:], two_docs[5:], np.r_[0:3, 0:5], two_docs, max_segments=64))
+
+  @parameterized.parameters(0.0, 1.0)
+  def test_last_keys_split_matches_reference(self, dlse_scale):
+    """T < S runs as two cuDNN calls (causal over the last T keys, unmasked before them) merged by lse, and each
+    call's backward gets the merged output and lse. Checked on CPU with the calls replaced by the reference and
+    the chunked backward at the masks cuDNN applies; the lse cotangent's case runs the chunked path (`api`)."""
+    t, s, b, n = 12, 40, 2, 3
+    ks = jax.random.split(jax.random.key(1), 4)
+    q = jax.random.normal(ks[0], (b, t, n, 16))
+    k, v = jax.random.normal(ks[1], (b, s, n, 16)), jax.random.normal(ks[2], (b, s, n, 8))
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    seg = jnp.zeros((b, s), jnp.int32)
+    layout = dict(q_positions=pos[:, s - t:], kv_positions=pos, q_segment_ids=seg[:, s - t:], kv_segment_ids=seg)
+
+    def masks(q, k, mask_type):  # positions that make visibility cuDNN's index mask
+      tq, sk = q.shape[1], k.shape[1]
+      causal = mask_type == jax_cudnn.MaskType.CAUSAL
+      self.assertTrue(tq == sk or not causal)
+      qp = jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32) if causal else jnp.full(tq, sk), (b, tq))
+      return dict(q_positions=qp, kv_positions=jnp.broadcast_to(jnp.arange(sk, dtype=jnp.int32), (b, sk)),
+                  q_segment_ids=jnp.zeros((b, tq), jnp.int32), kv_segment_ids=jnp.zeros((b, sk), jnp.int32))
+
+    def forward_call(q, k, v, segment_ids, scale, max_segments, mask_type):
+      return reference.attention(q, k, v, **masks(q, k, mask_type), scale=scale)
+
+    def backward_call(q, k, v, segment_ids, out, lse, dout, scale, max_segments, mask_type):
+      m = masks(q, k, mask_type)
+      return chunked.backward(q, k, v, m["q_positions"], m["kv_positions"], m["q_segment_ids"], m["kv_segment_ids"],
+                              out, lse, dout, jnp.zeros_like(lse), scale=scale, block_q=8, block_k=8)
+
+    def loss(attend, q, k, v):
+      out, lse = attend(q, k, v)
+      return jnp.sum(out * jnp.arange(8)) + dlse_scale * jnp.sum(lse)
+
+    split = lambda q, k, v: api.flash_attention(q, k, v, **layout, scale=0.3, implementation="cudnn", block_q=8,
+                                                block_k=8)
+    ref = lambda q, k, v: reference.attention(q, k, v, **layout, scale=0.3)
+    with mock.patch.multiple(cudnn, unsupported=lambda *args: None, _forward_call=forward_call,
+                             _backward_call=backward_call):
+      self.assertTrue(bool(cudnn.layout_ok(*layout.values())))
+      got = jax.jit(split)(q, k, v), jax.jit(jax.grad(lambda *a: loss(split, *a), argnums=(0, 1, 2)))(q, k, v)
+    want = ref(q, k, v), jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(q, k, v)
+    chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
 
   def test_packing(self):
     seg = jnp.asarray([[7, 7, 7, 2, 2, 9], [4, 4, 4, 4, 4, 4]], jnp.int32)
@@ -270,28 +327,32 @@ class CudnnPreparationTest(parameterized.TestCase):
           chex.assert_trees_all_close(got, jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(q, k, v),
                                       atol=1e-4)
 
-  @parameterized.parameters(False, True)
-  def test_cudnn_path_lowers_for_h200_at_128k(self, lse_cotangent):
-    """Forward + backward of MLA's MHA mode (128 heads, 192 / 128, bf16) lower for CUDA with cuDNN's forward and
-    backward calls (jax checks the local backend's compute capability and cuDNN version at trace time; a CPU
-    has neither, so those checks are patched to an H200's)."""
-    t = 131072
+  @parameterized.parameters((False, 131072), (True, 131072), (False, 16384))
+  def test_cudnn_path_lowers_for_h200_at_128k(self, lse_cotangent, t):
+    """Forward + backward of MLA's MHA mode (128 heads, 192 / 128, bf16) over 128K keys lower for CUDA with
+    cuDNN's forward and backward calls: T = S, and a chunk of the last 16K queries (two calls each way; jax
+    checks the local backend's compute capability and cuDNN version at trace time; a CPU has neither, so those
+    checks are patched to an H200's)."""
+    s = 131072
     q = jax.ShapeDtypeStruct((1, t, 128, 192), jnp.bfloat16)
-    v = jax.ShapeDtypeStruct((1, t, 128, 128), jnp.bfloat16)
-    ids = jax.ShapeDtypeStruct((1, t), jnp.int32)
+    k = jax.ShapeDtypeStruct((1, s, 128, 192), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((1, s, 128, 128), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((1, s), jnp.int32)
 
     def loss(q, k, v, pos, seg):
-      out, lse = api.flash_attention(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg,
-                                     kv_segment_ids=seg, scale=192**-0.5, implementation="cudnn")
+      out, lse = api.flash_attention(q, k, v, q_positions=pos[:, s - t:], kv_positions=pos,
+                                     q_segment_ids=seg[:, s - t:], kv_segment_ids=seg, scale=192**-0.5,
+                                     implementation="cudnn")
       return jnp.sum(out.astype(jnp.float32)) + (jnp.sum(lse) if lse_cotangent else 0.0)
 
     with (mock.patch.object(jax_cudnn, "check_compute_capability", lambda capability: True),
           mock.patch.object(jax_cudnn, "check_cudnn_version", lambda: 91900), jax.sharding.use_abstract_mesh(H200)):
-      text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, v, ids, ids).lower(
+      text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v, ids, ids).lower(
           lowering_platforms=("cuda",)).as_text()
-    self.assertIn("custom_call @__cudnn$fmhaSoftmax(", text)
-    self.assertIn("custom_call @__cudnn$fmhaSoftmaxBackward(", text)
-    self.assertIn(f"tensor<{cudnn.DEFAULT_MAX_SEGMENTS}x128x{t}xf32>", text)  # the packed statistics
+    calls = 1 if t == s else 2
+    self.assertEqual(text.count("custom_call @__cudnn$fmhaSoftmax("), calls)
+    self.assertEqual(text.count("custom_call @__cudnn$fmhaSoftmaxBackward("), calls)
+    self.assertIn(f"tensor<{cudnn.DEFAULT_MAX_SEGMENTS}x128x{t}xf32>", text)  # the statistics
 
 
 if __name__ == "__main__":

@@ -28,9 +28,28 @@ def test_remat_and_query_chunks_give_the_loss_and_gradients_of_neither(cfg, batc
     results[remat, q_chunk] = (loss, metrics, grads)
   layers = cfg.num_layers + 1  # and the MTP block
   assert regions["layer", 0] == regions["layer_save_dots", 0] == regions["none", 0] + layers
-  assert regions["none", SEQ // 4] == regions["none", 0] + layers  # one rematerialised chunk body per layer
+  # One rematerialised chunk body per layer, holding the layer's own regions (the warm-up's KL): a loop in the
+  # sparse stage, unrolled in the dense ones (chunk i attends to the keys up to its last query, so every chunk
+  # has its own key count).
+  chunk_bodies = 1 if stage == "sparse" else 4
+  assert regions["none", SEQ // 4] == (regions["none", 0] + layers) * chunk_bodies
   for variant in VARIANTS:
     chex.assert_trees_all_close(results[variant], results["none", 0], rtol=2e-5, atol=1e-7)
+
+
+def test_dense_query_chunks_refuse_keys_out_of_document_order(cfg, batch):
+  """Dense chunks attend to the keys up to their last query, which is exact only for keys in document order.
+  Row 1 in a context-parallel order (positions 0-15, 48-63, 16-47: keys after a query are visible to it) gives
+  a NaN loss, not a wrong one."""
+  state = fresh_state(cfg, "dense")
+  split = dict(batch, positions=batch["positions"].copy())
+  split["positions"][1] = np.r_[0:16, 48:64, 16:48]
+  losses = {}
+  for q_chunk in (0, SEQ // 4):
+    config = train_step.StepConfig(model=cfg, stage="dense", q_chunk=q_chunk)
+    losses[q_chunk] = float(jax.jit(train_step.loss_fn, static_argnums=(3,))(
+        state.params, state.model_state, train_step.with_labels(split, config), config)[0])
+  assert np.isfinite(losses[0]) and np.isnan(losses[SEQ // 4])
 
 
 def test_a_rematerialised_layer_keeps_its_chunk_loop_output(cfg):

@@ -71,7 +71,7 @@ def _field(hf: dict, key: str, default: Any = _REQUIRED, where: str = "") -> Any
 
 
 def _flag(hf: dict, key: str, default: bool) -> bool:
-  value = hf.get(key, default)
+  value = default if hf.get(key) is None else hf[key]
   check_field(isinstance(value, bool), key, value, "true or false")
   return value
 

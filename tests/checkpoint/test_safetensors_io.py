@@ -11,7 +11,7 @@ import pytest
 
 import dsa_jax
 from dsa_jax.checkpoint import CheckpointError, safetensors_io
-from tests.checkpoint.test_hf_convert import copy_fixture
+from tests.checkpoint.test_hf_convert import TINY, copy_fixture
 
 F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 
@@ -50,6 +50,14 @@ def test_symlinks_leaving_the_checkpoint_are_refused(tmp_path, with_index):
     safetensors_io.SafetensorsDir(path)
 
 
+def test_config_json_leaving_the_checkpoint_is_refused(tmp_path):
+  path = copy_fixture(tmp_path)
+  (path / "config.json").rename(tmp_path / "config.json")
+  (path / "config.json").symlink_to(tmp_path / "config.json")
+  with pytest.raises(CheckpointError, match="'config.json' resolves to .* outside the checkpoint"):
+    dsa_jax.load_hf(path)
+
+
 def test_hf_hub_cache_symlinks_into_blobs_load(tmp_path):
   """`huggingface_hub` snapshots hold symlinks to ../../blobs/<hash>: inside the cached repository, so allowed."""
   repo = tmp_path / "models--deepseek-ai--tiny"
@@ -57,7 +65,7 @@ def test_hf_hub_cache_symlinks_into_blobs_load(tmp_path):
   (repo / "blobs").mkdir()
   (snapshot / "model.safetensors").rename(repo / "blobs" / "f00d")
   (snapshot / "model.safetensors").symlink_to("../../blobs/f00d")
-  assert len(safetensors_io.SafetensorsDir(snapshot).keys()) == 106
+  assert safetensors_io.SafetensorsDir(snapshot).keys() == safetensors_io.SafetensorsDir(TINY).keys()
 
 
 def test_fifo_is_refused_without_blocking(tmp_path):

@@ -13,9 +13,12 @@ from typing import Any
 
 
 def check_field(condition: bool, field: str, value: Any, allowed: str) -> None:
-  """Raises ValueError naming the field, its value and what is allowed (every config validates this way)."""
+  """Raises ValueError naming the field, its value (its repr cut at 200 characters) and what is allowed (every
+  config validates this way)."""
   if not condition:
-    raise ValueError(f"{field}={value!r} is invalid; allowed: {allowed}.")
+    shown = repr(value)
+    shown = shown if len(shown) <= 200 else f"{shown[:200]}... ({len(shown)} characters)"
+    raise ValueError(f"{field}={shown} is invalid; allowed: {allowed}.")
 
 
 def check_positive(obj: Any, *names: str) -> None:

@@ -20,6 +20,8 @@ _PATH = flags.DEFINE_string("path", str(FIXTURE), "HF checkpoint directory (conf
 _ATTENTION = flags.DEFINE_enum("attention", "sparse", ["sparse", "dense"], "DSA or dense attention.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
 _SEQ = flags.DEFINE_integer("seq_len", 40, "Length of the random prompt when there is no golden.npz.")
+_ALLOW_NON_FINITE = flags.DEFINE_bool("allow_non_finite", False, "Load weights that hold NaN or Inf (default: an "
+                                      "error naming the file and tensor).")
 
 
 def relative_error(ours, golden) -> float:
@@ -31,7 +33,7 @@ def main(argv):
   jax.config.update("jax_default_matmul_precision", "highest")
   path = pathlib.Path(_PATH.value)
   start = time.perf_counter()
-  cfg, params = dsa_jax.load_hf(path, dtype=_DTYPE.value)
+  cfg, params = dsa_jax.load_hf(path, dtype=_DTYPE.value, allow_non_finite=_ALLOW_NON_FINITE.value)
   print(f"loaded {path} in {time.perf_counter() - start:.1f}s: {dsa_jax.count_params(params):,} parameters, "
         f"{cfg.num_layers} layers, indexer top-k {cfg.indexer.topk if cfg.indexer else None}")
   golden_file = path / "golden.npz"

@@ -5,7 +5,7 @@ import dataclasses
 import ml_collections
 import pytest
 
-from dsa_jax.validation import check_positive, dataclass_from_config
+from dsa_jax.validation import check_field, check_positive, dataclass_from_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,3 +46,9 @@ def test_unknown_keys_and_invalid_values_name_the_field():
     dataclass_from_config(Outer, {"inner": {"c": 1}})
   with pytest.raises(ValueError, match=r"Inner.b=0 is invalid; allowed: a positive integer"):
     dataclass_from_config(Outer, {"maybe": {"b": 0}})
+
+
+def test_a_huge_value_is_cut_in_the_message():
+  with pytest.raises(ValueError, match=r"^x=\[0, 1, .*\.\.\. \(\d+ characters\) is invalid; allowed: short\.$") as e:
+    check_field(False, "x", list(range(100_000)), "short")
+  assert len(str(e.value)) < 300

@@ -22,11 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsa_jax.checkpoint import hf_config, safetensors_io
+from dsa_jax.checkpoint import CheckpointError, hf_config, safetensors_io
 from dsa_jax.model import functional
 from dsa_jax.model.config import ModelConfig
 
 SCALE_SUFFIX = "_scale_inv"
+SCALE_DTYPES = ("F32", "BF16", "F16", "F64")  # safetensors dtype names
+WEIGHT_DTYPES = SCALE_DTYPES + ("F8_E4M3", "F8_E5M2")  # the 8-bit ones need their `weight_scale_inv`
+MAX_LISTED = 10  # problems listed in an error, then "... N more"
 
 # Our path inside one block -> (HF name inside `model.layers.N.`, conversion kind).
 BLOCK_KEYS = {
@@ -103,25 +106,29 @@ def mapping(cfg: ModelConfig, path: tuple) -> Mapping:
   raise KeyError(f"no HF mapping for state path {name!r}")
 
 
-def _dequantize(ckpt: safetensors_io.SafetensorsDir, key: str, block: tuple[int, int]) -> np.ndarray:
-  tensor = ckpt.read(key)
-  scale_key = key + SCALE_SUFFIX
-  if scale_key not in ckpt:
-    return np.asarray(tensor, np.float32)
-  scale = np.asarray(ckpt.read(scale_key), np.float32)
-  rows, cols = tensor.shape
-  tiles = np.repeat(np.repeat(scale, block[0], axis=0), block[1], axis=1)[:rows, :cols]
-  return np.asarray(tensor, np.float32) * tiles
+def _dequantize(ckpt: safetensors_io.SafetensorsDir, key: str, block: tuple[int, int],
+                allow_non_finite: bool) -> np.ndarray:
+  """Tensor `key` as float32, times the scale of its tile where it has one (`_validate` checked the tiling)."""
+  value = np.asarray(ckpt.read(key), np.float32)
+  if key + SCALE_SUFFIX in ckpt:
+    scale = np.asarray(ckpt.read(key + SCALE_SUFFIX), np.float32)
+    rows, cols = value.shape
+    value = value * scale[np.arange(rows)[:, None] // block[0], np.arange(cols) // block[1]]
+  bad = value.size - np.count_nonzero(np.isfinite(value))
+  if bad and not allow_non_finite:
+    raise CheckpointError(f"{ckpt.file(key)}: tensor {key!r} has {bad} non-finite values (NaN or Inf) of "
+                          f"{value.size}; pass allow_non_finite=True to load it as it is.")
+  return value
 
 
-def _reader(ckpt, m: Mapping, shape: tuple[int, ...], block) -> Callable[[tuple], np.ndarray]:
+def _reader(ckpt, m: Mapping, shape: tuple[int, ...], block, allow_non_finite) -> Callable[[tuple], np.ndarray]:
   """A callback index -> the slice of our leaf, reading only the HF tensors that slice needs."""
   def read(index: tuple) -> np.ndarray:
     if m.kind == "experts":
       chosen = range(m.num_experts)[index[0]]
-      stacked = np.stack([_dequantize(ckpt, m.hf_key.format(e=e), block).T for e in chosen])
+      stacked = np.stack([_dequantize(ckpt, m.hf_key.format(e=e), block, allow_non_finite).T for e in chosen])
       return stacked[(slice(None),) + tuple(index[1:])]
-    value = _dequantize(ckpt, m.hf_key, block)
+    value = _dequantize(ckpt, m.hf_key, block, allow_non_finite)
     value = value.T.reshape(shape) if m.kind == "linear" else value.reshape(shape)
     return value[index]
   return read
@@ -139,17 +146,48 @@ def _hf_shape(m: Mapping, shape: tuple[int, ...], in_dims: int) -> tuple[int, ..
 IN_DIMS = {"wo": 2}  # wo [N, V, D]: the input spans heads x head_dim
 
 
-def _validate(ckpt, cfg: ModelConfig, leaves: dict, include_mtp: bool) -> None:
+def _tensor_problem(ckpt, key: str, want: tuple[int, ...], block: tuple[int, int]) -> str | None:
+  """What is wrong with tensor `key` as the HF form (shape `want`) of one of our leaves, if anything."""
+  if key not in ckpt:
+    return f"missing: {key} (shape {list(want)})"
+  shape, dtype, scale = ckpt.shape(key), ckpt.dtype(key), key + SCALE_SUFFIX
+  if shape != want:
+    return f"wrong shape: {key} is {list(shape)}, expected {list(want)}"
+  if dtype not in WEIGHT_DTYPES:
+    return f"wrong dtype: {key} is {dtype} in {ckpt.file(key).name}; allowed: {', '.join(WEIGHT_DTYPES)}"
+  if scale not in ckpt:
+    return f"no scale: {key} is {dtype} but {scale} is missing" if dtype.startswith("F8") else None
+  tiles = [-(-n // b) for n, b in zip(shape, block)]
+  if len(shape) != 2 or list(ckpt.shape(scale)) != tiles:
+    return (f"wrong scale shape: {scale} is {list(ckpt.shape(scale))}, expected {tiles} (weight {list(shape)} in "
+            f"tiles of quantization_config.weight_block_size {list(block)})")
+  if ckpt.dtype(scale) not in SCALE_DTYPES:
+    return f"wrong dtype: {scale} is {ckpt.dtype(scale)}; allowed: {', '.join(SCALE_DTYPES)}"
+  return None
+
+
+def _check_extent(ckpt, cfg: ModelConfig) -> None:
+  """Fails at once where config.json asks for more layers or experts than the checkpoint holds, before the work
+  that grows with the config's sizes (the abstract state, the expected key set)."""
+  last = cfg.num_layers - 1
+  paths = [("layers", last, "attn_norm", "weight")] + [("layers", last, "ffn", "w_down")] * cfg.is_moe_layer(last)
+  for path in paths:
+    m = mapping(cfg, path)
+    key = m.hf_key.format(e=m.num_experts - 1)
+    if key not in ckpt:
+      raise CheckpointError(f"{ckpt.path}: config.json has {cfg.num_layers} layers and {cfg.moe.num_experts} "
+                            f"experts, but the checkpoint has no {key}; allowed: a config.json of these weights.")
+
+
+def _validate(ckpt, cfg: ModelConfig, leaves: dict, include_mtp: bool, block: tuple[int, int]) -> None:
   problems, expected = [], set()
   for path, leaf in leaves.items():
     m = mapping(cfg, path)
     want = _hf_shape(m, leaf.shape, IN_DIMS.get(str(path[-1]), 1))
     for key in m.hf_keys():
       expected.add(key)
-      if key not in ckpt:
-        problems.append(f"missing: {key} (for {_dotted(path)}, shape {list(want)})")
-      elif ckpt.shape(key) != want:
-        problems.append(f"wrong shape: {key} is {list(ckpt.shape(key))}, expected {list(want)}")
+      if problem := _tensor_problem(ckpt, key, want, block):
+        problems.append(problem)
   mtp_prefix = f"model.layers.{cfg.num_layers}."
   for key in ckpt.keys():
     base = key[:-len(SCALE_SUFFIX)] if key.endswith(SCALE_SUFFIX) else key
@@ -158,38 +196,38 @@ def _validate(ckpt, cfg: ModelConfig, leaves: dict, include_mtp: bool) -> None:
       continue
     problems.append(f"unknown: {key}")
   if problems:
-    raise ValueError(f"{ckpt.path}: checkpoint does not match the config "
-                     f"({len(problems)} problems):\n  " + "\n  ".join(problems))
-
-
-def _block_size(path: pathlib.Path) -> tuple[int, int]:
-  hf = json.loads((path / "config.json").read_text())
-  quant = hf.get("quantization_config") or {}
-  return tuple(quant.get("weight_block_size", (128, 128)))
+    more = f"; ... {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    raise CheckpointError(f"{ckpt.path}: checkpoint does not match config.json ({len(problems)} problems): "
+                          + "; ".join(problems[:MAX_LISTED]) + more)
 
 
 def load_hf(path: str | pathlib.Path, dtype=jnp.float32, *, include_mtp: bool | None = None,
-            shardings: Callable[[tuple, jax.ShapeDtypeStruct], jax.sharding.Sharding] | None = None):
+            shardings: Callable[[tuple, jax.ShapeDtypeStruct], jax.sharding.Sharding] | None = None,
+            allow_non_finite: bool = False):
   """Loads an HF DeepSeek-V3.2 checkpoint directory -> (ModelConfig, state).
 
   dtype: parameter and compute dtype (router and indexer weights_proj stay float32).
   include_mtp: load the MTP layer (default: when the config has one). shardings(path, leaf) gives each
   leaf's target sharding (default: the first device).
+  allow_non_finite: load weights holding NaN or Inf (by default the first such tensor raises).
+  The directory is untrusted input: config.json, the index and every header are checked, then the key set, each
+  tensor's shape, dtype and FP8 tiling, all before any tensor is read; errors are one-line `CheckpointError`s.
   """
   path = pathlib.Path(path)
   cfg = hf_config.read_config(path, jnp.dtype(dtype).name)
+  block = hf_config.read_block_size(path)
   include_mtp = cfg.num_mtp_layers > 0 if include_mtp is None else include_mtp
   cfg = cfg.replace(num_mtp_layers=int(include_mtp))
   ckpt = safetensors_io.SafetensorsDir(path)
+  _check_extent(ckpt, cfg)
   abstract = functional.abstract_state(cfg)
   leaves = {p: v for p, v in nnx.to_flat_state(abstract)}
-  _validate(ckpt, cfg, {p: v.get_value() for p, v in leaves.items()}, include_mtp)
-  block = _block_size(path)
+  _validate(ckpt, cfg, {p: v.get_value() for p, v in leaves.items()}, include_mtp, block)
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   for p, var in leaves.items():
     leaf = var.get_value()
     sharding = shardings(p, leaf) if shardings else default
-    read = _reader(ckpt, mapping(cfg, p), leaf.shape, block)
+    read = _reader(ckpt, mapping(cfg, p), leaf.shape, block, allow_non_finite)
     var.set_value(jax.make_array_from_callback(leaf.shape, sharding,
                                                lambda idx, read=read, dt=leaf.dtype: read(idx).astype(dt)))
   return cfg, nnx.from_flat_state([(p, v) for p, v in leaves.items()])

@@ -2,14 +2,16 @@
 
 import json
 import shutil
+import time
 
 import chex
 import jax
 import ml_dtypes
 import numpy as np
+import pytest
 
 import dsa_jax
-from dsa_jax.checkpoint import hf_convert, safetensors_io
+from dsa_jax.checkpoint import CheckpointError, hf_convert, safetensors_io
 from dsa_jax.model import config, functional
 from tests.conftest import FIXTURES
 
@@ -22,7 +24,6 @@ def copy_fixture(tmp_path, source=TINY):
   for f in target.iterdir():
     f.chmod(0o644)
   return target
-
 
 
 def test_export_then_import_round_trip(tmp_path):
@@ -91,3 +92,77 @@ def test_streaming_respects_target_sharding():
   _, state = dsa_jax.load_hf(TINY, shardings=shardings)
   assert len(seen) == len(jax.tree.leaves(state))
   assert all(x.sharding == sharding for x in jax.tree.leaves(state))
+
+
+def rewrite(path, change):
+  """Rewrites path/model.safetensors after `change(tensors)` edits its dict of numpy arrays."""
+  f = safetensors_io.SafetensorsFile(path / "model.safetensors")
+  tensors = {k: np.array(f.tensor(k)) for k in f.header}
+  change(tensors)
+  safetensors_io.write_file(path / "model.safetensors", tensors)
+  return path
+
+
+def load_error(path, **kwargs) -> str:
+  with pytest.raises(CheckpointError) as error:
+    dsa_jax.load_hf(path, **kwargs)
+  assert "\n" not in str(error.value)
+  return str(error.value)
+
+
+def test_integer_bytes_are_not_loaded_as_weights(tmp_path):
+  path = rewrite(copy_fixture(tmp_path), lambda t: t.update({"model.norm.weight": np.ones(64, np.int32)}))
+  assert "wrong dtype: model.norm.weight is I32 in model.safetensors; allowed: " in load_error(path)
+
+
+def test_fp8_weight_without_its_scale_is_refused(tmp_path):
+  key = "model.layers.1.self_attn.q_b_proj.weight"
+  path = rewrite(copy_fixture(tmp_path, TINY / "fp8"), lambda t: t.pop(key + "_scale_inv"))
+  assert f"no scale: {key} is F8_E4M3 but {key}_scale_inv is missing" in load_error(path)
+
+
+@pytest.mark.parametrize("block, tiles", [([32, 32], [3, 1]), ([2**40, 2**40], [1, 1])])
+def test_fp8_block_size_must_tile_as_the_scales_say(tmp_path, block, tiles):
+  path = copy_fixture(tmp_path, TINY / "fp8")
+  hf = json.loads((path / "config.json").read_text())
+  hf["quantization_config"]["weight_block_size"] = block
+  (path / "config.json").write_text(json.dumps(hf))
+  key = "model.layers.0.self_attn.q_b_proj.weight"
+  assert (f"wrong scale shape: {key}_scale_inv is [6, 2], expected {tiles} (weight [96, 32] in tiles of "
+          f"quantization_config.weight_block_size {block})") in load_error(path)
+
+
+def test_non_finite_weights_are_reported_unless_allowed(tmp_path):
+  def poison(tensors):
+    tensors["lm_head.weight"][3, 5] = np.nan
+    tensors["lm_head.weight"][0, 0] = -np.inf
+
+  path = rewrite(copy_fixture(tmp_path), poison)
+  assert load_error(path) == (f"{path / 'model.safetensors'}: tensor 'lm_head.weight' has 2 non-finite values "
+                              "(NaN or Inf) of 32768; pass allow_non_finite=True to load it as it is.")
+  _, state = dsa_jax.load_hf(path, allow_non_finite=True)
+  assert np.isnan(state["lm_head"].get_value()[5, 3]) and np.isinf(state["lm_head"].get_value()[0, 0])
+
+
+def edit_config(path, **changes):
+  hf = json.loads((path / "config.json").read_text())
+  hf.update(changes)
+  (path / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if v is not None}))
+  return path
+
+
+def test_problem_listing_is_capped(tmp_path):
+  path = edit_config(copy_fixture(tmp_path), n_routed_experts=4, n_group=2, topk_group=1)
+  message = load_error(path)  # 2 MoE layers x (4 surplus experts x 3 unknown + router and bias misshaped)
+  assert "(28 problems): wrong shape: model.layers.1.mlp.gate" in message and message.endswith("; ... 18 more")
+
+
+@pytest.mark.parametrize("changes, missing", [
+    ({"n_routed_experts": 64}, "model.layers.2.mlp.experts.63.down_proj.weight"),
+    ({"num_hidden_layers": 1000, "mlp_layer_types": None}, "model.layers.999.input_layernorm.weight"),
+])
+def test_config_larger_than_the_checkpoint_fails_at_once(tmp_path, changes, missing):
+  path = edit_config(copy_fixture(tmp_path), **changes)
+  start = time.perf_counter()
+  assert f"but the checkpoint has no {missing}; allowed: a config.json of these weights." in load_error(path)
+  assert time.perf_counter() - start < 5

@@ -68,8 +68,9 @@ class Estimate:
     return max(self.step_bytes.values()) + self.state_bytes
 
 
-def estimate(cfg: recipe.RecipeConfig) -> Estimate:
-  """Compiles the step of every stage `cfg` runs (single device) and sums as in the module docstring."""
+def estimate(cfg: recipe.RecipeConfig, stop_above: int | None = None) -> Estimate:
+  """Compiles the step of every stage `cfg` runs (single device) and sums as in the module docstring; stops at
+  the first stage whose estimate exceeds `stop_above` bytes."""
   batch = {k: jax.ShapeDtypeStruct((cfg.data.host_batch_size, cfg.data.seq_len), np.int32)
            for k in ("ids", "loss_mask", "segment_ids", "positions")}
   steps, state_bytes = {}, 0
@@ -81,6 +82,8 @@ def estimate(cfg: recipe.RecipeConfig) -> Estimate:
         state_lib.create(cfg.model, functional.init(cfg.model, cfg.seed), tx, cfg.seed), tx))
     steps[stage] = compiled_bytes(train_step.step.lower(state, batch, config=config).compile())
     state_bytes = max(state_bytes, tree_bytes(state))
+    if stop_above is not None and steps[stage] + state_bytes > stop_above:
+      break
   return Estimate(steps, state_bytes)
 
 
@@ -88,8 +91,8 @@ def check(cfg: recipe.RecipeConfig) -> str:
   """A line with the estimate and the memory available; raises UserError when the estimate exceeds it."""
   if cfg.mesh.size > 1:
     return "memory check: skipped on a mesh (per-device plan: python -m experiments.memory_plan)"
-  est = estimate(cfg)
   free, source = available_bytes()
+  est = estimate(cfg, free)
   steps = ", ".join(f"{stage} {b / GIB:.2f}" for stage, b in est.step_bytes.items())
   line = (f"memory estimate: {est.total / GIB:.2f} GiB (largest compiled step; steps {steps} GiB; + one train state "
           f"{est.state_bytes / GIB:.2f} GiB)")

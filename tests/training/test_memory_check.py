@@ -28,7 +28,7 @@ def test_the_estimate_grows_with_the_batch_and_counts_one_state(small):
 
 def test_a_run_that_cannot_fit_stops_with_the_numbers(small, monkeypatch):
   cfg = _cfg()
-  monkeypatch.setattr(memory_check, "estimate", lambda _: small)
+  monkeypatch.setattr(memory_check, "estimate", lambda *_: small)
   monkeypatch.setattr(memory_check, "available_bytes", lambda: (1024, "host RAM available"))
   with pytest.raises(UserError, match=r"memory estimate: .* GiB .* > 0.00 GiB host RAM available: the run cannot fit"):
     memory_check.check(cfg)

@@ -12,13 +12,19 @@ from collections.abc import Mapping
 from typing import Any
 
 
+class UserError(ValueError):
+  """A mistake in what the user gave (a config value, a flag, a file), not a bug: the command-line entry points
+  (`experiments/cli.py`) print its message as one line instead of a traceback. A ValueError, so that callers
+  that catch ValueError keep working."""
+
+
 def check_field(condition: bool, field: str, value: Any, allowed: str) -> None:
-  """Raises ValueError naming the field, its value (its repr cut at 200 characters) and what is allowed (every
+  """Raises UserError naming the field, its value (its repr cut at 200 characters) and what is allowed (every
   config validates this way)."""
   if not condition:
     shown = repr(value)
     shown = shown if len(shown) <= 200 else f"{shown[:200]}... ({len(shown)} characters)"
-    raise ValueError(f"{field}={shown} is invalid; allowed: {allowed}.")
+    raise UserError(f"{field}={shown} is invalid; allowed: {allowed}.")
 
 
 def check_positive(obj: Any, *names: str) -> None:
@@ -50,7 +56,7 @@ def dataclass_from_config(base: Any, tree: Any, *, where: str | None = None) -> 
   with a few fields overridden). A nested dict builds the dataclass of its field the same way, from the field's
   current value where there is one, so {"indexer": {"topk": 32}} keeps the indexer's other fields. A
   comma-separated string fills a `tuple[str, ...]` field ("a.txt,b.txt"; "" is empty), as a command line
-  gives it. An unknown key raises ValueError naming it and the allowed ones; the dataclass validates the rest.
+  gives it. An unknown key raises UserError naming it and the allowed ones; the dataclass validates the rest.
   """
   cls = base if isinstance(base, type) else type(base)
   where = where or cls.__name__
@@ -59,7 +65,7 @@ def dataclass_from_config(base: Any, tree: Any, *, where: str | None = None) -> 
   values = {}
   for key, value in as_dict(tree).items():
     if key not in names:
-      raise ValueError(f"{where}.{key} is unknown; allowed: {sorted(names)}.")
+      raise UserError(f"{where}.{key} is unknown; allowed: {sorted(names)}.")
     nested = _dataclass_in(hints[key])
     if nested is not None and (isinstance(value, Mapping) or hasattr(value, "to_dict")):
       current = None if isinstance(base, type) else getattr(base, key)

@@ -13,9 +13,9 @@ import importlib
 import sys
 
 import jax
-from absl import app, flags
+from absl import flags
 
-from experiments import records
+from experiments import cli, records
 
 # Modules that define SECTIONS, in the order their sections run.
 BENCH_MODULES = (
@@ -65,11 +65,9 @@ def main(argv):
   names = _SECTIONS.value or list(available)
   unknown = [n for n in names if n not in available]
   if unknown:
-    raise app.UsageError(f"--sections: unknown {unknown}; allowed: {sorted(available)}")
-  if jax.default_backend() != "gpu":
-    raise app.UsageError(f"bench_kernels times GPU kernels, but JAX's backend here is "
-                         f"{jax.default_backend()!r}; run it on a GPU machine.")
-  cfg = dict(seq_lens=[int(t) for t in _SEQ_LENS.value])
+    raise cli.UserError(f"--sections: unknown {unknown}; allowed: {sorted(available)}")
+  cli.require_gpu("bench_kernels")
+  cfg = dict(seq_lens=cli.positive_ints(_SEQ_LENS))
   record = records.header(jax.devices()[0].device_kind, " ".join(["python -m experiments.bench_kernels",
                                                                    *sys.argv[1:]]))
   rows = []
@@ -86,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

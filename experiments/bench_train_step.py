@@ -31,27 +31,30 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from dsa_jax import profiling
 from dsa_jax.model import functional
 from dsa_jax.model.config import preset
-from dsa_jax.training import flops, optimizer, train_step
+from dsa_jax.training import flops, memory_check, optimizer, train_step
 from dsa_jax.training import state as state_lib
-from experiments import records
+from experiments import cli, records
 
 _STAGES = flags.DEFINE_list("stages", ["dense", "warmup", "sparse"], "Training stages (rows: stages x seq_lens).")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["32768", "65536", "131072"], "Row lengths T (batch 1).")
 _PRESET = flags.DEFINE_string("preset", "v3_2_layers", "Model preset (dsa_jax.model.config.PRESETS).")
-_MOE_LAYERS = flags.DEFINE_integer("moe_layers", 1, "MoE layers after the preset's dense layers.")
-_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per row (after one warm-up step).")
+_MOE_LAYERS = flags.DEFINE_integer("moe_layers", 1, "MoE layers after the preset's dense layers.",
+                                  lower_bound=0)
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per row (after one warm-up step).",
+                             lower_bound=1)
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/dsa_jax/bench_train_step", "Where the JSON record and traces go.")
 _PROFILE = flags.DEFINE_bool("profile", True, "Trace one more step and list its top 15 ops by device time.")
 _REMAT = flags.DEFINE_enum("remat", "layer", ["none", "layer", "layer_save_dots"],
                            "Rematerialisation of the layers (dsa_jax.model.transformer.REMAT_POLICIES).")
 _Q_CHUNK = flags.DEFINE_integer("q_chunk", 16384, "Attention queries per chunk (dsa_jax.model.mla) on rows longer "
-                                "than this; 0: all queries at once.")
-_MAX_GIB = flags.DEFINE_float("max_gib", 75.0, "Skip a row whose compiled step needs more device memory (GiB).")
+                                "than this; 0: all queries at once.", lower_bound=0)
+_MAX_GIB = flags.DEFINE_float("max_gib", 75.0, "Skip a row whose compiled step needs more device memory (GiB).",
+                              lower_bound=0.0)
 _ALLOW_CPU = flags.DEFINE_bool("allow_cpu", False, "Run without a GPU (tests, with a tiny preset).")
 _ROW = flags.DEFINE_string("row", "", "Internal: measure one row 'stage:T' in this process.")
 _ROW_OUT = flags.DEFINE_string("row_out", "", "Internal: where --row writes its result (JSON).")
@@ -75,12 +78,12 @@ def random_row(vocab_size: int, seq_len: int):
 
 
 def memory_estimate(compiled) -> dict:
-  """GiB of the compiled step by XLA's memory analysis; `estimate_gib` = arguments + outputs - donated + temps."""
+  """GiB of the compiled step by XLA's memory analysis; `estimate_gib` = arguments + outputs - donated + temps
+  (`memory_check.compiled_bytes`)."""
   m = compiled.memory_analysis()
   parts = dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes, donated=m.alias_size_in_bytes,
                temps=m.temp_size_in_bytes)
-  gib = {f"{k}_gib": v / GIB for k, v in parts.items()}
-  return {"estimate_gib": (parts["arguments"] + parts["outputs"] - parts["donated"] + parts["temps"]) / GIB, **gib}
+  return {"estimate_gib": memory_check.compiled_bytes(compiled) / GIB, **{f"{k}_gib": v / GIB for k, v in parts.items()}}
 
 
 def measure(stage: str, seq_len: int) -> dict:
@@ -136,7 +139,7 @@ def measure(stage: str, seq_len: int) -> dict:
 def run_row() -> None:
   """--row: one row in this process, its result written to --row_out."""
   if jax.default_backend() != "gpu" and not _ALLOW_CPU.value:
-    print(f"bench_train_step times training steps on a GPU, but JAX's backend here is {jax.default_backend()!r}; "
+    print(f"error: bench_train_step times training steps on a GPU, but JAX's backend here is {jax.default_backend()!r}; "
           "run it on a GPU machine (or pass --allow_cpu for a CPU check).", file=sys.stderr, flush=True)
     sys.exit(NO_GPU)
   stage, seq_len = _ROW.value.split(":")
@@ -167,6 +170,7 @@ def main(argv):
   if _ROW.value:
     run_row()
     return
+  seq_lens = cli.positive_ints(_SEQ_LENS)
   record = {**records.header("", " ".join(["python -m experiments.bench_train_step", *sys.argv[1:]])),
             "rows": []}
   # Each row's process takes most of the device memory at once (JAX's preallocation, 75% by default).
@@ -174,7 +178,7 @@ def main(argv):
   out = pathlib.Path(_OUT_DIR.value)
   out.mkdir(parents=True, exist_ok=True)
   path = None
-  for seq_len in (int(t) for t in _SEQ_LENS.value):  # every stage at the first T before the next T
+  for seq_len in seq_lens:  # every stage at the first T before the next T
     for stage in _STAGES.value:
       row_out = out / f"row_{stage}_{seq_len}.json"
       row_out.unlink(missing_ok=True)
@@ -192,4 +196,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,31 +1,34 @@
 """Context-management study (issue 8): the scripted KV agent under each policy with small windows.
 
-  python -m experiments.context_study                                          # -> /tmp/dsa_jax/context_study/
-  python -m experiments.context_study --out=docs/reports/context_management.md  # the committed report
+  python -m experiments.context_study                           # -> /tmp/dsa_jax/context_study/<time>/
+  python -m experiments.context_study --out=docs/reports/context_management.md --overwrite  # the committed report
 
 Mirrors the search-agent experiment of DeepSeek-V3.2 §4 (Summary, Discard-75%, Discard-all,
 Parallel-fewest-step, triggered at 80% of the window) on `dsa_jax.agent.kv_env`. Everything in the
 written table is measured by this script.
 """
 
-import pathlib
 import statistics
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from dsa_jax.agent import context_policies, kv_env
 from dsa_jax.agent.rollout import RolloutConfig
 from dsa_jax.data.tokenizer import ByteTokenizer
+from experiments import cli
 
 _WINDOWS = flags.DEFINE_list("windows", ["3072", "4096", "6144"], "Context windows in byte tokens.")
-_NUM_TASKS = flags.DEFINE_integer("num_tasks", 60, "Tasks per (window, policy).")
-_MIN_HOPS = flags.DEFINE_integer("min_hops", 3, "Shortest chain.")
-_MAX_HOPS = flags.DEFINE_integer("max_hops", 12, "Longest chain.")
-_ERROR_RATE = flags.DEFINE_float("error_rate", 0.15, "Probability that the agent mistypes a key.")
-_MAX_STEPS = flags.DEFINE_integer("max_steps", 40, "Model calls per rollout.")
-_PARALLEL_N = flags.DEFINE_integer("parallel_n", 4, "Rollouts per task for Parallel-fewest-step.")
-_OUT = flags.DEFINE_string("out", "/tmp/dsa_jax/context_study/context_management.md", "Where the markdown goes.")
+_NUM_TASKS = flags.DEFINE_integer("num_tasks", 60, "Tasks per (window, policy).", lower_bound=1)
+_MIN_HOPS = flags.DEFINE_integer("min_hops", 3, "Shortest chain.", lower_bound=1)
+_MAX_HOPS = flags.DEFINE_integer("max_hops", 12, "Longest chain.", lower_bound=1)
+_ERROR_RATE = flags.DEFINE_float("error_rate", 0.15, "Probability that the agent mistypes a key.",
+                                 lower_bound=0.0, upper_bound=1.0)
+_MAX_STEPS = flags.DEFINE_integer("max_steps", 40, "Model calls per rollout.", lower_bound=1)
+_PARALLEL_N = flags.DEFINE_integer("parallel_n", 4, "Rollouts per task for Parallel-fewest-step.",
+                                  lower_bound=1)
+_OUT = flags.DEFINE_string("out", "", "Where the markdown goes (default: a new /tmp/dsa_jax/context_study/<time>/"
+                            "context_management.md; an existing file only with --overwrite).")
 
 POLICIES = {
     "none": None,
@@ -75,10 +78,13 @@ def _table(rows):
 
 def main(argv):
   del argv
+  out = cli.output_path(_OUT.value, "context_study", "context_management.md")
   tokenizer = ByteTokenizer()
-  task_cfg = kv_env.KVTaskConfig(min_hops=_MIN_HOPS.value, max_hops=_MAX_HOPS.value)
+  windows = cli.positive_ints(_WINDOWS)
+  with cli.user_errors():
+    task_cfg = kv_env.KVTaskConfig(min_hops=_MIN_HOPS.value, max_hops=_MAX_HOPS.value)
   sections = []
-  for window in (int(w) for w in _WINDOWS.value):
+  for window in windows:
     config = RolloutConfig(window=window, max_steps=_MAX_STEPS.value)
     rows = [_evaluate(task_cfg, config, name, tokenizer) for name in [*POLICIES, "parallel-fewest-step"]]
     sections.append(f"### window = {window} tokens (trigger at {int(0.8 * window)})\n\n{_table(rows)}")
@@ -116,11 +122,10 @@ times the policy rewrote the context; *model calls* = all calls spent, including
 - Without a policy, and for Parallel-fewest-step, a rollout fails once its trajectory outgrows the window.
 - Not measured here: a trained model as the agent (`dsa_jax.sampling.agent_adapter` plugs the sampler in).
 """
-  out = pathlib.Path(_OUT.value)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(doc)
-  print(f"wrote {_OUT.value}")
+  print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -12,7 +12,7 @@ import pathlib
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 
 import dsa_jax
 from dsa_jax.data.tokenizer import ByteTokenizer, HFTokenizer
@@ -20,6 +20,7 @@ from dsa_jax.model import functional
 from dsa_jax.model.config import tiny
 from dsa_jax.rl.rollout import completion_text
 from dsa_jax.sampling import SamplingConfig, generate, left_pad
+from experiments import cli
 
 _HF_PATH = flags.DEFINE_string("hf_path", None, "HF checkpoint directory; default: a random tiny model.")
 _PROMPT = flags.DEFINE_multi_string("prompt", ["Hello"], "Prompt text (repeatable).")
@@ -68,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

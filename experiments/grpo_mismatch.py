@@ -1,7 +1,7 @@
 """Sampler/trainer mismatch study (DeepSeek-V3.2 §3.1): bf16 sampler, fp32 trainer, stabilisers on/off.
 
-  python -m experiments.grpo_mismatch                                   # -> /tmp/dsa_jax/grpo_mismatch/
-  python -m experiments.grpo_mismatch --out=docs/reports/grpo_mismatch.md  # the committed report
+  python -m experiments.grpo_mismatch                                   # -> /tmp/dsa_jax/grpo_mismatch/<time>/
+  python -m experiments.grpo_mismatch --out=docs/reports/grpo_mismatch.md --overwrite  # the committed report
 
 From one warm-started tiny MoE DSA model, runs a few GRPO steps per setting and tabulates, averaged over
 the steps: |log μ − log π_θ| (mean, max), route agreement (sampler experts the trainer's router would also
@@ -9,24 +9,27 @@ pick), the fraction of sequences dropped by the off-policy mask (all had Â < 0)
 mass on the kept set, and the mean reward. Every number in the written table is measured by this script.
 """
 
-import pathlib
 import sys
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from dsa_jax.data.tokenizer import ByteTokenizer
 from dsa_jax.model import functional
 from dsa_jax.rl import get_task, grpo_step, loop, warm_start
 from dsa_jax.sampling import SamplingConfig
+from experiments import cli
 from experiments.configs import grpo_demo
 
-_OUT = flags.DEFINE_string("out", "/tmp/dsa_jax/grpo_mismatch/grpo_mismatch.md", "Markdown output.")
-_STEPS = flags.DEFINE_integer("steps", 8, "GRPO steps per setting.")
-_WARM_STEPS = flags.DEFINE_integer("warm_steps", 60, "Supervised warm-start steps.")
-_TOP_P = flags.DEFINE_float("top_p", 0.9, "Sampling top-p (so that the kept set truncates).")
-_DELTA = flags.DEFINE_float("delta", 0.05, "Off-policy mask threshold δ (small, so the mask can fire).")
+_OUT = flags.DEFINE_string("out", "", "Markdown output (default: a new /tmp/dsa_jax/grpo_mismatch/<time>/"
+                            "grpo_mismatch.md; an existing file only with --overwrite).")
+_STEPS = flags.DEFINE_integer("steps", 8, "GRPO steps per setting.", lower_bound=1)
+_WARM_STEPS = flags.DEFINE_integer("warm_steps", 60, "Supervised warm-start steps.", lower_bound=1)
+_TOP_P = flags.DEFINE_float("top_p", 0.9, "Sampling top-p (so that the kept set truncates).",
+                            lower_bound=0.0, upper_bound=1.0)
+_DELTA = flags.DEFINE_float("delta", 0.05, "Off-policy mask threshold δ (small, so the mask can fire).",
+                            lower_bound=0.0)
 
 SETTINGS = (  # (name, sampler dtype, keep routing, keep sampling mask)
     ("fp32 sampler, both on", None, True, True),
@@ -40,6 +43,7 @@ COLUMNS = ("logp_diff_mean", "logp_diff_max", "route_agreement", "masked_frac_ne
 
 def main(argv):
   del argv
+  out = cli.output_path(_OUT.value, "grpo_mismatch", "grpo_mismatch.md")
   logging.set_verbosity(logging.WARNING)
   tokenizer = ByteTokenizer()
   cfg = grpo_demo.model_config(tokenizer.vocab_size)
@@ -60,12 +64,12 @@ def main(argv):
     print(f"{name}: {rows[-1][1]} ({time.perf_counter() - start:.0f}s)", flush=True)
   table = ["| setting | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
   table += [f"| {name} | " + " | ".join(f"{v[k]:.4g}" for k in COLUMNS) + " |" for name, v in rows]
-  out = pathlib.Path(_OUT.value)
   out.parent.mkdir(parents=True, exist_ok=True)
   command = " ".join(["python -m experiments.grpo_mismatch", *sys.argv[1:]])
   out.write_text(_REPORT.format(command=command, steps=_STEPS.value, top_p=_TOP_P.value, delta=_DELTA.value,
                                 table="\n".join(table)))
   print("\n".join(table))
+  print(f"wrote {out}")
 
 
 _REPORT = """# Sampler/trainer mismatch in GRPO (DeepSeek-V3.2 §3.1)
@@ -99,4 +103,4 @@ third digits.
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -2,21 +2,20 @@
 candidate H200 meshes (256 GPUs = 32 hosts x 8), from abstract arrays only; then one forward+backward of a
 few 671B-sized layers cross-lowered for that mesh with abstract devices.
 
-  python -m experiments.memory_plan                                 # -> /tmp/dsa_jax/memory_plan/
-  python -m experiments.memory_plan --out=docs/reports/memory_plan.md  # the committed report
+  python -m experiments.memory_plan                                 # -> /tmp/dsa_jax/memory_plan/<time>/
+  python -m experiments.memory_plan --out=docs/reports/memory_plan.md --overwrite  # the committed report
 
 It also compiles a few 671B-sized layers for 8 simulated CPU devices, to check that XLA partitions them.
 """
 
 import os
-import pathlib
 import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # before jax is imported
 
 import jax  # noqa: E402
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 from jax.sharding import NamedSharding
 
 from dsa_jax.model import config, functional
@@ -24,28 +23,37 @@ from dsa_jax.sharding import expert_parallel, memory, partition, rules
 from dsa_jax.sharding.mesh import AXES, MeshConfig, make_abstract_mesh, make_mesh
 from dsa_jax.training import optimizer as optim
 from dsa_jax.training import state as train_state
+from experiments import cli
 
 _MESHES = flags.DEFINE_list("meshes", ["fsdp=256", "fsdp=32:expert=8", "fsdp=4:expert=8:context=8",
                                        "fsdp=2:expert=8:context=8:tensor=2", "expert=8:context=32"],
                             "Candidate meshes, axis=size joined by ':' (unnamed axes are 1).")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 131072, "Tokens of the one sequence each batch shard holds.")
-_HBM_GB = flags.DEFINE_float("hbm_gb", 141.0, "Memory per GPU (H200: 141 GB).")
-_LOWER_LAYERS = flags.DEFINE_integer("lower_layers", 61, "Layers of the model lowered (first 3 dense, then MoE).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 131072, "Tokens of the one sequence each batch shard holds.",
+                                    lower_bound=1)
+_HBM_GB = flags.DEFINE_float("hbm_gb", 141.0, "Memory per GPU (H200: 141 GB).", lower_bound=0.0)
+_LOWER_LAYERS = flags.DEFINE_integer("lower_layers", 61, "Layers of the model lowered (first 3 dense, then MoE).",
+                                        lower_bound=1)
 _CPU_MESH = flags.DEFINE_string("cpu_mesh", "fsdp=2:expert=4", "Mesh of the CPU compile ('' = skip it).")
-_CPU_SEQ = flags.DEFINE_integer("cpu_seq", 4096, "Sequence length of the CPU compile (4 layers).")
-_LOWER_SEQ = flags.DEFINE_integer("lower_seq", 131072, "Sequence length of the lowered step.")
-_OUT = flags.DEFINE_string("out", "/tmp/dsa_jax/memory_plan/memory_plan.md",
-                           "Where the markdown table goes ('' = print only); an existing file keeps its prose.")
+_CPU_SEQ = flags.DEFINE_integer("cpu_seq", 4096, "Sequence length of the CPU compile (4 layers).",
+                                    lower_bound=1)
+_LOWER_SEQ = flags.DEFINE_integer("lower_seq", 131072, "Sequence length of the lowered step.", lower_bound=1)
+_OUT = flags.DEFINE_string("out", "", "Where the markdown table goes (default: a new /tmp/dsa_jax/memory_plan/<time>/"
+                           "memory_plan.md); an existing file only with --overwrite, and it keeps its prose.")
 
 GB = 1e9
 
 
 def parse_mesh(text: str) -> MeshConfig:
-  sizes = dict(item.split("=") for item in text.split(":"))
+  try:
+    sizes = {axis: int(size) for axis, size in (item.split("=") for item in text.split(":"))}
+  except ValueError:
+    raise cli.UserError(f"--meshes entry {text!r} is invalid; allowed: axis=size joined by ':' "
+                        "(e.g. fsdp=32:expert=8).") from None
   unknown = set(sizes) - set(AXES)
   if unknown:
-    raise ValueError(f"--meshes axis {sorted(unknown)} is invalid; allowed: {AXES}.")
-  return MeshConfig(**{k: int(v) for k, v in sizes.items()})
+    raise cli.UserError(f"--meshes axis {sorted(unknown)} is invalid; allowed: {AXES}.")
+  with cli.user_errors():
+    return MeshConfig(**sizes)
 
 
 def plan_row(cfg, mesh_cfg: MeshConfig) -> dict:
@@ -123,6 +131,7 @@ def markdown(rows: list[dict], lowering: str) -> str:
 
 def main(argv):
   del argv
+  path = cli.output_path(_OUT.value, "memory_plan", "memory_plan.md")
   cfg = config.v3_2_671b()
   rows = [plan_row(cfg, parse_mesh(m)) for m in _MESHES.value]
   fitting = [parse_mesh(m) for m, r in zip(_MESHES.value, rows) if r["fits"] == "yes"]
@@ -131,14 +140,13 @@ def main(argv):
     lowering += "\n\n" + compile_on_cpu(cfg, parse_mesh(_CPU_MESH.value))
   table = markdown(rows, lowering)
   print(table)
-  if _OUT.value:
-    path = pathlib.Path(_OUT.value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = path.read_text() if path.exists() else ""
-    marker = "<!-- memory_plan.py table -->"
-    head, _, _ = text.partition(marker)
-    path.write_text((head or "# 671B memory plan\n\n") + marker + "\n" + table)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  text = path.read_text() if path.exists() else ""
+  marker = "<!-- memory_plan.py table -->"
+  head, _, _ = text.partition(marker)
+  path.write_text((head or "# 671B memory plan\n\n") + marker + "\n" + table)
+  print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

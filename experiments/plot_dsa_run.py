@@ -1,7 +1,7 @@
 """Plots a DSA run from its per-stage `metrics.jsonl` files: LM loss of the dense and sparse branches,
 the indexer KL, the top-k attention mass over training, and step times.
 
-  python -m experiments.plot_dsa_run --run_dir=docs/reports/dsa_parity/run4   # -> /tmp/dsa_jax/plot_dsa_run/
+  python -m experiments.plot_dsa_run --run_dir=docs/reports/dsa_parity/run4   # -> /tmp/dsa_jax/plot_dsa_run/<time>/
   python -m experiments.plot_dsa_run --run_dir=docs/reports/dsa_parity/run4 --out=docs/reports/dsa_parity/run4.png
 Files are `<stage>.jsonl` (as copied from a GPU run) or `<stage>/metrics.jsonl` (a run directory).
 Several run directories (comma-separated; later ones win per stage) merge the parts of a run split with
@@ -18,13 +18,16 @@ import pathlib
 
 import matplotlib
 import numpy as np
-from absl import app, flags
+from absl import flags
+
+from experiments import cli
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 _RUN_DIR = flags.DEFINE_list("run_dir", None, "Run directories or folders of <stage>.jsonl files.", required=True)
-_OUT = flags.DEFINE_string("out", "/tmp/dsa_jax/plot_dsa_run/dsa_run.png", "Output PNG.")
+_OUT = flags.DEFINE_string("out", "", "Output PNG (default: a new /tmp/dsa_jax/plot_dsa_run/<time>/dsa_run.png; an "
+                            "existing file only with --overwrite).")
 STAGES = ("dense", "warmup", "sparse", "dense_cont")
 
 
@@ -61,8 +64,12 @@ def paired_gap(runs: dict[str, list[dict]], last: int | None = None) -> tuple[fl
 
 def main(argv):
   del argv
+  out = cli.output_path(_OUT.value, "plot_dsa_run", "dsa_run.png")
   runs, results = {}, {}
   for run_dir in map(pathlib.Path, _RUN_DIR.value):
+    if not run_dir.is_dir():
+      raise cli.UserError(f"--run_dir={run_dir} is not a directory; allowed: run directories or folders of "
+                          "<stage>.jsonl files.")
     runs.update(load(run_dir))
     if (run_dir / "results.json").exists():
       results.update(json.loads((run_dir / "results.json").read_text()))
@@ -113,11 +120,10 @@ def main(argv):
     axes[4].set(title="sparse vs dense_cont LM loss, same batches (%)", xlabel="sparse stage step")
     axes[4].legend()
   fig.tight_layout()
-  out = pathlib.Path(_OUT.value)
   out.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out, dpi=110)
   print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

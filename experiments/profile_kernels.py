@@ -10,28 +10,30 @@ of causal indexer scores, `pallas_kernels/topk/bench.py`), "index_topk" (scores 
 `train_small`, on one row of `--seq_len` random tokens). After one warm-up call (compilation), `--iters` calls
 are traced with `jax.profiler` (a Perfetto trace); the table (`dsa_jax.profiling`) sums each op's time on the
 device streams (on a machine without an accelerator, on the host) and divides by the calls: ms per call, share,
-count per call.
+count per call. Without a GPU it stops at once, unless `--allow_cpu` (a check of the XLA paths at small T).
 """
 
 import tempfile
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from dsa_jax import profiling
+from experiments import cli
 from pallas_kernels.benchmarking import dsa_core
 from pallas_kernels.topk import api as topk_api
 from pallas_kernels.topk import bench as topk_bench
 
 TARGETS = ("topk", "index_topk", "dsa_core", "train_step")
 _TARGET = flags.DEFINE_enum("target", "index_topk", TARGETS, "What to profile.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 32768, "Sequence length T (keys per row).")
-_ITERS = flags.DEFINE_integer("iters", 3, "Traced calls.")
-_TOP = flags.DEFINE_integer("top", 25, "Ops listed.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 32768, "Sequence length T (keys per row).", lower_bound=1)
+_ITERS = flags.DEFINE_integer("iters", 3, "Traced calls.", lower_bound=1)
+_TOP = flags.DEFINE_integer("top", 25, "Ops listed.", lower_bound=1)
 _TRACE_DIR = flags.DEFINE_string("trace_dir", "", "Keep the trace here (default: a temporary folder).")
 _STAGE = flags.DEFINE_enum("stage", "sparse", ("dense", "warmup", "sparse"), "Stage of --target=train_step.")
 _TRAIN_CONFIG = flags.DEFINE_enum("train_config", "train_small", ("train_small", "train_tiny"),
                                   "Config file (experiments/configs) of --target=train_step.")
+_ALLOW_CPU = flags.DEFINE_bool("allow_cpu", False, "Run without a GPU (tests: the XLA paths at small T).")
 
 
 def _train_step(stage: str, seq_len: int, config_name: str):
@@ -72,6 +74,7 @@ def build(target: str, seq_len: int):
 
 def main(argv):
   del argv
+  cli.require_gpu("profile_kernels", _ALLOW_CPU.value)
   fn, args = build(_TARGET.value, _SEQ_LEN.value)
   jax.block_until_ready(fn(*args))  # compile outside the trace
   trace_dir = _TRACE_DIR.value or tempfile.mkdtemp(prefix="profile_kernels_")
@@ -83,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

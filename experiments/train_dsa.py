@@ -3,6 +3,10 @@
   python -m experiments.train_dsa                                   # the main job (CPU, a few minutes)
   python -m experiments.train_dsa --config=experiments/configs/train_small.py --config.train.sparse_steps=200
   srun python -m experiments.train_dsa --nosingle_host --config.mesh.fsdp=4 ...  # see docs/sharding.md
+
+Before the first step it compiles each stage's step and compares XLA's memory estimate with the memory available
+(`dsa_jax.training.memory_check`): a run that cannot fit stops at once with the numbers, unless
+`--ignore_memory_estimate`.
 """
 
 import dataclasses
@@ -10,25 +14,30 @@ import datetime
 import os
 import sys
 
-from absl import app, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
 from dsa_jax.sharding import distributed
-from dsa_jax.training import loop, recipe
+from dsa_jax.training import loop, memory_check, recipe
+from experiments import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "train_tiny.py"), "Training configuration.")
+_IGNORE_MEMORY = flags.DEFINE_bool("ignore_memory_estimate", False, "Start even when the memory estimate exceeds "
+                                   "the memory available.")
 
 
 def main(argv):
   del argv
   distributed.initialize(distributed.DistributedConfig.from_flags())  # before any other JAX call
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  cfg = recipe.RecipeConfig.from_config(_CONFIG.value)
+  with cli.user_errors():
+    cfg = recipe.RecipeConfig.from_config(_CONFIG.value)
   if not cfg.run_dir:
     cfg = dataclasses.replace(cfg, run_dir=os.path.join(
         "runs", f"dsa_{_CONFIG.value.model.preset}_{datetime.datetime.now():%Y%m%d_%H%M%S}"))
   print(f"run directory: {cfg.run_dir}", flush=True)
+  if not _IGNORE_MEMORY.value:
+    print(memory_check.check(cfg), flush=True)
   results = recipe.run(cfg, loop.StopRequest())
   if results is None:
     sys.exit(143)  # SIGTERM: checkpoint saved; rerun with --config.run_dir to resume
@@ -40,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

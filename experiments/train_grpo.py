@@ -14,31 +14,36 @@ import pathlib
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from dsa_jax.data.tokenizer import ByteTokenizer
 from dsa_jax.model import functional
+from dsa_jax.progress import Progress
 from dsa_jax.rl import get_task, grpo_step, loop, warm_start
 from dsa_jax.sampling import SamplingConfig
+from experiments import cli
 from experiments.configs import grpo_demo
 
 _OUT = flags.DEFINE_string("out", "/tmp/dsa_jax/grpo_sort", "Output directory (plot, curve, checkpoints).")
 _TASK = flags.DEFINE_string("task", "sort", "Task name (dsa_jax.rl.task_names()).")
-_MIN_LEN = flags.DEFINE_integer("min_len", 3, "Shortest digit string.")
-_MAX_LEN = flags.DEFINE_integer("max_len", 3, "Longest digit string.")
-_WARM_STEPS = flags.DEFINE_integer("warm_steps", 25, "Supervised warm-start steps.")
-_STEPS = flags.DEFINE_integer("steps", 400, "GRPO steps (one rollout batch each).")
-_PROMPTS = flags.DEFINE_integer("num_prompts", 64, "Prompts per step.")
-_GROUP = flags.DEFINE_integer("group_size", 8, "Completions per prompt (G).")
-_LR = flags.DEFINE_float("lr", 1e-3, "GRPO learning rate.")
-_WARM_LR = flags.DEFINE_float("warm_lr", 6e-3, "Warm-start learning rate.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sampling top-p.")
+_MIN_LEN = flags.DEFINE_integer("min_len", 3, "Shortest digit string.", lower_bound=1)
+_MAX_LEN = flags.DEFINE_integer("max_len", 3, "Longest digit string.", lower_bound=1)
+_WARM_STEPS = flags.DEFINE_integer("warm_steps", 25, "Supervised warm-start steps.", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 400, "GRPO steps (one rollout batch each).", lower_bound=1)
+_PROMPTS = flags.DEFINE_integer("num_prompts", 64, "Prompts per step.", lower_bound=1)
+_GROUP = flags.DEFINE_integer("group_size", 8, "Completions per prompt (G).", lower_bound=1)
+_LR = flags.DEFINE_float("lr", 1e-3, "GRPO learning rate.", lower_bound=0.0)
+_WARM_LR = flags.DEFINE_float("warm_lr", 6e-3, "Warm-start learning rate.", lower_bound=0.0)
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sampling top-p.", lower_bound=0.0, upper_bound=1.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
-_BETA = flags.DEFINE_float("beta", 0.01, "KL weight beta (GRPOConfig's default).")
+_BETA = flags.DEFINE_float("beta", 0.01, "KL weight beta (GRPOConfig's default).", lower_bound=0.0)
 _WARM_KL = flags.DEFINE_float("warm_indexer_kl", 1.0, "Weight of the indexer's dense KL in the warm start.")
-_TOPK = flags.DEFINE_integer("index_topk", 8, "Indexer top-k (< 9 prompt tokens: sparse on every completion token).")
-_UPDATES = flags.DEFINE_integer("updates_per_rollout", 1, "Updates per rollout batch.")
-_TEMP = flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+_TOPK = flags.DEFINE_integer("index_topk", 8, "Indexer top-k (< 9 prompt tokens: sparse on every completion token).",
+                             lower_bound=1)
+_UPDATES = flags.DEFINE_integer("updates_per_rollout", 1, "Updates per rollout batch.", lower_bound=1)
+_TEMP = flags.DEFINE_float("temperature", 1.0, "Sampling temperature.", lower_bound=0.0)
+
+LOG_EVERY = 10  # steps between progress lines when the output is not a terminal
 
 
 def print_table(history: list[dict]) -> None:
@@ -86,11 +91,13 @@ def main(argv):
   sampling = SamplingConfig(max_new_tokens=_MAX_LEN.value + 1, top_p=_TOP_P.value, temperature=_TEMP.value,
                             k_max=64, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
   state = grpo_step.init_state(params, loop.optimizer(lcfg.learning_rate), _SEED.value)
-  log = lambda m: print(f"step {m['step']:4d} reward {m['reward']:.3f} exact {m['exact']:.3f} "
-                        f"kl {m['kl']:.4f} {m['seconds']:.2f}s", flush=True)
+  progress = Progress(_STEPS.value, "grpo", every=LOG_EVERY)
+  log = lambda m: progress.update(m["step"], f"reward {m['reward']:.3f} exact {m['exact']:.3f} kl {m['kl']:.4f} "
+                                             f"{m['seconds']:.2f}s/step")
   gcfg = grpo_step.GRPOConfig(beta=_BETA.value, temperature=_TEMP.value)
   _, history = loop.train(cfg, lcfg, gcfg, sampling, task, tokenizer, state, checkpoint_dir=str(out / "checkpoints"),
                           log=log)
+  progress.close()
   print(f"total {time.perf_counter() - start:.1f}s")
   print_table(history[::max(1, len(history) // 20)] + history[-1:])
   (out / "curve.json").write_text(json.dumps(history))
@@ -101,4 +108,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

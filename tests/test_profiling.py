@@ -43,7 +43,7 @@ def test_profile_kernels_targets_run_on_small_inputs(target, tmp_path):
   """`python -m experiments.profile_kernels` builds each kernel target from its benchmark's inputs, runs it (XLA
   paths on CPU) and prints the per-op table."""
   done = subprocess.run([sys.executable, "-m", "experiments.profile_kernels", f"--target={target}", "--seq_len=256",
-                         "--iters=1", "--top=3", f"--trace_dir={tmp_path}"], capture_output=True, text=True,
+                         "--iters=1", "--top=3", f"--trace_dir={tmp_path}", "--allow_cpu"], capture_output=True, text=True,
                         cwd=pathlib.Path(__file__).resolve().parents[1], timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "100.0%" in done.stdout, done.stdout[-2000:]  # the (all) row of the table

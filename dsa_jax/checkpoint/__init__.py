@@ -1,6 +1,8 @@
 """Checkpoint formats: HuggingFace safetensors import/export (Orbax state checkpoints live in training)."""
 
+from dsa_jax.validation import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError):
   """A checkpoint file (config.json, index or safetensors) that cannot be loaded as it is: the message names the
-  file, the tensor or field, the value and what is allowed."""
+  file, the tensor or field, the value and what is allowed (a UserError: the commands print it as one line)."""

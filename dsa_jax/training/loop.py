@@ -1,4 +1,4 @@
-"""The thin training loop: data in, `train_step.step`, metrics out (JSONL + TensorBoard + a progress line),
+"""The thin training loop: data in, `train_step.step`, metrics out (JSONL + TensorBoard + `dsa_jax.progress`),
 checkpoints on an interval and on SIGTERM. Everything numeric lives in the step; this file only moves
 things around it: on one device the step is `train_step.step`, on a mesh `sharded_step` places the state and
 each host's rows as global arrays (JAX docs, "Multi-host and multi-process environments").
@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 from tensorboard.summary import Writer
 
 from dsa_jax.model import functional
+from dsa_jax.progress import Progress
 from dsa_jax.sharding import distributed, partition, rules
 from dsa_jax.training import checkpointing, train_step
 from dsa_jax.training.state import TrainState
@@ -129,6 +130,7 @@ def run(config: train_step.StepConfig, state: TrainState, data: Iterator[Batch],
   step_fn = step_fn or (lambda s, b: train_step.step(s, jax.tree.map(np.asarray, b), config=config))
   first = int(state.step) + 1
   pending = _Pending()
+  progress = Progress(steps, label)
   for step in range(first, steps + 1):  # the host counts the steps: reading state.step would wait for the device
     batch = next(data)
     state, metrics = step_fn(state, batch)
@@ -137,17 +139,21 @@ def run(config: train_step.StepConfig, state: TrainState, data: Iterator[Batch],
     report = step != first and (step % log_every == 0 or step == steps)
     if step == first or report or stopping or checkpointer.due(step):
       record, elapsed, tokens = pending.flush(log)  # the first step compiles: it is fetched, and timed, alone
+      if step == first:
+        progress.begin(step)
       if report:
         tps = tokens / elapsed
-        print(f"[{label}] step {step}/{steps} loss {record['loss']:.4f} lm {record['lm_loss']:.4f}"
-              + (f" kl {record['kl']:.4f}" if "kl" in record else "")
-              + f" | {tps:,.0f} tok/s, MFU {100 * tps * flops_per_token / peak_flops:.2f}%", flush=True)
+        progress.update(step, f"loss {record['loss']:.4f} lm {record['lm_loss']:.4f}"
+                        + (f" kl {record['kl']:.4f}" if "kl" in record else "")
+                        + f" | {tps:,.0f} tok/s, MFU {100 * tps * flops_per_token / peak_flops:.2f}%")
     checkpointer.save(step, state, checkpointing.data_state(data))
     if stopping:
+      progress.close()
       checkpointer.save(step, state, checkpointing.data_state(data), force=True)
       checkpointer.wait()
       print(f"[{label}] SIGTERM: saved step {step} to {checkpointer.directory}; stopping.", file=sys.stderr)
       return state, True
+  progress.close()
   if final:
     checkpointer.save(int(state.step), state, checkpointing.data_state(data), force=True)
     checkpointer.wait()

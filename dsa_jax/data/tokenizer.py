@@ -119,6 +119,18 @@ class ByteTokenizer(_SpecialIds):
         ids.extend(piece.encode("utf-8"))
     return ids
 
+  def to_hf_json(self) -> str:
+    """This tokenizer as an HF `tokenizer.json` (what an exported checkpoint ships): a byte-level BPE without
+    merges, so each byte is one token of the same id, and the special strings as added tokens after them."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers  # only the export needs the library
+    from tokenizers import Tokenizer as HFTokenizerModel
+
+    tok = HFTokenizerModel(models.BPE(vocab={char: b for b, char in _gpt2_byte_chars().items()}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in self._specials])
+    return tok.to_str()
+
   def decode(self, ids: Sequence[int]) -> str:
     pieces: list[str] = []
     pending = bytearray()
@@ -134,6 +146,13 @@ class ByteTokenizer(_SpecialIds):
       pieces.append(self._specials[i - 256])
     pieces.append(pending.decode("utf-8", errors="replace"))
     return "".join(pieces)
+
+
+def _gpt2_byte_chars() -> dict[int, str]:
+  """Byte -> the printable character that byte-level BPE (GPT-2, HF `ByteLevel`) writes for it."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  others = [b for b in range(256) if b not in printable]
+  return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
 class HFTokenizer(_SpecialIds):
@@ -158,6 +177,9 @@ class HFTokenizer(_SpecialIds):
     if i is None:
       raise ValueError(f"special={special!r} is not in the tokenizer's vocabulary")
     return i
+
+  def to_hf_json(self) -> str:
+    return self._tok.to_str()
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids

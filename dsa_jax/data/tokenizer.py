@@ -10,6 +10,7 @@ the `tokenizers` library.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 from typing import Protocol, Sequence
@@ -186,3 +187,31 @@ class HFTokenizer(_SpecialIds):
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+CONFIG_FILE = "tokenizer_config.json"  # HF's file naming the special tokens
+
+
+def save_to_checkpoint(path: str | pathlib.Path, tokenizer: ByteTokenizer | HFTokenizer) -> None:
+  """Writes `tokenizer.json` and `tokenizer_config.json` (bos/eos/pad strings) into a checkpoint directory."""
+  path = pathlib.Path(path)
+  (path / "tokenizer.json").write_text(tokenizer.to_hf_json())
+  special = {f"{name}_token": tokenizer.decode([i]) for name, i in
+             (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id))}
+  (path / CONFIG_FILE).write_text(json.dumps(special, indent=1, ensure_ascii=False))
+
+
+def from_checkpoint(path: str | pathlib.Path) -> HFTokenizer | None:
+  """The tokenizer a checkpoint directory ships (`tokenizer.json`, special tokens from `tokenizer_config.json`
+  when given there, else DeepSeek-V3.2's), or None when it has none."""
+  path = pathlib.Path(path)
+  if not (path / "tokenizer.json").is_file():
+    return None
+  config = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
+  special = {}
+  for name in ("bos", "eos", "pad"):
+    value = config.get(f"{name}_token")
+    value = value.get("content") if isinstance(value, dict) else value  # HF also writes {"content": ...}
+    if value:
+      special[name] = value
+  return HFTokenizer(path / "tokenizer.json", **special)

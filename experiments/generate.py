@@ -1,32 +1,42 @@
 """Generate text with the cached sampler and report tokens/s.
 
-  python -m experiments.generate --prompt="sort:4132=" --max_new_tokens=32
-  python -m experiments.generate --hf_path=tests/fixtures/hf_deepseek_v32_tiny --prompts_file=prompts.txt
+  python -m experiments.generate --run_dir=runs/dsa_tiny_<time> --prompt="def " --temperature=0
+  python -m experiments.generate --hf_path=deepseek-ai/DeepSeek-V3.2 --local_files_only --prompt=Hello
+  python -m experiments.generate --prompt="sort:4132=" --max_new_tokens=32    # a random tiny model
 
-Weights: an HF DeepSeek-V3.2 directory (`dsa_jax.load_hf`; its `tokenizer.json` is used when present), or a
-random tiny model with the byte tokenizer. Prompts: --prompt (repeatable) or --prompts_file (one a line).
-The first call compiles; the reported throughput is from a second, timed call.
+Weights: a training run's HF export (`--run_dir`: `<run_dir>/hf`, written by `train_dsa` with
+`--config.train.export_hf=true`, on in the tiny config, and by `train_grpo --export_hf`), an HF DeepSeek-V3.2
+directory or hub id (`--hf_path`, through the HF cache; `--local_files_only` reads the cache only), or a random
+tiny model with the byte tokenizer. The checkpoint's tokenizer (`tokenizer.json`) encodes the prompts and
+decodes the output; without one, prompts are byte tokens and the output is printed as ids. Temperature 0 is
+greedy decoding. Prompts: --prompt (repeatable) or --prompts_file (one a line). The first call compiles; the
+reported throughput is from a second, timed call.
 """
 
 import pathlib
+import sys
 import time
 
 import jax
 from absl import flags
 
 import dsa_jax
-from dsa_jax.data.tokenizer import ByteTokenizer, HFTokenizer
+from dsa_jax.checkpoint import hub
+from dsa_jax.data.tokenizer import ByteTokenizer, from_checkpoint
 from dsa_jax.model import functional
 from dsa_jax.model.config import tiny
 from dsa_jax.rl.rollout import completion_text
 from dsa_jax.sampling import SamplingConfig, generate, left_pad
 from experiments import cli
 
-_HF_PATH = flags.DEFINE_string("hf_path", None, "HF checkpoint directory; default: a random tiny model.")
+_RUN_DIR = flags.DEFINE_string("run_dir", None, "A training run directory: generate with its HF export <run_dir>/hf.")
+_HF_PATH = flags.DEFINE_string("hf_path", None, "HF checkpoint directory or hub id; default: a random tiny model.")
+_LOCAL_ONLY = flags.DEFINE_bool("local_files_only", False, "Hub ids: read the HF cache only, never download.")
+_CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Hub ids: the HF cache directory (default: HF_HUB_CACHE).")
 _PROMPT = flags.DEFINE_multi_string("prompt", ["Hello"], "Prompt text (repeatable).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "File with one prompt a line (overrides --prompt).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate per prompt.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0: greedy (argmax).")
 _TOP_P = flags.DEFINE_float("top_p", 0.95, "Top-p (model card default 0.95).")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Top-k (None: K_max caps the set).")
 _K_MAX = flags.DEFINE_integer("k_max", 64, "Width of the recorded kept set.")
@@ -34,19 +44,35 @@ _ATTENTION = flags.DEFINE_enum("attention", "sparse", ["sparse", "dense"], "DSA 
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
-def _model():
+def _checkpoint_dir() -> pathlib.Path | None:
+  """The HF checkpoint directory the flags name, or None for a random model."""
+  if _RUN_DIR.value is not None:
+    path = pathlib.Path(_RUN_DIR.value) / "hf"
+    if not (path / "config.json").is_file():
+      sys.exit(f"generate: --run_dir={_RUN_DIR.value} has no HF export {path}; allowed: a run trained with "
+               f"export_hf (rerun train_dsa with --config.run_dir={_RUN_DIR.value} --config.train.export_hf=true: "
+               "finished stages are skipped, then it exports).")
+    return path
   if _HF_PATH.value is None:
+    return None
+  return hub.local_dir(_HF_PATH.value, local_files_only=_LOCAL_ONLY.value, cache_dir=_CACHE_DIR.value)
+
+
+def _model():
+  """(config, params, tokenizer, whether the tokenizer is the checkpoint's own)."""
+  path = _checkpoint_dir()
+  if path is None:
     tokenizer = ByteTokenizer()
     cfg = tiny().replace(vocab_size=tokenizer.vocab_size, num_mtp_layers=0)
-    return cfg, functional.init(cfg, 0), tokenizer
-  cfg, params = dsa_jax.load_hf(_HF_PATH.value, include_mtp=False)
-  tokenizer_json = pathlib.Path(_HF_PATH.value) / "tokenizer.json"
-  return cfg, params, HFTokenizer(tokenizer_json) if tokenizer_json.exists() else ByteTokenizer()
+    return cfg, functional.init(cfg, 0), tokenizer, True
+  cfg, params = dsa_jax.load_hf(path, include_mtp=False)
+  tokenizer = from_checkpoint(path)
+  return cfg, params, tokenizer or ByteTokenizer(), tokenizer is not None
 
 
 def main(argv):
   del argv
-  cfg, params, tokenizer = _model()
+  cfg, params, tokenizer, known = _model()
   texts = (pathlib.Path(_PROMPTS_FILE.value).read_text().splitlines() if _PROMPTS_FILE.value else _PROMPT.value)
   texts = [t for t in texts if t]
   encoded = [tokenizer.encode(t) for t in texts]
@@ -60,9 +86,8 @@ def main(argv):
   out = jax.block_until_ready(generate(cfg, params, ids, lengths, rng, sampling))
   seconds = time.perf_counter() - start
   for text, tokens, mask in zip(texts, jax.device_get(out.tokens), jax.device_get(out.mask)):
-    ids = [int(t) for t, m in zip(tokens, mask) if m]
-    # A model whose vocabulary is wider than the byte tokenizer's (the HF test fixture) prints raw ids.
-    shown = completion_text(tokenizer, tokens, mask) if max(ids, default=0) < tokenizer.vocab_size else ids
+    # Without the checkpoint's tokenizer (the HF test fixture ships none) the ids are all we can show.
+    shown = completion_text(tokenizer, tokens, mask) if known else [int(t) for t, m in zip(tokens, mask) if m]
     print(f"{text!r} -> {shown!r}")
   n = int(out.mask.sum())
   print(f"{n} tokens in {seconds:.3f}s: {n / seconds:.1f} tokens/s (batch {len(texts)}, {jax.devices()[0].platform})")

@@ -5,8 +5,9 @@
 A short supervised warm start (teacher forcing on correct answers, plus the indexer's dense KL) teaches the
 random model the answer format but not yet sorting (mean reward <= 0.3, about what right-length random digits
 score); GRPO (`dsa_jax.rl.loop`) then raises it above 0.8. Defaults and the measured curve: docs/reports/grpo_demo.md.
-Prints the curve as a table, writes `curve.png`, `curve.json` and Orbax checkpoints under --out (rerunning
-with the same --out resumes: use a fresh --out for a fresh run).
+Prints the curve as a table, writes `curve.png`, `curve.json`, Orbax checkpoints and (`--export_hf`) the final
+model with its tokenizer as an HF checkpoint `hf/` under --out (`python -m experiments.generate --run_dir=OUT`);
+rerunning with the same --out resumes: use a fresh --out for a fresh run.
 """
 
 import json
@@ -16,6 +17,7 @@ import time
 import numpy as np
 from absl import flags, logging
 
+import dsa_jax
 from dsa_jax.data.tokenizer import ByteTokenizer
 from dsa_jax.model import functional
 from dsa_jax.progress import Progress
@@ -44,6 +46,7 @@ _UPDATES = flags.DEFINE_integer("updates_per_rollout", 1, "Updates per rollout b
 _TEMP = flags.DEFINE_float("temperature", 1.0, "Sampling temperature.", lower_bound=0.0)
 
 LOG_EVERY = 10  # steps between progress lines when the output is not a terminal
+_EXPORT_HF = flags.DEFINE_bool("export_hf", True, "Write the final model and tokenizer to <out>/hf (HF format).")
 
 
 def print_table(history: list[dict]) -> None:
@@ -95,13 +98,16 @@ def main(argv):
   log = lambda m: progress.update(m["step"], f"reward {m['reward']:.3f} exact {m['exact']:.3f} kl {m['kl']:.4f} "
                                              f"{m['seconds']:.2f}s/step")
   gcfg = grpo_step.GRPOConfig(beta=_BETA.value, temperature=_TEMP.value)
-  _, history = loop.train(cfg, lcfg, gcfg, sampling, task, tokenizer, state, checkpoint_dir=str(out / "checkpoints"),
+  state, history = loop.train(cfg, lcfg, gcfg, sampling, task, tokenizer, state, checkpoint_dir=str(out / "checkpoints"),
                           log=log)
   progress.close()
   print(f"total {time.perf_counter() - start:.1f}s")
   print_table(history[::max(1, len(history) // 20)] + history[-1:])
   (out / "curve.json").write_text(json.dumps(history))
   save_plot(history, out / "curve.png")
+  if _EXPORT_HF.value:
+    dsa_jax.save_hf(out / "hf", cfg, state.params, tokenizer=tokenizer)
+    print(f"HF checkpoint of the final model: {out / 'hf'}")
   if history:
     first, last = np.mean([m["reward"] for m in history[:10]]), np.mean([m["reward"] for m in history[-10:]])
     print(f"mean reward, first 10 steps {first:.3f}, last 10 steps {last:.3f}")

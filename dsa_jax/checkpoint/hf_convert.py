@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsa_jax.checkpoint import CheckpointError, hf_config, safetensors_io
+from dsa_jax.checkpoint import CheckpointError, hf_config, hub, safetensors_io
+from dsa_jax.data.tokenizer import ByteTokenizer, HFTokenizer, save_to_checkpoint
 from dsa_jax.model import functional
 from dsa_jax.model.config import ModelConfig
 
@@ -204,8 +205,9 @@ def _validate(ckpt, cfg: ModelConfig, leaves: dict, include_mtp: bool, block: tu
 def load_hf(path: str | pathlib.Path, dtype=jnp.float32, *, include_mtp: bool | None = None,
             shardings: Callable[[tuple, jax.ShapeDtypeStruct], jax.sharding.Sharding] | None = None,
             allow_non_finite: bool = False):
-  """Loads an HF DeepSeek-V3.2 checkpoint directory -> (ModelConfig, state).
+  """Loads an HF DeepSeek-V3.2 checkpoint -> (ModelConfig, state).
 
+  path: a directory, or a hub id ("deepseek-ai/DeepSeek-V3.2") read through the HF cache (`hub.local_dir`).
   dtype: parameter and compute dtype (router and indexer weights_proj stay float32).
   include_mtp: load the MTP layer (default: when the config has one). shardings(path, leaf) gives each
   leaf's target sharding (default: the first device).
@@ -213,7 +215,7 @@ def load_hf(path: str | pathlib.Path, dtype=jnp.float32, *, include_mtp: bool | 
   The directory is untrusted input: config.json, the index and every header are checked, then the key set, each
   tensor's shape, dtype and FP8 tiling, all before any tensor is read; errors are one-line `CheckpointError`s.
   """
-  path = pathlib.Path(path)
+  path = hub.local_dir(path)
   cfg = hf_config.read_config(path, jnp.dtype(dtype).name)
   block = hf_config.read_block_size(path)
   include_mtp = cfg.num_mtp_layers > 0 if include_mtp is None else include_mtp
@@ -255,8 +257,9 @@ def hf_tensors(cfg: ModelConfig, state: nnx.State, dtype=np.float32) -> dict[str
 
 
 def save_hf(path: str | pathlib.Path, cfg: ModelConfig, state: nnx.State, *, dtype=np.float32,
-            max_shard_bytes: int = 4 << 30) -> None:
-  """Writes config.json, safetensors shards and model.safetensors.index.json (unquantised)."""
+            max_shard_bytes: int = 4 << 30, tokenizer: ByteTokenizer | HFTokenizer | None = None) -> None:
+  """Writes config.json, safetensors shards and model.safetensors.index.json (unquantised), and with
+  `tokenizer` its tokenizer.json and tokenizer_config.json (`dsa_jax.data.tokenizer.from_checkpoint`)."""
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
   tensors = hf_tensors(cfg, state, dtype)
@@ -277,3 +280,5 @@ def save_hf(path: str | pathlib.Path, cfg: ModelConfig, state: nnx.State, *, dty
   hf = hf_config.config_to_hf(cfg)
   hf["torch_dtype"] = np.dtype(dtype).name
   (path / "config.json").write_text(json.dumps(hf, indent=1))
+  if tokenizer is not None:
+    save_to_checkpoint(path, tokenizer)

@@ -10,6 +10,7 @@ the `tokenizers` library.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 from typing import Protocol, Sequence
@@ -119,6 +120,18 @@ class ByteTokenizer(_SpecialIds):
         ids.extend(piece.encode("utf-8"))
     return ids
 
+  def to_hf_json(self) -> str:
+    """This tokenizer as an HF `tokenizer.json` (what an exported checkpoint ships): a byte-level BPE without
+    merges, so each byte is one token of the same id, and the special strings as added tokens after them."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers  # only the export needs the library
+    from tokenizers import Tokenizer as HFTokenizerModel
+
+    tok = HFTokenizerModel(models.BPE(vocab={char: b for b, char in _gpt2_byte_chars().items()}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in self._specials])
+    return tok.to_str()
+
   def decode(self, ids: Sequence[int]) -> str:
     pieces: list[str] = []
     pending = bytearray()
@@ -134,6 +147,13 @@ class ByteTokenizer(_SpecialIds):
       pieces.append(self._specials[i - 256])
     pieces.append(pending.decode("utf-8", errors="replace"))
     return "".join(pieces)
+
+
+def _gpt2_byte_chars() -> dict[int, str]:
+  """Byte -> the printable character that byte-level BPE (GPT-2, HF `ByteLevel`) writes for it."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  others = [b for b in range(256) if b not in printable]
+  return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
 class HFTokenizer(_SpecialIds):
@@ -159,8 +179,39 @@ class HFTokenizer(_SpecialIds):
       raise ValueError(f"special={special!r} is not in the tokenizer's vocabulary")
     return i
 
+  def to_hf_json(self) -> str:
+    return self._tok.to_str()
+
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+CONFIG_FILE = "tokenizer_config.json"  # HF's file naming the special tokens
+
+
+def save_to_checkpoint(path: str | pathlib.Path, tokenizer: ByteTokenizer | HFTokenizer) -> None:
+  """Writes `tokenizer.json` and `tokenizer_config.json` (bos/eos/pad strings) into a checkpoint directory."""
+  path = pathlib.Path(path)
+  (path / "tokenizer.json").write_text(tokenizer.to_hf_json())
+  special = {f"{name}_token": tokenizer.decode([i]) for name, i in
+             (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id))}
+  (path / CONFIG_FILE).write_text(json.dumps(special, indent=1, ensure_ascii=False))
+
+
+def from_checkpoint(path: str | pathlib.Path) -> HFTokenizer | None:
+  """The tokenizer a checkpoint directory ships (`tokenizer.json`, special tokens from `tokenizer_config.json`
+  when given there, else DeepSeek-V3.2's), or None when it has none."""
+  path = pathlib.Path(path)
+  if not (path / "tokenizer.json").is_file():
+    return None
+  config = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
+  special = {}
+  for name in ("bos", "eos", "pad"):
+    value = config.get(f"{name}_token")
+    value = value.get("content") if isinstance(value, dict) else value  # HF also writes {"content": ...}
+    if value:
+      special[name] = value
+  return HFTokenizer(path / "tokenizer.json", **special)

@@ -30,7 +30,8 @@ PAD_SEGMENT = -1
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  """Decoding settings; `k_max` is the width of the recorded kept set (top-k is capped by it)."""
+  """Decoding settings; `k_max` is the width of the recorded kept set (top-k is capped by it). Temperature 0
+  is greedy decoding: the argmax at every step (top_k and top_p are then unused), with log μ = 0."""
   max_new_tokens: int = 16
   temperature: float = 1.0
   top_p: float = 1.0
@@ -43,8 +44,8 @@ class SamplingConfig:
   def __post_init__(self):
     if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
       raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens!r} is invalid; allowed: >= 1.")
-    if not self.temperature > 0:
-      raise ValueError(f"SamplingConfig.temperature={self.temperature!r} is invalid; allowed: > 0.")
+    if not self.temperature >= 0:
+      raise ValueError(f"SamplingConfig.temperature={self.temperature!r} is invalid; allowed: >= 0 (0: greedy).")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"SamplingConfig.top_p={self.top_p!r} is invalid; allowed: 0 < top_p <= 1.")
     if not (isinstance(self.k_max, int) and self.k_max >= 1):
@@ -92,9 +93,12 @@ def _moe_experts(cfg: ModelConfig, out) -> dict[int, jax.Array]:
 
 
 def _draw(rng, logits_bv, sampling: SamplingConfig):
-  """One token per row from the truncated distribution -> (token, log μ(token), kept ids [B, K])."""
-  scaled_bv = logits_bv.astype(jnp.float32) / sampling.temperature
-  kept_bk = top_k_top_p_kept_ids(scaled_bv, k_max=sampling.k_max, top_k=sampling.top_k, top_p=sampling.top_p)
+  """One token per row from the truncated distribution -> (token, log μ(token), kept ids [B, K]); greedy (a
+  kept set of the argmax alone) at temperature 0."""
+  greedy = sampling.temperature == 0
+  scaled_bv = logits_bv.astype(jnp.float32) / (1.0 if greedy else sampling.temperature)
+  kept_bk = top_k_top_p_kept_ids(scaled_bv, k_max=sampling.k_max, top_k=1 if greedy else sampling.top_k,
+                                 top_p=1.0 if greedy else sampling.top_p)
   token_b = sample_from_kept(rng, scaled_bv, kept_bk)
   return token_b, kept_log_softmax(scaled_bv, kept_bk, token_b), kept_bk
 

@@ -8,6 +8,8 @@
                state at its start), so the two branches differ only in the attention.
 Each stage checkpoints into `run_dir/<stage>/checkpoints` and logs to `run_dir/<stage>/metrics.jsonl` and
 TensorBoard events; a rerun resumes each stage from its newest readable checkpoint and skips finished ones.
+With `export_hf` the run's final model (its last of dense, warmup, sparse) and its tokenizer are written as an
+HF checkpoint to `run_dir/hf` (`dsa_jax.load_hf`, `python -m experiments.generate --run_dir=...`).
 
 `RecipeConfig.mesh` of more than one device runs every stage sharded (`docs/sharding.md`): the state is
 placed by the parameters' logical axes, each host loads its own rows of the global batch, the routed experts
@@ -67,6 +69,7 @@ class RecipeConfig:
   eval_examples: int = 32
   implementation: str | None = None
   mesh: MeshConfig = MeshConfig()
+  export_hf: bool = False  # write the final model and tokenizer to run_dir/hf (one process only)
 
   @property
   def stage_names(self) -> tuple[str, ...]:
@@ -239,6 +242,9 @@ def _step_time(path: pathlib.Path) -> float:
 def run(cfg: RecipeConfig, stop: loop.StopRequest | None = None) -> dict | None:
   """All stages, evaluations after each; writes `run_dir/results.json`. None when stopped by SIGTERM."""
   started = time.perf_counter()
+  if cfg.export_hf and jax.process_count() > 1:
+    raise ValueError(f"RecipeConfig.export_hf=True is invalid with {jax.process_count()} processes; allowed: one "
+                     "process (export from a checkpoint on one host).")
   recipe = Recipe(cfg, stop)
   results = {"run_dir": str(recipe.root.absolute()), "peak_flops": recipe.peak, "peak_source": recipe.peak_source,
              "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len}
@@ -261,7 +267,20 @@ def run(cfg: RecipeConfig, stop: loop.StopRequest | None = None) -> dict | None:
           + f" | {time.perf_counter() - started:.0f} s since start", flush=True)
     if jax.process_index() == 0:
       (recipe.root / "results.json").write_text(json.dumps(results, indent=1))
+  if cfg.export_hf:
+    print(f"HF checkpoint of the final model: {export_hf(cfg, ends, recipe.tokenizer)}", flush=True)
   return results
+
+
+def export_hf(cfg: RecipeConfig, ends: dict, tokenizer) -> pathlib.Path:
+  """The last of the dense, warmup and sparse stages that ran, with the run's tokenizer -> run_dir/hf."""
+  from dsa_jax.checkpoint.hf_convert import save_hf  # only the export needs the converter
+
+  last = next(name for name in ("sparse", "warmup", "dense") if name in ends)
+  state = ends[last][0]
+  path = pathlib.Path(cfg.run_dir) / "hf"
+  save_hf(path, cfg.model, state_lib.model_state(cfg.model, state.params, state.model_state), tokenizer=tokenizer)
+  return path
 
 
 def table(results: dict) -> str:

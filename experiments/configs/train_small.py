@@ -20,6 +20,6 @@ def get_config() -> ml_collections.ConfigDict:
   # A run of a few hundred steps: gamma 1e-3 (DeepSeek-V3's) moved the routing biases too slowly and the
   # experts collapsed onto 4 of 32 in the first GPU run; 1e-2 lets the balance act within the run.
   config.train.update({"bias_gamma": 1e-2, "dense_steps": 100, "warmup_steps": 20, "sparse_steps": 80,
-                       "checkpoint_every": 0,
+                       "checkpoint_every": 0, "export_hf": False,  # 3 GB in float32: --config.train.export_hf=true
                        "log_every": 10, "eval_every": 20, "eval_batches": 1, "eval_examples": 8})
   return config

@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
       "loss": {"mtp_weight": 0.1, "balance_weight": 1e-4},
       "train": {"bias_gamma": 1e-3, "stages": "", "dense_steps": 160, "warmup_steps": 30, "sparse_steps": 70, "compare_dense": True,
                 "checkpoint_every": 50, "keep": 2, "log_every": 20, "eval_every": 0, "eval_batches": 2,
-                "eval_examples": 16},
+                "eval_examples": 16, "export_hf": True},
       "mesh": {"data": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1},
       "init": "random", "init_path": "", "seed": 0, "run_dir": "", "implementation": config_dict.placeholder(str),
   })

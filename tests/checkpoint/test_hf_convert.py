@@ -166,3 +166,19 @@ def test_config_larger_than_the_checkpoint_fails_at_once(tmp_path, changes, miss
   start = time.perf_counter()
   assert f"but the checkpoint has no {missing}; allowed: a config.json of these weights." in load_error(path)
   assert time.perf_counter() - start < 5
+
+
+def test_export_with_the_tokenizer(tmp_path):
+  """save_hf(..., tokenizer=) writes tokenizer.json and tokenizer_config.json; the checkpoint's tokenizer
+  reads back as the same tokenizer (the byte tokenizer of our runs here)."""
+  from dsa_jax.data.tokenizer import ByteTokenizer, from_checkpoint
+
+  byte = ByteTokenizer()
+  cfg = config.tiny().replace(vocab_size=byte.vocab_size, num_mtp_layers=0)
+  dsa_jax.save_hf(tmp_path, cfg, functional.init(cfg, seed=0), tokenizer=byte)
+  tok = from_checkpoint(tmp_path)
+  text = "sort:4132=<｜end▁of▁sentence｜>é"
+  assert tok.encode(text) == byte.encode(text) and tok.decode(byte.encode(text)) == text
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (byte.bos_id, byte.eos_id, byte.pad_id)
+  assert dsa_jax.load_hf(tmp_path)[0] == cfg
+  assert from_checkpoint(TINY) is None  # the fixture ships no tokenizer

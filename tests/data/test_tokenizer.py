@@ -95,3 +95,27 @@ def test_hf_special_tokens(hf_tokenizer):
   assert 256 + len(DEEPSEEK_V32_SPECIAL_TOKENS) < hf_tokenizer.vocab_size <= 400
   with pytest.raises(ValueError, match="not in the tokenizer's vocabulary"):
     hf_tokenizer.token_id("<nope>")
+
+
+@pytest.fixture(scope="module")
+def byte_as_hf(tmp_path_factory):
+  path = tmp_path_factory.mktemp("byte_json") / "tokenizer.json"
+  path.write_text(ByteTokenizer().to_hf_json())
+  return HFTokenizer(path)
+
+
+@settings(max_examples=100, deadline=None)
+@given(TEXT_WITH_SPECIALS, st.lists(st.integers(0, 256 + len(DEEPSEEK_V32_SPECIAL_TOKENS) - 1), max_size=12))
+def test_byte_tokenizer_exported_as_tokenizer_json_is_the_same_tokenizer(byte_as_hf, text, ids):
+  """An exported run's tokenizer.json (HF `tokenizers`) encodes and decodes exactly as the byte tokenizer."""
+  tok = ByteTokenizer()
+  assert byte_as_hf.encode(text) == tok.encode(text)
+  assert byte_as_hf.decode(ids) == tok.decode(ids)  # broken UTF-8 included
+  assert (byte_as_hf.vocab_size, byte_as_hf.bos_id, byte_as_hf.eos_id, byte_as_hf.pad_id) == (
+      tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id)
+
+
+def test_hf_tokenizer_json_round_trips(hf_tokenizer, tmp_path):
+  (tmp_path / "tokenizer.json").write_text(hf_tokenizer.to_hf_json())
+  again = HFTokenizer(tmp_path / "tokenizer.json")
+  assert again.encode("look up the key<think>") == hf_tokenizer.encode("look up the key<think>")

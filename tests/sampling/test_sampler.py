@@ -63,3 +63,16 @@ def test_eos_and_max_length_stops():
     hit = np.flatnonzero(free[b] == eos)
     assert int(out.lengths[b]) == (hit[0] + 1 if hit.size else N)
   np.testing.assert_array_equal(np.asarray(out.logprobs)[mask == 1], 0.0)  # greedy: log 1
+
+
+def test_temperature_zero_is_greedy():
+  """Temperature 0 takes the argmax at every step (whatever top_p/top_k say), with log μ = 0."""
+  out = _sample(SamplingConfig(max_new_tokens=N, temperature=0.0, top_p=0.5, k_max=32, eos_id=-1), seed=3)
+  seq = full_tokens(out)
+  positions, segments = train_layout(out.prompt_lengths, 6, 6 + N)
+  logits = functional.forward(CFG, _params(), seq, positions=positions, segment_ids=segments)
+  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(logits[:, 5:-1].argmax(-1)))
+  assert (np.asarray(out.logprobs) == 0).all()
+  assert ((np.asarray(out.kept_ids) >= 0).sum(-1) == 1).all()
+  with pytest.raises(ValueError, match=r"temperature=-1.0 .*>= 0"):
+    SamplingConfig(temperature=-1.0)

@@ -87,3 +87,21 @@ def test_from_config_with_hf_weights_takes_only_top_k_and_context_from_the_file(
   hf = read_config(TINY_HF)
   assert recipe.RecipeConfig.from_config(tree).model == hf.replace(
       max_position=512, indexer=dataclasses.replace(hf.indexer, topk=4))
+
+
+def test_export_hf_writes_the_final_model_and_tokenizer(tmp_path):
+  from dsa_jax.data.tokenizer import ByteTokenizer, from_checkpoint
+  from dsa_jax.training import optimizer
+  from tests.training.conftest import tiny_config
+
+  cfg = recipe.RecipeConfig(model=tiny_config(), data=DataConfig(seq_len=64, batch_size=2), run_dir=str(tmp_path),
+                            stages="dense", dense_steps=2, checkpoint_every=2, eval_batches=1, eval_examples=1,
+                            export_hf=True)
+  recipe.run(cfg)
+  like = state.create(cfg.model, load_hf(tmp_path / "hf")[1], optimizer.build(cfg.optimizer, "dense"), 0)
+  final, _ = checkpointing.Checkpointer(tmp_path / "dense" / "checkpoints", every=1).restore_latest(like)
+  exported_cfg, exported = load_hf(tmp_path / "hf")
+  assert exported_cfg == cfg.model and int(final.step) == 2
+  assert _same(state.split_model_state(exported)[0], final.params)
+  assert from_checkpoint(tmp_path / "hf").encode("ab<｜end▁of▁sentence｜>") == ByteTokenizer().encode(
+      "ab<｜end▁of▁sentence｜>")

@@ -129,15 +129,15 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
             max_segments: int = DEFAULT_MAX_SEGMENTS) -> tuple[jax.Array, jax.Array]:
   """q [B, T, N, Hk], k/v [B, S, (N,) H], segment_ids [B, T] (a `layout_ok` layout) -> (out, lse [B, T, N]).
 
-  T < S (the queries are the last T keys of one document): two calls, causal over the last T keys and unmasked
-  over the S - T before them, merged by their lse (the same split as FlashAttention's blocks).
+  T < S (the queries are the last T keys of one document): two calls merged by their lse (the same split as
+  FlashAttention's blocks), causal over the last T keys and over all S keys with the last T masked as padding
+  (`kv_seqlen` = S - T), so that no [S - T] slice of the keys is copied.
   """
   t, s = q.shape[1], k.shape[1]
   if t == s:
     return _forward_call(q, k, v, segment_ids, scale, max_segments, _cudnn.MaskType.CAUSAL)
-  (out_tail, lse_tail), (out_past, lse_past) = (
-      _forward_call(q, k[:, s - t:], v[:, s - t:], segment_ids, scale, 1, _cudnn.MaskType.CAUSAL),
-      _forward_call(q, k[:, :s - t], v[:, :s - t], segment_ids, scale, 1, _cudnn.MaskType.NO_MASK))
+  out_tail, lse_tail = _forward_call(q, k[:, s - t:], v[:, s - t:], segment_ids, scale, 1, _cudnn.MaskType.CAUSAL)
+  out_past, lse_past = _forward_call(q, k, v, segment_ids, scale, 1, _cudnn.MaskType.PADDING, kv_length=s - t)
   lse = jnp.logaddexp(lse_tail, lse_past)
   weight = lambda part_lse: jnp.exp(part_lse - lse)[..., None]
   out = out_tail.astype(jnp.float32) * weight(lse_tail) + out_past.astype(jnp.float32) * weight(lse_past)
@@ -149,26 +149,38 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, o
   """(dq, dk, dv) of `forward` for the output cotangent `dout` (its lse cotangent taken as zero).
 
   T < S: each of the two calls' backward gets the merged output and lse, so its probabilities and
-  D = rowsum(dO * O) are the whole row's: its dq is that key range's share and its dk / dv are exact.
+  D = rowsum(dO * O) are the whole row's: its dq is that key range's share and its dk / dv are exact. The
+  padded call's dk / dv cover all S keys; the causal call's overwrite their last T rows in place.
   """
   t, s = q.shape[1], k.shape[1]
   if t == s:
     return _backward_call(q, k, v, segment_ids, out, lse, dout, scale, max_segments, _cudnn.MaskType.CAUSAL)
   dq_tail, dk_tail, dv_tail = _backward_call(q, k[:, s - t:], v[:, s - t:], segment_ids, out, lse, dout, scale, 1,
                                              _cudnn.MaskType.CAUSAL)
-  dq_past, dk_past, dv_past = _backward_call(q, k[:, :s - t], v[:, :s - t], segment_ids, out, lse, dout, scale, 1,
-                                             _cudnn.MaskType.NO_MASK)
+  dq_past, dk, dv = _backward_call(q, k, v, segment_ids, out, lse, dout, scale, 1, _cudnn.MaskType.PADDING,
+                                   kv_length=s - t)
   dq = (dq_tail.astype(jnp.float32) + dq_past.astype(jnp.float32)).astype(dq_tail.dtype)
-  return dq, jnp.concatenate([dk_past, dk_tail], axis=1), jnp.concatenate([dv_past, dv_tail], axis=1)
+  return dq, dk.at[:, s - t:].set(dk_tail), dv.at[:, s - t:].set(dv_tail)
 
 
-def _forward_call(q, k, v, segment_ids, scale, max_segments, mask_type):
-  """One cuDNN forward: `mask_type` CAUSAL (T == S, per packed run) or NO_MASK -> (out, lse [B, T, N])."""
+def _operands(q, segment_ids, max_segments, kv_length):
+  """The (q_seqlen, kv_seqlen, q_offsets, kv_offsets) operands and each token's (run, start) (`_sequences`);
+  with `kv_length`, one sequence a row whose keys after the first kv_length are padding."""
+  if kv_length is None:
+    return _sequences(segment_ids, max_segments, q.dtype)
+  b, t = q.shape[:2]
+  empty = jnp.zeros(0, q.dtype)
+  return (jnp.full((b,), t, jnp.int32), jnp.full((b,), kv_length, jnp.int32), empty, empty), None, None
+
+
+def _forward_call(q, k, v, segment_ids, scale, max_segments, mask_type, kv_length=None):
+  """One cuDNN forward: `mask_type` CAUSAL (T == S, per packed run) or PADDING (keys from kv_length on masked)
+  -> (out, lse [B, T, N])."""
   k, v = _heads(k), _heads(v)
   empty = jnp.zeros(0, q.dtype)
   _cudnn.check_layout(q, k, v, None, None, None, None, None, None, None, _cudnn.AttentionLayout.BTNH)
   _cudnn.check_is_flash_attention(q, k, v, _LAYOUT, _cudnn.check_cudnn_version(), False, True, max_segments > 1)
-  operands, run, start = _sequences(segment_ids, max_segments, q.dtype)
+  operands, run, start = _operands(q, segment_ids, max_segments, kv_length)
   out, stats = _cudnn._dot_product_attention_fwd_p_wrapper.bind(
       q, k, v, empty, *operands, empty, empty, scale=scale, seed=0, dropout_rate=0.0, variadic_args=(False, False),
       mask_type=mask_type, layout=_LAYOUT, sliding_window_length=None, is_training=True)
@@ -177,11 +189,11 @@ def _forward_call(q, k, v, segment_ids, scale, max_segments, mask_type):
   return out, lse_from_stats(stats, run, start, max_segments)
 
 
-def _backward_call(q, k, v, segment_ids, out, lse, dout, scale, max_segments, mask_type):
+def _backward_call(q, k, v, segment_ids, out, lse, dout, scale, max_segments, mask_type, kv_length=None):
   """One cuDNN backward with the given output and lse -> (dq, dk, dv)."""
   shared = k.ndim == 3
   empty = jnp.zeros(0, q.dtype)
-  operands, run, start = _sequences(segment_ids, max_segments, q.dtype)
+  operands, run, start = _operands(q, segment_ids, max_segments, kv_length)
   stats = jnp.transpose(lse, (0, 2, 1)) if run is None else stats_from_lse(lse, run, start, max_segments)
   dq, dk, dv = _cudnn._dot_product_attention_bwd_p_wrapper.bind(
       q, _heads(k), _heads(v), empty, *operands, empty, empty, stats, out, dout.astype(out.dtype), scale=scale,

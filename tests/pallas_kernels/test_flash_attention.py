@@ -235,8 +235,8 @@ class CudnnPreparationTest(parameterized.TestCase):
 
   @parameterized.parameters(0.0, 1.0)
   def test_last_keys_split_matches_reference(self, dlse_scale):
-    """T < S runs as two cuDNN calls (causal over the last T keys, unmasked before them) merged by lse, and each
-    call's backward gets the merged output and lse. Checked on CPU with the calls replaced by the reference and
+    """T < S runs as two cuDNN calls (causal over the last T keys, all keys with the last T as padding) merged by
+    lse, and each call's backward gets the merged output and lse. Checked on CPU with the calls replaced by the reference and
     the chunked backward at the masks cuDNN applies; the lse cotangent's case runs the chunked path (`api`)."""
     t, s, b, n = 12, 40, 2, 3
     ks = jax.random.split(jax.random.key(1), 4)
@@ -246,21 +246,28 @@ class CudnnPreparationTest(parameterized.TestCase):
     seg = jnp.zeros((b, s), jnp.int32)
     layout = dict(q_positions=pos[:, s - t:], kv_positions=pos, q_segment_ids=seg[:, s - t:], kv_segment_ids=seg)
 
-    def masks(q, k, mask_type):  # positions that make visibility cuDNN's index mask
+    def masks(q, k, mask_type, kv_length):  # positions that make visibility cuDNN's index or padding mask
       tq, sk = q.shape[1], k.shape[1]
       causal = mask_type == jax_cudnn.MaskType.CAUSAL
+      self.assertEqual((causal, kv_length is None), (True, True) if causal else (False, False))
       self.assertTrue(tq == sk or not causal)
-      qp = jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32) if causal else jnp.full(tq, sk), (b, tq))
+      qp = jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32) if causal else jnp.full(tq, kv_length - 1), (b, tq))
+      # garbage in the padded keys' gradients must not reach the result (cuDNN leaves them unspecified)
       return dict(q_positions=qp, kv_positions=jnp.broadcast_to(jnp.arange(sk, dtype=jnp.int32), (b, sk)),
                   q_segment_ids=jnp.zeros((b, tq), jnp.int32), kv_segment_ids=jnp.zeros((b, sk), jnp.int32))
 
-    def forward_call(q, k, v, segment_ids, scale, max_segments, mask_type):
-      return reference.attention(q, k, v, **masks(q, k, mask_type), scale=scale)
+    def forward_call(q, k, v, segment_ids, scale, max_segments, mask_type, kv_length=None):
+      return reference.attention(q, k, v, **masks(q, k, mask_type, kv_length), scale=scale)
 
-    def backward_call(q, k, v, segment_ids, out, lse, dout, scale, max_segments, mask_type):
-      m = masks(q, k, mask_type)
-      return chunked.backward(q, k, v, m["q_positions"], m["kv_positions"], m["q_segment_ids"], m["kv_segment_ids"],
-                              out, lse, dout, jnp.zeros_like(lse), scale=scale, block_q=8, block_k=8)
+    def backward_call(q, k, v, segment_ids, out, lse, dout, scale, max_segments, mask_type, kv_length=None):
+      m = masks(q, k, mask_type, kv_length)
+      grads = chunked.backward(q, k, v, m["q_positions"], m["kv_positions"], m["q_segment_ids"],
+                               m["kv_segment_ids"], out, lse, dout, jnp.zeros_like(lse), scale=scale, block_q=8,
+                               block_k=8)
+      if kv_length is None:
+        return grads
+      garbage = lambda x: x.at[:, kv_length:].set(1e3)
+      return grads[0], garbage(grads[1]), garbage(grads[2])
 
     def loss(attend, q, k, v):
       out, lse = attend(q, k, v)
@@ -353,6 +360,7 @@ class CudnnPreparationTest(parameterized.TestCase):
     self.assertEqual(text.count("custom_call @__cudnn$fmhaSoftmax("), calls)
     self.assertEqual(text.count("custom_call @__cudnn$fmhaSoftmaxBackward("), calls)
     self.assertIn(f"tensor<{cudnn.DEFAULT_MAX_SEGMENTS}x128x{t}xf32>", text)  # the statistics
+    self.assertNotIn(f"tensor<1x{s - t}x128x", text)  # a chunk's keys before its queries are never copied out
 
 
 if __name__ == "__main__":

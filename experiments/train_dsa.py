@@ -3,6 +3,10 @@
   python -m experiments.train_dsa                                   # the main job (CPU, a few minutes)
   python -m experiments.train_dsa --config=experiments/configs/train_small.py --config.train.sparse_steps=200
   srun python -m experiments.train_dsa --nosingle_host --config.mesh.fsdp=4 ...  # see docs/sharding.md
+
+Rerunning with the same --config.run_dir resumes it; it stops with one clear line (exit 1) when the run
+directory holds another config or no usable checkpoint, or a step's loss or gradient norm is not finite;
+--config.restart_from_scratch=True sets the earlier run aside and starts over.
 """
 
 import dataclasses
@@ -14,7 +18,7 @@ from absl import app, logging
 from ml_collections import config_flags
 
 from dsa_jax.sharding import distributed
-from dsa_jax.training import loop, recipe
+from dsa_jax.training import checkpointing, loop, recipe, run_dir
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "train_tiny.py"), "Training configuration.")
@@ -29,7 +33,10 @@ def main(argv):
     cfg = dataclasses.replace(cfg, run_dir=os.path.join(
         "runs", f"dsa_{_CONFIG.value.model.preset}_{datetime.datetime.now():%Y%m%d_%H%M%S}"))
   print(f"run directory: {cfg.run_dir}", flush=True)
-  results = recipe.run(cfg, loop.StopRequest())
+  try:
+    results = recipe.run(cfg, loop.StopRequest())
+  except (run_dir.RunConfigError, checkpointing.CheckpointError, loop.NonFiniteError) as err:
+    sys.exit(f"train_dsa: {err}")
   if results is None:
     sys.exit(143)  # SIGTERM: checkpoint saved; rerun with --config.run_dir to resume
   if all(stage in results for stage in ("dense", "warmup", "sparse")):

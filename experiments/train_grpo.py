@@ -5,12 +5,15 @@
 A short supervised warm start (teacher forcing on correct answers, plus the indexer's dense KL) teaches the
 random model the answer format but not yet sorting (mean reward <= 0.3, about what right-length random digits
 score); GRPO (`dsa_jax.rl.loop`) then raises it above 0.8. Defaults and the measured curve: docs/reports/grpo_demo.md.
-Prints the curve as a table, writes `curve.png`, `curve.json` and Orbax checkpoints under --out (rerunning
-with the same --out resumes: use a fresh --out for a fresh run).
+Prints the curve as a table, writes `curve.png`, `curve.json`, `metrics.jsonl` and Orbax checkpoints under
+--out. Rerunning with the same --out resumes (a longer --steps continues the run; the curve covers every step,
+read back from `metrics.jsonl`); with other settings it stops, naming them; --overwrite sets the earlier run
+aside (`--out/set_aside/<n>/`) and starts over.
 """
 
 import json
 import pathlib
+import sys
 import time
 
 import numpy as np
@@ -20,6 +23,8 @@ from dsa_jax.data.tokenizer import ByteTokenizer
 from dsa_jax.model import functional
 from dsa_jax.rl import get_task, grpo_step, loop, warm_start
 from dsa_jax.sampling import SamplingConfig
+from dsa_jax.training import checkpointing, run_dir
+from dsa_jax.training.loop import NonFiniteError
 from experiments.configs import grpo_demo
 
 _OUT = flags.DEFINE_string("out", "/tmp/dsa_jax/grpo_sort", "Output directory (plot, curve, checkpoints).")
@@ -39,6 +44,10 @@ _WARM_KL = flags.DEFINE_float("warm_indexer_kl", 1.0, "Weight of the indexer's d
 _TOPK = flags.DEFINE_integer("index_topk", 8, "Indexer top-k (< 9 prompt tokens: sparse on every completion token).")
 _UPDATES = flags.DEFINE_integer("updates_per_rollout", 1, "Updates per rollout batch.")
 _TEMP = flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Set the run in --out aside and start over.")
+# The settings a rerun in the same --out must keep (--steps may grow: a resume).
+_IDENTITY = (_TASK, _MIN_LEN, _MAX_LEN, _WARM_STEPS, _PROMPTS, _GROUP, _LR, _WARM_LR, _TOP_P, _SEED, _BETA, _WARM_KL,
+             _TOPK, _UPDATES, _TEMP)
 
 
 def print_table(history: list[dict]) -> None:
@@ -68,7 +77,14 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   out = pathlib.Path(_OUT.value)
-  out.mkdir(parents=True, exist_ok=True)
+  try:
+    run(out)
+  except (run_dir.RunConfigError, checkpointing.CheckpointError, NonFiniteError) as err:
+    sys.exit(f"train_grpo: {err}")
+
+
+def run(out: pathlib.Path) -> None:
+  run_dir.remember(out, {f.name: f.value for f in _IDENTITY}, restart=_OVERWRITE.value, restart_flag="--overwrite")
   tokenizer = ByteTokenizer()
   cfg = grpo_demo.model_config(tokenizer.vocab_size, index_topk=_TOPK.value)
   task = get_task(_TASK.value, min_len=_MIN_LEN.value, max_len=_MAX_LEN.value)
@@ -89,8 +105,7 @@ def main(argv):
   log = lambda m: print(f"step {m['step']:4d} reward {m['reward']:.3f} exact {m['exact']:.3f} "
                         f"kl {m['kl']:.4f} {m['seconds']:.2f}s", flush=True)
   gcfg = grpo_step.GRPOConfig(beta=_BETA.value, temperature=_TEMP.value)
-  _, history = loop.train(cfg, lcfg, gcfg, sampling, task, tokenizer, state, checkpoint_dir=str(out / "checkpoints"),
-                          log=log)
+  _, history = loop.train(cfg, lcfg, gcfg, sampling, task, tokenizer, state, run_dir=str(out), log=log)
   print(f"total {time.perf_counter() - start:.1f}s")
   print_table(history[::max(1, len(history) // 20)] + history[-1:])
   (out / "curve.json").write_text(json.dumps(history))

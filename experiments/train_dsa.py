@@ -7,6 +7,9 @@
 Before the first step it compiles each stage's step and compares XLA's memory estimate with the memory available
 (`dsa_jax.training.memory_check`): a run that cannot fit stops at once with the numbers, unless
 `--ignore_memory_estimate`.
+Rerunning with the same --config.run_dir resumes it; it stops with one clear line (exit 1) when the run
+directory holds another config or no usable checkpoint, or a step's loss or gradient norm is not finite;
+--config.restart_from_scratch=True sets the earlier run aside and starts over.
 """
 
 import dataclasses
@@ -17,7 +20,7 @@ import sys
 from absl import flags, logging
 
 from dsa_jax.sharding import distributed
-from dsa_jax.training import loop, memory_check, recipe
+from dsa_jax.training import checkpointing, loop, memory_check, recipe, run_dir
 from experiments import cli
 
 _CONFIG = cli.define_config_file(
@@ -38,7 +41,10 @@ def main(argv):
   print(f"run directory: {cfg.run_dir}", flush=True)
   if not _IGNORE_MEMORY.value:
     print(memory_check.check(cfg), flush=True)
-  results = recipe.run(cfg, loop.StopRequest())
+  try:
+    results = recipe.run(cfg, loop.StopRequest())
+  except (run_dir.RunConfigError, checkpointing.CheckpointError, loop.NonFiniteError) as err:
+    sys.exit(f"train_dsa: {err}")
   if results is None:
     sys.exit(143)  # SIGTERM: checkpoint saved; rerun with --config.run_dir to resume
   if all(stage in results for stage in ("dense", "warmup", "sparse")):

@@ -5,13 +5,16 @@
 A short supervised warm start (teacher forcing on correct answers, plus the indexer's dense KL) teaches the
 random model the answer format but not yet sorting (mean reward <= 0.3, about what right-length random digits
 score); GRPO (`dsa_jax.rl.loop`) then raises it above 0.8. Defaults and the measured curve: docs/reports/grpo_demo.md.
-Prints the curve as a table, writes `curve.png`, `curve.json`, Orbax checkpoints and (`--export_hf`) the final
-model with its tokenizer as an HF checkpoint `hf/` under --out (`python -m experiments.generate --run_dir=OUT`);
-rerunning with the same --out resumes: use a fresh --out for a fresh run.
+Prints the curve as a table, writes `curve.png`, `curve.json`, `metrics.jsonl`, Orbax checkpoints and
+(`--export_hf`) the final model with its tokenizer as an HF checkpoint `hf/` under --out
+(`python -m experiments.generate --run_dir=OUT`). Rerunning with the same --out resumes (a longer --steps
+continues the run; the curve covers every step, read back from `metrics.jsonl`); with other settings it stops,
+naming them; --overwrite sets the earlier run aside (`--out/set_aside/<n>/`) and starts over.
 """
 
 import json
 import pathlib
+import sys
 import time
 
 import numpy as np
@@ -23,6 +26,8 @@ from dsa_jax.model import functional
 from dsa_jax.progress import Progress
 from dsa_jax.rl import get_task, grpo_step, loop, warm_start
 from dsa_jax.sampling import SamplingConfig
+from dsa_jax.training import checkpointing, run_dir
+from dsa_jax.training.loop import NonFiniteError
 from experiments import cli
 from experiments.configs import grpo_demo
 
@@ -47,6 +52,9 @@ _TEMP = flags.DEFINE_float("temperature", 1.0, "Sampling temperature.", lower_bo
 
 LOG_EVERY = 10  # steps between progress lines when the output is not a terminal
 _EXPORT_HF = flags.DEFINE_bool("export_hf", True, "Write the final model and tokenizer to <out>/hf (HF format).")
+# The settings a rerun in the same --out must keep (--steps may grow: a resume).
+_IDENTITY = (_TASK, _MIN_LEN, _MAX_LEN, _WARM_STEPS, _PROMPTS, _GROUP, _LR, _WARM_LR, _TOP_P, _SEED, _BETA, _WARM_KL,
+             _TOPK, _UPDATES, _TEMP)
 
 
 def print_table(history: list[dict]) -> None:
@@ -76,7 +84,15 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   out = pathlib.Path(_OUT.value)
-  out.mkdir(parents=True, exist_ok=True)
+  try:
+    run(out)
+  except (run_dir.RunConfigError, checkpointing.CheckpointError, NonFiniteError) as err:
+    sys.exit(f"train_grpo: {err}")
+
+
+def run(out: pathlib.Path) -> None:
+  run_dir.remember(out, {f.name: f.value for f in _IDENTITY}, restart=flags.FLAGS.overwrite,
+                   restart_flag="--overwrite")
   tokenizer = ByteTokenizer()
   cfg = grpo_demo.model_config(tokenizer.vocab_size, index_topk=_TOPK.value)
   task = get_task(_TASK.value, min_len=_MIN_LEN.value, max_len=_MAX_LEN.value)
@@ -98,8 +114,7 @@ def main(argv):
   log = lambda m: progress.update(m["step"], f"reward {m['reward']:.3f} exact {m['exact']:.3f} kl {m['kl']:.4f} "
                                              f"{m['seconds']:.2f}s/step")
   gcfg = grpo_step.GRPOConfig(beta=_BETA.value, temperature=_TEMP.value)
-  state, history = loop.train(cfg, lcfg, gcfg, sampling, task, tokenizer, state, checkpoint_dir=str(out / "checkpoints"),
-                          log=log)
+  state, history = loop.train(cfg, lcfg, gcfg, sampling, task, tokenizer, state, run_dir=str(out), log=log)
   progress.close()
   print(f"total {time.perf_counter() - start:.1f}s")
   print_table(history[::max(1, len(history) // 20)] + history[-1:])

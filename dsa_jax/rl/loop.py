@@ -3,7 +3,9 @@
 DeepSeek-V3.2 §3.1. Thin by design: the maths is in `grpo_step` and `grpo_loss`, sampling in
 `dsa_jax.sampling`. The state (`grpo_step.GRPOState`: params, optimizer, reference, RNG, step, data cursor)
 is one pytree saved whole by Orbax; the prompts of rollout batch c are drawn from a generator seeded by
-(seed, c), so restoring the state resumes the run exactly.
+(seed, c), so restoring the state resumes the run exactly. Resume, integrity checks, keep-last-N, the NaN
+guard and `metrics.jsonl` follow the pre-training loop's rules (`training.checkpointing`, `training.loop`);
+the metrics are fetched every step here (a rollout waits for them anyway), so the guard checks every step.
 """
 
 import dataclasses
@@ -15,7 +17,6 @@ from typing import Callable
 import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from dsa_jax.data.tokenizer import Tokenizer
 from dsa_jax.model.config import ModelConfig
@@ -24,6 +25,8 @@ from dsa_jax.rl import grpo_step
 from dsa_jax.rl.rewards import Task
 from dsa_jax.rl.rollout import draw_prompts, rollout
 from dsa_jax.sampling import SamplingConfig
+from dsa_jax.training import checkpointing
+from dsa_jax.training.loop import MetricsLog, check_finite, read_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,18 +57,6 @@ def _update_fn(cfg: ModelConfig, gcfg: grpo_step.GRPOConfig, learning_rate: floa
   return grpo_step.make_step(cfg, gcfg, optimizer(learning_rate))
 
 
-def checkpoint_manager(directory: str | pathlib.Path) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(pathlib.Path(directory).resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=2))
-
-
-def restore_latest(manager: ocp.CheckpointManager, template: grpo_step.GRPOState) -> grpo_step.GRPOState:
-  """The latest saved state, or `template` when the directory holds none."""
-  latest = manager.latest_step()
-  if latest is None:
-    return template
-  return manager.restore(latest, args=ocp.args.StandardRestore(template))
-
-
 def one_step(cfg: ModelConfig, lcfg: LoopConfig, gcfg: grpo_step.GRPOConfig, sampling: SamplingConfig, task: Task,
              tokenizer: Tokenizer, state: grpo_step.GRPOState, update) -> tuple[grpo_step.GRPOState, dict]:
   """Rollout with the current parameters (π_old = them), score, update -> (state, metrics)."""
@@ -86,24 +77,43 @@ def one_step(cfg: ModelConfig, lcfg: LoopConfig, gcfg: grpo_step.GRPOConfig, sam
 
 
 def train(cfg: ModelConfig, lcfg: LoopConfig, gcfg: grpo_step.GRPOConfig, sampling: SamplingConfig, task: Task,
-          tokenizer: Tokenizer, state: grpo_step.GRPOState, checkpoint_dir: str | None = None,
+          tokenizer: Tokenizer, state: grpo_step.GRPOState, run_dir: str | None = None,
           log: Callable[[dict], None] | None = None) -> tuple[grpo_step.GRPOState, list[dict]]:
-  """Runs until lcfg.steps rollout batches were used, resuming from `checkpoint_dir` when it holds a state."""
-  manager = None if checkpoint_dir is None else checkpoint_manager(checkpoint_dir)
-  if manager is not None:
-    state = restore_latest(manager, state)
+  """Runs until lcfg.steps rollout batches were used -> (state, one record per step).
+
+  With `run_dir`: resumes from `run_dir/checkpoints` (`Checkpointer.resume`), appends to
+  `run_dir/metrics.jsonl` (records after the restored step dropped) and returns every record of that file, the
+  earlier runs' steps included; without it, this call's steps. Raises NonFiniteError on a non-finite loss or
+  gradient norm, before that state is saved.
+  """
+  checkpointer = metrics_log = None
+  if run_dir is not None:
+    checkpointer = checkpointing.Checkpointer(pathlib.Path(run_dir) / "checkpoints", every=lcfg.checkpoint_every,
+                                              keep=2, data=False)
+    restored = checkpointer.resume(state, label="grpo")
+    state = state if restored is None else restored[0]
+    metrics_log = MetricsLog(run_dir, start_step=int(state.cursor))
   update = _update_fn(cfg, gcfg, lcfg.learning_rate)
   history = []
-  while int(state.cursor) < lcfg.steps:
-    start = time.perf_counter()
-    state, metrics = one_step(cfg, lcfg, gcfg, sampling, task, tokenizer, state, update)
-    metrics.update(step=int(state.cursor), seconds=time.perf_counter() - start)
-    history.append(metrics)
-    if log is not None:
-      log(metrics)
-    done = int(state.cursor)
-    if manager is not None and (done % lcfg.checkpoint_every == 0 or done == lcfg.steps):
-      manager.save(done, args=ocp.args.StandardSave(state))
-  if manager is not None:
-    manager.wait_until_finished()
+  try:
+    while int(state.cursor) < lcfg.steps:
+      start = time.perf_counter()
+      state, metrics = one_step(cfg, lcfg, gcfg, sampling, task, tokenizer, state, update)
+      done = int(state.cursor)
+      metrics["seconds"] = time.perf_counter() - start
+      history.append({"step": done, **metrics})
+      if log is not None:
+        log(history[-1])
+      if checkpointer is not None:
+        metrics_log.write(done, metrics)
+      check_finite(done, metrics, "grpo")
+      if checkpointer is not None:
+        checkpointer.confirm()
+        checkpointer.save(done, state, force=done == lcfg.steps)
+  finally:
+    if checkpointer is not None:
+      checkpointer.close()
+      metrics_log.close()
+  if run_dir is not None:
+    history = read_metrics(pathlib.Path(run_dir) / "metrics.jsonl")
   return state, history

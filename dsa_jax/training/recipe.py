@@ -7,9 +7,10 @@
                the baseline the sparse model is compared with. It reads the same batches (same iterator
                state at its start), so the two branches differ only in the attention.
 Each stage checkpoints into `run_dir/<stage>/checkpoints` and logs to `run_dir/<stage>/metrics.jsonl` and
-TensorBoard events; a rerun resumes each stage from its newest readable checkpoint and skips finished ones.
-With `export_hf` the run's final model (its last of dense, warmup, sparse) and its tokenizer are written as an
-HF checkpoint to `run_dir/hf` (`dsa_jax.load_hf`, `python -m experiments.generate --run_dir=...`).
+TensorBoard events; a rerun resumes each stage from its newest usable checkpoint and skips finished ones
+(`checkpointing` says what "usable" means; `run_dir` stops a rerun with another config). With `export_hf` the
+run's final model (its last of dense, warmup, sparse) and its tokenizer are written as an HF checkpoint to
+`run_dir/hf` (`dsa_jax.load_hf`, `python -m experiments.generate --run_dir=...`).
 
 `RecipeConfig.mesh` of more than one device runs every stage sharded (`docs/sharding.md`): the state is
 placed by the parameters' logical axes, each host loads its own rows of the global batch, the routed experts
@@ -32,7 +33,7 @@ from dsa_jax.model import functional
 from dsa_jax.model.config import ModelConfig, preset
 from dsa_jax.sharding import distributed, expert_parallel, partition, rules
 from dsa_jax.sharding.mesh import MeshConfig, make_mesh
-from dsa_jax.training import checkpointing, evaluation, flops, loop, losses, moe_balance
+from dsa_jax.training import checkpointing, evaluation, flops, loop, losses, moe_balance, run_dir
 from dsa_jax.training import optimizer as optim
 from dsa_jax.training import state as state_lib
 from dsa_jax.training.train_step import StepConfig
@@ -70,6 +71,9 @@ class RecipeConfig:
   implementation: str | None = None
   mesh: MeshConfig = MeshConfig()
   export_hf: bool = False  # write the final model and tokenizer to run_dir/hf (one process only)
+  # Set the run directory's files aside (`run_dir/set_aside/<n>/`) and start over: needed when its
+  # checkpoints are all unusable or it holds a run of another config (`run_dir.remember`).
+  restart_from_scratch: bool = False
 
   @property
   def stage_names(self) -> tuple[str, ...]:
@@ -126,6 +130,15 @@ class RecipeConfig:
     return dataclass_from_config(cls, {**fields, "model": model})
 
 
+IDENTITY = ("model", "data", "optimizer", "loss", "bias_gamma", "seed", "init", "init_path")
+
+
+def run_identity(cfg: RecipeConfig) -> dict:
+  """The fields that define a run (what its checkpoints and metrics mean): a rerun must match them."""
+  return {name: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+          for name in IDENTITY for v in [getattr(cfg, name)]}
+
+
 def initial_state(cfg: RecipeConfig) -> state_lib.TrainState:
   """Step-0 state of the dense stage from random weights, our Orbax checkpoint or an HF checkpoint."""
   if cfg.init == "hf":
@@ -151,6 +164,7 @@ class Recipe:
   def __init__(self, cfg: RecipeConfig, stop: loop.StopRequest | None = None):
     self.cfg, self.stop = cfg, stop
     self.root = pathlib.Path(cfg.run_dir)
+    run_dir.remember(self.root, run_identity(cfg), restart=cfg.restart_from_scratch)  # before any data is read
     self.mesh = make_mesh(cfg.mesh) if cfg.mesh.size > 1 else None
     self.data_cfg = cfg.data
     if self.mesh is not None:  # this host's block of rows picks its documents
@@ -184,8 +198,8 @@ class Recipe:
                                                           self.mesh))
 
   def _start(self, name: str, tx, start: tuple | None, checkpointer: checkpointing.Checkpointer):
-    """(state, data iterator) a stage starts from: its newest checkpoint, else the end of `start`, else
-    the initial state; the state placed on the mesh."""
+    """(state, data iterator) a stage starts from: its newest usable checkpoint (`Checkpointer.resume`), else
+    the end of `start`, else the initial state; the state placed on the mesh."""
     data = iter(pipeline.train_dataset(self.data_cfg, self.train_docs, self.tokenizer))
     if start is None:
       state = state_lib.start_stage(initial_state(self.cfg), tx)
@@ -193,11 +207,10 @@ class Recipe:
       state = state_lib.start_stage(start[0], tx)
       data.set_state(start[1].get_state())
     state = self._place(state)
-    restored = checkpointer.restore_latest(state)  # into the placed state's shardings
+    restored = checkpointer.resume(state, label=name)  # into the placed state's shardings
     if restored is not None:
       state = restored[0]
       data.set_state(restored[1])
-      print(f"[{name}] resumed at step {int(state.step)} from {checkpointer.directory}", flush=True)
     return state, data
 
   def run_stage(self, name: str, stage: str, steps: int, start: tuple | None) -> tuple | None:
@@ -209,7 +222,7 @@ class Recipe:
                                               every=cfg.checkpoint_every or steps or 1)
     state, data = self._start(name, optim.build(cfg.optimizer, stage), start, checkpointer)
     step_fn = None if self.mesh is None else loop.sharded_step(step_cfg, state, self.mesh, cfg.data.batch_size)
-    log = loop.MetricsLog(self.root / name)
+    log = loop.MetricsLog(self.root / name, start_step=int(state.step))
     per_token = flops.per_token(cfg.model, cfg.data.seq_len, stage, step_cfg.with_mtp)
     try:
       for target in self._eval_points(stage, steps):
@@ -235,7 +248,7 @@ class Recipe:
 
 def _step_time(path: pathlib.Path) -> float:
   """Median step time of a stage's log, without its first (compiling) step."""
-  times = [r["step_time_s"] for r in map(json.loads, path.read_text().splitlines()) if "step_time_s" in r]
+  times = [r["step_time_s"] for r in loop.read_metrics(path) if "step_time_s" in r]
   return float(np.median(times[1:] or times)) if times else float("nan")
 
 

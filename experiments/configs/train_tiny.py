@@ -25,4 +25,5 @@ def get_config() -> ml_collections.ConfigDict:
                 "eval_examples": 16, "export_hf": True},
       "mesh": {"data": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1},
       "init": "random", "init_path": "", "seed": 0, "run_dir": "", "implementation": config_dict.placeholder(str),
+      "restart_from_scratch": False,  # True: set the run in run_dir aside and start over (`training/run_dir.py`)
   })

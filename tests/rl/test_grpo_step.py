@@ -86,8 +86,10 @@ def test_resume_is_exact(tmp_path):
   train = functools.partial(loop.train, CFG, gcfg=GRPO, sampling=SAMPLING, task=TASK, tokenizer=TOK)
   fresh = lambda: grpo_step.init_state(_params(), loop.optimizer(LOOP.learning_rate), 0)
   straight, history = train(LOOP, state=fresh())
-  train(dataclasses.replace(LOOP, steps=1), state=fresh(), checkpoint_dir=str(tmp_path))
-  resumed, resumed_history = train(LOOP, state=fresh(), checkpoint_dir=str(tmp_path))
-  assert [m["step"] for m in resumed_history] == [2]
-  assert resumed_history[0]["reward"] == history[1]["reward"]
+  train(dataclasses.replace(LOOP, steps=1), state=fresh(), run_dir=str(tmp_path))
+  resumed, resumed_history = train(LOOP, state=fresh(), run_dir=str(tmp_path))
+  assert [m["step"] for m in resumed_history] == [1, 2]  # the whole run, read back from metrics.jsonl
+  assert resumed_history[1]["reward"] == history[1]["reward"]
+  _, again = train(LOOP, state=fresh(), run_dir=str(tmp_path))  # nothing left to run: still the whole curve
+  assert again == resumed_history
   chex.assert_trees_all_equal(jax.device_get(resumed), jax.device_get(straight))

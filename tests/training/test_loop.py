@@ -7,6 +7,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dsa_jax.training import loop, train_step
 from dsa_jax.training.state import TrainState
@@ -64,3 +65,31 @@ def test_metrics_are_fetched_every_log_every_steps_and_logged_per_step(cfg, tmp_
   assert records[4]["step_time_s"] == records[5]["step_time_s"]  # steps 5 and 6 were fetched together
   printed = [line.split()[2] for line in capsys.readouterr().out.splitlines()]
   assert printed == ["4/10", "8/10", "10/10"]
+
+
+class _BadData(_Data):
+  """One id outside the vocabulary, or rows longer than the model's positions."""
+
+  def __init__(self, ids):
+    self.ids = ids
+
+  def __next__(self):
+    return {"ids": self.ids}
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda v, p: np.zeros((2, 4), np.int32) + np.eye(2, 4, 3, dtype=np.int32) * v,
+     r"batch\['ids'\]\[0, 3\]={v} is outside the vocabulary; allowed: 0 <= value < {v}"),
+    (lambda v, p: np.zeros((2, p + 1), np.int32), r"batch\['ids'\] has shape \(2, {p1}\); allowed: \[B, T\] with "
+                                                   r"B >= 1 and 1 <= T <= max_position={p}"),
+])
+def test_bad_batches_stop_before_the_step(cfg, tmp_path, make, message):
+  v, p = cfg.vocab_size, cfg.max_position
+  steps = []
+  state = TrainState(params={}, model_state={}, opt_state=(), step=jnp.zeros((), jnp.int32),
+                     rng=jnp.zeros((2,), jnp.uint32))
+  with pytest.raises(ValueError, match=message.format(v=v, p=p, p1=p + 1)):
+    loop.run(train_step.StepConfig(model=cfg, stage="dense"), state, _BadData(make(v, p)), steps=2,
+             checkpointer=_Checkpointer(), log=loop.MetricsLog(tmp_path), flops_per_token=1.0, peak_flops=1.0,
+             step_fn=lambda s, b: steps.append(1) or _step(s, b), final=False)
+  assert not steps

@@ -11,7 +11,8 @@ ALLOWED_JSONL = r"allowed: one JSON object per line with a string 'text' field"
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("data.bin", b"ab\ncd\x00\x01", r"data.bin line 2: a NUL byte at column 3 \(a binary file\); allowed: UTF-8 text"),
+    ("data.bin", b"ab\ncd\x00\x01",
+     r"data.bin line 2: a NUL byte at column 3 \(a binary file\); allowed: UTF-8 text"),
     ("bad.txt", b"ok\nfine\nab\xffc\n", r"bad.txt line 3: invalid UTF-8 \(byte 0xff at column 3\); allowed: UTF-8 text"),
     ("a.jsonl", b'{"text": "x"}\n{"text": \n', rf"a.jsonl line 2: not JSON \(.*\); {ALLOWED_JSONL}"),
     ("a.jsonl", b'{"text": "x"}\n\n{"body": "y"}\n', rf"a.jsonl line 3: no 'text' field; {ALLOWED_JSONL}"),

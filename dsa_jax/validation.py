@@ -2,7 +2,9 @@
 frozen config dataclasses built from the nested dicts of config files, every key checked.
 
 Its own module (it imports nothing from the project) so that data, training, sharding and RL configs use
-the same checks without importing the model.
+the same checks without importing the model. The array checks (`check_int_range`) run on concrete values
+only: inside `jit` an array is a tracer whose values are unknown, so they check it where it enters from
+Python (the model's eager call, the sampler, the training loop's host batches).
 """
 
 import dataclasses
@@ -10,6 +12,9 @@ import types
 import typing
 from collections.abc import Mapping
 from typing import Any
+
+import jax
+import numpy as np
 
 
 class UserError(ValueError):
@@ -32,6 +37,31 @@ def check_positive(obj: Any, *names: str) -> None:
   for name in names:
     value = getattr(obj, name)
     check_field(isinstance(value, int) and value > 0, f"{type(obj).__name__}.{name}", value, "a positive integer")
+
+
+def is_concrete(x: Any) -> bool:
+  """Whether the values of `x` can be read here: not a tracer (inside jit, vmap, grad) and not spread over
+  other hosts' devices."""
+  return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+
+
+def check_int_range(name: str, x: Any, low: int, high: int, what: str) -> None:
+  """Every value of the integer array `x` lies in [low, high); else a ValueError naming the array, the first
+  bad value and its index. One min and one max on the host copy (numpy: a concrete array closed over by a
+  traced function stays concrete, while a jnp reduction of it would be traced); a no-op for tracers
+  (`is_concrete`) and empty arrays."""
+  if not is_concrete(x):
+    return
+  x = np.asarray(x)
+  if x.size == 0:
+    return
+  lo, hi = int(x.min()), int(x.max())
+  if low <= lo and hi < high:
+    return
+  bad = lo if lo < low else hi
+  index = tuple(int(i) for i in np.argwhere(x == bad)[0])
+  raise ValueError(f"{name}[{', '.join(map(str, index))}]={bad} is outside the {what}; allowed: "
+                   f"{low} <= value < {high}.")
 
 
 def as_dict(tree: Any) -> dict:

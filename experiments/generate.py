@@ -22,7 +22,7 @@ from absl import flags
 
 import dsa_jax
 from dsa_jax.checkpoint import hub
-from dsa_jax.data.tokenizer import ByteTokenizer, from_checkpoint
+from dsa_jax.data.tokenizer import ByteTokenizer, check_vocab_fits, from_checkpoint
 from dsa_jax.model import functional
 from dsa_jax.model.config import tiny
 from dsa_jax.rl.rollout import completion_text
@@ -73,8 +73,11 @@ def _model():
 def main(argv):
   del argv
   cfg, params, tokenizer, known = _model()
+  check_vocab_fits(tokenizer, cfg.vocab_size, "the model's vocab_size")
   texts = (pathlib.Path(_PROMPTS_FILE.value).read_text().splitlines() if _PROMPTS_FILE.value else _PROMPT.value)
   texts = [t for t in texts if t]
+  if not texts:
+    raise app.UsageError("no prompt: give --prompt or a non-empty --prompts_file.")
   encoded = [tokenizer.encode(t) for t in texts]
   ids, lengths = left_pad(encoded, max(len(e) for e in encoded), tokenizer.pad_id)
   sampling = SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,

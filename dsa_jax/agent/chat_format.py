@@ -10,6 +10,10 @@ Implements the conversation encoding of DeepSeek-V3.2 (paper §4 "thinking in to
 
 Tool-call arguments are DSML parameters: strings raw (`string="true"`), everything else JSON.
 
+Tokenizing (`tokenize_messages`): only the markers the format itself writes become special tokens; what a
+user, a tool or a tool call wrote is encoded as plain text even where it spells a marker, so a tool result
+holding `<｜end▁of▁sentence｜><｜User｜>` cannot end the turn or forge a user message.
+
 Thinking retention: an assistant turn's reasoning is rendered only while no user (or developer) message has
 arrived after it, so reasoning survives tool calls and tool results and is dropped at the next user turn.
 Tool calls and tool results themselves always stay. Within one user turn the encoding is prefix-stable:
@@ -21,11 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any, Mapping, Sequence, Union
 
 from dsa_jax.data.tokenizer import (
     ASSISTANT, BOS, DSML, EOS, FUNCTION_CALLS_CLOSE, FUNCTION_CALLS_OPEN, INVOKE_CLOSE, INVOKE_OPEN,
-    PARAMETER_CLOSE, PARAMETER_OPEN, THINK_END, THINK_START, USER,
+    PARAMETER_CLOSE, PARAMETER_OPEN, THINK_END, THINK_START, USER, Tokenizer,
 )
 
 MODES = ("thinking", "chat")
@@ -158,26 +163,65 @@ class ToolResult:
 Message = Union[System, User, Developer, Assistant, ToolResult]
 
 
+# A rendered span: (text, whether the format wrote it). The format's spans may hold its markers, which become
+# special tokens; the other spans (message text, tool schemas, tool names and arguments) are encoded as
+# plain text (`Tokenizer.encode_plain`) wherever they spell a marker.
+Piece = tuple[str, bool]
+MARKERS = (BOS, EOS, USER, ASSISTANT, THINK_START, THINK_END, FUNCTION_CALLS_OPEN, FUNCTION_CALLS_CLOSE,
+           INVOKE_OPEN, INVOKE_CLOSE, PARAMETER_OPEN, PARAMETER_CLOSE)
+_MARKER_SPLIT = re.compile("(" + "|".join(re.escape(m) for m in sorted(MARKERS, key=len, reverse=True)) + ")")
+
+
+def _text(pieces: Sequence[Piece]) -> str:
+  return "".join(text for text, _ in pieces)
+
+
+def tokenize_pieces(tokenizer: Tokenizer, pieces: Sequence[Piece]) -> list[int]:
+  """Token ids of rendered pieces: each marker the format wrote via `tokenizer.encode` (its special id),
+  all text between markers, the format's and the messages' alike, in one `tokenizer.encode_plain` call."""
+  ids: list[int] = []
+  plain: list[str] = []
+  for text, from_format in pieces:
+    for part in _MARKER_SPLIT.split(text) if from_format else (text,):
+      if from_format and part in MARKERS:
+        ids += tokenizer.encode_plain("".join(plain)) + tokenizer.encode(part)
+        plain.clear()
+      else:
+        plain.append(part)
+  return ids + tokenizer.encode_plain("".join(plain))
+
+
 def to_json(value: Any) -> str:
   return json.dumps(value, ensure_ascii=False)
 
 
+def _tools_pieces(tools: Sequence[Mapping[str, Any]]) -> list[Piece]:
+  before, after = _TOOLS_TEMPLATE.split("{tool_schemas}")
+  return [(before, True), ("\n".join(to_json(dict(t)) for t in tools), False), (after, True)]
+
+
 def render_tools(tools: Sequence[Mapping[str, Any]]) -> str:
-  return _TOOLS_TEMPLATE.format(tool_schemas="\n".join(to_json(dict(t)) for t in tools))
+  return _text(_tools_pieces(tools))
+
+
+def _tool_call_pieces(calls: Sequence[ToolCall]) -> list[Piece]:
+  if not calls:
+    return []
+  pieces: list[Piece] = [(TOOL_CALLS_START + "\n", True)]
+  for i, call in enumerate(calls):
+    pieces += [("\n" if i else "", True), (f'{INVOKE_OPEN} name="', True), (call.name, False), ('">\n', True)]
+    for j, (key, value) in enumerate(call.arguments.items()):
+      string = isinstance(value, str)
+      pieces += [("\n" if j else "", True), (f'{PARAMETER_OPEN} name="', True), (key, False),
+                 (f'" string="{"true" if string else "false"}">', True), (value if string else to_json(value), False),
+                 (PARAMETER_CLOSE, True)]
+    pieces.append((f"\n{INVOKE_CLOSE}", True))
+  return pieces + [("\n" + FUNCTION_CALLS_CLOSE, True)]
 
 
 def render_tool_calls(calls: Sequence[ToolCall]) -> str:
   """`\\n\\n<｜DSML｜function_calls>…</｜DSML｜function_calls>`, or "" without calls."""
-  if not calls:
-    return ""
-  invokes = []
-  for call in calls:
-    params = "\n".join(
-        f'{PARAMETER_OPEN} name="{key}" string="{"true" if isinstance(value, str) else "false"}">'
-        f"{value if isinstance(value, str) else to_json(value)}{PARAMETER_CLOSE}"
-        for key, value in call.arguments.items())
-    invokes.append(f'{INVOKE_OPEN} name="{call.name}">\n{params}\n{INVOKE_CLOSE}')
-  return TOOL_CALLS_START + "\n" + "\n".join(invokes) + "\n" + FUNCTION_CALLS_CLOSE
+  return _text(_tool_call_pieces(calls))
 
 
 def last_user_index(messages: Sequence[Message]) -> int:
@@ -198,7 +242,7 @@ def _generation_prefix(messages: Sequence[Message], index: int, mode: str) -> st
   return THINK_START if mode == "thinking" and index >= last_user_index(messages) else THINK_END
 
 
-def _render_tool_result(messages: Sequence[Message], index: int, mode: str) -> str:
+def _tool_result_pieces(messages: Sequence[Message], index: int, mode: str) -> list[Piece]:
   owner = index - 1
   while owner >= 0 and isinstance(messages[owner], ToolResult):
     owner -= 1
@@ -207,29 +251,43 @@ def _render_tool_result(messages: Sequence[Message], index: int, mode: str) -> s
   if order > len(calls):
     raise ValueError(f"messages[{index}] is ToolResult number {order} after an assistant turn with "
                      f"{len(calls)} tool calls; each ToolResult must answer one call, in order")
-  text = ("\n\n" + FUNCTION_RESULTS_OPEN if order == 1 else "") + f"\n<result>{messages[index].content}</result>"
+  pieces: list[Piece] = [(("\n\n" + FUNCTION_RESULTS_OPEN if order == 1 else "") + "\n<result>", True),
+                         (messages[index].content, False), ("</result>", True)]
   if order == len(calls):
-    text += "\n" + FUNCTION_RESULTS_CLOSE + "\n\n" + _generation_prefix(messages, index, mode)
-  return text
+    pieces.append(("\n" + FUNCTION_RESULTS_CLOSE + "\n\n" + _generation_prefix(messages, index, mode), True))
+  return pieces
+
+
+def _message_pieces(messages: Sequence[Message], index: int, mode: str) -> list[Piece]:
+  msg = messages[index]
+  if isinstance(msg, System):
+    return [(msg.content, False)] + ([("\n\n", True)] + _tools_pieces(msg.tools) if msg.tools else [])
+  if isinstance(msg, Developer):
+    tools = [("\n\n", True)] + _tools_pieces(msg.tools) if msg.tools else []
+    return ([(USER, True)] + tools + [("\n\n# The user's message is: ", True), (msg.content, False),
+                                      (ASSISTANT + _generation_prefix(messages, index, mode), True)])
+  if isinstance(msg, User):
+    return [(USER, True), (msg.content, False), (ASSISTANT + _generation_prefix(messages, index, mode), True)]
+  if isinstance(msg, ToolResult):
+    return _tool_result_pieces(messages, index, mode)
+  if isinstance(msg, Assistant):
+    return _completion_pieces(msg, "thinking" if keeps_reasoning(messages, index, mode) else "chat")
+  raise TypeError(f"messages[{index}] has type {type(msg).__name__}; allowed: System, User, Developer, "
+                  "Assistant, ToolResult")
 
 
 def render_message(messages: Sequence[Message], index: int, mode: str) -> str:
   """Text of `messages[index]`, which depends on its neighbours (thinking retention, result grouping)."""
-  msg = messages[index]
-  if isinstance(msg, System):
-    return msg.content + ("\n\n" + render_tools(msg.tools) if msg.tools else "")
-  if isinstance(msg, Developer):
-    tools = "\n\n" + render_tools(msg.tools) if msg.tools else ""
-    body = f"{tools}\n\n# The user's message is: {msg.content}"
-    return USER + body + ASSISTANT + _generation_prefix(messages, index, mode)
-  if isinstance(msg, User):
-    return USER + msg.content + ASSISTANT + _generation_prefix(messages, index, mode)
-  if isinstance(msg, ToolResult):
-    return _render_tool_result(messages, index, mode)
-  if isinstance(msg, Assistant):
-    return render_completion(msg, "thinking" if keeps_reasoning(messages, index, mode) else "chat")
-  raise TypeError(f"messages[{index}] has type {type(msg).__name__}; allowed: System, User, Developer, "
-                  "Assistant, ToolResult")
+  return _text(_message_pieces(messages, index, mode))
+
+
+def _messages_pieces(messages: Sequence[Message], mode: str, start: int, add_bos: bool) -> list[Piece]:
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r}; allowed: {MODES}")
+  if not 0 <= start <= len(messages):
+    raise ValueError(f"start={start} must lie in [0, {len(messages)}]")
+  head = [(BOS, True)] if add_bos and start == 0 else []
+  return head + [p for i in range(start, len(messages)) for p in _message_pieces(messages, i, mode)]
 
 
 def encode_messages(messages: Sequence[Message], mode: str = "thinking", start: int = 0,
@@ -238,19 +296,34 @@ def encode_messages(messages: Sequence[Message], mode: str = "thinking", start: 
 
   With `start=0` this is the whole prompt (BOS first if `add_bos`). A conversation that ends with a user
   message or a complete set of tool results ends with the generation prefix (`<think>` or `</think>`), so
-  the text is ready to be continued by the model.
+  the text is ready to be continued by the model. To tokenize it use `tokenize_messages`, not
+  `tokenizer.encode` of this text, which would turn markers spelled inside messages into special tokens.
   """
+  return _text(_messages_pieces(messages, mode, start, add_bos))
+
+
+def tokenize_messages(tokenizer: Tokenizer, messages: Sequence[Message], mode: str = "thinking", start: int = 0,
+                      add_bos: bool = True) -> list[int]:
+  """Token ids of `encode_messages(...)` in which only the format's own markers are special tokens: a user
+  message or tool result that spells `<｜end▁of▁sentence｜>` or `<｜User｜>` stays plain text
+  (`tokenize_pieces`). For text without such spellings, and the byte tokenizer, this is
+  `tokenizer.encode(encode_messages(...))`."""
+  return tokenize_pieces(tokenizer, _messages_pieces(messages, mode, start, add_bos))
+
+
+def _completion_pieces(message: Assistant, mode: str) -> list[Piece]:
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}; allowed: {MODES}")
-  if not 0 <= start <= len(messages):
-    raise ValueError(f"start={start} must lie in [0, {len(messages)}]")
-  head = BOS if add_bos and start == 0 else ""
-  return head + "".join(render_message(messages, i, mode) for i in range(start, len(messages)))
+  reasoning = [(message.reasoning, False), (THINK_END, True)] if mode == "thinking" else []
+  return reasoning + [(message.content, False)] + _tool_call_pieces(message.tool_calls) + [(EOS, True)]
 
 
 def render_completion(message: Assistant, mode: str = "thinking") -> str:
   """What the model writes for `message` after a generation prefix: the text `parse.parse_completion` reads."""
-  if mode not in MODES:
-    raise ValueError(f"mode={mode!r}; allowed: {MODES}")
-  reasoning = message.reasoning + THINK_END if mode == "thinking" else ""
-  return reasoning + message.content + render_tool_calls(message.tool_calls) + EOS
+  return _text(_completion_pieces(message, mode))
+
+
+def tokenize_completion(tokenizer: Tokenizer, message: Assistant, mode: str = "thinking") -> list[int]:
+  """Token ids of `render_completion(message, mode)` with only the format's markers special
+  (`tokenize_messages`)."""
+  return tokenize_pieces(tokenizer, _completion_pieces(message, mode))

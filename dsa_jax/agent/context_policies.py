@@ -17,7 +17,7 @@ import dataclasses
 import math
 from typing import Callable, Protocol, Sequence, TypeVar
 
-from dsa_jax.agent.chat_format import Assistant, Message, ToolResult, encode_messages, last_user_index
+from dsa_jax.agent.chat_format import Assistant, Message, ToolResult, last_user_index, tokenize_messages
 from dsa_jax.data.tokenizer import Tokenizer
 
 SUMMARY_HEADER = "\n\n## Summary of the work so far\n"
@@ -38,7 +38,7 @@ def _check_fraction(owner: str, field: str, value: float) -> None:
 
 def context_tokens(messages: Sequence[Message], tokenizer: Tokenizer, mode: str) -> int:
   """Exact length in tokens of the prompt that `messages` encode to."""
-  return len(tokenizer.encode(encode_messages(messages, mode)))
+  return len(tokenize_messages(tokenizer, messages, mode))
 
 
 def should_trigger(policy: ContextPolicy, n_tokens: int, window: int) -> bool:

@@ -21,7 +21,7 @@ import re
 from typing import Optional, Sequence
 
 from dsa_jax.agent.chat_format import (
-    MODES, Assistant, Message, System, ToolCall, ToolResult, User, render_completion,
+    MODES, Assistant, Message, System, ToolCall, ToolResult, User, tokenize_completion,
 )
 from dsa_jax.agent.context_policies import SUMMARY_HEADER, ContextPolicy
 from dsa_jax.agent.rollout import Generation, RolloutConfig, RolloutResult, rollout
@@ -174,7 +174,7 @@ class ScriptedKVAgent:
   def __call__(self, prompt_tokens: list[int], max_new_tokens: int,
                stop_ids: Optional[Sequence[int]] = None) -> Generation:
     turn = self.decide(self.tokenizer.decode(prompt_tokens))
-    tokens = self.tokenizer.encode(render_completion(turn, self.mode))[:max_new_tokens]
+    tokens = tokenize_completion(self.tokenizer, turn, self.mode)[:max_new_tokens]
     return Generation(tokens=tokens, logprobs=[0.0] * len(tokens))
 
 

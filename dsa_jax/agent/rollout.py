@@ -4,7 +4,8 @@ The loop: generate until `<｜end▁of▁sentence｜>`, parse the turn (`parse.p
 calls through the registry, append the `<function_results>` block (which ends with the next generation
 prefix) and continue, until the model answers without a tool call or a limit is hit. Because the format is
 prefix-stable within a user turn (thinking retention, `chat_format`), the context grows by appending the
-sampled tokens and the tokens of each results block; nothing is re-tokenised.
+sampled tokens and the tokens of each results block; nothing is re-tokenised. Messages and tool results are
+tokenized with `chat_format.tokenize_messages`: text that spells a marker stays plain text.
 
 Per token the trajectory records a loss mask (1 only on sampled tokens) and the sampler's log-probability,
 kept set (Keep Sampling Mask) and routes (Keep Routing), aligned with the tokens. When a context policy
@@ -22,7 +23,7 @@ from typing import Any, Optional, Protocol, Sequence, Union
 import numpy as np
 
 from dsa_jax.agent import context_policies
-from dsa_jax.agent.chat_format import MODES, Assistant, Message, ToolResult, encode_messages
+from dsa_jax.agent.chat_format import MODES, Assistant, Message, ToolResult, tokenize_messages
 from dsa_jax.agent.parse import ParseError, parse_completion
 from dsa_jax.agent.tools import ToolRegistry
 from dsa_jax.data.tokenizer import Tokenizer
@@ -142,7 +143,7 @@ def rollout(generate: GenerateFn, tokenizer: Tokenizer, registry: ToolRegistry, 
             policy: Optional[context_policies.ContextPolicy] = None) -> RolloutResult:
   """Run one multi-turn episode from `messages` (typically System with tools, then User)."""
   messages = tuple(messages)
-  context = _Context(tokenizer.encode(encode_messages(messages, config.mode)))
+  context = _Context(tokenize_messages(tokenizer, messages, config.mode))
   closed: list[Trajectory] = []
   lengths: list[int] = []
   n_calls = 0
@@ -171,9 +172,9 @@ def rollout(generate: GenerateFn, tokenizer: Tokenizer, registry: ToolRegistry, 
     n_calls += len(turn.tool_calls)
     first_result = len(messages)
     messages += tuple(ToolResult(registry.call(call).content) for call in turn.tool_calls)
-    context.add_prompt(tokenizer.encode(encode_messages(messages, config.mode, start=first_result)))
+    context.add_prompt(tokenize_messages(tokenizer, messages, config.mode, start=first_result))
     if policy is not None and context_policies.should_trigger(policy, len(context), config.window):
       messages = policy.apply(messages)
       closed.append(context.freeze())
-      context = _Context(tokenizer.encode(encode_messages(messages, config.mode)))
+      context = _Context(tokenize_messages(tokenizer, messages, config.mode))
   return done("max_steps", config.max_steps)

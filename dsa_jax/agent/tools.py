@@ -3,8 +3,16 @@
 Each tool's schema is what the system prompt lists (`chat_format.render_tools`, the `<functions>` block of
 `encoding_dsv32.py`). Arguments are checked against a small JSON-Schema subset (`type`, `enum`,
 `properties`, `required`, `additionalProperties`, `items`) before the call, with errors that name the
-argument, the value and what was allowed. Every call runs under a timeout; a failure of any kind becomes
-the text of the tool result, so the model sees it and the rollout goes on.
+argument, the value and what was allowed. Every call runs under a timeout; a failure of any kind (an
+exception, `SystemExit` and `KeyboardInterrupt` included) becomes the text of the tool result, so the model
+sees it and the rollout goes on. Results longer than `max_output_chars` are cut, with a marker saying so.
+
+Calls run on daemon threads, at most `max_workers` per registry. Python cannot stop a thread, so a call that
+times out keeps its worker until the tool returns; while every worker is held, a new call waits up to its
+timeout for one and then fails ("did not start") instead of starting another thread. Threads were chosen
+over subprocesses because tools are closures over the caller's state (a subprocess would need them
+picklable, and forking a process that runs JAX is unsafe); a tool that may hang on a resource for good
+should run that work in a subprocess of its own.
 """
 
 from __future__ import annotations
@@ -85,16 +93,19 @@ class ToolOutcome:
   content: str
 
 
-def _run_with_timeout(fn: Callable[..., Any], kwargs: Mapping[str, Any], timeout_s: float):
-  """(finished, value, exception). A call that overruns is abandoned on a daemon thread: Python cannot
-  kill a thread, so tools that may hang should not hold resources the caller needs back."""
+def _run_with_timeout(fn: Callable[..., Any], kwargs: Mapping[str, Any], timeout_s: float,
+                      workers: threading.BoundedSemaphore):
+  """(finished, value, exception) of `fn(**kwargs)` on a daemon thread holding one of `workers` until `fn`
+  returns; a call that overruns is abandoned there (module docstring)."""
   box: dict[str, Any] = {}
 
   def target():
     try:
       box["value"] = fn(**kwargs)
-    except Exception as e:  # The tool's failure is reported to the model, not raised.
+    except BaseException as e:  # SystemExit and KeyboardInterrupt too: reported to the model, not raised
       box["error"] = e
+    finally:
+      workers.release()
 
   thread = threading.Thread(target=target, daemon=True)
   thread.start()
@@ -105,9 +116,18 @@ def _run_with_timeout(fn: Callable[..., Any], kwargs: Mapping[str, Any], timeout
 
 
 class ToolRegistry:
-  """Tools by name; `schemas` go into the system prompt, `call` runs a parsed `ToolCall`."""
+  """Tools by name; `schemas` go into the system prompt, `call` runs a parsed `ToolCall`.
 
-  def __init__(self, tools: tuple[Tool, ...] = ()):
+  `max_output_chars`: longer results are cut to this many characters plus a marker. `max_workers`: threads
+  that may run (or hang in) tool calls at once (module docstring).
+  """
+
+  def __init__(self, tools: tuple[Tool, ...] = (), max_output_chars: int = 16384, max_workers: int = 4):
+    for name, value in (("max_output_chars", max_output_chars), ("max_workers", max_workers)):
+      if not (isinstance(value, int) and value >= 1):
+        raise ValueError(f"ToolRegistry.{name}={value!r} is invalid; allowed: an integer >= 1.")
+    self.max_output_chars, self.max_workers = max_output_chars, max_workers
+    self._workers = threading.BoundedSemaphore(max_workers)
     self._tools: dict[str, Tool] = {}
     for tool in tools:
       self.register(tool)
@@ -131,15 +151,27 @@ class ToolRegistry:
     return validate(dict(call.arguments), self._tools[call.name].parameters, call.name)
 
   def call(self, call: ToolCall) -> ToolOutcome:
+    outcome = self._call(call)
+    n = len(outcome.content)
+    if n <= self.max_output_chars:
+      return outcome
+    kept = outcome.content[:self.max_output_chars]
+    return ToolOutcome(outcome.ok, f"{kept}\n[truncated: {n - self.max_output_chars} of {n} characters cut]")
+
+  def _call(self, call: ToolCall) -> ToolOutcome:
     errors = self.check(call)
     if errors:
       return ToolOutcome(False, "error: " + "; ".join(errors))
     tool = self._tools[call.name]
-    finished, value, error = _run_with_timeout(tool.fn, call.arguments, tool.timeout_s)
+    if not self._workers.acquire(timeout=tool.timeout_s):
+      return ToolOutcome(False, f"error: {call.name} did not start: all {self.max_workers} tool workers are still "
+                                "running timed-out calls")
+    finished, value, error = _run_with_timeout(tool.fn, call.arguments, tool.timeout_s, self._workers)
     if not finished:
       return ToolOutcome(False, f"error: {call.name} timed out after {tool.timeout_s} s")
     if error is not None:
-      return ToolOutcome(False, f"error: {call.name} raised {type(error).__name__}: {error}")
+      detail = f": {error}" if str(error) else ""
+      return ToolOutcome(False, f"error: {call.name} raised {type(error).__name__}{detail}")
     if isinstance(value, str):
       return ToolOutcome(True, value)
     try:

@@ -76,13 +76,20 @@ def build_tokenizer(cfg: DataConfig) -> Tokenizer:
 
 
 def documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
-  """(train, eval) documents of the configured source."""
+  """(train, eval) documents of the configured source; too few for both splits raise ValueError."""
   docs = corpus.read_documents(list(cfg.files) or corpus.stdlib_files())
-  return corpus.split_documents(docs, cfg.eval_fraction)
+  train, held_out = corpus.split_documents(docs, cfg.eval_fraction)
+  if not train or not held_out:
+    every = corpus.held_out_every(cfg.eval_fraction)
+    raise ValueError(f"DataConfig.files: {len(docs)} documents leave {len(held_out)} for the held-out split (every "
+                     f"{every}th document, eval_fraction={cfg.eval_fraction}) and {len(train)} for training; allowed: "
+                     f"at least {every} documents (non-blank files or .jsonl lines), or a larger eval_fraction.")
+  return train, held_out
 
 
 class _ToTokens(grain.transforms.MapWithIndex):
-  """Document i -> {"tokens", "loss_mask"}; with probability `rate` a retrieval example built on it."""
+  """Document i -> {"tokens", "loss_mask"}; with probability `rate` a retrieval example built on it. A long
+  document is cut to a random window of characters (`corpus.clip`), then of `max_doc_tokens` tokens."""
 
   def __init__(self, cfg: DataConfig, tokenizer: Tokenizer):
     self.cfg, self.tokenizer = cfg, tokenizer
@@ -90,7 +97,7 @@ class _ToTokens(grain.transforms.MapWithIndex):
   def map_with_index(self, index: int, doc: str) -> dict[str, np.ndarray]:
     shard, count = self.cfg.shard  # the index in the one-host stream keeps every host's draws apart
     rng = np.random.default_rng([self.cfg.seed, index * count + shard])
-    ids = self.tokenizer.encode(doc)
+    ids = self.tokenizer.encode(corpus.clip(doc, self.cfg.max_doc_tokens, rng))
     if len(ids) > self.cfg.max_doc_tokens:
       start = int(rng.integers(len(ids) - self.cfg.max_doc_tokens))
       ids = ids[start:start + self.cfg.max_doc_tokens]

@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from dsa_jax.data.corpus import clip
 from dsa_jax.data.tokenizer import Tokenizer
 from dsa_jax.validation import check_positive
 
@@ -41,6 +42,8 @@ class Example:
 def make_example(rng: np.random.Generator, filler: list[int], length: int, tokenizer: Tokenizer,
                  cfg: RetrievalConfig) -> Example:
   """One example of exactly `length` tokens; filler tokens come from `filler` (cycled if short)."""
+  if not len(filler):
+    raise ValueError("filler is empty; allowed: the token ids of a non-empty document.")
   keys = ["".join(rng.choice(list(string.ascii_uppercase), 3)) for _ in range(cfg.num_pairs)]
   values = ["".join(rng.choice(list(string.digits), cfg.digits)) for _ in range(cfg.num_pairs)]
   asked = int(rng.integers(cfg.num_pairs))
@@ -64,9 +67,13 @@ def make_example(rng: np.random.Generator, filler: list[int], length: int, token
 
 def eval_examples(docs: list[str], tokenizer: Tokenizer, length: int, count: int, cfg: RetrievalConfig,
                   seed: int = 1234) -> list[Example]:
-  """A fixed evaluation set of `count` examples over held-out documents."""
+  """A fixed evaluation set of `count` examples over held-out documents (each cut to its first
+  `length * corpus.MAX_CHARS_PER_TOKEN` characters before tokenizing)."""
+  if not docs:
+    raise ValueError(f"docs is empty; allowed: at least one held-out document for {count} retrieval examples.")
   rng = np.random.default_rng(seed)
-  return [make_example(rng, tokenizer.encode(docs[i % len(docs)]), length, tokenizer, cfg) for i in range(count)]
+  return [make_example(rng, tokenizer.encode(clip(docs[i % len(docs)], length)), length, tokenizer, cfg)
+          for i in range(count)]
 
 
 def accuracy(logits_fn: Callable[[np.ndarray], np.ndarray], examples: list[Example],

@@ -6,6 +6,10 @@ the bytes; text is split on special strings first, so `encode(a + b) == encode(a
 special string straddles the boundary. It is the tokenizer of the tests, the agent study and the training
 data pipeline. `HFTokenizer` wraps a HuggingFace `tokenizer.json` (for example DeepSeek-V3.2's own) through
 the `tokenizers` library.
+
+`encode` turns special strings into their ids; `encode_plain` never does (the text of a special string
+becomes ordinary tokens that decode to the same text). The chat format encodes everything a user or a
+tool wrote with `encode_plain`, so such text cannot forge a role or end-of-turn marker.
 """
 
 from __future__ import annotations
@@ -54,6 +58,10 @@ class Tokenizer(Protocol):
 
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`; special strings inside it become their single ids. Adds no BOS."""
+    ...
+
+  def encode_plain(self, text: str) -> list[int]:
+    """Token ids of `text` as ordinary text: never a special id, even where it spells a special string."""
     ...
 
   def decode(self, ids: Sequence[int]) -> str:
@@ -132,6 +140,9 @@ class ByteTokenizer(_SpecialIds):
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in self._specials])
     return tok.to_str()
 
+  def encode_plain(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
   def decode(self, ids: Sequence[int]) -> str:
     pieces: list[str] = []
     pending = bytearray()
@@ -160,13 +171,24 @@ class HFTokenizer(_SpecialIds):
   """A HuggingFace `tokenizer.json` behind the `Tokenizer` protocol.
 
   `encode` adds no template tokens (the chat format writes BOS itself) and `decode` keeps special tokens,
-  so that the agent can parse them.
+  so that the agent can parse them. `encode_plain` cuts every added token's text after its first character
+  (whether the file marks the token special or not), so the pieces tokenize as ordinary text; an added
+  token of a single character cannot be cut and is left as it is.
   """
 
   def __init__(self, path: str | pathlib.Path, bos: str = BOS, eos: str = EOS, pad: str = PAD):
     import tokenizers  # Imported here: only this class needs the library.
 
-    self._tok = tokenizers.Tokenizer.from_file(str(path))
+    path = pathlib.Path(path)
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # the library raises a bare Exception for a missing file and for bad JSON alike
+      raise ValueError(f"tokenizer.json {path} could not be read ({e}); allowed: a HuggingFace tokenizers JSON "
+                       "file") from e
+    added = [t.content for t in self._tok.get_added_tokens_decoder().values() if len(t.content) > 1]
+    alternation = "|".join(re.escape(s) for s in sorted(added, key=len, reverse=True))
+    self._added = frozenset(added)
+    self._split = re.compile(f"({alternation})") if added else None
     self._bos, self._eos, self._pad = self.token_id(bos), self.token_id(eos), self.token_id(pad)
 
   @property
@@ -184,6 +206,17 @@ class HFTokenizer(_SpecialIds):
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_plain(self, text: str) -> list[int]:
+    if self._split is None:
+      return self.encode(text)
+    ids: list[int] = []
+    for piece in self._split.split(text):
+      if piece in self._added:  # its first character alone, then the rest (which may hold another added token)
+        ids += self.encode(piece[0]) + self.encode_plain(piece[1:])
+      elif piece:
+        ids += self.encode(piece)
+    return ids
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -215,3 +248,11 @@ def from_checkpoint(path: str | pathlib.Path) -> HFTokenizer | None:
     if value:
       special[name] = value
   return HFTokenizer(path / "tokenizer.json", **special)
+
+
+def check_vocab_fits(tokenizer: Tokenizer, vocab_size: int, field: str) -> None:
+  """Raises ValueError when the tokenizer can emit ids the model's embedding does not have (`field` names the
+  model's vocabulary size, e.g. "ModelConfig.vocab_size")."""
+  if tokenizer.vocab_size > vocab_size:
+    raise ValueError(f"tokenizer vocab_size={tokenizer.vocab_size} exceeds {field}={vocab_size}; allowed: a "
+                     f"tokenizer of at most {vocab_size} ids")

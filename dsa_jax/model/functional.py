@@ -58,6 +58,8 @@ def apply(cfg: ModelConfig, state: nnx.State, input_ids: jax.Array, *, attention
   `with_logits=False` returns the LM head's input and weights instead of logits (`transformer` docstring).
   `q_chunk` runs each layer's queries in chunks and `aux_reducer` reduces each layer's attention aux inside
   the layer (`mla` docstring). `mqa_operands` returns the MQA operands in MHA mode too (`AttentionOptions`).
+  Bad inputs raise ValueError (`transformer.check_inputs`): shapes always, id and position values only when
+  concrete (called outside jit).
   """
   model = nnx.merge(graphdef(cfg, indexer_fp8), state)
   options = AttentionOptions(kind=attention, mode=mla_mode, implementation=implementation, q_chunk=q_chunk,

@@ -26,6 +26,7 @@ from dsa_jax.model.kv_cache import KVCache, LayerCache
 from dsa_jax.model.layers import ATTENTION_LSE, CHUNKED_OUTPUT, MLP, TOPK_INDICES, RMSNorm, constrain, param
 from dsa_jax.model.mla import MLA, AttentionAux, AttentionOptions, TokenLayout
 from dsa_jax.model.moe import ExpertDispatch, MoE, MoEAux
+from dsa_jax.validation import check_int_range
 
 INIT_STD = 0.02
 ACT_BTD = ("act_batch", "act_length", "act_embed")  # logical axes of the residual stream (sharding hints)
@@ -63,6 +64,25 @@ class ModelOutput:
 jax.tree_util.register_dataclass(
     ModelOutput, data_fields=["logits", "hidden_states", "layer_aux", "mtp_logits", "cache", "mtp_aux", "head_input",
                               "mtp_head_input", "lm_head"], meta_fields=[])
+
+
+def check_inputs(cfg: ModelConfig, input_ids: jax.Array, positions: jax.Array | None = None,
+                 next_ids: jax.Array | None = None, *,
+                 names: tuple[str, str, str] = ("input_ids", "positions", "next_ids")) -> None:
+  """Raises ValueError on inputs the model would read wrong without a word: an empty batch or sequence,
+  more than `max_position` tokens, ids outside the vocabulary (a gather clamps them) and positions beyond
+  `max_position`. Shapes are checked always; values only when concrete (`validation.is_concrete`: not
+  inside jit), with one min and one max per array. `names` name the three arrays in the message."""
+  shape = tuple(input_ids.shape)
+  if len(shape) != 2 or shape[0] < 1 or not 1 <= shape[1] <= cfg.max_position:
+    raise ValueError(f"{names[0]} has shape {shape}; allowed: [B, T] with B >= 1 and 1 <= T <= max_position="
+                     f"{cfg.max_position}.")
+  for name, ids in ((names[0], input_ids), (names[2], next_ids)):
+    if ids is not None:
+      check_int_range(name, ids, 0, cfg.vocab_size, "vocabulary")
+  if positions is not None:
+    check_int_range(names[1], positions, 0, cfg.max_position,
+                    f"positions of ModelConfig.max_position={cfg.max_position}")
 
 
 def _remat(call, remat: str):
@@ -158,7 +178,9 @@ class DeepseekV32(nnx.Module):
     next_ids [B, T]: the token after each position in document order, the MTP block's input (default: the
     ids shifted along the array, wrong once the sequence is permuted for context parallelism).
     remat: the layers' rematerialisation policy (`REMAT_POLICIES`); with_logits=False: see the module docstring.
+    Bad inputs raise ValueError (`check_inputs`; values are checked only outside jit).
     """
+    check_inputs(self.cfg, input_ids, positions, next_ids)
     b, t = input_ids.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if positions is None else positions
     segment_ids = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids

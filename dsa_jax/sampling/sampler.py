@@ -12,6 +12,8 @@ reproduces this with `train_layout` on the [B, P + N] sequence `full_tokens`.
 
 One jitted function: a prefill, then a `lax.while_loop` of single-token decode steps that stops when every
 sequence has emitted EOS or N tokens were generated. After EOS a sequence emits `pad_id`, mask 0.
+`generate` checks the prompts before it (`check_prompts`): inside the loop a bad id would be clamped by the
+embedding gather and a position beyond `max_position` would run on without a word.
 """
 
 import dataclasses
@@ -19,11 +21,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dsa_jax.model import functional, kv_cache
 from dsa_jax.model.config import ModelConfig
 from dsa_jax.sampling.sampling_mask import kept_log_softmax, sample_from_kept, top_k_top_p_kept_ids
+from dsa_jax.validation import check_int_range, is_concrete
 
 PAD_SEGMENT = -1
 
@@ -74,6 +78,8 @@ jax.tree_util.register_dataclass(
 
 def left_pad(prompts: list[list[int]], width: int, pad_id: int) -> tuple[jax.Array, jax.Array]:
   """Token lists -> (ids [B, width] left-padded with pad_id, lengths [B])."""
+  if not prompts:
+    raise ValueError("prompts is empty; allowed: at least one prompt.")
   if any(len(p) > width or not p for p in prompts):
     raise ValueError(f"prompt lengths {[len(p) for p in prompts]} are invalid; allowed: 1..width={width}.")
   ids = [[pad_id] * (width - len(p)) + list(p) for p in prompts]
@@ -103,10 +109,37 @@ def _draw(rng, logits_bv, sampling: SamplingConfig):
   return token_b, kept_log_softmax(scaled_bv, kept_bk, token_b), kept_bk
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling"))
+def check_prompts(cfg: ModelConfig, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
+                  sampling: SamplingConfig) -> None:
+  """Raises ValueError on an empty batch or prompt, ids outside the vocabulary (pads included), a pad id
+  outside it, and prompts whose generation would pass `max_position`. Values are read only when concrete
+  (`validation.is_concrete`); traced prompts get the shape checks and the static bound P + N."""
+  shape = tuple(prompt_tokens.shape)
+  if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
+    raise ValueError(f"prompt_tokens has shape {shape}; allowed: [B, P] with B >= 1 and P >= 1.")
+  if not 0 <= sampling.pad_id < cfg.vocab_size:
+    raise ValueError(f"SamplingConfig.pad_id={sampling.pad_id} is invalid; allowed: 0 <= pad_id < "
+                     f"ModelConfig.vocab_size={cfg.vocab_size}.")
+  check_int_range("prompt_tokens", prompt_tokens, 0, cfg.vocab_size, "vocabulary")
+  check_int_range("prompt_lengths", prompt_lengths, 1, shape[1] + 1, f"prompt lengths of width P={shape[1]}")
+  longest = int(np.max(prompt_lengths)) if is_concrete(prompt_lengths) else shape[1]
+  if longest + sampling.max_new_tokens > cfg.max_position:
+    raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens={sampling.max_new_tokens} = "
+                     f"{longest + sampling.max_new_tokens} positions exceed ModelConfig.max_position="
+                     f"{cfg.max_position}; allowed: at most {cfg.max_position}.")
+
+
 def generate(cfg: ModelConfig, params: nnx.State, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
              rng: jax.Array, sampling: SamplingConfig) -> SampleOutput:
-  """Samples up to `sampling.max_new_tokens` tokens after left-padded prompts [B, P] (see module doc)."""
+  """Samples up to `sampling.max_new_tokens` tokens after left-padded prompts [B, P] (see module doc), once
+  `check_prompts` passes."""
+  check_prompts(cfg, prompt_tokens, prompt_lengths, sampling)
+  return _generate(cfg, params, prompt_tokens, prompt_lengths, rng, sampling)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling"))
+def _generate(cfg: ModelConfig, params: nnx.State, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
+              rng: jax.Array, sampling: SamplingConfig) -> SampleOutput:
   b, p = prompt_tokens.shape
   n = sampling.max_new_tokens
   run = functools.partial(functional.apply, cfg, params, attention=sampling.attention)

@@ -189,6 +189,7 @@ def run(config: train_step.StepConfig, state: TrainState, data: Iterator[Batch],
   progress = Progress(steps, label)
   for step in range(first, steps + 1):  # the host counts the steps: reading state.step would wait for the device
     batch = next(data)
+    train_step.check_batch(batch, config.model)
     state, metrics = step_fn(state, batch)
     pending.add(step, metrics, batch["ids"].size * data_shards)
     stopping = stop is not None and stop.requested

@@ -29,6 +29,7 @@ import numpy as np
 
 from dsa_jax.checkpoint.hf_config import read_config
 from dsa_jax.data import pipeline, retrieval
+from dsa_jax.data.tokenizer import check_vocab_fits
 from dsa_jax.model import functional
 from dsa_jax.model.config import ModelConfig, preset
 from dsa_jax.sharding import distributed, expert_parallel, partition, rules
@@ -101,6 +102,9 @@ class RecipeConfig:
     for name in ("dense_steps", "warmup_steps", "sparse_steps", "checkpoint_every", "eval_every"):
       if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
         raise ValueError(f"RecipeConfig.{name}={getattr(self, name)!r} is invalid; allowed: an integer >= 0.")
+    if self.data.seq_len > self.model.max_position:
+      raise ValueError(f"DataConfig.seq_len={self.data.seq_len} is invalid; allowed: <= ModelConfig.max_position="
+                       f"{self.model.max_position}.")
     self.mesh.validate_model(self.model)  # before any data or weights are read
     self.mesh.validate_batch(self.data.batch_size, self.data.seq_len)
 
@@ -175,6 +179,7 @@ class Recipe:
         "expert_dispatch": expert_parallel.make_dispatch(self.mesh) if cfg.mesh.expert > 1 else None,
         "context": cfg.mesh.context}
     self.tokenizer = pipeline.build_tokenizer(cfg.data)
+    check_vocab_fits(self.tokenizer, cfg.model.vocab_size, "RecipeConfig.model.vocab_size")
     self.train_docs, eval_docs = pipeline.documents(cfg.data)
     self.eval_batches = pipeline.eval_batches(cfg.data, eval_docs, self.tokenizer, cfg.eval_batches)
     self.examples = retrieval.eval_examples(eval_docs, self.tokenizer, cfg.data.seq_len, cfg.eval_examples,

@@ -31,13 +31,20 @@ import optax
 from dsa_jax.model import LayerAux, functional
 from dsa_jax.model.config import ModelConfig
 from dsa_jax.model.moe import ExpertDispatch
-from dsa_jax.model.transformer import REMAT_POLICIES
+from dsa_jax.model.transformer import REMAT_POLICIES, check_inputs
 from dsa_jax.sharding import context_parallel
 from dsa_jax.training import losses, moe_balance
 from dsa_jax.training import optimizer as optim
 from dsa_jax.training.state import TrainState, model_state
 
 Batch = dict[str, jax.Array]  # ids, loss_mask, segment_ids, positions: [B, T] int32, in document order
+
+
+def check_batch(batch: Batch, cfg: ModelConfig) -> None:
+  """Raises ValueError on a host batch the step would train on wrong without a word: ids (hence labels, the
+  ids shifted) outside the vocabulary, rows longer than `max_position` or empty, positions beyond it. The
+  loop calls it on each batch before the step (one min and one max per array, on the host)."""
+  check_inputs(cfg, batch["ids"], batch.get("positions"), names=("batch['ids']", "batch['positions']", ""))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsa_jax.data.tokenizer import (
-    BOS, DEEPSEEK_V32_SPECIAL_TOKENS, EOS, PAD, THINK_END, THINK_START, ByteTokenizer, HFTokenizer,
+    BOS, DEEPSEEK_V32_SPECIAL_TOKENS, EOS, PAD, THINK_END, THINK_START, ByteTokenizer, HFTokenizer, check_vocab_fits,
 )
 
 # Text mixing ordinary characters with special strings, so splitting on specials is exercised.
@@ -119,3 +119,34 @@ def test_hf_tokenizer_json_round_trips(hf_tokenizer, tmp_path):
   (tmp_path / "tokenizer.json").write_text(hf_tokenizer.to_hf_json())
   again = HFTokenizer(tmp_path / "tokenizer.json")
   assert again.encode("look up the key<think>") == hf_tokenizer.encode("look up the key<think>")
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"model": {"type": "Nope"}}'])
+def test_hf_missing_or_malformed_file_names_the_path(tmp_path, content):
+  path = tmp_path / "tokenizer.json"
+  if content is not None:
+    path.write_text(content)
+  with pytest.raises(ValueError, match=f"tokenizer.json {path} .*allowed: a HuggingFace tokenizers JSON file"):
+    HFTokenizer(path)
+
+
+@given(TEXT_WITH_SPECIALS)
+def test_byte_encode_plain_never_yields_special_ids(text):
+  tok = ByteTokenizer()
+  ids = tok.encode_plain(text)
+  assert max(ids, default=0) < 256 and tok.decode(ids) == text
+
+
+@settings(max_examples=50, deadline=None)
+@given(TEXT_WITH_SPECIALS)
+def test_hf_encode_plain_never_yields_special_ids(hf_tokenizer, text):
+  specials = {hf_tokenizer.token_id(s) for s in DEEPSEEK_V32_SPECIAL_TOKENS}
+  ids = hf_tokenizer.encode_plain(text)
+  assert not specials & set(ids) and hf_tokenizer.decode(ids) == text
+
+
+def test_check_vocab_fits(hf_tokenizer):
+  check_vocab_fits(ByteTokenizer(), 512, "ModelConfig.vocab_size")
+  with pytest.raises(ValueError, match=r"tokenizer vocab_size=\d+ exceeds ModelConfig.vocab_size=300; allowed: "
+                                       r"a tokenizer of at most 300 ids"):
+    check_vocab_fits(hf_tokenizer, 300, "ModelConfig.vocab_size")

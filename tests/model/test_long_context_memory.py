@@ -25,7 +25,7 @@ def _temp_bytes(fn, *args) -> int:
 
 
 def _forward_temp_bytes(attention: str, indexer_fp8: bool = False) -> int:
-  cfg = dsa_jax.preset("tiny")
+  cfg = dsa_jax.preset("tiny").replace(max_position=T)
   fn = lambda state, ids: functional.forward(cfg, state, ids, attention=attention, implementation="xla",
                                              indexer_fp8=indexer_fp8)
   return _temp_bytes(fn, functional.abstract_state(cfg), jax.ShapeDtypeStruct((1, T), jnp.int32))
@@ -44,7 +44,7 @@ def test_dense_forward_temporaries():
 
 def test_sparse_training_gradient_temporaries():
   """The sparse stage's gradient: LM loss and the sparse indexer KL (chunked in `pallas_kernels.indexer_kl`)."""
-  cfg = dsa_jax.preset("tiny")
+  cfg = dsa_jax.preset("tiny").replace(max_position=T)
 
   def loss(state, ids):
     out = functional.apply(cfg, state, ids, attention="sparse", implementation="xla")

@@ -76,3 +76,28 @@ def test_temperature_zero_is_greedy():
   assert ((np.asarray(out.kept_ids) >= 0).sum(-1) == 1).all()
   with pytest.raises(ValueError, match=r"temperature=-1.0 .*>= 0"):
     SamplingConfig(temperature=-1.0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda ids, n: (ids.at[1, 4].set(CFG.vocab_size), n), rf"prompt_tokens\[1, 4\]={CFG.vocab_size} is outside the "
+                                                          rf"vocabulary; allowed: 0 <= value < {CFG.vocab_size}"),
+    (lambda ids, n: (ids.at[0, 5].set(-3), n), r"prompt_tokens\[0, 5\]=-3 is outside the vocabulary"),
+    (lambda ids, n: (ids[:0], n), r"prompt_tokens has shape \(0, 6\); allowed: \[B, P\] with B >= 1 and P >= 1"),
+    (lambda ids, n: (ids, CFG.max_position - 5), rf"the longest prompt \(6 tokens\) \+ max_new_tokens="
+                                                  rf"{CFG.max_position - 5} = {CFG.max_position + 1} positions exceed "
+                                                  rf"ModelConfig.max_position={CFG.max_position}"),
+])
+def test_bad_prompts_fail_before_sampling(change, message):
+  ids, lengths = left_pad(PROMPTS, 6, 0)
+  ids, n = change(ids, N)
+  with pytest.raises(ValueError, match=message):
+    generate(CFG, _params(), ids, lengths[:len(ids)], jax.random.key(0), SamplingConfig(max_new_tokens=n))
+
+
+def test_bad_pad_id_and_empty_prompt_list():
+  ids, lengths = left_pad(PROMPTS, 6, 0)
+  with pytest.raises(ValueError, match=rf"SamplingConfig.pad_id={CFG.vocab_size} is invalid; allowed: 0 <= pad_id < "
+                                       rf"ModelConfig.vocab_size={CFG.vocab_size}"):
+    generate(CFG, _params(), ids, lengths, jax.random.key(0), SamplingConfig(pad_id=CFG.vocab_size))
+  with pytest.raises(ValueError, match=r"prompts is empty; allowed: at least one prompt"):
+    left_pad([], 6, 0)

@@ -110,3 +110,31 @@ def test_resuming_drops_the_records_after_the_restored_step(tmp_path):
   assert [r["step"] for r in loop.read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 7))
   loop.MetricsLog(tmp_path, start_step=0).close()  # a run that starts over keeps none
   assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+class _BadData(_Data):
+  """One id outside the vocabulary, or rows longer than the model's positions."""
+
+  def __init__(self, ids):
+    self.ids = ids
+
+  def __next__(self):
+    return {"ids": self.ids}
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda v, p: np.zeros((2, 4), np.int32) + np.eye(2, 4, 3, dtype=np.int32) * v,
+     r"batch\['ids'\]\[0, 3\]={v} is outside the vocabulary; allowed: 0 <= value < {v}"),
+    (lambda v, p: np.zeros((2, p + 1), np.int32), r"batch\['ids'\] has shape \(2, {p1}\); allowed: \[B, T\] with "
+                                                   r"B >= 1 and 1 <= T <= max_position={p}"),
+])
+def test_bad_batches_stop_before_the_step(cfg, tmp_path, make, message):
+  v, p = cfg.vocab_size, cfg.max_position
+  steps = []
+  state = TrainState(params={}, model_state={}, opt_state=(), step=jnp.zeros((), jnp.int32),
+                     rng=jnp.zeros((2,), jnp.uint32))
+  with pytest.raises(ValueError, match=message.format(v=v, p=p, p1=p + 1)):
+    loop.run(train_step.StepConfig(model=cfg, stage="dense"), state, _BadData(make(v, p)), steps=2,
+             checkpointer=_Checkpointer(), log=loop.MetricsLog(tmp_path), flops_per_token=1.0, peak_flops=1.0,
+             step_fn=lambda s, b: steps.append(1) or _step(s, b), final=False)
+  assert not steps

@@ -24,7 +24,8 @@ def _same(a, b) -> bool:
 def test_hf_then_orbax_starts_carry_the_weights(tmp_path):
   model = read_config(TINY_HF)
   model = model.replace(indexer=dataclasses.replace(model.indexer, topk=4))
-  cfg = recipe.RecipeConfig(model=model, data=DataConfig(), run_dir=str(tmp_path), init="hf", init_path=str(TINY_HF))
+  cfg = recipe.RecipeConfig(model=model, data=DataConfig(seq_len=model.max_position), run_dir=str(tmp_path), init="hf",
+                            init_path=str(TINY_HF))
   from_hf = recipe.initial_state(cfg)
   assert _same(from_hf.params, state.split_model_state(load_hf(TINY_HF)[1])[0]) and int(from_hf.step) == 0
   ckpt = checkpointing.Checkpointer(tmp_path / "ckpt", every=1)
@@ -47,6 +48,16 @@ def test_stage_subsets_and_their_validation():
     recipe.RecipeConfig(**base, stages="dens")
   with pytest.raises(ValueError, match="bias_gamma=-1"):
     recipe.RecipeConfig(**base, bias_gamma=-1.0)
+
+
+def test_rows_and_tokenizer_must_fit_the_model(tmp_path):
+  """Rows longer than the model's positions and a tokenizer with more ids than its embedding fail at the start."""
+  with pytest.raises(ValueError, match=r"DataConfig.seq_len=512 is invalid; allowed: <= ModelConfig.max_position=256"):
+    recipe.RecipeConfig(model=preset("tiny"), data=DataConfig(seq_len=512, batch_size=2), run_dir="unused")
+  small_vocab = preset("tiny").replace(vocab_size=260)
+  with pytest.raises(ValueError, match=r"tokenizer vocab_size=269 exceeds RecipeConfig.model.vocab_size=260"):
+    recipe.Recipe(recipe.RecipeConfig(model=small_vocab, data=DataConfig(seq_len=64, batch_size=2),
+                                      run_dir=str(tmp_path)))
 
 
 def test_kl_chunks_follow_the_byte_budget():

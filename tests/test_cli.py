@@ -49,7 +49,7 @@ def test_an_invalid_config_value_is_one_line():
 
 
 def test_a_missing_file_is_one_line(tmp_path):
-  _one_line_error(_run("check_hf", f"--path={tmp_path / 'none'}"), "No such file")
+  _one_line_error(_run("check_hf", f"--path={tmp_path / 'none'}"), "none' is neither a directory nor a hub id")
   _one_line_error(_run("train_dsa", f"--config={tmp_path / 'none.py'}"), "none.py")
 
 

@@ -135,7 +135,8 @@ class MTP(nnx.Module):
   def __call__(self, hidden: jax.Array, next_embeds: jax.Array, layout: TokenLayout, options: AttentionOptions,
                expert_dispatch: ExpertDispatch | None = None) -> tuple[jax.Array, LayerAux]:
     joined = jnp.concatenate([self.enorm(next_embeds), self.hnorm(hidden)], axis=-1).astype(self.dtype)
-    x = jnp.einsum("bte,ed->btd", joined, self.eh_proj[...].astype(self.dtype))
+    joined = constrain(joined, ACT_BTD)  # [B, T, 2D] sharded as the residual stream (else GSPMD replicates it)
+    x = constrain(jnp.einsum("bte,ed->btd", joined, self.eh_proj[...].astype(self.dtype)), ACT_BTD)
     x, aux = self.block(x, layout, options, expert_dispatch=expert_dispatch)
     return self.head_norm(x), aux
 
@@ -188,7 +189,10 @@ class DeepseekV32(nnx.Module):
     if cache is not None:
       cache = cache.with_keys(positions, segment_ids)
       layout = dataclasses.replace(layout, kv_positions=cache.positions, kv_segment_ids=cache.segment_ids)
-    x = constrain(self.embed[...].astype(self.cfg.dtype)[input_ids], ACT_BTD)
+    # The table is gathered whole before the lookup (ZeRO-3: weights are all-gathered before use), so the rows
+    # come out sharded as the ids are; a lookup into the sharded table makes GSPMD replicate its output.
+    table = constrain(self.embed[...].astype(self.cfg.dtype), (None, None))
+    x = constrain(table[input_ids], ACT_BTD)
     hidden, aux = [], []
     forced_experts = forced_experts or {}
     run_block = _remat(lambda block, x, layout, forced, layer_cache: block(x, layout, options, forced, layer_cache,
@@ -207,7 +211,7 @@ class DeepseekV32(nnx.Module):
         next_ids = jnp.concatenate([input_ids[:, 1:], input_ids[:, -1:]], axis=1)
       run_mtp = _remat(lambda mtp, x, next_embeds, layout: mtp(x, next_embeds, layout, options, expert_dispatch),
                        remat)
-      mtp_hidden, mtp_aux = run_mtp(self.mtp, x, self.embed[...].astype(self.cfg.dtype)[next_ids], layout)
+      mtp_hidden, mtp_aux = run_mtp(self.mtp, x, table[next_ids], layout)
     normed = self.norm(x)
     if not with_logits:
       dt = self.cfg.dtype

@@ -12,6 +12,7 @@ from dsa_jax.data import retrieval
 from dsa_jax.model import AttentionAux, functional
 from dsa_jax.model.config import ModelConfig
 from dsa_jax.model.indexer import select
+from dsa_jax.progress import Progress
 from dsa_jax.training import losses
 from dsa_jax.training.state import TrainState, model_state
 
@@ -83,11 +84,25 @@ def _indexer_metrics(cfg: ModelConfig, params: dict, other: dict, batch: dict,
 
 def evaluate(cfg: ModelConfig, state: TrainState, batches: list[dict], examples: list[retrieval.Example],
              attention: str, batch_size: int, implementation: str | None = None) -> dict[str, float]:
-  """LM loss and retrieval accuracy with `attention`; indexer KL and top-k mass when the model has an indexer."""
-  result = {"lm_loss": float(np.mean([lm_loss(cfg, state, b, attention, implementation) for b in batches]))}
+  """LM loss and retrieval accuracy with `attention`; indexer KL and top-k mass when the model has an indexer.
+
+  Prints a progress line over its forward passes (`dsa_jax.progress`), ten reports off a terminal.
+  """
+  passes = len(batches) * (1 if cfg.indexer is None else 2) + -(-len(examples) // batch_size)
+  progress = Progress(passes, f"eval {attention}", every=max(1, passes // 10))
+  done = 0
+
+  def tick(value):
+    nonlocal done
+    done += 1
+    progress.update(done)
+    return value
+
+  result = {"lm_loss": float(np.mean([tick(lm_loss(cfg, state, b, attention, implementation)) for b in batches]))}
   if cfg.indexer is not None:
-    metrics = [indexer_metrics(cfg, state, b, implementation) for b in batches]
+    metrics = [tick(indexer_metrics(cfg, state, b, implementation)) for b in batches]
     result.update({k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]})
-  result.update(retrieval.accuracy(lambda ids: logits(cfg, state, _unpacked(ids), attention, implementation),
+  result.update(retrieval.accuracy(lambda ids: tick(logits(cfg, state, _unpacked(ids), attention, implementation)),
                                    examples, batch_size))
+  progress.close()
   return result

@@ -11,7 +11,8 @@ import pytest
 from dsa_jax.training import train_step
 from tests.training.conftest import SEQ, fresh_state
 
-VARIANTS = [("layer", 0), ("layer_save_dots", 0), ("none", SEQ // 4), ("layer", SEQ // 4)]  # (remat, q_chunk)
+CHUNK = SEQ // 2  # two query chunks: a loop in the sparse stage, two unrolled bodies in the dense ones
+VARIANTS = [("layer", 0), ("layer_save_dots", 0), ("none", CHUNK), ("layer", CHUNK)]  # (remat, q_chunk)
 
 
 @pytest.mark.parametrize("stage", ["dense", "warmup", "sparse"])
@@ -31,8 +32,8 @@ def test_remat_and_query_chunks_give_the_loss_and_gradients_of_neither(cfg, batc
   # One rematerialised chunk body per layer, holding the layer's own regions (the warm-up's KL): a loop in the
   # sparse stage, unrolled in the dense ones (chunk i attends to the keys up to its last query, so every chunk
   # has its own key count).
-  chunk_bodies = 1 if stage == "sparse" else 4
-  assert regions["none", SEQ // 4] == (regions["none", 0] + layers) * chunk_bodies
+  chunk_bodies = 1 if stage == "sparse" else SEQ // CHUNK
+  assert regions["none", CHUNK] == (regions["none", 0] + layers) * chunk_bodies
   for variant in VARIANTS:
     chex.assert_trees_all_close(results[variant], results["none", 0], rtol=2e-5, atol=1e-7)
 

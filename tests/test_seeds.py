@@ -26,7 +26,8 @@ def test_no_unseeded_randomness(what):
   pattern = re.compile(FORBIDDEN[what])
   hits = [f"{path.relative_to(TESTS.parent)}:{n}: {line.strip()}" for path in _sources()
           for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
-  assert not hits, f"{what} in tests (use a fixed seed: np.random.default_rng(0), jax.random.key(0)):\n" + "\n".join(hits)
+  advice = "use a fixed seed: np.random.default_rng(0), jax.random.key(0)"
+  assert not hits, f"{what} in tests ({advice}):\n" + "\n".join(hits)
 
 
 @pytest.mark.parametrize("line", ["x = np.random.randn(3)", "rng = np.random.default_rng()", "random.shuffle(xs)",

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BF16_ULP = 2.0**-8  # bf16 spacing relative to a value's magnitude: round to nearest errs by at most half of it
-F32_ULP = 2.0**-23
+BF16_ROUNDING = 2.0**-8  # unit roundoff: rounding x to bf16 (8 significant bits) errs by at most 2^-8 |x|
+F32_ROUNDING = 2.0**-24  # the same for float32 (24 significant bits)
 
 
 def f32(tree):

@@ -35,7 +35,7 @@ def test_export_then_import_round_trip(tmp_path):
   cfg2, state2 = dsa_jax.load_hf(tmp_path)
   assert cfg2.num_mtp_layers == 1 and cfg2.indexer == cfg.indexer and cfg2.moe == cfg.moe
   chex.assert_trees_all_close(jax.tree.leaves(state2), jax.tree.leaves(state), atol=0, rtol=0)
-  ids = np.random.randint(0, cfg.vocab_size, (1, 12))
+  ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 12))
   chex.assert_trees_all_close(dsa_jax.forward(cfg2, state2, ids), dsa_jax.forward(cfg, state, ids), atol=1e-6)
 
 

@@ -53,7 +53,7 @@ def _layout(kind: str) -> tuple[int, dict]:
                  kv_segment_ids=kv_seg)
 
 
-def _inputs(kind: str, shared: bool, dtype, hk=24, hv=16, n=3):
+def make_inputs(kind: str, shared: bool, dtype, hk=24, hv=16, n=3):
   t, layout = _layout(kind)
   s = layout["kv_positions"].shape[1]
   ks = jax.random.split(jax.random.key(0), 3)
@@ -89,7 +89,7 @@ class FlashAttentionContract(parameterized.TestCase):
 
   @parameterized.product(kind=LAYOUTS, shared=(False, True))
   def test_matches_reference(self, kind, shared):
-    (q, k, v), layout = _inputs(kind, shared, self.dtype)
+    (q, k, v), layout = make_inputs(kind, shared, self.dtype)
     out, lse = self.attention(q, k, v, layout)
     want_out, want_lse = self.reference(q, k, v, layout)
     chex.assert_shape(out, want_out.shape)
@@ -104,7 +104,7 @@ class FlashAttentionContract(parameterized.TestCase):
   def test_gradients_match_reference(self, kind, shared, lse_cotangent):
     """Without an lse cotangent the lse output is unused (a symbolic zero); with one it is random on the rows
     that see something."""
-    (q, k, v), layout = _inputs(kind, shared, self.dtype)
+    (q, k, v), layout = make_inputs(kind, shared, self.dtype)
     keys = jax.random.split(jax.random.key(1), 2)
     _, want_lse = self.reference(q, k, v, layout)
     dlse = jnp.where(jnp.isfinite(want_lse), jax.random.normal(keys[1], want_lse.shape), 0.0)
@@ -147,7 +147,7 @@ class XlaTest(FlashAttentionContract):
     self.assertLess(memory.temp_size_in_bytes, t * t * 4 // 64)
 
   def test_none_runs_chunked_off_gpu(self):
-    (q, k, v), layout = _inputs("packed", False, jnp.bfloat16)
+    (q, k, v), layout = make_inputs("packed", False, jnp.bfloat16)
     got = api.flash_attention(q, k, v, **layout, scale=0.3)
     want = chunked.attention(q, k, v, **layout, scale=0.3)
     chex.assert_trees_all_equal(got, want)
@@ -307,8 +307,8 @@ class CudnnPreparationTest(parameterized.TestCase):
     """Which branch the "cudnn" implementation runs, on CPU with cuDNN's forward and backward replaced by marked
     stand-ins: its forward where `layout_ok` holds, its backward unless the lse cotangent is nonzero, the
     chunked path otherwise."""
-    (q, k, v), causal = _inputs("causal", False, jnp.float32)
-    _, unseen = _inputs("unseen", False, jnp.float32)
+    (q, k, v), causal = make_inputs("causal", False, jnp.float32)
+    _, unseen = make_inputs("unseen", False, jnp.float32)
     true_forward = lambda q, k, v, segment_ids, **kw: reference.attention(
         q, k, v, q_positions=causal["q_positions"], kv_positions=causal["kv_positions"],
         q_segment_ids=segment_ids, kv_segment_ids=segment_ids, scale=0.3)

@@ -22,7 +22,7 @@ def _bf16(x):
   return x.astype(jnp.bfloat16).astype(jnp.float32)
 
 
-def _inputs(seed, B, T, S, N, C, I, H, boundary, first_query):  # noqa: N803
+def make_inputs(seed, B, T, S, N, C, I, H, boundary, first_query):  # noqa: N803
   """bf16-representable float32 inputs (the kernels compute in bf16) with the main attention's exact lse.
 
   Queries are positions first_query .. first_query + T - 1; batch row 1 starts a document at position `boundary`
@@ -44,7 +44,7 @@ def _inputs(seed, B, T, S, N, C, I, H, boundary, first_query):  # noqa: N803
   return (attn_q, attn_k, attn_lse, scale), idx, vis
 
 
-def _sparse_indices(seed, B, T, S, K):  # noqa: N803
+def sparse_indices(seed, B, T, S, K):  # noqa: N803
   """Distinct random indices per query [B, T, K] for queries at the last T positions: every query selects key
   S // 2, every 5th slot is -1, and the first query of row 0 selects nothing valid."""
   others = jnp.delete(jnp.arange(S), S // 2)
@@ -92,7 +92,7 @@ class DenseKLContract(parameterized.TestCase):
       ("v32_widths", 1, 3, 200, 16, 576, 16, 128, 0, 117),
   )
   def test_matches_reference(self, B, T, S, N, C, I, H, boundary, first_query):  # noqa: N803
-    attn, idx, vis = _inputs(T + S, B, T, S, N, C, I, H, boundary, first_query)
+    attn, idx, vis = make_inputs(T + S, B, T, S, N, C, I, H, boundary, first_query)
     g = jax.random.normal(jax.random.key(1), (B, T))
     got, got_grads = self.run_dense(attn, idx, vis, g)
     want, want_grads = _value_and_vjp(reference.dense_kl, attn, idx, (), vis, g)
@@ -109,7 +109,7 @@ class ChunkedDenseKLTest(DenseKLContract):
 
   def test_backward_matches_reference_vjp(self):
     """`chunked.dense_kl_grads` alone (the deterministic backward; its early query chunks skip key chunks)."""
-    attn, idx, vis = _inputs(2, 2, 24, 40, 4, 16, 3, 8, 30, 16)
+    attn, idx, vis = make_inputs(2, 2, 24, 40, 4, 16, 3, 8, 30, 16)
     lse_scores, z = _saved_statistics(attn, idx, vis)
     g = jax.random.normal(jax.random.key(3), (2, 24))
     got = chunked.dense_kl_grads(*attn, *idx, lse_scores, z, g, **vis, t_chunk=5, s_chunk=16)
@@ -117,7 +117,7 @@ class ChunkedDenseKLTest(DenseKLContract):
     chex.assert_trees_all_close(got, vjp(g), rtol=1e-4, atol=1e-5)
 
   def test_attention_side_gets_no_gradient(self):
-    attn, idx, vis = _inputs(4, 2, 24, 40, 4, 16, 3, 8, 30, 16)
+    attn, idx, vis = make_inputs(4, 2, 24, 40, 4, 16, 3, 8, 30, 16)
     grads = jax.grad(lambda q, k, lse: api.dense_kl(q, k, lse, attn[3], *idx, **vis).sum(),
                      argnums=(0, 1, 2))(*attn[:3])
     chex.assert_trees_all_close(grads, jax.tree.map(jnp.zeros_like, grads))
@@ -135,7 +135,7 @@ class PallasDenseKLTest(DenseKLContract):
   def test_backward_kernel_without_keys(self):
     """V3.2 index widths (64 heads x 128, two column slabs) at a 192-dim latent key against the XLA backward; the
     last query of row 1 belongs to no key's document (z = 0: no gradient)."""
-    attn, idx, vis = _inputs(5, 2, 5, 70, 16, 192, 64, 128, 66, 62)
+    attn, idx, vis = make_inputs(5, 2, 5, 70, 16, 192, 64, 128, 66, 62)
     vis = dict(vis, q_segment_ids=vis["q_segment_ids"].at[1, -1].set(7))
     lse_scores, z = _saved_statistics(attn, idx, vis)
     g = jax.random.normal(jax.random.key(6), (2, 5))
@@ -186,8 +186,8 @@ class SparseKLContract(parameterized.TestCase):
       ("v32_widths", 1, 2, 96, 16, 576, 16, 128, 40),
   )
   def test_matches_reference(self, B, T, S, N, C, I, H, K):  # noqa: N803
-    attn, idx, vis = _inputs(S + K, B, T, S, N, C, I, H, S - 2, S - T)
-    indices = _sparse_indices(K, B, T, S, K)
+    attn, idx, vis = make_inputs(S + K, B, T, S, N, C, I, H, S - 2, S - T)
+    indices = sparse_indices(K, B, T, S, K)
     g = jax.random.normal(jax.random.key(2), (B, T))
     got, got_grads = self.run_sparse(attn, idx, indices, vis, g)
     want, want_grads = _value_and_vjp(reference.sparse_kl, attn, idx, (indices,), vis, g)
@@ -234,8 +234,8 @@ class PallasSparseKLTest(SparseKLContract):
 
   def test_selected_keys_fold_visibility(self):
     """Slots that are -1, later than their query or in another document become -1; K is padded to 64."""
-    _, _, vis = _inputs(0, 2, 2, 160, 16, 64, 8, 64, 158, 158)
-    selected = kernel_sparse.selected_keys(_sparse_indices(70, 2, 2, 160, 70), **vis)
+    _, _, vis = make_inputs(0, 2, 2, 160, 16, 64, 8, 64, 158, 158)
+    selected = kernel_sparse.selected_keys(sparse_indices(70, 2, 2, 160, 70), **vis)
     chex.assert_shape(selected, (2, 2, 128))
     self.assertEqual(int((selected[0, 0] >= 0).sum()), 0)  # row 0's first query: nothing valid
     self.assertLessEqual(int((selected[1, -1] >= 0).sum()), 2)  # row 1's last query: keys 158, 159 at most

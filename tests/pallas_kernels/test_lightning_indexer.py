@@ -16,7 +16,7 @@ from pallas_kernels.topk import reference as topk_reference
 from tests.pallas_kernels.mosaic_checks import INTERPRET, lower_for_h200, no_races
 
 
-def _inputs(seed, B, T, S, I, H, boundary):  # noqa: N803
+def make_inputs(seed, B, T, S, I, H, boundary):  # noqa: N803
   """bf16 inputs; queries are the last T of S positions, a document starts at position `boundary`."""
   ks = jax.random.split(jax.random.key(seed), 3)
   q = jax.random.normal(ks[0], (B, T, I, H), jnp.bfloat16)
@@ -30,10 +30,10 @@ def _inputs(seed, B, T, S, I, H, boundary):  # noqa: N803
   return (q, k, w), vis
 
 
-def _dequantised_fp8_inputs(seed, B, T, S, I, H, boundary):  # noqa: N803
+def dequantised_fp8_inputs(seed, B, T, S, I, H, boundary):  # noqa: N803
   """float32 e4m3 values times ue8m0 scales whose rows span many binades (so the q and k scales differ per row),
   as the model's fp8_numerics hands them over: quantising them again is exact."""
-  (q, k, w), vis = _inputs(seed, B, T, S, I, H, boundary)
+  (q, k, w), vis = make_inputs(seed, B, T, S, I, H, boundary)
   ks = jax.random.split(jax.random.key(seed + 1), 2)
   q = q.astype(jnp.float32) * jnp.exp2(jax.random.randint(ks[0], (B, T, I, 1), -12, 12))
   k = k.astype(jnp.float32) * jnp.exp2(jax.random.randint(ks[1], (B, S, 1), -12, 12))
@@ -59,7 +59,7 @@ class IndexerContract(parameterized.TestCase):
   two_key_warpgroups = False  # forced at small shapes (the automatic choice takes two from 64 x 128 columns)
 
   def inputs(self, *shape):
-    return (_dequantised_fp8_inputs if self.fp8 else _inputs)(*shape)
+    return (dequantised_fp8_inputs if self.fp8 else make_inputs)(*shape)
 
   def run_pallas(self, fn):
     columns = 0 if self.two_key_warpgroups else kernel.TWO_KEY_WARPGROUPS_FROM_COLUMNS
@@ -130,7 +130,7 @@ class IndexTopkTest(parameterized.TestCase):
     pos = jnp.arange(512)[None] - jax.lax.cummax(jnp.where(starts, jnp.arange(512)[None], 0), axis=1)
     vis = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg)
     self.assertEqual(bool(api.keys_precede_queries(**vis)), stageable)
-    args, _ = _inputs(3, 1, 512, 512, 2, 128, 0)
+    args, _ = make_inputs(3, 1, 512, 512, 2, 128, 0)
     topk = lambda causal_prefix: api.index_topk(*args, topk=96, **vis, implementation="pallas", rows_per_block=64,
                                                 select_implementation="xla", causal_prefix=causal_prefix)
     with no_races(), plgpu.force_gpu_interpret_mode(INTERPRET):
@@ -150,7 +150,7 @@ class IndexTopkTest(parameterized.TestCase):
     self.assertFalse(check(qs=seg.at[0, 3].set(1)))
 
   def test_gradient_falls_back_to_reference(self):
-    args, vis = _inputs(4, 1, 64, 128, 2, 128, 0)
+    args, vis = make_inputs(4, 1, 64, 128, 2, 128, 0)
     f = lambda impl: lambda *a: jnp.where(jnp.isfinite(s := api.index_scores(*a, **vis, implementation=impl)),
                                           s, 0.0).sum()
     with no_races(), plgpu.force_gpu_interpret_mode(INTERPRET):
@@ -159,14 +159,14 @@ class IndexTopkTest(parameterized.TestCase):
 
   def test_requantising_dequantised_inputs_is_exact(self):
     """The model's fp8_numerics hands index_topk dequantised tensors; fp8=True must score them unchanged."""
-    (q, k, w), vis = _dequantised_fp8_inputs(5, 1, 64, 128, 4, 128, 0)
+    (q, k, w), vis = dequantised_fp8_inputs(5, 1, 64, 128, 4, 128, 0)
     exact = reference.index_scores(q, k, w, **vis)
     chex.assert_trees_all_equal(reference.index_scores_fp8(*api.quantize_fp8(q, k), w, **vis), exact)
     topk = lambda fp8: api.index_topk(q, k, w, topk=16, **vis, implementation="xla", fp8=fp8)
     chex.assert_trees_all_equal(topk(True), topk(False))
 
   def test_rejects_bad_key_warpgroups(self):
-    args, vis = _inputs(0, 1, 64, 128, 4, 128, 0)
+    args, vis = make_inputs(0, 1, 64, 128, 4, 128, 0)
     with self.assertRaisesRegex(ValueError, r"key_warpgroups=3 must be one of \(1, 2\)"):
       kernel.index_scores(*args, **vis, key_warpgroups=3)
     with self.assertRaisesRegex(ValueError, r"S=128 of 256 \(key_warpgroups=2\)"):

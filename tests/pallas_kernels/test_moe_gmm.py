@@ -22,7 +22,7 @@ def _fake_gpu_devices(core_count):
   return mock.patch.object(jax, "devices", lambda *_: [types.SimpleNamespace(core_count=core_count)])
 
 
-def _inputs(seed, M, D, F, group_sizes, dtype=jnp.bfloat16):  # noqa: N803
+def make_inputs(seed, M, D, F, group_sizes, dtype=jnp.bfloat16):  # noqa: N803
   ks = jax.random.split(jax.random.key(seed), 3)
   x = jax.random.normal(ks[0], (M, D), jnp.float32).astype(dtype)
   w = jax.random.normal(ks[1], (len(group_sizes), D, F), jnp.float32).astype(dtype)
@@ -59,7 +59,7 @@ class GroupedMatmulContract(parameterized.TestCase):
       ("many_experts", 100, 64, 128, (3, 0, 1) * 21 + (1,)),
   )
   def test_forward_and_grads_match_reference(self, M, D, F, group_sizes):  # noqa: N803
-    x, w, gs, dy = _inputs(0, M, D, F, group_sizes)
+    x, w, gs, dy = make_inputs(0, M, D, F, group_sizes)
 
     def run():
       out, vjp = jax.vjp(lambda x, w: api.grouped_matmul(x, w, gs, implementation=self.IMPLEMENTATION), x, w)
@@ -97,7 +97,7 @@ class ScheduledKernelTest(parameterized.TestCase):
       ("dgrad", True, 128, 64, 128, (64, 0, 63)),  # a group boundary one row before a block boundary
   )
   def test_matches_reference(self, transpose_w, M, D, N, group_sizes):  # noqa: N803
-    x, w, gs, _ = _inputs(1, M, D, N, group_sizes)
+    x, w, gs, _ = make_inputs(1, M, D, N, group_sizes)
     if transpose_w:
       w = jnp.swapaxes(w, 1, 2)
     tiles = dict(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2)
@@ -121,20 +121,20 @@ class ScheduledKernelTest(parameterized.TestCase):
     self.assertEqual(kernel.resolve_gmm_kernel("bundled", 256), "bundled")
 
   def test_rejects_bad_tiles(self):
-    x, w, gs, _ = _inputs(0, 192, 64, 128, (100, 92))
+    x, w, gs, _ = make_inputs(0, 192, 64, 128, (100, 92))
     with self.assertRaisesRegex(ValueError, r"block_m=192 must be a power of two"):
       kernel_scheduled.gmm(x, w, gs, block_m=192)
     with self.assertRaisesRegex(ValueError, r"must be multiples of block_m=128"):
       kernel_scheduled.gmm(x, w, gs)
 
   def test_rejects_unknown_kernel(self):
-    x, w, gs, _ = _inputs(0, 8, 64, 128, (8,))
+    x, w, gs, _ = make_inputs(0, 8, 64, 128, (8,))
     allowed = r"\('auto', 'bundled', 'scheduled'\)"
     with self.assertRaisesRegex(ValueError, r"tiles.gmm_kernel='cutlass' must be one of " + allowed):
       kernel.gmm(x, w, gs, tiles=kernel.Tiles(gmm_kernel="cutlass"))
 
   def test_reference_gradients_by_finite_differences(self):
-    x, w, gs, _ = _inputs(2, 7, 3, 4, (2, 0, 5), dtype=jnp.float32)
+    x, w, gs, _ = make_inputs(2, 7, 3, 4, (2, 0, 5), dtype=jnp.float32)
     jax.test_util.check_grads(lambda x, w: reference.grouped_matmul(x, w, gs), (x, w), order=1, modes=("rev",),
                               atol=1e-2, rtol=1e-2)
 

@@ -18,7 +18,7 @@ from tests.pallas_kernels.mosaic_lowering import SMEM_PER_BLOCK, lower_for_h200
 SCALE = 0.1
 
 
-def _inputs(seed, B, T, N, S, K, C=128, R=64, invalid=0.1, low=0):  # noqa: N803
+def make_inputs(seed, B, T, N, S, K, C=128, R=64, invalid=0.1, low=0):  # noqa: N803
   """Random bf16 q [B, T, N, C + R], kv [B, S, C + R]; indices [B, T, K] uniform in [low, S), a fraction `invalid`
   of them -1 (duplicates within a row occur where K is near S)."""
   ks = jax.random.split(jax.random.key(seed), 4)
@@ -81,13 +81,13 @@ class SparseMLAContract(parameterized.TestCase):
       ("wide_latent", 1, 2, 16, 40, 70, 256),
   )
   def test_matches_reference(self, B, T, N, S, K, C):  # noqa: N803
-    q, kv, idx = _inputs(0, B, T, N, S, K, C)
+    q, kv, idx = make_inputs(0, B, T, N, S, K, C)
     self.check_against_reference(q, kv, idx, v_dim=C)
 
   def test_invalid_indices(self):
     """-1 entries add nothing: a query with none valid gives out 0, lse -inf and dq 0; row 0, which only invalid
     entries would touch, gets no gradient."""
-    q, kv, idx = _inputs(2, 1, 2, 16, 24, 64, invalid=0.5, low=1)
+    q, kv, idx = make_inputs(2, 1, 2, 16, 24, 64, invalid=0.5, low=1)
     idx = idx.at[:, 1].set(-1)
     out, lse, dq, dkv = self.check_against_reference(q, kv, idx, v_dim=128)
     chex.assert_trees_all_equal(out[:, 1], jnp.zeros_like(out[:, 1]))
@@ -98,7 +98,7 @@ class SparseMLAContract(parameterized.TestCase):
   def test_repeated_indices(self):
     """A key selected many times by one query (it counts each time) and by every query (its dkv row sums them);
     keys that no query selects get no gradient."""
-    q, kv, idx = _inputs(3, 1, 2, 16, 24, 64, invalid=0.0)
+    q, kv, idx = make_inputs(3, 1, 2, 16, 24, 64, invalid=0.0)
     idx = (idx % 12).at[:, :, :8].set(3).at[:, :, 8].set(5)
     _, _, _, dkv = self.check_against_reference(q, kv, idx, v_dim=128)
     chex.assert_trees_all_equal(dkv[:, 12:], jnp.zeros_like(dkv[:, 12:]))
@@ -129,7 +129,7 @@ del SparseMLAContract  # the contract runs through its subclasses only
 class ReferenceAndChunkedTest(parameterized.TestCase):
 
   def test_reference_gradients_by_finite_differences(self):
-    q, kv, idx = _inputs(4, 1, 3, 2, 6, 4, C=8, R=4, invalid=0.3)
+    q, kv, idx = make_inputs(4, 1, 3, 2, 6, 4, C=8, R=4, invalid=0.3)
     q, kv = _f32((q, kv))
     idx = idx.at[:, :, 0].set(1)  # no empty row: lse = -inf has no finite derivative
     f = lambda q, kv: reference.sparse_mla(q, kv, idx, scale=0.3, v_dim=8)
@@ -137,7 +137,7 @@ class ReferenceAndChunkedTest(parameterized.TestCase):
 
   def test_chunked_backward_pads_query_blocks(self):
     """T = 5 in blocks of 2 (the last one padded with invalid queries), a query with no valid key."""
-    q, kv, idx = _inputs(5, 2, 5, 4, 24, 16, C=16, R=8, invalid=0.2)
+    q, kv, idx = make_inputs(5, 2, 5, 4, 24, 16, C=16, R=8, invalid=0.2)
     q, kv = _f32((q, kv))
     idx = idx.at[:, -1].set(-1)
     (out, lse), vjp = jax.vjp(lambda q, kv: reference.sparse_mla(q, kv, idx, scale=0.2, v_dim=16), q, kv)

@@ -13,7 +13,7 @@ from pallas_kernels.topk import api, kernel_compact, kernel_select, pruned, radi
 from tests.pallas_kernels.mosaic_checks import INTERPRET, lower_for_h200, no_races
 
 
-def _scores(seed: int, rows: int, n: int) -> jax.Array:
+def hard_scores(seed: int, rows: int, n: int) -> jax.Array:
   """rows >= 8 rows of n float32 scores, each a hard case of the contract."""
   rng = np.random.default_rng(seed)
   x = rng.standard_normal((rows, n)).astype(np.float32)
@@ -44,13 +44,13 @@ class TopkContract(parameterized.TestCase):
       (20000, 6000),  # selected directly over rows longer than the kernel takes: the XLA fallback
   )
   def test_matches_reference(self, n, k):
-    scores = _scores(n + k, 8, n)
+    scores = hard_scores(n + k, 8, n)
     got = self.topk(scores, k)
     chex.assert_shape(got, (8, min(k, n)))
     chex.assert_trees_all_equal(got, reference.topk_indices(scores, k))
 
   def test_leading_axes(self):
-    scores = _scores(1, 8, 1000).reshape(2, 4, 1000)
+    scores = hard_scores(1, 8, 1000).reshape(2, 4, 1000)
     chex.assert_trees_all_equal(self.topk(scores, 40), reference.topk_indices(scores, 40))
 
 
@@ -72,7 +72,7 @@ class PallasInterpretTopkTest(TopkContract):
 
   @parameterized.parameters((1000, 8, 16), (130, 16, 8), (4096, 256, 4), (4099, 200, 16))
   def test_forced_group_sizes(self, n, k, group):
-    scores = _scores(n, 8, n)
+    scores = hard_scores(n, 8, n)
     with no_races():
       got = jax.jit(pruned.topk_indices, static_argnums=(1, 2, 3))(scores, k, group, INTERPRET)
     chex.assert_trees_all_equal(got, reference.topk_indices(scores, k))
@@ -107,7 +107,7 @@ class KthLargestKeysTest(parameterized.TestCase):
 
   @parameterized.product(n=(1000, 384, 16384), bits_per_step=(1, 2))  # 1000: padded with key 0; 16384: the maximum
   def test_matches_xla_bisection(self, n, bits_per_step):
-    for keys, k in (_hard_keys(n, n), (radix.sortable_keys(_scores(n, 8, n)), jnp.arange(1, 9) * (n // 8))):
+    for keys, k in (_hard_keys(n, n), (radix.sortable_keys(hard_scores(n, 8, n)), jnp.arange(1, 9) * (n // 8))):
       with no_races():
         got = jax.jit(lambda x, k: kernel_select.kth_largest_keys(x, k, bits_per_step=bits_per_step,
                                                                   interpret=INTERPRET))(keys, k)

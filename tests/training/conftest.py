@@ -19,16 +19,20 @@ def cfg():
   return tiny_config()
 
 
+def packed_batch(seq: int = SEQ, split: int = 40):
+  """Two packed rows: row 0 holds two documents (segment ids 1 and 2, positions restarting at `split`), row 1 one."""
+  rng = np.random.default_rng(0)
+  segment_ids = np.ones((BATCH, seq), np.int32)
+  segment_ids[0, split:] = 2
+  positions = np.tile(np.arange(seq, dtype=np.int32), (BATCH, 1))
+  positions[0, split:] -= split
+  return {"ids": rng.integers(0, 256, (BATCH, seq), dtype=np.int32), "loss_mask": np.ones((BATCH, seq), np.int32),
+          "segment_ids": segment_ids, "positions": positions}
+
+
 @pytest.fixture(scope="module")
 def batch():
-  """Two packed rows: row 0 holds two documents (segment ids 1 and 2, positions restarting), row 1 one."""
-  rng = np.random.default_rng(0)
-  segment_ids = np.ones((BATCH, SEQ), np.int32)
-  segment_ids[0, 40:] = 2
-  positions = np.tile(np.arange(SEQ, dtype=np.int32), (BATCH, 1))
-  positions[0, 40:] -= 40
-  return {"ids": rng.integers(0, 256, (BATCH, SEQ), dtype=np.int32), "loss_mask": np.ones((BATCH, SEQ), np.int32),
-          "segment_ids": segment_ids, "positions": positions}
+  return packed_batch()
 
 
 def fresh_state(cfg, stage, opt_cfg=optimizer.OptimizerConfig(warmup_steps=0)):

@@ -86,10 +86,11 @@ def evaluate(cfg: ModelConfig, state: TrainState, batches: list[dict], examples:
              attention: str, batch_size: int, implementation: str | None = None) -> dict[str, float]:
   """LM loss and retrieval accuracy with `attention`; indexer KL and top-k mass when the model has an indexer.
 
-  Prints a progress line over its forward passes (`dsa_jax.progress`), ten reports off a terminal.
+  Prints a progress line over its forward passes (`dsa_jax.progress`): the first, the middle and the last off a
+  terminal.
   """
   passes = len(batches) * (1 if cfg.indexer is None else 2) + -(-len(examples) // batch_size)
-  progress = Progress(passes, f"eval {attention}", every=max(1, passes // 10))
+  progress = Progress(passes, f"eval {attention}", every=max(1, passes // 2))
   done = 0
 
   def tick(value):

@@ -23,6 +23,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.sharding import AbstractDevice, AbstractMesh
 from jaxlib.mlir import ir
 
+SMEM_PER_BLOCK = 232448  # bytes of shared memory one Hopper block may have (227 KiB)
 H200 = AbstractMesh((), (), abstract_device=AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132))
 INTERPRET = plgpu.InterpretGPUParams(detect_races=True)
 

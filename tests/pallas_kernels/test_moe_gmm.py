@@ -14,7 +14,7 @@ from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # race-detector 
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.moe_gmm import api, bench, kernel, kernel_scheduled, reference
-from tests.pallas_kernels.mosaic_lowering import SMEM_PER_BLOCK, lower_for_h200
+from tests.pallas_kernels.mosaic_checks import SMEM_PER_BLOCK, lower_for_h200
 
 
 def _fake_gpu_devices(core_count):
@@ -157,7 +157,7 @@ class LoweringTest(absltest.TestCase):
     for w, transpose_w in ((jax.ShapeDtypeStruct((256, 2048, 7168), jnp.bfloat16), False),
                            (jax.ShapeDtypeStruct((256, 7168, 2048), jnp.bfloat16), True)):
       f = lambda x, w, gs, t=transpose_w: kernel.gmm(x, w, gs, transpose_w=t, tiles=tiles)
-      self.assert_persistent(lower_for_h200(f, x, w, gs), 1)
+      self.assert_persistent(lower_for_h200(f, x, w, gs).launches, 1)
 
   def test_forward_and_backward(self):
     """The up projection (7168 -> 2048), 4096 tokens x 8 active: forward, dgrad and wgrad kernels, with 256
@@ -168,7 +168,7 @@ class LoweringTest(absltest.TestCase):
       w = jax.ShapeDtypeStruct((experts, 7168, 2048), jnp.bfloat16)
       gs = jax.ShapeDtypeStruct((experts,), jnp.int32)
       with _fake_gpu_devices(132):
-        self.assert_persistent(lower_for_h200(jax.value_and_grad(loss, argnums=(0, 1)), x, w, gs), 3)
+        self.assert_persistent(lower_for_h200(jax.value_and_grad(loss, argnums=(0, 1)), x, w, gs).launches, 3)
 
 
 class BenchTest(absltest.TestCase):

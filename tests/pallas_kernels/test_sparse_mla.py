@@ -13,7 +13,7 @@ from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # race-detector 
 
 from pallas_kernels.benchmarking import timing
 from pallas_kernels.sparse_mla import api, bench, chunked_bwd, kernel_bwd, kernel_fwd, reference
-from tests.pallas_kernels.mosaic_lowering import SMEM_PER_BLOCK, lower_for_h200
+from tests.pallas_kernels.mosaic_checks import SMEM_PER_BLOCK, lower_for_h200
 
 SCALE = 0.1
 
@@ -191,14 +191,15 @@ class LoweringTest(parameterized.TestCase):
 
   def test_forward_kernel(self):
     (kernel,) = lower_for_h200(functools.partial(kernel_fwd.sparse_mla_fwd, scale=0.135, v_dim=512),
-                               *_v32_shapes()[:3])
+                               *_v32_shapes()[:3]).launches
     # Q tile 72 KiB + two gathered 64-key blocks 144 KiB + P 8 KiB
     self.assert_launch(kernel, (64 * 576 + 2 * 64 * 576 + 64 * 64) * 2)
     self.assertEqual(kernel.count(CP_ASYNC) % ROW_PIECES, 0)
     self.assertGreater(kernel.count(CP_ASYNC), 0)
 
   def test_backward_kernel(self):
-    (kernel,) = lower_for_h200(functools.partial(kernel_bwd.sparse_mla_bwd, scale=0.135, v_dim=512), *_v32_shapes())
+    (kernel,) = lower_for_h200(functools.partial(kernel_bwd.sparse_mla_bwd, scale=0.135, v_dim=512),
+                               *_v32_shapes()).launches
     # Q 72 KiB + dO 64 KiB + one key block 72 KiB + P^T, dS^T 16 KiB
     self.assert_launch(kernel, (64 * 576 + 64 * 512 + 64 * 576 + 2 * 64 * 64) * 2)
     self.assertEqual(kernel.count(CP_ASYNC), ROW_PIECES)  # one gathered block per iteration
@@ -210,7 +211,7 @@ class LoweringTest(parameterized.TestCase):
     """The forward kernel, then the backward kernel or (deterministic) the chunked XLA backward."""
     loss = lambda q, kv, idx: jnp.sum(api.sparse_mla(q, kv, idx, scale=0.135, v_dim=512, implementation="pallas",
                                                      deterministic=deterministic)[0].astype(jnp.float32))
-    lowered = lower_for_h200(jax.grad(loss, argnums=(0, 1)), *_v32_shapes()[:3])
+    lowered = lower_for_h200(jax.grad(loss, argnums=(0, 1)), *_v32_shapes()[:3]).launches
     self.assertLen(lowered, kernels)
     self.assertEqual(lowered[-1].count(TMA_REDUCE_ADD), 5 if not deterministic else 0)
 

@@ -16,6 +16,7 @@ from absl import flags
 from dsa_jax.agent import context_policies, kv_env
 from dsa_jax.agent.rollout import RolloutConfig
 from dsa_jax.data.tokenizer import ByteTokenizer
+from dsa_jax.progress import Progress
 from experiments import cli
 
 _WINDOWS = flags.DEFINE_list("windows", ["3072", "4096", "6144"], "Context windows in byte tokens.")
@@ -38,8 +39,8 @@ POLICIES = {
 }
 
 
-def _evaluate(task_cfg, config, name, tokenizer):
-  """One row: success rate, steps and costs of one policy over the task set."""
+def _evaluate(task_cfg, config, name, tokenizer, tick=lambda text: None):
+  """One row: success rate, steps and costs of one policy over the task set (`tick` after each task)."""
   rewards, steps, success_steps, rewrites, calls, out_of_context = [], [], [], [], [], 0
   for seed in range(_NUM_TASKS.value):
     task = kv_env.make_task(seed, task_cfg)
@@ -59,6 +60,7 @@ def _evaluate(task_cfg, config, name, tokenizer):
     rewrites.append(len(result.trajectories) - 1)
     calls.append(sum(r.steps for r in runs))
     out_of_context += result.finish_reason in ("context_full", "truncated")
+    tick(f"window {config.window}, {name}")
   n = len(rewards)
   return {
       "policy": name, "success": f"{sum(rewards) / n:.2f}",
@@ -84,9 +86,19 @@ def main(argv):
   with cli.user_errors():
     task_cfg = kv_env.KVTaskConfig(min_hops=_MIN_HOPS.value, max_hops=_MAX_HOPS.value)
   sections = []
+  names = [*POLICIES, "parallel-fewest-step"]
+  progress = Progress(len(windows) * len(names) * _NUM_TASKS.value, "context_study", every=_NUM_TASKS.value)
+  episodes = 0
+
+  def tick(text):
+    nonlocal episodes
+    episodes += 1
+    progress.update(episodes, text)
+
   for window in windows:
     config = RolloutConfig(window=window, max_steps=_MAX_STEPS.value)
-    rows = [_evaluate(task_cfg, config, name, tokenizer) for name in [*POLICIES, "parallel-fewest-step"]]
+    rows = [_evaluate(task_cfg, config, name, tokenizer, tick) for name in names]
+    progress.close()
     sections.append(f"### window = {window} tokens (trigger at {int(0.8 * window)})\n\n{_table(rows)}")
     print(sections[-1], flush=True)
   probe = kv_env.run_episode(kv_env.make_task(0, task_cfg), tokenizer, RolloutConfig(window=10**6))

@@ -17,6 +17,7 @@ from absl import flags, logging
 
 from dsa_jax.data.tokenizer import ByteTokenizer
 from dsa_jax.model import functional
+from dsa_jax.progress import Progress
 from dsa_jax.rl import get_task, grpo_step, loop, warm_start
 from dsa_jax.sampling import SamplingConfig
 from experiments import cli
@@ -53,14 +54,17 @@ def main(argv):
   sampling = SamplingConfig(max_new_tokens=5, top_p=_TOP_P.value, k_max=64, eos_id=tokenizer.eos_id,
                             pad_id=tokenizer.pad_id)
   rows = []
-  for name, dtype, keep_routing, keep_mask in SETTINGS:
+  progress = Progress(len(SETTINGS) * _STEPS.value, "grpo_mismatch", every=max(1, _STEPS.value // 2))
+  for setting, (name, dtype, keep_routing, keep_mask) in enumerate(SETTINGS):
     start = time.perf_counter()
     lcfg = loop.LoopConfig(steps=_STEPS.value, num_prompts=8, group_size=8, prompt_width=10, learning_rate=1e-3,
                            sampler_dtype=dtype)
     gcfg = grpo_step.GRPOConfig(delta=_DELTA.value, keep_routing=keep_routing, keep_sampling_mask=keep_mask)
     state = grpo_step.init_state(params, loop.optimizer(lcfg.learning_rate), 0)
-    _, history = loop.train(cfg, lcfg, gcfg, sampling, task, tokenizer, state)
+    log = lambda m, done=setting * _STEPS.value, name=name: progress.update(done + m["step"], name)
+    _, history = loop.train(cfg, lcfg, gcfg, sampling, task, tokenizer, state, log=log)
     rows.append((name, {k: float(np.mean([m[k] for m in history])) for k in COLUMNS}))
+    progress.close()
     print(f"{name}: {rows[-1][1]} ({time.perf_counter() - start:.0f}s)", flush=True)
   table = ["| setting | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
   table += [f"| {name} | " + " | ".join(f"{v[k]:.4g}" for k in COLUMNS) + " |" for name, v in rows]

@@ -81,3 +81,12 @@ def test_the_default_output_is_a_new_run_directory(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     written.append(done.stdout.strip().splitlines()[-1].removeprefix("wrote "))
   assert written[0] != written[1] and all(w.startswith("/tmp/dsa_jax/plot_dsa_run/") for w in written)
+
+
+def test_a_study_reports_its_progress(tmp_path):
+  """context_study: one progress line per policy off a terminal, up to every episode; its report goes to --out."""
+  done = _run("context_study", "--num_tasks=1", "--windows=3072", f"--out={tmp_path / 'report.md'}")
+  assert done.returncode == 0, done.stderr[-2000:]
+  lines = [line for line in done.stdout.splitlines() if line.startswith("[context_study]")]
+  assert len(lines) == 5 and lines[-1].startswith("[context_study] step 5/5 window 3072, parallel-fewest-step")
+  assert (tmp_path / "report.md").is_file()

@@ -20,6 +20,7 @@ from experiments import cli, records
 # Modules that define SECTIONS, in the order their sections run.
 BENCH_MODULES = (
     "pallas_kernels.lightning_indexer.bench",
+    "pallas_kernels.index_decode.bench",
     "pallas_kernels.topk.bench",
     "pallas_kernels.sparse_mla.bench",
     "pallas_kernels.indexer_kl.bench",

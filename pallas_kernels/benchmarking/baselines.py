@@ -1,4 +1,5 @@
-"""Baselines every kernel is judged against (GPU machine): XLA matmul rate, cuDNN dense MLA, lax.top_k.
+"""Baselines every kernel is judged against (GPU machine): peak HBM bandwidth, XLA matmul rate, cuDNN dense MLA,
+lax.top_k.
 
 Figures and caveats measured so far are in `shared/docs/pallas_gpu_notes.md` ("Baselines that a kernel must
 beat"). Each function builds its inputs from fresh random data (never zeros, see the device METHOD notes),
@@ -11,6 +12,15 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.benchmarking import timing
+
+
+PEAK_HBM = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, vendor figures (SXM)
+
+
+def peak_hbm() -> float | None:
+  """The vendor's peak HBM bandwidth of device 0 in bytes/s (None for a device not in PEAK_HBM)."""
+  kind = jax.devices()[0].device_kind
+  return next((bw for name, bw in PEAK_HBM.items() if name in kind), None)
 
 
 @functools.cache

@@ -34,14 +34,25 @@ def _check(q, q_scale, weights, idx_k, idx_scale, block_table, lengths, k, page_
                lengths=lengths)
   for name, shape in expected.items():
     if shape is not None and given[name].shape != shape:
-      raise ValueError(f"index_decode_topk: {name} has shape {given[name].shape}; allowed: {shape} for q "
+      raise ValueError(f"index_decode: {name} has shape {given[name].shape}; allowed: {shape} for q "
                        f"{q.shape} [Q, I, H] and idx_k {idx_k.shape} [R_pool, H].")
   if q.dtype == jnp.float8_e4m3fn and q_scale is None:
-    raise ValueError("index_decode_topk: q is float8_e4m3fn without q_scale; allowed: fp8 q with q_scale [Q, I], "
+    raise ValueError("index_decode: q is float8_e4m3fn without q_scale; allowed: fp8 q with q_scale [Q, I], "
                      "or bf16 q.")
   if k < 1 or page_size < 1 or idx_k.shape[0] % page_size:
-    raise ValueError(f"index_decode_topk: k={k}, page_size={page_size} with {idx_k.shape[0]} pool rows; allowed: "
+    raise ValueError(f"index_decode: k={k}, page_size={page_size} with {idx_k.shape[0]} pool rows; allowed: "
                      "k >= 1 and a page size that divides the pool rows.")
+
+
+def _implementation(implementation, q, idx_k, page_size) -> str:
+  """The implementation to run; an explicit "pallas" for inputs the kernel does not take is an error."""
+  supported = _kernel_supports(q, idx_k, page_size)
+  chosen = resolve_implementation(implementation, AVAILABLE, supported)
+  if chosen == "pallas" and not supported:
+    raise ValueError(f"index_decode(implementation='pallas'): q {q.dtype} {q.shape}, idx_k {idx_k.dtype}, "
+                     f"page_size={page_size}; allowed: q and idx_k both bfloat16 or both float8_e4m3fn, H a "
+                     f"multiple of 64, page_size a multiple of 8 dividing {kernel.TILE} or a multiple of it.")
+  return chosen
 
 
 def _pallas_scores(q, q_scale, weights, idx_k, idx_scale, block_table, lengths, page_size):
@@ -72,12 +83,20 @@ def index_decode_topk(q: jax.Array, q_scale: jax.Array | None, weights: jax.Arra
   "pallas" path under `plgpu.force_gpu_interpret_mode`.
   """
   _check(q, q_scale, weights, idx_k, idx_scale, block_table, lengths, k, page_size)
-  if resolve_implementation(implementation, AVAILABLE, _kernel_supports(q, idx_k, page_size)) == "xla":
+  if _implementation(implementation, q, idx_k, page_size) == "xla":
     return reference.index_decode_topk(q, q_scale, weights, idx_k, idx_scale, block_table, lengths, k=k,
                                        page_size=page_size)
-  if not _kernel_supports(q, idx_k, page_size):
-    raise ValueError(f"index_decode_topk(implementation='pallas'): q {q.dtype} {q.shape}, idx_k {idx_k.dtype}, "
-                     f"page_size={page_size}; allowed: q and idx_k both bfloat16 or both float8_e4m3fn, H a "
-                     f"multiple of 64, page_size a multiple of 8 dividing {kernel.TILE} or a multiple of it.")
   scores = _pallas_scores(q, q_scale, weights, idx_k, idx_scale, block_table, lengths, page_size)
   return reference.select(scores, k, lambda s, n: topk_api.topk_indices(s, n, implementation="pallas"))
+
+
+def index_decode_scores(q: jax.Array, q_scale: jax.Array | None, weights: jax.Array, idx_k: jax.Array,
+                        idx_scale: jax.Array | None, block_table: jax.Array, lengths: jax.Array, *, page_size: int,
+                        implementation: str | None = None) -> jax.Array:
+  """The scores alone, as `index_decode_topk` computes them -> float32 [Q, max_pages * page_size], -inf where
+  p >= lengths[q]."""
+  _check(q, q_scale, weights, idx_k, idx_scale, block_table, lengths, 1, page_size)
+  if _implementation(implementation, q, idx_k, page_size) == "xla":
+    return reference.index_decode_scores(q, q_scale, weights, idx_k, idx_scale, block_table, lengths,
+                                         page_size=page_size)
+  return _pallas_scores(q, q_scale, weights, idx_k, idx_scale, block_table, lengths, page_size)

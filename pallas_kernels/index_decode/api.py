@@ -63,10 +63,11 @@ def _pallas_scores(q, q_scale, weights, idx_k, idx_scale, block_table, lengths, 
   pad = -q.shape[1] % kernel.HEAD_ALIGN  # zero heads with zero weight add nothing
   q = jnp.pad(q, ((0, 0), (0, pad), (0, 0)))
   w = jnp.pad(w, ((0, 0), (0, pad)))
-  rows = reference.physical_rows(block_table, lengths, page_size, idx_k.shape[0] // page_size)
-  scores = kernel.index_decode_scores(q, w, idx_k, idx_scale, kernel.tile_rows(rows, page_size), lengths,
-                                      page_size=page_size)[:, :rows.shape[1]]
-  return jnp.where(jnp.arange(rows.shape[1]) < lengths[:, None], scores, -jnp.inf)
+  pages = reference.visible_pages(block_table, lengths, page_size, idx_k.shape[0] // page_size)
+  num_keys = block_table.shape[1] * page_size
+  scores = kernel.index_decode_scores(q, w, idx_k, idx_scale, kernel.tile_rows(pages, page_size), lengths,
+                                      page_size=page_size)[:, :num_keys]
+  return jnp.where(jnp.arange(num_keys) < lengths[:, None], scores, -jnp.inf)
 
 
 def index_decode_topk(q: jax.Array, q_scale: jax.Array | None, weights: jax.Array, idx_k: jax.Array,

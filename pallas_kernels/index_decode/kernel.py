@@ -32,9 +32,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 TILE = 64  # keys per wgmma (its M)
 HEAD_ALIGN = 64  # index heads are padded to this (the wgmma N)
 STAGES = 4  # key tiles in flight per CTA
-# Split-K: CTAs aimed for over the whole grid, two per SM of an H100 / H200 (132 SMs): one wave (two CTAs fit an
-# SM with bf16 keys, four with e4m3) whose 2 x STAGES tiles in flight per SM cover the HBM latency. Not tuned yet.
-TARGET_CTAS = 2 * 132
+# Split-K: one wave of CTAs over the SMs of an H100 / H200, as many per SM as their shared memory allows (two with
+# bf16 keys, four with e4m3) up to MAX_CTAS_PER_SM: each CTA walks its tiles one after the other, so more CTAs
+# per SM overlap more tiles' wgmma and epilogue latency, and keep more tile loads in flight. Not tuned yet.
+SMS = 132
+SMEM_PER_SM = 227 * 1024  # what the CTAs of one SM may share (228 KiB less 1 KiB reserved per CTA, about)
+MAX_CTAS_PER_SM = 4
 
 
 def copies_per_tile(page_size: int) -> int:
@@ -45,17 +48,27 @@ def copies_per_tile(page_size: int) -> int:
   return max(1, TILE // page_size)
 
 
-def tile_rows(rows: jax.Array, page_size: int) -> jax.Array:
-  """rows [Q, S] (the pool row of every logical position, `reference.physical_rows`) -> int32 [Q, tiles * copies]:
-  the first pool row of each copy of each 64-key tile (a partial last tile repeats the last copy)."""
+def tile_rows(pages: jax.Array, page_size: int) -> jax.Array:
+  """pages [Q, max_pages] (the pool page of every logical page, `reference.visible_pages`) -> int32
+  [Q, tiles * copies]: the first pool row of each copy of each 64-key tile; each copy stays inside one page (a
+  partial last tile repeats the last copy)."""
   copies = copies_per_tile(page_size)
-  starts = rows[:, ::min(page_size, TILE)]  # each copy stays inside one page
+  offsets = jnp.arange(0, page_size, min(page_size, TILE))  # copy starts inside a page
+  starts = (pages[:, :, None] * page_size + offsets).reshape(pages.shape[0], -1)
   return jnp.pad(starts, ((0, 0), (0, -starts.shape[1] % copies)), mode="edge").astype(jnp.int32)
 
 
-def default_splits(num_rows: int, tiles: int) -> int:
-  """Key splits per row: at most TARGET_CTAS CTAs over the grid (at least one per row), at least one tile each."""
-  return max(1, min(tiles, TARGET_CTAS // num_rows))
+def smem_bytes(heads: int, dim: int, dtype, scales: bool) -> int:
+  """Shared memory of one CTA (the scratch of `index_decode_scores`, barriers aside)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  return heads * dim * itemsize + 4 * heads + STAGES * TILE * (dim * itemsize + 4 * scales) + 2 * TILE * 4
+
+
+def default_splits(num_rows: int, tiles: int, cta_smem: int) -> int:
+  """Key splits per row: CTAs for one wave (`SMS` x the CTAs per SM that `cta_smem` bytes allow), at least one per
+  row and one tile per split."""
+  per_sm = max(1, min(MAX_CTAS_PER_SM, SMEM_PER_SM // (cta_smem + 1024)))
+  return max(1, min(tiles, SMS * per_sm // num_rows))
 
 
 def index_decode_scores(q: jax.Array, w: jax.Array, idx_k: jax.Array, idx_scale: jax.Array | None,
@@ -72,7 +85,8 @@ def index_decode_scores(q: jax.Array, w: jax.Array, idx_k: jax.Array, idx_scale:
   if heads % HEAD_ALIGN or dim % 64 or q.dtype != idx_k.dtype or q.dtype not in (jnp.bfloat16, jnp.float8_e4m3fn):
     raise ValueError(f"index_decode kernel: q [Q, I, H] = {q.shape} {q.dtype} with keys {idx_k.dtype}; allowed: "
                      f"I a multiple of {HEAD_ALIGN}, H of 64, q and keys both bfloat16 or both float8_e4m3fn.")
-  splits = default_splits(num_rows, tiles) if splits is None else splits
+  if splits is None:
+    splits = default_splits(num_rows, tiles, smem_bytes(heads, dim, q.dtype, idx_scale is not None))
   per_split = -(-tiles // splits)
   itemsize = jnp.dtype(q.dtype).itemsize
   swizzle = plgpu.find_swizzle(dim * 8 * itemsize)  # rows of H elements

@@ -22,16 +22,20 @@ import jax.numpy as jnp
 from pallas_kernels.topk import reference as topk_reference
 
 
-def physical_rows(block_table: jax.Array, lengths: jax.Array, page_size: int, num_pages: int) -> jax.Array:
-  """block_table [Q, max_pages], lengths [Q] -> int32 [Q, max_pages * page_size]: the pool row of every logical
-  position. Pages past a row's length are never read by the scores (their entries may be stale): they map to its
-  last visible page, a real page (page 0 for an empty row), and every entry is clamped into [0, num_pages)."""
+def visible_pages(block_table: jax.Array, lengths: jax.Array, page_size: int, num_pages: int) -> jax.Array:
+  """block_table [Q, max_pages], lengths [Q] -> int32 [Q, max_pages]: the pool page of every logical page. Pages
+  past a row's length are never scored (their entries may be stale): they map to the row's last visible page, a
+  real page (page 0 for an empty row), and every entry is clamped into [0, num_pages)."""
   max_pages = block_table.shape[1]
   last = jnp.clip((lengths - 1) // page_size, 0, max_pages - 1)  # [Q]
   page_of = jnp.minimum(jnp.arange(max_pages), last[:, None])  # [Q, max_pages]
-  pages = jnp.clip(jnp.take_along_axis(block_table, page_of, axis=1), 0, num_pages - 1)
-  rows = pages[:, :, None] * page_size + jnp.arange(page_size)
-  return rows.reshape(block_table.shape[0], -1).astype(jnp.int32)
+  return jnp.clip(jnp.take_along_axis(block_table, page_of, axis=1), 0, num_pages - 1).astype(jnp.int32)
+
+
+def physical_rows(block_table: jax.Array, lengths: jax.Array, page_size: int, num_pages: int) -> jax.Array:
+  """-> int32 [Q, max_pages * page_size]: the pool row of every logical position (`visible_pages`)."""
+  rows = visible_pages(block_table, lengths, page_size, num_pages)[:, :, None] * page_size + jnp.arange(page_size)
+  return rows.reshape(block_table.shape[0], -1)
 
 
 def index_decode_scores(q: jax.Array, q_scale: jax.Array | None, weights: jax.Array, idx_k: jax.Array,

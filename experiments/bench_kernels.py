@@ -23,6 +23,7 @@ BENCH_MODULES = (
     "pallas_kernels.index_decode.bench",
     "pallas_kernels.topk.bench",
     "pallas_kernels.sparse_mla.bench",
+    "pallas_kernels.mla_decode.bench",
     "pallas_kernels.indexer_kl.bench",
     "pallas_kernels.moe_gmm.bench",
     "pallas_kernels.flash_attention.bench",

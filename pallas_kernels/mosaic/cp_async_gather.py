@@ -44,34 +44,40 @@ def _i64(v: int) -> ir.Value:
 def issue_block(kv_rows, indices, buffers, *, chunks, rows: int) -> None:
   """Warpgroup code: cp.async copies of kv_rows[max(indices[r], 0), chunk] into buffers[i] for r < rows.
 
-  kv_rows: GMEM ref [S, Dk] (bf16); indices: SMEM ref [rows] int32; buffers: one flat SMEM ref [rows * W]
-  (bf16, untransformed view of the tiled and swizzled chunk buffer) per (offset, W) of `chunks`.
-  Commits one cp.async group.
+  kv_rows: GMEM ref [S, Dk] (bf16), or a sequence of such refs, one per chunk (rows kept in separate arrays, such
+  as the decode cache's latent and rope parts); indices: SMEM ref [rows] int32; buffers: one flat SMEM ref
+  [rows * W] (bf16, untransformed view of the tiled and swizzled chunk buffer) per (offset, W) of `chunks`, the
+  offset a column of that chunk's source. Commits one cp.async group.
   """
+  sources = tuple(kv_rows) if isinstance(kv_rows, (tuple, list)) else (kv_rows,) * len(chunks)
   widths = tuple(w for _, w in chunks)
   if rows % (WARPGROUP // PIECE) or any(w % LINE for w in widths):
     raise ValueError(f"rows={rows} must be a multiple of 16 and chunk widths {widths} multiples of 64.")
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), tuple(plgpu.RefType() for _ in chunks)))
-  def _issue(_, kv_ref, idx_ref, bufs):
+  refs = tuple(plgpu.RefType() for _ in chunks)
+
+  @plgpu.inline_mgpu(arg_types=(refs, plgpu.RefType(), refs))
+  def _issue(_, kv_refs, idx_ref, bufs):
     i64 = ir.IntegerType.get_signless(64)
     bf16 = ir.BF16Type.get()
-    dk = ir.MemRefType(kv_ref.type).shape[-1]
     tid = arith.remui(mgpu_utils.thread_idx(), _i32(WARPGROUP))
     piece = arith.remui(tid, _i32(PIECE))
     row_in_pass = arith.divui(tid, _i32(PIECE))
-    kv_base = llvm.addrspacecast(llvm.PointerType.get(address_space=1), mgpu_utils.memref_ptr(kv_ref))
+    global_ptr = llvm.PointerType.get(address_space=1)
+    kv_bases = [(llvm.addrspacecast(global_ptr, mgpu_utils.memref_ptr(k)), ir.MemRefType(k.type).shape[-1])
+                for k in kv_refs]
     buf_bases = [mgpu_utils.memref_ptr(b) for b in bufs]
     for p in range(rows // (WARPGROUP // PIECE)):
       r = arith.addi(row_in_pass, _i32(p * (WARPGROUP // PIECE)))
       row = memref.load(idx_ref, [arith.index_cast(ir.IndexType.get(), r)])
       row = arith.maxsi(row, _i32(0))
-      src_row = arith.muli(arith.extui(i64, row), _i64(dk))
+      row64 = arith.extui(i64, row)
       r8, sub = arith.divui(r, _i32(8)), arith.remui(r, _i32(8))
       swizzled = arith.muli(arith.xori(piece, sub), _i32(PIECE))
       in_tile = arith.addi(arith.muli(sub, _i32(LINE)), swizzled)
-      for (off, width), base in zip(chunks, buf_bases):
+      for (off, width), base, (kv_base, dk) in zip(chunks, buf_bases, kv_bases):
         lines = width // LINE
+        src_row = arith.muli(row64, _i64(dk))
         for ct in range(lines):
           col = arith.addi(_i64(off + LINE * ct), arith.extui(i64, arith.muli(piece, _i32(PIECE))))
           src = mgpu_utils.getelementptr(kv_base, [arith.addi(src_row, col)], bf16)
@@ -81,7 +87,7 @@ def issue_block(kv_rows, indices, buffers, *, chunks, rows: int) -> None:
           nvvm.cp_async_shared_global(dst, src, 16, nvvm.LoadCacheModifierKind.CG)
     nvvm.cp_async_commit_group()
 
-  _issue(kv_rows, indices, tuple(buffers))
+  _issue(sources, indices, tuple(buffers))
 
 
 def wait(pending: int) -> None:

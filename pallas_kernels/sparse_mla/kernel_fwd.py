@@ -20,6 +20,9 @@ The Q tile's SMEM stages the output, and the row buffer (alpha, then 1/l) the lo
 Hopper's 227 KiB of SMEM per block with 64-key blocks double-buffered. Pallas's automatic warpgroup barriers are
 off: no thread both reads and writes one SMEM region with ordinary accesses, and every copy would pay one.
 
+Decoding (`mla_decode`) runs this kernel too: the batch's query rows as tokens over the cache's page pool, whose
+latent and rope parts are separate arrays (`kv_rope=`), each row's keys split into parts (`splits=`, split-K).
+
 Limits: bf16; v_dim a multiple of 128 up to 512 and a rope part of 64 to 256 columns (`supports`). There is no
 room for a second gather warpgroup: ptxas caps 512 threads at 128 registers each, and wg 0 and wg 1 need more.
 Today: 460-530 TFLOP/s over 8K-128K keys at V3.2 shapes on an H200 (benchmarks/sparse_mla.md).
@@ -73,11 +76,12 @@ def column_chunks(dk: int, v_dim: int) -> tuple[tuple[int, int], ...]:
   return (0, half), (half, half), (v_dim, rope)
 
 
-def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx_smem, row_smem,
-          q_bar, kv_ready, idx_ready, kv_free, p_ready, p_free, *, chunks, steps, scale, cfg, n_tiles,
-          interpret):
+def _body(q_ref, kv_refs, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx_smem, row_smem,
+          q_bar, kv_ready, idx_ready, kv_free, p_ready, p_free, *, chunks, sources, steps, scale, cfg, n_tiles,
+          splits, interpret):
   kv_smem, kv_flat = zip(*kv_smem)
   b, t, tile = grid_position(n_tiles)
+  tq = t // splits if splits > 1 else t  # the query row of this row of indices
   h0 = tile * HEAD_TILE
   wg = lax.axis_index("wg")
   bk, half = cfg.block_k, chunks[0][1]
@@ -111,7 +115,7 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
   def _scores_and_left_half():
     plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
     for (off, width), smem in zip(chunks, q_smem):
-      plgpu.copy_gmem_to_smem(q_ref.at[b, t, pl.ds(h0, HEAD_TILE), pl.ds(off, width)], smem, q_bar)
+      plgpu.copy_gmem_to_smem(q_ref.at[b, tq, pl.ds(h0, HEAD_TILE), pl.ds(off, width)], smem, q_bar)
     plgpu.barrier_wait(q_bar)
     log2_scale = scale * math.log2(math.e)
 
@@ -201,7 +205,8 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
     def fetch(j):
       slot = load_indices(j)
       flat = [view.at[pl.ds(slot * bk * w, bk * w)] for (_, w), view in zip(chunks, kv_flat)]
-      cp_async_gather.issue_block(kv_ref.at[b], idx_smem.at[slot], flat, chunks=chunks, rows=bk)
+      cp_async_gather.issue_block([kv_refs[part].at[b] for part, _ in sources], idx_smem.at[slot], flat,
+                                  chunks=[(col, w) for (part, col), (_, w) in zip(sources, chunks)], rows=bk)
 
     def publish(j, pending):
       cp_async_gather.wait(pending)
@@ -229,9 +234,9 @@ def _body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx
       slot = load_indices(j)
 
       def copy_row(r, row):
-        for (off, width), smem in zip(chunks, kv_smem):
-          plgpu.copy_gmem_to_smem(kv_ref.at[b, pl.ds(row, 1), pl.ds(off, width)], smem.at[slot, pl.ds(r, 1)],
-                                  kv_ready.at[slot])
+        for (part, col), (_, width), smem in zip(sources, chunks, kv_smem):
+          plgpu.copy_gmem_to_smem(kv_refs[part].at[b, pl.ds(row, 1), pl.ds(col, width)],
+                                  smem.at[slot, pl.ds(r, 1)], kv_ready.at[slot])
 
       issue_row_copies(bk, 1, lambda r: idx_smem[slot, r], copy_row)
 
@@ -282,12 +287,25 @@ def _kv_buffer(stages: int, bk: int, width: int, dtype, interpret: bool):
 
 
 def sparse_mla_fwd(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: float, v_dim: int,
-                   config: Config = Config(), interpret=False) -> tuple[jax.Array, jax.Array]:
+                   config: Config = Config(), interpret=False, kv_rope: jax.Array | None = None,
+                   splits: int = 1) -> tuple[jax.Array, jax.Array]:
   """q [B, T, N, Dk], kv [B, S, Dk], indices [B, T, K] (-1 = skip) -> (out [B, T, N, v_dim], lse [B, T, N]).
 
-  `interpret`: GPU interpret mode (`plgpu.InterpretGPUParams`), which gathers rows by TMA instead of cp.async."""
+  `interpret`: GPU interpret mode (`plgpu.InterpretGPUParams`), which gathers rows by TMA instead of cp.async.
+  `kv_rope` [B, S, Dk - v_dim]: the rope columns kept in their own array (the decode cache's layout); kv then
+  holds the first v_dim columns only. `splits` (split-K, `mla_decode`): indices has T * splits rows, row r
+  attending for query r // splits, and out and lse have T * splits rows (one partial result per row of indices).
+  """
   bsz, t, n, dk = q.shape
   chunks = column_chunks(dk, v_dim)
+  parts = (kv,) if kv_rope is None else (kv, kv_rope)
+  widths = tuple(x.shape[-1] for x in parts)
+  if widths not in ((dk,), (v_dim, dk - v_dim)) or indices.shape[:2] != (bsz, t * splits):
+    raise ValueError(f"kernel_fwd.sparse_mla_fwd: kv parts of widths {widths} and indices {indices.shape} do not "
+                     f"fit q {q.shape}, v_dim={v_dim}, splits={splits}: need widths ({dk},) or ({v_dim}, "
+                     f"{dk - v_dim}) and indices [{bsz}, {t * splits}, K].")
+  # (part, column in the part) where each column chunk starts
+  sources = tuple((0, off) if len(parts) == 1 or off < v_dim else (1, off - v_dim) for off, _ in chunks)
   n_pad = -n % HEAD_TILE
   q = jnp.pad(q, ((0, 0), (0, 0), (0, n_pad), (0, 0)))
   k_pad = -indices.shape[-1] % config.block_k
@@ -297,13 +315,17 @@ def sparse_mla_fwd(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: fl
   smem = functools.partial(plgpu.SMEM, dtype=dtype, transforms=_TRANSFORMS)
   n_tiles = (n + n_pad) // HEAD_TILE
   emulated = interpreting(interpret)
-  body = functools.partial(_body, chunks=chunks, steps=steps, scale=scale, cfg=config, n_tiles=n_tiles,
-                           interpret=emulated)
-  grid, grid_names = token_grid(n_tiles, bsz, t)
+  body = functools.partial(_body, chunks=chunks, sources=sources, steps=steps, scale=scale, cfg=config,
+                           n_tiles=n_tiles, splits=splits, interpret=emulated)
+  grid, grid_names = token_grid(n_tiles, bsz, t * splits)
+
+  def sparse_mla_fwd_kernel(q_ref, idx_ref, *refs):
+    body(q_ref, refs[:len(parts)], idx_ref, *refs[len(parts):])
+
   out, lse = plgpu.kernel(
-      body,
-      out_type=(jax.ShapeDtypeStruct((bsz, t, n + n_pad, v_dim), dtype),
-                jax.ShapeDtypeStruct((bsz, t, n + n_pad), jnp.float32)),
+      sparse_mla_fwd_kernel,
+      out_type=(jax.ShapeDtypeStruct((bsz, t * splits, n + n_pad, v_dim), dtype),
+                jax.ShapeDtypeStruct((bsz, t * splits, n + n_pad), jnp.float32)),
       scratch_types=(
           tuple(smem((HEAD_TILE, w)) for _, w in chunks),
           tuple(_kv_buffer(stages, bk, w, dtype, emulated) for _, w in chunks),
@@ -325,5 +347,5 @@ def sparse_mla_fwd(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: fl
       compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,
                                           unsafe_no_auto_barriers=True),
       interpret=interpret,
-  )(q, kv.astype(dtype), indices)
+  )(q, indices, *(x.astype(dtype) for x in parts))
   return out[:, :, :n], lse[:, :, :n]

@@ -8,7 +8,7 @@ Dense: every position through the block table. Each kernel row beside the XLA re
 
 bytes moved = Q * keys * entry bytes (bf16 cache 1152 = 576 x 2; FP8 656 = 512 + 16 + 128) + q (Q * N * 576 x 2)
 + out (Q * N * 512 x 2): every selected row counted once per query row (the second 64-head tile re-reads it from
-L2), indices and the split-K partials not counted. GB/s = bytes / time; % of peak against PEAK_HBM, the vendor's
+L2), indices and the split-K partials not counted. GB/s = bytes / time; % of peak against `baselines.PEAK_HBM`, the vendor's
 figure for the device kind (None when unknown). out_rel_err: max |out - ref| / max |ref| on the first ERR_ROWS rows
 against the float32 reference.
 """
@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.benchmarking import timing
+from pallas_kernels.benchmarking import baselines, timing
 from pallas_kernels.lightning_indexer.reference import quantize_e4m3
 from pallas_kernels.mla_decode import api, reference
 
@@ -26,18 +26,12 @@ HEADS, LATENT, ROPE, TOPK, PAGE = 128, 512, 64, 2048, 64
 SCALE = 0.1352338
 BATCHES = (1, 32, 128)
 ERR_ROWS = 4
-PEAK_HBM = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, vendor figures (SXM)
 ENTRY_BYTES = {False: (LATENT + ROPE) * 2, True: LATENT + 4 * LATENT // 128 + ROPE * 2}
 
 
 def bytes_moved(rows: int, keys: int, heads: int, fp8: bool) -> int:
   """Cache rows read + q + out of one decode step (module docstring)."""
   return rows * keys * ENTRY_BYTES[fp8] + rows * heads * ((LATENT + ROPE) + LATENT) * 2
-
-
-def peak_hbm() -> float | None:
-  kind = jax.devices()[0].device_kind
-  return next((bw for name, bw in PEAK_HBM.items() if name in kind), None)
 
 
 def inputs(T: int, batch: int, seed: int = 0):  # noqa: N803
@@ -76,7 +70,7 @@ def _rel_err(out, want) -> float:
 
 
 def _rows_for(rows: list[dict], base: dict, q, cache, table, lengths, sparse_rows) -> None:
-  peak = peak_hbm()
+  peak = baselines.peak_hbm()
   (kv_nope, kv_rope), (c8, s) = cache
   for mode, impl, fp8 in (("sparse", "pallas", False), ("sparse", "xla", False), ("sparse", "xla", True),
                           ("dense", "pallas", False), ("dense", "xla", False), ("dense", "xla", True)):

@@ -23,6 +23,13 @@ off: no thread both reads and writes one SMEM region with ordinary accesses, and
 Decoding (`mla_decode`) runs this kernel too: the batch's query rows as tokens over the cache's page pool, whose
 latent and rope parts are separate arrays (`kv_rope=`), each row's keys split into parts (`splits=`, split-K).
 
+FP8 variant (`kv_scale=`, the FP8 decode cache; NOT DONE, not selected by `mla_decode`): the gather warpgroup
+copies e4m3 latent rows (half the bytes) into a staging buffer and the rows' per-tile scales transposed to
+[tiles, block_k]; each compute warpgroup dequantises the tiles of its value half (e4m3 x scale in float32, rounded
+to bf16) into one bf16 buffer per half, wg 1 signals wg 0 (`deq_ready`) before QK^T, and the staged block is
+released after QK^T. Open: at V3.2 shapes it needs 233552 bytes of SMEM (1104 over the limit), and GPU interpret
+mode deadlocks or reports an idx race (docs/kernel_notes.md, "MLA decode").
+
 Limits: bf16; v_dim a multiple of 128 up to 512 and a rope part of 64 to 256 columns (`supports`). There is no
 room for a second gather warpgroup: ptxas caps 512 threads at 128 registers each, and wg 0 and wg 1 need more.
 Today: 460-530 TFLOP/s over 8K-128K keys at V3.2 shapes on an H200 (benchmarks/sparse_mla.md).
@@ -47,6 +54,8 @@ HEAD_TILE = 64
 # together must fit the SM's 65536 registers, (2 * 232 + 40) * 128.
 COMPUTE_REGISTERS, GATHER_REGISTERS = 232, 40
 _TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+FP8_TILE = 128  # latent values per float32 scale in the FP8 decode cache
+_FP8_TRANSFORMS = (plgpu.TilingTransform((8, FP8_TILE)), plgpu.SwizzleTransform(128))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +70,13 @@ class Config:
       raise ValueError(f"stages={self.stages} must be >= 1.")
 
 
-def supports(dk: int, v_dim: int, dtype) -> bool:
-  """Whether the kernel handles these entry widths and dtype (the API's automatic choice asks this)."""
+def supports(dk: int, v_dim: int, dtype, fp8_cache: bool = False) -> bool:
+  """Whether the kernel handles these entry widths and dtype (the API's automatic choice asks this).
+  `fp8_cache` (kv_scale given): each compute warpgroup dequantises whole FP8 tiles of its value half, so v_dim must
+  be a multiple of 2 * FP8_TILE."""
   half, rope = v_dim // 2, dk - v_dim
-  return jnp.dtype(dtype) == jnp.bfloat16 and not v_dim % 128 and half <= 256 and not rope % 64 and 0 < rope <= 256
+  return (jnp.dtype(dtype) == jnp.bfloat16 and not v_dim % 128 and half <= 256 and not rope % 64 and 0 < rope <= 256
+          and not (fp8_cache and half % FP8_TILE))
 
 
 def column_chunks(dk: int, v_dim: int) -> tuple[tuple[int, int], ...]:
@@ -77,9 +89,17 @@ def column_chunks(dk: int, v_dim: int) -> tuple[tuple[int, int], ...]:
 
 
 def _body(q_ref, kv_refs, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, idx_smem, row_smem,
-          q_bar, kv_ready, idx_ready, kv_free, p_ready, p_free, *, chunks, sources, steps, scale, cfg, n_tiles,
-          splits, interpret):
+          q_bar, kv_ready, idx_ready, kv_free, p_ready, p_free, fp8_smem=(), *, chunks, sources, steps, scale, cfg,
+          n_tiles, splits, interpret):
   kv_smem, kv_flat = zip(*kv_smem)
+  fp8 = bool(fp8_smem)
+  # What the gather warpgroup copies per key: (tiled buffer, flat view, source part, source column, width).
+  if fp8:  # the FP8 latent into its staging buffer, the rope part into its key chunk; the scales (below)
+    (staging, staging_flat), scale_smem, deq_ready = fp8_smem
+    gathered = ((staging, staging_flat, 0, 0, 2 * chunks[0][1]), (kv_smem[2], kv_flat[2], 1, 0, chunks[2][1]))
+  else:
+    gathered = tuple((smem, flat, part, col, w) for smem, flat, (part, col), (_, w) in
+                     zip(kv_smem, kv_flat, sources, chunks))
   b, t, tile = grid_position(n_tiles)
   tq = t // splits if splits > 1 else t  # the query row of this row of indices
   h0 = tile * HEAD_TILE
@@ -90,6 +110,21 @@ def _body(q_ref, kv_refs, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, id
 
   def slot_of(j):
     return lax.rem(j, jnp.int32(cfg.stages))
+
+  def key_chunk(i, slot):
+    """Key chunk i of block `slot` as wgmma reads it (FP8 cache: the value halves are dequantised, one buffer)."""
+    return kv_smem[i].at[0 if fp8 and i < 2 else slot]
+
+  def dequantise(h, slot):
+    """FP8 cache: value half h of block `slot`, tile by tile: e4m3 x its key's scale (float32), rounded to bf16,
+    into the half's buffer; fenced for wgmma."""
+    for t in range(half // FP8_TILE):
+      tile = h * half // FP8_TILE + t
+      x = plgpu.load(staging.at[slot, :, pl.ds(tile * FP8_TILE, FP8_TILE)], (), layout=plgpu.Layout.WGMMA_8BIT)
+      s = plgpu.load(scale_smem.at[slot, tile], (), layout=plgpu.Layout.WGMMA_8BIT.reduce(1))
+      x = x.astype(jnp.float32) * lax.broadcast_in_dim(s, x.shape, [0])
+      kv_smem[h][0, :, pl.ds(t * FP8_TILE, FP8_TILE)] = x.astype(dtype)
+    plgpu.commit_smem()
 
   def pv(acc, alpha, v_smem):
     """acc * alpha + P V with P from SMEM. GPU interpret mode has no `run_state` over accumulators yet,
@@ -121,14 +156,18 @@ def _body(q_ref, kv_refs, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, id
 
     def qk(slot):
       def scores(s_ref):
-        for q_chunk, k_chunk in zip(q_smem, kv_smem):
-          plgpu.wgmma(s_ref, q_chunk, k_chunk.at[slot].transpose((1, 0)))
+        for i, q_chunk in enumerate(q_smem):
+          plgpu.wgmma(s_ref, q_chunk, key_chunk(i, slot).transpose((1, 0)))
         return s_ref[...]
       return pl.run_scoped(scores, plgpu.ACC((HEAD_TILE, bk), jnp.float32))
 
-    def softmax_and_pv(j, slot, s, acc, m, l):
-      """Online softmax of block j's scores s, P to wg 1, then O[:, :256] += P V; releases the block."""
-      idx = plgpu.load(idx_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+    def load_idx(slot):
+      return plgpu.load(idx_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+
+    def softmax_and_pv(j, slot, s, idx, acc, m, l):
+      """Online softmax of block j's scores s, P to wg 1, then O[:, :256] += P V; releases the block (bf16; the FP8
+      variant released it after QK^T). idx: the block's indices, or None to load them here."""
+      idx = load_idx(slot) if idx is None else idx
       bias = jnp.where(idx >= 0, 0.0, -jnp.inf).astype(jnp.float32)
       s = s * log2_scale + lax.broadcast_in_dim(bias, s.shape, [1])
       m_new = jnp.maximum(m, s.max(axis=1))
@@ -144,15 +183,24 @@ def _body(q_ref, kv_refs, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, id
       row_smem[...] = alpha
       plgpu.commit_smem()
       plgpu.barrier_arrive(p_ready)
-      acc = pv(acc, alpha, kv_smem[0].at[slot])
-      plgpu.barrier_arrive(kv_free.at[slot])
+      acc = pv(acc, alpha, key_chunk(0, slot))
+      if not fp8:
+        plgpu.barrier_arrive(kv_free.at[slot])
       return acc, m_new, l
 
     def step(j, carry):
       slot = slot_of(j)
       plgpu.barrier_wait(idx_ready.at[slot])
       plgpu.barrier_wait(kv_ready.at[slot])
-      return softmax_and_pv(j, slot, qk(slot), *carry)
+      if not fp8:
+        return softmax_and_pv(j, slot, qk(slot), None, *carry)
+      # FP8: dequantise the left half, wait for wg 1's right half, QK^T, then the staged block (and its indices)
+      # can be refilled.
+      dequantise(0, slot)
+      plgpu.barrier_wait(deq_ready)
+      s, idx = qk(slot), load_idx(slot)
+      plgpu.barrier_arrive(kv_free.at[slot])
+      return softmax_and_pv(j, slot, s, idx, *carry)
 
     # A finite floor keeps alpha finite while every key seen so far is invalid.
     m0 = plgpu.layout_cast(jnp.full((HEAD_TILE,), -1e30, jnp.float32), row_layout)
@@ -178,11 +226,17 @@ def _body(q_ref, kv_refs, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, id
     def step(j, acc):
       slot = slot_of(j)
       plgpu.barrier_wait(kv_ready.at[slot])
+      if fp8:  # the right half's dequantised values for wg 0's QK^T and this PV (wg 0 has finished reading the
+        # previous block's: it computed those scores before the P that this warpgroup waited for)
+        dequantise(1, slot)
+        plgpu.barrier_arrive(kv_free.at[slot])
+        plgpu.barrier_arrive(deq_ready)
       plgpu.barrier_wait(p_ready)
       alpha = plgpu.load(row_smem, layout=row_layout)
-      acc = pv(acc, alpha, kv_smem[1].at[slot])
+      acc = pv(acc, alpha, key_chunk(1, slot))
       plgpu.barrier_arrive(p_free)
-      plgpu.barrier_arrive(kv_free.at[slot])
+      if not fp8:
+        plgpu.barrier_arrive(kv_free.at[slot])
       return acc
 
     acc = lax.fori_loop(0, steps, step, zeros_acc())
@@ -204,9 +258,10 @@ def _body(q_ref, kv_refs, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, id
     waited for, then a proxy fence) every thread arrives on kv_ready (count 1 per thread)."""
     def fetch(j):
       slot = load_indices(j)
-      flat = [view.at[pl.ds(slot * bk * w, bk * w)] for (_, w), view in zip(chunks, kv_flat)]
-      cp_async_gather.issue_block([kv_refs[part].at[b] for part, _ in sources], idx_smem.at[slot], flat,
-                                  chunks=[(col, w) for (part, col), (_, w) in zip(sources, chunks)], rows=bk)
+      flat = [view.at[pl.ds(slot * bk * w, bk * w)] for _, view, _, _, w in gathered]
+      cp_async_gather.issue_block([kv_refs[part].at[b] for _, _, part, _, _ in gathered], idx_smem.at[slot], flat,
+                                  chunks=[(col, w) for *_, col, w in gathered], rows=bk,
+                                  scales=(kv_refs[2].at[b], scale_smem.at[slot]) if fp8 else None)
 
     def publish(j, pending):
       cp_async_gather.wait(pending)
@@ -234,9 +289,11 @@ def _body(q_ref, kv_refs, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, id
       slot = load_indices(j)
 
       def copy_row(r, row):
-        for (part, col), (_, width), smem in zip(sources, chunks, kv_smem):
+        for smem, _, part, col, width in gathered:
           plgpu.copy_gmem_to_smem(kv_refs[part].at[b, pl.ds(row, 1), pl.ds(col, width)],
                                   smem.at[slot, pl.ds(r, 1)], kv_ready.at[slot])
+        if fp8:  # the row's scales [G, 1] (kv_refs[2] is [B, S, G, 1] here) into column r of [G, block_k]
+          plgpu.copy_gmem_to_smem(kv_refs[2].at[b, row], scale_smem.at[slot, :, pl.ds(r, 1)], kv_ready.at[slot])
 
       issue_row_copies(bk, 1, lambda r: idx_smem[slot, r], copy_row)
 
@@ -275,12 +332,12 @@ def grid_position(n_tiles: int):
   return lax.axis_index("b"), th // n_tiles, lax.rem(th, n_tiles)
 
 
-def _kv_buffer(stages: int, bk: int, width: int, dtype, interpret: bool):
+def _kv_buffer(stages: int, bk: int, width: int, dtype, interpret: bool, transforms=_TRANSFORMS):
   """SMEM for one column chunk of the gathered keys: (wgmma view, flat view written by `cp_async_gather`).
 
   The flat view aliases the tiled, swizzled bytes that wgmma reads; `cp_async_gather` writes each piece at its
   swizzled address. Interpret mode copies rows into the tiled view itself (no flat view)."""
-  tiled = plgpu.SMEM((stages, bk, width), dtype, transforms=_TRANSFORMS)
+  tiled = plgpu.SMEM((stages, bk, width), dtype, transforms=transforms)
   if interpret:
     return tiled, None
   return plgpu.RefUnion(tiled, plgpu.SMEM((stages * bk * width,), dtype))
@@ -288,13 +345,15 @@ def _kv_buffer(stages: int, bk: int, width: int, dtype, interpret: bool):
 
 def sparse_mla_fwd(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: float, v_dim: int,
                    config: Config = Config(), interpret=False, kv_rope: jax.Array | None = None,
-                   splits: int = 1) -> tuple[jax.Array, jax.Array]:
+                   splits: int = 1, kv_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """q [B, T, N, Dk], kv [B, S, Dk], indices [B, T, K] (-1 = skip) -> (out [B, T, N, v_dim], lse [B, T, N]).
 
   `interpret`: GPU interpret mode (`plgpu.InterpretGPUParams`), which gathers rows by TMA instead of cp.async.
   `kv_rope` [B, S, Dk - v_dim]: the rope columns kept in their own array (the decode cache's layout); kv then
   holds the first v_dim columns only. `splits` (split-K, `mla_decode`): indices has T * splits rows, row r
   attending for query r // splits, and out and lse have T * splits rows (one partial result per row of indices).
+  `kv_scale` [B, S, v_dim / FP8_TILE] float32 (the FP8 decode cache, with kv_rope): kv is float8_e4m3fn and its
+  dequantised value kv * the scale of its tile (module docstring: the FP8 variant).
   """
   bsz, t, n, dk = q.shape
   chunks = column_chunks(dk, v_dim)
@@ -304,6 +363,13 @@ def sparse_mla_fwd(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: fl
     raise ValueError(f"kernel_fwd.sparse_mla_fwd: kv parts of widths {widths} and indices {indices.shape} do not "
                      f"fit q {q.shape}, v_dim={v_dim}, splits={splits}: need widths ({dk},) or ({v_dim}, "
                      f"{dk - v_dim}) and indices [{bsz}, {t * splits}, K].")
+  fp8 = kv_scale is not None
+  if fp8 and (kv_rope is None or kv.dtype != jnp.float8_e4m3fn or kv_scale.shape != (*kv.shape[:2], v_dim // FP8_TILE)
+              or not supports(dk, v_dim, q.dtype, fp8_cache=True)):
+    raise ValueError(f"kernel_fwd.sparse_mla_fwd: kv {kv.dtype}{kv.shape} with kv_scale {kv_scale.shape} and kv_rope "
+                     f"{None if kv_rope is None else kv_rope.shape}: the FP8 variant needs kv float8_e4m3fn, kv_rope, "
+                     f"kv_scale [{kv.shape[0]}, {kv.shape[1]}, {v_dim // FP8_TILE}] and v_dim a multiple of "
+                     f"{2 * FP8_TILE}.")
   # (part, column in the part) where each column chunk starts
   sources = tuple((0, off) if len(parts) == 1 or off < v_dim else (1, off - v_dim) for off, _ in chunks)
   n_pad = -n % HEAD_TILE
@@ -317,6 +383,18 @@ def sparse_mla_fwd(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: fl
   emulated = interpreting(interpret)
   body = functools.partial(_body, chunks=chunks, sources=sources, steps=steps, scale=scale, cfg=config,
                            n_tiles=n_tiles, splits=splits, interpret=emulated)
+  if fp8:
+    # value halves dequantised into one buffer each; the FP8 latent staged per block, its scales [G, block_k]
+    # (interpret mode copies a row's [G, 1] scales into their column, so kv_scale goes in as [B, S, G, 1])
+    kv_buffers = (*((plgpu.SMEM((1, bk, w), dtype, transforms=_TRANSFORMS), None) for _, w in chunks[:2]),
+                  _kv_buffer(stages, bk, chunks[2][1], dtype, emulated))
+    fp8_scratch = (_kv_buffer(stages, bk, v_dim, kv.dtype, emulated, transforms=_FP8_TRANSFORMS),
+                   plgpu.SMEM((stages, v_dim // FP8_TILE, bk), jnp.float32), plgpu.Barrier())
+    parts = (kv, kv_rope.astype(dtype), kv_scale.astype(jnp.float32)[..., None] if emulated else kv_scale)
+  else:
+    kv_buffers = tuple(_kv_buffer(stages, bk, w, dtype, emulated) for _, w in chunks)
+    fp8_scratch = ()
+    parts = tuple(x.astype(dtype) for x in parts)
   grid, grid_names = token_grid(n_tiles, bsz, t * splits)
 
   def sparse_mla_fwd_kernel(q_ref, idx_ref, *refs):
@@ -328,17 +406,19 @@ def sparse_mla_fwd(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: fl
                 jax.ShapeDtypeStruct((bsz, t * splits, n + n_pad), jnp.float32)),
       scratch_types=(
           tuple(smem((HEAD_TILE, w)) for _, w in chunks),
-          tuple(_kv_buffer(stages, bk, w, dtype, emulated) for _, w in chunks),
+          kv_buffers,
           smem((HEAD_TILE, bk)),
           plgpu.SMEM((stages, bk), jnp.int32),
           plgpu.SMEM((HEAD_TILE,), jnp.float32),
           plgpu.Barrier(num_arrivals=len(chunks)),
-          # kv_ready: one TMA arrival per row and chunk (interpret mode), or one per thread after the cp.async wait
+          # kv_ready: one TMA arrival per row and chunk (interpret mode; FP8: latent, rope and scales, also 3), or one
+          # per thread after the cp.async wait
           plgpu.Barrier(num_arrivals=len(chunks) * bk if emulated else 1, num_barriers=stages),
           plgpu.Barrier(num_barriers=stages),
           plgpu.Barrier(num_arrivals=2, num_barriers=stages),
           plgpu.Barrier(),
           plgpu.Barrier(),
+          *((fp8_scratch,) if fp8 else ()),
       ),
       grid=grid,
       grid_names=grid_names,
@@ -347,5 +427,5 @@ def sparse_mla_fwd(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: fl
       compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,
                                           unsafe_no_auto_barriers=True),
       interpret=interpret,
-  )(q, indices, *(x.astype(dtype) for x in parts))
+  )(q, indices, *parts)
   return out[:, :, :n], lse[:, :, :n]

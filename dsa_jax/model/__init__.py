@@ -19,6 +19,7 @@ from dsa_jax.model.indexer import IndexerInputs
 from dsa_jax.model.kv_cache import KVCache, LayerCache, init_cache
 from dsa_jax.model.mla import AttentionAux, AttentionOptions, MQAOperands, TokenLayout
 from dsa_jax.model.moe import ExpertDispatch, MoEAux
+from dsa_jax.model.paged_cache import PageAllocator, PagedKVCache, init_paged_cache
 from dsa_jax.model.transformer import LayerAux, ModelOutput
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "ModelOutput",
     "MoEAux",
     "MoEConfig",
+    "PageAllocator",
+    "PagedKVCache",
     "RopeConfig",
     "TokenLayout",
     "abstract_state",
@@ -44,5 +47,6 @@ __all__ = [
     "forward",
     "init",
     "init_cache",
+    "init_paged_cache",
     "preset",
 ]

@@ -38,12 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsa_jax.model import _decode_ops as index_decode_api  # pallas_kernels.index_decode.api at the merge
-from dsa_jax.model import _decode_ops as mla_decode_api  # pallas_kernels.mla_decode.api at the merge
 from dsa_jax.model.config import ModelConfig
 from dsa_jax.model.indexer import IndexerInputs
 from dsa_jax.validation import check_field, is_concrete
+from pallas_kernels.index_decode import api as index_decode_api
 from pallas_kernels.lightning_indexer.reference import quantize_e4m3
+from pallas_kernels.mla_decode import api as mla_decode_api
 
 KV_DTYPES = ("float8_e4m3fn", "bfloat16", "float32")
 TILE = 128  # latent values per float32 scale (FlashMLA's tile)
@@ -222,7 +222,7 @@ def attend(layer: PagedLayer, q: jax.Array, indexer: IndexerInputs | None, q_pos
   if kind == "sparse":
     iq = indexer.q.reshape(b * t, *indexer.q.shape[2:])
     selected, _ = index_decode_api.index_decode_topk(
-        iq, indexer.w.reshape(b * t, -1), pool.rows("idx_k"), pool.rows("idx_scale"), table, lengths, k=topk,
+        iq, None, indexer.w.reshape(b * t, -1), pool.rows("idx_k"), pool.rows("idx_scale"), table, lengths, k=topk,
         page_size=layer.page_size, implementation=implementation)
     rows = physical_rows(table, selected, layer.page_size)
     out, lse = mla_decode_api.sparse_mla_decode(q.reshape(b * t, n, -1), *kv, rows, scale=scale,

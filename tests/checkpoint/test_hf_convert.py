@@ -191,6 +191,11 @@ def test_non_finite_weights_are_reported_unless_allowed(tmp_path):
   path = rewrite(copy_fixture(tmp_path), poison)
   assert load_error(path) == (f"{path / 'model.safetensors'}: tensor 'lm_head.weight' has 2 non-finite values "
                               "(NaN or Inf) of 32768; pass allow_non_finite=True to load it as it is.")
+  rows = NamedSharding(jax.make_mesh((8,), ("a",)), P(None, "a"))  # lm_head [D, V]: HF rows split 8 ways
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  assert load_error(path, shardings=lambda p, _: rows if p == ("lm_head",) else one).endswith(
+      "has 2 non-finite values (NaN or Inf) of 4096 in one device's slice; pass allow_non_finite=True to load it "
+      "as it is.")
   _, state = dsa_jax.load_hf(path, allow_non_finite=True)
   assert np.isnan(state["lm_head"].get_value()[5, 3]) and np.isinf(state["lm_head"].get_value()[0, 0])
 

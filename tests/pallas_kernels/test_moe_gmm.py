@@ -137,14 +137,17 @@ class ScheduledKernelTest(parameterized.TestCase):
 
 
 class LoweringTest(absltest.TestCase):
-  """Cross-lowering for an H200 at DeepSeek shapes: every kernel is persistent (one CTA per SM of the H200) and
-  fits its shared memory."""
+  """Cross-lowering for an H200 at DeepSeek shapes: every kernel is persistent (one CTA per SM of the H200), fits its
+  shared memory, loads its tiles by TMA and multiplies them with bf16 wgmma."""
 
   def assert_persistent(self, kernels, count):
     self.assertLen(kernels, count)
     for lowered in kernels:
       self.assertEqual(lowered.grid, (132, 1, 1))
       self.assertLessEqual(lowered.smem_bytes, SMEM_PER_BLOCK)
+      self.assertGreater(lowered.count("nvvm.cp.async.bulk.tensor.shared.cluster.global"), 0)
+      wgmma = lowered.count("wgmma.mma_async.sync.aligned")
+      self.assertEqual((wgmma > 0, lowered.count(".f32.bf16.bf16")), (True, wgmma))  # all bf16 in, f32 accumulate
 
   def test_scheduled_kernel(self):
     """The down projection's forward (2048 -> 7168) and the up projection's dgrad, 256 experts."""

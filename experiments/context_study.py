@@ -114,7 +114,8 @@ Setup: `dsa_jax.agent.kv_env`, {_NUM_TASKS.value} tasks (seeds 0..{_NUM_TASKS.va
 mistypes a key with probability {_ERROR_RATE.value} (a failed lookup costs a step and context) and reads only
 its visible context. The prompt (system with the tool schema + question) is {lengths[0]} tokens; one lookup
 round (reasoning, DSML call, result with filler notes) adds {round_tokens:.0f} on average (task 0).
-Policies fire when the context passes {TRIGGER:.0%} of the window (DeepSeek-V3.2 §4); limits: the window, {_MAX_STEPS.value} model calls per rollout.
+Policies fire when the context passes {TRIGGER:.0%} of the window (DeepSeek-V3.2 §4); limits: the window,
+{_MAX_STEPS.value} model calls per rollout.
 Parallel-fewest-step runs {_PARALLEL_N.value} independent rollouts without context management and keeps the
 answered one with the fewest steps.
 

@@ -106,7 +106,8 @@ _REPORT = """# Sampler/trainer mismatch in GRPO (DeepSeek-V3.2 §3.1)
 Written by `{command}` (CPU).
 A tiny MoE DSA model ({layers} layers, {moe_layers} MoE layers of {experts} experts with {active} active, indexer
 top-{topk}) is warm-started on digit sorting ({min_len}–{max_len} digits) with a short supervised run, then each
-setting runs {steps} GRPO steps ({prompts} prompts × {group} samples, top-p {top_p}, δ = {delta}) from that same start. The sampler runs the same parameters in the stated compute dtype; the trainer is fp32.
+setting runs {steps} GRPO steps ({prompts} prompts × {group} samples, top-p {top_p}, δ = {delta}) from that same start.
+The sampler runs the same parameters in the stated compute dtype; the trainer is fp32.
 Columns are means over the steps:
 
 - `logp_diff_mean` / `logp_diff_max`: |log μ(o_t) − log π_θ(o_t)| over generated tokens, μ the sampler's

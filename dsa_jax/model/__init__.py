@@ -13,6 +13,7 @@ operands, top-k indices, indexer inputs, decode cache) and, in MoE layers, `MoEA
 a field is None where it does not apply.
 """
 
+from dsa_jax import submodules
 from dsa_jax.model.config import IndexerConfig, MLAConfig, ModelConfig, MoEConfig, RopeConfig, preset
 from dsa_jax.model.functional import abstract_state, apply, count_params, forward, init
 from dsa_jax.model.indexer import IndexerInputs
@@ -50,3 +51,5 @@ __all__ = [
     "init_paged_cache",
     "preset",
 ]
+
+__getattr__ = submodules(__name__)  # dsa_jax.model.<module> after a plain `import dsa_jax`

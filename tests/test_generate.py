@@ -60,3 +60,10 @@ def test_hub_id_from_a_local_cache(tmp_path):
                              "--temperature=0", env={"HF_HUB_OFFLINE": "1"})
   assert code == 0, err[-2000:]
   assert "'Hello' -> [" in out, out  # the fixture ships no tokenizer: ids
+
+
+def test_speculative_reports_both_decoders_and_the_acceptance_rate():
+  code, out, err = _generate("--speculative", "--temperature=0", "--repeats=1", "--prompt=sort:4132=")
+  assert code == 0, err[-2000:]
+  assert "plain: 6 tokens in " in out and "speculative: 6 tokens in " in out, out
+  assert "acceptance " in out and "tokens equal plain decoding's" in out, out

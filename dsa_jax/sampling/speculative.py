@@ -29,7 +29,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from dsa_jax.model import functional, kv_cache
@@ -37,7 +36,6 @@ from dsa_jax.model.config import ModelConfig
 from dsa_jax.model.kv_cache import KVCache, LayerCache
 from dsa_jax.model.mla import AttentionOptions
 from dsa_jax.sampling.sampler import SamplingConfig, _draw, check_prompts, train_layout
-from dsa_jax.validation import is_concrete
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,14 +96,10 @@ def check_model(cfg: ModelConfig) -> None:
 def generate(cfg: ModelConfig, params: nnx.State, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
              rng: jax.Array, sampling: SamplingConfig) -> SpeculativeOutput:
   """`sampler.generate` with MTP drafts (module docstring): left-padded prompts [B, P], up to
-  `sampling.max_new_tokens` tokens each. The draft position needs one position more than plain decoding."""
+  `sampling.max_new_tokens` tokens each, once `sampler.check_prompts` passes (a step runs only while a row has
+  room for a token, so the draft's position never passes the last token's)."""
   check_model(cfg)
   check_prompts(cfg, prompt_tokens, prompt_lengths, sampling)
-  longest = int(np.max(prompt_lengths)) if is_concrete(prompt_lengths) else prompt_tokens.shape[1]
-  if longest + sampling.max_new_tokens >= cfg.max_position:
-    raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens={sampling.max_new_tokens} + the last "
-                     f"draft = {longest + sampling.max_new_tokens + 1} positions exceed ModelConfig.max_position="
-                     f"{cfg.max_position}; allowed: at most {cfg.max_position}.")
   return _generate(cfg, params, prompt_tokens, prompt_lengths, rng, sampling)
 
 

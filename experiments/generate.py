@@ -26,6 +26,7 @@ from absl import app, flags
 
 import dsa_jax
 from dsa_jax.checkpoint import hub
+from dsa_jax.checkpoint.hf_config import read_config
 from dsa_jax.data.tokenizer import ByteTokenizer, check_vocab_fits, from_checkpoint
 from dsa_jax.model import functional
 from dsa_jax.model.config import tiny
@@ -73,6 +74,9 @@ def _model():
     tokenizer = ByteTokenizer()
     cfg = tiny().replace(vocab_size=tokenizer.vocab_size, num_mtp_layers=int(_SPECULATIVE.value))
     return cfg, functional.init(cfg, 0), tokenizer, True
+  if _SPECULATIVE.value and not read_config(path).num_mtp_layers:
+    sys.exit(f"generate: --speculative needs the MTP layer, but {path} has none (config.json "
+             "num_nextn_predict_layers=0); allowed: a checkpoint with num_nextn_predict_layers=1.")
   cfg, params = dsa_jax.load_hf(path, include_mtp=_SPECULATIVE.value)
   tokenizer = from_checkpoint(path)
   return cfg, params, tokenizer or ByteTokenizer(), tokenizer is not None

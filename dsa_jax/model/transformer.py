@@ -134,11 +134,14 @@ class MTP(nnx.Module):
     self.dtype = cfg.dtype
 
   def __call__(self, hidden: jax.Array, next_embeds: jax.Array, layout: TokenLayout, options: AttentionOptions,
-               expert_dispatch: ExpertDispatch | None = None) -> tuple[jax.Array, LayerAux]:
+               expert_dispatch: ExpertDispatch | None = None,
+               cache: LayerCache | None = None) -> tuple[jax.Array, LayerAux]:
+    """-> (the head's input [B, T, D], aux). `cache`: the block's own decode cache (speculative decoding), as a
+    decoder layer's; the updated cache comes back in aux.attention.cache."""
     joined = jnp.concatenate([self.enorm(next_embeds), self.hnorm(hidden)], axis=-1).astype(self.dtype)
     joined = constrain(joined, ACT_BTD)  # [B, T, 2D] sharded as the residual stream (else GSPMD replicates it)
     x = constrain(jnp.einsum("bte,ed->btd", joined, self.eh_proj[...].astype(self.dtype)), ACT_BTD)
-    x, aux = self.block(x, layout, options, expert_dispatch=expert_dispatch)
+    x, aux = self.block(x, layout, options, cache=cache, expert_dispatch=expert_dispatch)
     return self.head_norm(x), aux
 
 

@@ -159,7 +159,11 @@ def _xla_rows(rows: list[dict], base: dict, q, kv, idx, out, lse, do, dlse, want
   seconds = timing.time_fn(fns["bwd_chunked"], *args, iters=3)
   _emit(rows, dict(base, op="bwd", impl="chunked", ms=seconds * 1e3,
                    tflops=timing.tflops(BWD_FLOPS * flops, seconds), **_bwd_errors(fns["bwd_chunked"], *args, want)))
-  if autodiff_fits:
+  # The backward alone holds the forward's residuals as arguments: more than the fused autodiff above needs (it ran
+  # an 80 GB H100 out of memory at T = 8K while the fused one fit), so it is checked on its own.
+  residuals = jax.eval_shape(fns["autodiff_vjp"], q, kv, idx)
+  if autodiff_fits and timing.fits_memory(f"XLA autodiff's backward alone, {shape}", fns["apply_vjp"], residuals, do,
+                                          dlse):
     vjp = fns["autodiff_vjp"](q, kv, idx)
     seconds = timing.time_fn(fns["apply_vjp"], vjp, do, dlse, iters=3)
     del vjp

@@ -63,6 +63,15 @@ class RetrievalConfig:
     check_field(not steps or (steps[0] == 0 and all(a < b for a, b in zip(steps, steps[1:]))),
                 "RetrievalConfig.length_steps", steps, "0 first, then strictly ascending integers")
 
+  def final_length(self, row_len: int) -> int:
+    """Tokens of an example at the curriculum's end (a row without one): the length evaluations use."""
+    return self.lengths[-1] if self.lengths else row_len
+
+  def describe(self, row_len: int) -> str:
+    """The evaluation examples in words, e.g. "1-pair lookup in 64-token examples"."""
+    hops = f", {self.hops}-hop" if self.hops > 1 else ""
+    return f"{self.num_pairs}-pair{hops} lookup in {self.final_length(row_len)}-token examples"
+
   def length_at(self, step: int, row_len: int) -> int:
     """Tokens of a training example at `step` (1-based, as the loop counts): the curriculum's, else a row."""
     if not self.lengths:

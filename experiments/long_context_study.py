@@ -1,7 +1,7 @@
 """Long-context study (issue 24): does DSA keep the dense model's retrieval and long-range LM loss?
 
   python -m experiments.long_context_study --preset=cpu_smoke   # CPU, a minute or two: every part, end to end
-  python -m experiments.long_context_study --preset=gpu         # one H100 or H200, about 10 minutes (design below)
+  python -m experiments.long_context_study --preset=gpu         # one H100 or H200, ~10 min by the estimate below
   python -m experiments.long_context_study --preset=gpu --run_dir=DIR  # resume or chain runs (finished stages skip)
 
 (a) trains a dense model on text mixed with retrieval examples (`dsa_jax.data.retrieval`: single- and multi-hop
@@ -17,8 +17,9 @@ layers, width 1024, 32 experts) at 8K tokens, batch 1, steps in 0.233 s dense / 
 on one H200 (docs/reports/dsa_parity.md), with ~390 s of its 455 s spent compiling and evaluating.
 - Model: the same with 4 layers (1 dense + 3 MoE; induction-style lookups need two attention layers, more buy
   depth we cannot train in minutes), vocabulary 512 (byte tokenizer: 3-letter keys and 3-digit values are 3
-  tokens each), indexer 16 x 64, top-512. Scaling the anchor by layers: ~0.08 s a dense step of one 8K row, so
-  ~0.16-0.18 s at batch 2 (16K tokens), with fewer layers to compile.
+  tokens each), indexer 16 x 64, top-512. Its FLOPs per token are 0.34x the anchor's in each stage
+  (`dsa_jax/training/flops.py`), so ~0.08 s a dense step of one 8K row, ~0.16-0.18 s at batch 2 (16K tokens),
+  with a third of the layers to compile.
 - Data: half the rows retrieval (rate 0.5), mixtures of 1-2 hops among 1-16 pairs with needles anywhere
   (max_depth 1.0); examples of 512 tokens (16 per row) for the first 250 steps, 2048 to step 500, then 8192:
   short examples give many lookups per step while the copy mechanism forms, and the row shape never changes.
@@ -33,7 +34,6 @@ on one H200 (docs/reports/dsa_parity.md), with ~390 s of its 455 s spent compili
 
 import dataclasses
 import json
-import pathlib
 import shlex
 import sys
 import time
@@ -63,7 +63,7 @@ def cpu_smoke() -> tuple[dict, study.StudyConfig]:
   config.loss.mtp_weight = 0.0
   config.data.update({"seq_len": 128, "batch_size": 2})
   config.data.retrieval.update({"rate": 0.5, "num_pairs": 2, "hops": 2, "vary": True, "digits": 2, "key_letters": 2,
-                                "max_depth": 1.0, "lengths": (64, 128), "length_steps": (0, 3)})
+                                "max_depth": 1.0, "lengths": (96, 128), "length_steps": (0, 3)})
   config.train.update({"dense_steps": 6, "warmup_steps": 2, "sparse_steps": 4, "checkpoint_every": 0, "log_every": 2,
                        "eval_batches": 1, "eval_examples": 2, "export_hf": False})
   grid = long_context.GridConfig(lengths=(128,), depths=(0.0, 1.0), pairs=(1, 2), hops=(1, 2), examples=2,

@@ -57,6 +57,18 @@ class DataConfig:
                        "allowed: both, or neither (this process's jax.process_index()/process_count()).")
     if self.shard_count is not None:
       self._check_shard(self.shard_index, self.shard_count)
+    self._check_retrieval_lengths()
+
+  def _check_retrieval_lengths(self) -> None:
+    retr, need = self.retrieval, self.retrieval.min_length()
+    what = f"{retr.num_pairs} needles and a {retr.hops}-hop question"
+    short = [n for n in retr.lengths if n < need]
+    if short:
+      raise ValueError(f"DataConfig.retrieval.lengths={retr.lengths} is invalid: {short[0]} tokens cannot hold {what}; "
+                       f"allowed: at least {need} tokens each (one per byte: RetrievalConfig.min_length).")
+    if retr.rate > 0 and not retr.lengths and self.seq_len < need:
+      raise ValueError(f"DataConfig.seq_len={self.seq_len} is invalid with retrieval.rate={retr.rate}: a row cannot "
+                       f"hold {what}; allowed: at least {need} tokens, or retrieval.rate=0.")
     too_long = [n for n in self.retrieval.lengths if n > self.seq_len]
     if too_long:
       raise ValueError(f"DataConfig.retrieval.lengths={self.retrieval.lengths} is invalid: {too_long} exceed seq_len="
@@ -97,13 +109,13 @@ def documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
   return train, held_out
 
 
-def _document_ids(cfg: DataConfig, tokenizer: Tokenizer, doc: str, rng: np.random.Generator) -> list[int]:
-  """A document's token ids: a long one cut to a random window of characters (`corpus.clip`), then of
-  `max_doc_tokens` tokens."""
-  ids = tokenizer.encode(corpus.clip(doc, cfg.max_doc_tokens, rng))
-  if len(ids) > cfg.max_doc_tokens:
-    start = int(rng.integers(len(ids) - cfg.max_doc_tokens))
-    ids = ids[start:start + cfg.max_doc_tokens]
+def _document_ids(tokenizer: Tokenizer, doc: str, rng: np.random.Generator, limit: int) -> list[int]:
+  """A document's token ids: a long one cut to a random window of characters (`corpus.clip`), then of `limit`
+  tokens."""
+  ids = tokenizer.encode(corpus.clip(doc, limit, rng))
+  if len(ids) > limit:
+    start = int(rng.integers(len(ids) - limit))
+    ids = ids[start:start + limit]
   return ids
 
 
@@ -116,7 +128,7 @@ class _ToTokens(grain.transforms.MapWithIndex):
   def map_with_index(self, index: int, doc: str) -> dict[str, np.ndarray]:
     shard, count = self.cfg.shard  # the index in the one-host stream keeps every host's draws apart
     rng = np.random.default_rng([self.cfg.seed, index * count + shard])
-    ids = _document_ids(self.cfg, self.tokenizer, doc, rng)
+    ids = _document_ids(self.tokenizer, doc, rng, self.cfg.max_doc_tokens)
     if rng.random() < self.cfg.retrieval.rate:
       ids = make_example(rng, ids, self.cfg.seq_len - 1, self.tokenizer, self.cfg.retrieval).ids.tolist()
     tokens = np.asarray([self.tokenizer.bos_id] + ids, np.int32)
@@ -130,8 +142,10 @@ class _CurriculumRow(grain.transforms.MapWithIndex):
   def __init__(self, cfg: DataConfig, docs: list[str], tokenizer: Tokenizer):
     self.cfg, self.docs, self.tokenizer = cfg, docs, tokenizer
 
-  def _document(self, rng: np.random.Generator) -> list[int]:
-    return _document_ids(self.cfg, self.tokenizer, self.docs[int(rng.integers(len(self.docs)))], rng)
+  def _document(self, rng: np.random.Generator, limit: int) -> list[int]:
+    """A random document's window of at most `limit` tokens (only what the row can hold is tokenized)."""
+    doc = self.docs[int(rng.integers(len(self.docs)))]
+    return _document_ids(self.tokenizer, doc, rng, min(limit, self.cfg.max_doc_tokens))
 
   def map_with_index(self, index: int, _) -> dict[str, np.ndarray]:
     cfg, bos = self.cfg, self.tokenizer.bos_id
@@ -140,10 +154,10 @@ class _CurriculumRow(grain.transforms.MapWithIndex):
     pieces = []
     if rng.random() < cfg.retrieval.rate:
       length = cfg.retrieval.length_at(index // cfg.host_batch_size + 1, cfg.seq_len)
-      pieces = [[bos] + make_example(rng, self._document(rng), length - 1, self.tokenizer, cfg.retrieval).ids.tolist()
-                for _ in range(cfg.seq_len // length)]
-    while sum(map(len, pieces)) < cfg.seq_len:
-      pieces.append([bos] + self._document(rng))
+      pieces = [[bos] + make_example(rng, self._document(rng, length), length - 1, self.tokenizer,
+                                     cfg.retrieval).ids.tolist() for _ in range(cfg.seq_len // length)]
+    while (free := cfg.seq_len - sum(map(len, pieces))) > 0:
+      pieces.append([bos] + self._document(rng, free - 1 if free > 1 else 1))
     tokens = np.concatenate([np.asarray(p, np.int32) for p in pieces])[:cfg.seq_len]
     segment_ids = np.concatenate([np.full(len(p), i + 1, np.int32) for i, p in enumerate(pieces)])[:cfg.seq_len]
     positions = np.concatenate([np.arange(len(p), dtype=np.int32) for p in pieces])[:cfg.seq_len]

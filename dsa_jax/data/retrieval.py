@@ -63,6 +63,14 @@ class RetrievalConfig:
     check_field(not steps or (steps[0] == 0 and all(a < b for a, b in zip(steps, steps[1:]))),
                 "RetrievalConfig.length_steps", steps, "0 first, then strictly ascending integers")
 
+  def min_length(self) -> int:
+    """The shortest row piece (BOS + example) that holds the longest example of this config: `num_pairs` needles,
+    a `hops`-hop question, the answer and one filler token, at one token per byte (an upper bound for the byte
+    tokenizer, exact there, and for BPE ones)."""
+    needle = len("\n# key  = \n") + self.key_letters + max(self.key_letters, self.digits)
+    question = len("\n# key  is ") + len("value of ") * self.hops + self.key_letters
+    return self.num_pairs * needle + question + self.digits + 2
+
   def final_length(self, row_len: int) -> int:
     """Tokens of an example at the curriculum's end (a row without one): the length evaluations use."""
     return self.lengths[-1] if self.lengths else row_len

@@ -117,3 +117,17 @@ def test_curriculum_text_rows_fill_the_row_with_documents():
   seg = batch["segment_ids"][0]
   assert seg[0] == 1 and seg[-1] == 3 and np.all(np.diff(seg) >= 0)  # 51-token documents: three in 128
   assert "# key" not in TOK.decode(batch["ids"][0].tolist())
+
+
+def test_lengths_too_short_for_the_needles_are_refused_at_config_time():
+  retr = retrieval.RetrievalConfig(num_pairs=2, hops=2, digits=2, key_letters=2, lengths=(64, 128), length_steps=(0, 3))
+  with pytest.raises(ValueError, match=r"DataConfig.retrieval.lengths=\(64, 128\).*64 tokens.*at least 65"):
+    pipeline.DataConfig(seq_len=128, retrieval=retr)
+  with pytest.raises(ValueError, match=r"DataConfig.seq_len=40 .*at least"):
+    pipeline.DataConfig(seq_len=40, retrieval=retrieval.RetrievalConfig(rate=0.5))
+  pipeline.DataConfig(seq_len=40, retrieval=retrieval.RetrievalConfig(rate=0.0))  # no examples: no bound
+  longest = retrieval.RetrievalConfig(num_pairs=2, hops=2, digits=2, key_letters=2)
+  rng = np.random.default_rng(0)
+  retrieval.make_example(rng, FILLER, longest.min_length() - 1, TOK, longest)  # the bound is tight for bytes
+  with pytest.raises(ValueError, match="too short"):
+    retrieval.make_example(rng, FILLER, longest.min_length() - 2, TOK, longest)

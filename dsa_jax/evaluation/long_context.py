@@ -5,7 +5,8 @@
   Scored by teacher forcing: one batched forward per batch, the argmax at each answer position compared with the
   answer; an example counts only when every answer token matches, which is exactly greedy decoding's exact match
   (`retrieval.exact_matches` gives the induction), so no sampling loop is needed.
-- `topk_sweep`: a DSA model with sparse attention at evaluation-time top-k = each of `ks` and all visible keys:
+- `topk_sweep`: a DSA model with sparse attention at evaluation-time top-k = each of `ks` and all visible keys
+  (computed as dense attention, which equals sparse attention over every visible key):
   exact match per k, the smallest k down to which retrieval holds (`holds_down_to`), and the share of the dense
   attention at the answer query (the question's last token, which predicts the first answer token) that the
   indexer's top-k set captures, per needle depth, averaged over layers and heads (`evaluation.selected_mass`).
@@ -157,8 +158,9 @@ def topk_sweep(cfg: ModelConfig, state, docs: list[str], tokenizer: Tokenizer, g
   ks = tuple(sorted({k for k in ks if k < length} | {length}))
   cells = {cell: cell_examples(grid, docs, tokenizer, length, *cell) for cell in grid.cells(length)}
   exact = []
-  for k in ks:
-    fn = _logits_fn(with_topk(cfg, k), state, "sparse", implementation)
+  for k in ks:  # all visible keys: dense attention, the same function without a [B, T, length] index tensor
+    fn = _logits_fn(with_topk(cfg, k), state, "sparse", implementation) if k < length else _logits_fn(
+        cfg, state, "dense", implementation)
     hits = [retrieval.exact_matches(fn, examples, grid.batch_size)[0] for examples in cells.values()]
     exact.append(float(np.concatenate(hits).mean()))
   mass = {}

@@ -28,6 +28,8 @@ on one H200 (docs/reports/dsa_parity.md), with ~390 s of its 455 s spent compili
   min of evaluation (grid 4 lengths x 11 depths x 5 (pairs, hops) cells x 8 examples per model, top-k sweep at
   8K over k = 32, 64, 128, 256, 512 and all keys, 50 held-out batches per model). If it runs over the 10-minute
   limit, rerun with the same --run_dir: finished stages are skipped and only the evaluation repeats.
+- Documents up to 8192 tokens (`max_doc_tokens`; many standard-library files are longer), so held-out rows have
+  text at every position and the loss by position reaches the far end.
 - Lengths: 16K and 32K are within the model's YaRN range (max_position 32768) but outside its training length;
   add them with --lengths=1024,2048,4096,8192,16384 when the budget allows.
 """
@@ -75,7 +77,7 @@ def gpu() -> tuple[dict, study.StudyConfig]:
   """The design in the module docstring."""
   config = train_small.get_config()
   config.model.num_layers = 4
-  config.data.update({"seq_len": 8192, "batch_size": 2})
+  config.data.update({"seq_len": 8192, "batch_size": 2, "max_doc_tokens": 8192})
   config.data.retrieval.update({"rate": 0.5, "num_pairs": 16, "hops": 2, "vary": True, "digits": 3, "key_letters": 3,
                                 "max_depth": 1.0, "lengths": (512, 2048, 8192), "length_steps": (0, 250, 500)})
   config.train.update({"dense_steps": 800, "warmup_steps": 40, "sparse_steps": 200, "checkpoint_every": 400,

@@ -192,7 +192,8 @@ def _token_nll(cfg: ModelConfig, params: dict, other: dict, batch: dict, attenti
 def heldout_loss(cfg: ModelConfig, state, batches: list[dict], attention: str, buckets: int = 8,
                  implementation: str | None = None) -> dict:
   """Mean LM loss over `batches` with a 95% t-interval over the batch means, and the loss by position bucket:
-  `buckets` equal ranges of the position within its document over [0, seq_len)."""
+  `buckets` equal ranges of the position within its document over [0, seq_len) (None where no token falls: no
+  document that long)."""
   if len(batches) < 2:
     raise ValueError(f"heldout_loss: {len(batches)} batches; allowed: at least 2 (an interval needs a spread).")
   means, sums, counts = [], np.zeros(buckets), np.zeros(buckets)
@@ -207,5 +208,5 @@ def heldout_loss(cfg: ModelConfig, state, batches: list[dict], attention: str, b
   half = float(stats.t.ppf(0.975, len(means) - 1) * sem)
   edges = [int(i * batches[0]["ids"].shape[1] // buckets) for i in range(buckets + 1)]
   return {"loss": mean, "ci95": [mean - half, mean + half], "batches": len(means), "batch_means": means,
-          "bucket_edges": edges, "loss_by_bucket": (sums / np.maximum(counts, 1)).tolist(),
+          "bucket_edges": edges, "loss_by_bucket": [float(a / n) if n else None for a, n in zip(sums, counts)],
           "tokens_by_bucket": counts.astype(int).tolist()}

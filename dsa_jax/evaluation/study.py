@@ -114,7 +114,10 @@ def markdown(results: dict, setup: dict, images: dict[str, str], command: str) -
   lines += ["", _row("positions", "dense", "DSA", "DSA / dense - 1"), _row("---", "---", "---", "---")]
   for i, (a, b) in enumerate(zip(edges, edges[1:])):
     d, s = held["dense"]["loss_by_bucket"][i], held["DSA"]["loss_by_bucket"][i]
-    lines.append(_row(f"{a}-{b - 1}", f"{d:.4f}", f"{s:.4f}", f"{100 * (s / d - 1):+.2f}%"))
+    if d is None or s is None:
+      lines.append(_row(f"{a}-{b - 1}", "-", "-", "no tokens (no document that long)"))
+    else:
+      lines.append(_row(f"{a}-{b - 1}", f"{d:.4f}", f"{s:.4f}", f"{100 * (s / d - 1):+.2f}%"))
   lines += ["", f"![loss by position]({images['loss']})", "",
             f"## Top-k sweep (DSA, length {sweep['length']})", "",
             f"Exact match holds within {sweep['tolerance']} of the all-keys score down to "

@@ -67,3 +67,11 @@ def test_heldout_loss_matches_the_training_evaluation_and_brackets_its_mean(mode
     lc.heldout_loss(cfg, state, batches[:1], "sparse")
   plots.loss_by_position({"dense": result, "DSA": result}, tmp_path / "loss.png")
   assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_buckets_no_document_reaches_are_none_not_zero(model):
+  cfg, state = model
+  batches = pipeline.eval_batches(pipeline.DataConfig(seq_len=64, batch_size=2, max_doc_tokens=20), DOCS, TOK, 2)
+  result = lc.heldout_loss(cfg, state, batches, "dense", buckets=4)
+  assert result["loss_by_bucket"][0] > 0 and result["loss_by_bucket"][2:] == [None, None]
+  assert result["tokens_by_bucket"][2:] == [0, 0]

@@ -62,7 +62,8 @@ def loss_by_position(losses: dict[str, dict], path: pathlib.Path) -> pathlib.Pat
     edges = result["bucket_edges"]
     mids = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
     low, high = result["ci95"]
-    ax.plot(mids, [np.nan if v is None else v for v in result["loss_by_bucket"]], "o-", label=f"{name}: {result['loss']:.4f} [{low:.4f}, {high:.4f}]")
+    values = [np.nan if v is None else v for v in result["loss_by_bucket"]]  # None: no token reached the bucket
+    ax.plot(mids, values, "o-", label=f"{name}: {result['loss']:.4f} [{low:.4f}, {high:.4f}]")
   ax.set(xlabel="position in document", ylabel="held-out LM loss",
          title=f"{result['batches']} batches (95% t-interval)")
   ax.legend(fontsize=7)

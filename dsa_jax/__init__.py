@@ -6,8 +6,8 @@ Public API:
   save_hf(path, config, params)                           export back to HF format
   init(config, seed) -> params;  apply(...) -> ModelOutput (logits, per-layer hidden states and aux)
   configs: ModelConfig, preset("tiny" | "small" | "v3_2_671b")
-Subpackages: model, checkpoint, data, training, rl, sampling, sharding, agent (`dsa_jax.rl.grpo_loss(...)` and
-`dsa_jax.agent.parse.parse_completion(...)` work after a plain `import dsa_jax`).
+Subpackages: model, checkpoint, data, training, evaluation, rl, sampling, sharding, agent (`dsa_jax.rl.grpo_loss(...)`
+and `dsa_jax.agent.parse.parse_completion(...)` work after a plain `import dsa_jax`).
 
 Names, subpackages and their modules load on first access, so `import dsa_jax` imports no JAX; the agent's
 chat, tool and rollout modules and `dsa_jax.data.tokenizer` need none either.
@@ -25,7 +25,7 @@ _EXPORTS = {
     "ModelConfig": "dsa_jax.model", "MLAConfig": "dsa_jax.model", "IndexerConfig": "dsa_jax.model",
     "MoEConfig": "dsa_jax.model", "RopeConfig": "dsa_jax.model", "preset": "dsa_jax.model",
 }
-_SUBPACKAGES = ("agent", "checkpoint", "data", "model", "rl", "sampling", "sharding", "training")
+_SUBPACKAGES = ("agent", "checkpoint", "data", "evaluation", "model", "rl", "sampling", "sharding", "training")
 __all__ = sorted(_EXPORTS) + list(_SUBPACKAGES)
 
 

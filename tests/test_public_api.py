@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
       assert callable(getattr(dsa_jax, name)), name
     for name in ("ModelConfig", "MLAConfig", "IndexerConfig", "MoEConfig", "RopeConfig"):
       assert isinstance(getattr(dsa_jax, name), type), name
-    for name in ("model", "checkpoint", "data", "training", "rl", "sampling", "sharding", "agent"):
+    for name in ("model", "checkpoint", "data", "training", "evaluation", "rl", "sampling", "sharding", "agent"):
       assert getattr(dsa_jax, name).__name__ == f"dsa_jax.{name}"
 
     import jax.numpy as jnp

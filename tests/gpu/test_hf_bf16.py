@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import dsa_jax
-from dsa_jax.model import functional, mla
-from tests.gpu.checks import BF16_ROUNDING
+from dsa_jax.model import functional
+from tests.gpu.checks import BF16_ROUNDING, replayed_topk
 from tests.model.test_hf_parity import FIXTURE_DIRS, relative_error
 
 F32_PARITY = 1e-4  # tests/model/test_hf_parity.py's bound, relative to the largest golden logit
@@ -32,18 +32,17 @@ def bf16_bound(num_layers: int) -> float:
   return F32_PARITY + (2 + 4 * num_layers) * BF16_ROUNDING
 
 
-def bf16_logits(path, golden, experts: dict, monkeypatch) -> jax.Array:
+def bf16_logits(path, golden, experts: dict) -> jax.Array:
   """Logits of the fixture loaded and computed in bf16, each layer attending to its golden top-k and each MoE
   layer's tokens sent to `experts`."""
   cfg, params = dsa_jax.load_hf(path, jnp.bfloat16)
-  topk = iter([jnp.asarray(golden[f"topk_indices_layer{i}"]) for i in range(cfg.num_layers)])
-  monkeypatch.setattr(mla, "select", lambda *args, **kwargs: next(topk))  # called once per layer, in order, at trace
-  run = jax.jit(lambda p, ids, e: functional.forward(cfg, p, ids, attention="sparse", forced_experts=e))
-  return run(params, golden["input_ids"], experts)
+  with replayed_topk([jnp.asarray(golden[f"topk_indices_layer{i}"]) for i in range(cfg.num_layers)]):
+    return jax.jit(lambda p, ids, e: functional.forward(cfg, p, ids, attention="sparse", forced_experts=e))(
+        params, golden["input_ids"], experts)
 
 
 @pytest.mark.parametrize("name", ["tiny", "alt"])
-def test_hf_logits_bf16(name, monkeypatch):
+def test_hf_logits_bf16(name):
   path = FIXTURE_DIRS[name]
   golden = np.load(path / "golden.npz")
   cfg, params = dsa_jax.load_hf(path)
@@ -53,6 +52,6 @@ def test_hf_logits_bf16(name, monkeypatch):
     np.testing.assert_array_equal(out.layer_aux[i].attention.topk_indices, golden[f"topk_indices_layer{i}"],
                                   err_msg=f"float32 top-k of layer {i}")
   experts = {i: out.layer_aux[i].moe.experts for i in range(cfg.num_layers) if cfg.is_moe_layer(i)}
-  err = relative_error(bf16_logits(path, golden, experts, monkeypatch).astype(jnp.float32), golden["logits"])
+  err = relative_error(bf16_logits(path, golden, experts).astype(jnp.float32), golden["logits"])
   assert err <= bf16_bound(cfg.num_layers), f"{name}: bf16 logits off by {err:.3g} of the largest golden logit > " \
                                             f"bound {bf16_bound(cfg.num_layers):.3g}"

@@ -98,8 +98,7 @@ def run(cfg: dict) -> list[dict]:
       if not timing.fits(f"index_decode at S={S}, Q={rows}", rows * S * (DIM + 4 + 2 * DIM + 32)):
         continue
       row = _row(S, rows, peak)
-      print(row, flush=True)
-      out.append(row)
+      timing.emit(out, row)
   return out
 
 

@@ -5,7 +5,7 @@ the top-k selection (DeepSeek-V3.2's indexer at decoding time; interface: the de
 split over keys) into a [Q, S] float32 buffer, masked by position, then the exact pruned top-k of
 `topk.api.topk_indices(implementation="pallas")`. The buffer costs 4 bytes written and read per key against
 the 132 bytes of an FP8 key read. None picks "pallas" on a GPU for shapes the kernel takes, else "xla".
-Forward only: indices are discrete. Today's figure: none measured yet (benchmarks/index_decode.md).
+Forward only: indices are discrete. Today's figure: none measured yet (benchmarks/decode.md).
 """
 
 import jax

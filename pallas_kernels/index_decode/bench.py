@@ -1,5 +1,5 @@
 """Benchmark section "index_decode": the indexer of one decode step, scores over a paged key cache + top-2048, at
-V3.2 shapes (GPU; benchmarks/index_decode.md).
+V3.2 shapes (GPU; benchmarks/decode.md).
 
   python -m experiments.bench_kernels --sections=index_decode --seq_lens=4096,16384,32768,65536,131072
 

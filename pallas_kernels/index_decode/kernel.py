@@ -19,7 +19,7 @@ Output: float32 [Q, tiles * 64] with every visible key's score; the rest (past l
 tiles beyond it) are not written: the caller masks by position. Limits: H a multiple of 64, I padded to a
 multiple of 64 by the caller (`api.py`), page_size a multiple of 8 (32 with key scales, `page_size_ok`) dividing 64
 or a multiple of 64, q and keys of
-one dtype (bf16, or e4m3 on both sides). Today's figure: none measured yet (benchmarks/index_decode.md).
+one dtype (bf16, or e4m3 on both sides). Today's figure: none measured yet (benchmarks/decode.md).
 """
 
 import functools

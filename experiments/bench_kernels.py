@@ -5,7 +5,8 @@
 Each op keeps its benchmark beside it (`pallas_kernels/<op>/bench.py`) with `SECTIONS: dict[name, run]`,
 `run(cfg) -> list[dict]`; every row is printed as it is measured, so a time-out still leaves results. The JSON
 record (date, git commit, device kind, exact command, rows) goes to `--out_dir`, outside the repository by
-default, rewritten after each section; a section that raises is recorded as failed and the next one runs. The
+default, rewritten after each row (sections emit rows through `timing.emit`); a section that raises keeps the rows
+it measured, is recorded as failed, and the next one runs. The
 current tables under `benchmarks/` cite the records they were made from.
 """
 
@@ -16,6 +17,7 @@ import jax
 from absl import flags
 
 from experiments import cli, records
+from pallas_kernels.benchmarking import timing
 
 # Modules that define SECTIONS, in the order their sections run.
 BENCH_MODULES = (
@@ -58,6 +60,31 @@ def _table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def run_sections(names: list[str], available: dict, cfg: dict, write) -> list[dict]:
+  """Runs the sections in turn -> their rows. `write(rows so far)` runs after every row a section emits
+  (`timing.emit`) and after each section, so that a run stopped by a time limit leaves what it measured; a section
+  that raises keeps the rows it emitted, gets a "failed" row, and the next one runs."""
+  rows, start = [], 0
+
+  def on_emit():
+    write(rows + timing.EMITTED[start:])
+
+  timing.on_emit = on_emit
+  try:
+    for name in names:
+      start = len(timing.EMITTED)
+      try:
+        rows += available[name](cfg)
+      except Exception as e:  # noqa: BLE001 (a section that fails, e.g. out of memory, must not lose the others)
+        print(f"[bench_kernels] section {name!r} failed: {type(e).__name__}: {str(e)[:500]}", flush=True)
+        rows += timing.EMITTED[start:]
+        rows.append(dict(section=name, status="failed", error=f"{type(e).__name__}: {str(e)[:500]}"))
+      write(rows)
+  finally:
+    timing.on_emit = None
+  return rows
+
+
 def main(argv):
   del argv
   available = sections()
@@ -72,14 +99,13 @@ def main(argv):
   cfg = dict(seq_lens=cli.positive_ints(_SEQ_LENS))
   record = records.header(jax.devices()[0].device_kind, " ".join(["python -m experiments.bench_kernels",
                                                                    *sys.argv[1:]]))
-  rows = []
-  for name in names:
-    try:
-      rows += available[name](cfg)
-    except Exception as e:  # noqa: BLE001 (a section that fails, e.g. out of memory, must not lose the others)
-      print(f"[bench_kernels] section {name!r} failed: {type(e).__name__}: {str(e)[:500]}", flush=True)
-      rows.append(dict(section=name, status="failed", error=f"{type(e).__name__}: {str(e)[:500]}"))
-    path = records.write(_OUT_DIR.value, "bench_kernels", {**record, "rows": rows})  # rewritten per section
+  path = None
+
+  def write(measured: list[dict]) -> None:
+    nonlocal path
+    path = records.write(_OUT_DIR.value, "bench_kernels", {**record, "rows": measured})
+
+  rows = run_sections(names, available, cfg, write)
   for section in dict.fromkeys(row.get("section") for row in rows):
     print(f"\n## {section}\n" + _table([r for r in rows if r.get("section") == section]))
   print(f"\nwrote {path}")

@@ -37,6 +37,7 @@ POLICIES = {
     "discard-75%": context_policies.Discard(0.75),
     "discard-all": context_policies.Discard(1.0),
 }
+(TRIGGER,) = {policy.trigger for policy in POLICIES.values() if policy}  # the policies' common trigger fraction
 
 
 def _evaluate(task_cfg, config, name, tokenizer, tick=lambda text: None):
@@ -99,7 +100,7 @@ def main(argv):
     config = RolloutConfig(window=window, max_steps=_MAX_STEPS.value)
     rows = [_evaluate(task_cfg, config, name, tokenizer, tick) for name in names]
     progress.close()
-    sections.append(f"### window = {window} tokens (trigger at {int(0.8 * window)})\n\n{_table(rows)}")
+    sections.append(f"### window = {window} tokens (trigger at {int(TRIGGER * window)})\n\n{_table(rows)}")
     print(sections[-1], flush=True)
   probe = kv_env.run_episode(kv_env.make_task(0, task_cfg), tokenizer, RolloutConfig(window=10**6))
   lengths = probe.context_lengths
@@ -113,7 +114,8 @@ Setup: `dsa_jax.agent.kv_env`, {_NUM_TASKS.value} tasks (seeds 0..{_NUM_TASKS.va
 mistypes a key with probability {_ERROR_RATE.value} (a failed lookup costs a step and context) and reads only
 its visible context. The prompt (system with the tool schema + question) is {lengths[0]} tokens; one lookup
 round (reasoning, DSML call, result with filler notes) adds {round_tokens:.0f} on average (task 0).
-Policies fire when the context passes 80% of the window (DeepSeek-V3.2 §4); limits: the window, {_MAX_STEPS.value} model calls per rollout.
+Policies fire when the context passes {TRIGGER:.0%} of the window (DeepSeek-V3.2 §4); limits: the window,
+{_MAX_STEPS.value} model calls per rollout.
 Parallel-fewest-step runs {_PARALLEL_N.value} independent rollouts without context management and keeps the
 answered one with the fewest steps.
 
@@ -132,7 +134,7 @@ times the policy rewrote the context; *model calls* = all calls spent, including
   when the kept round is a mistyped lookup), and Summary writes the next key into the restarted user
   turn: both carry the progress across rewrites.
 - Without a policy, and for Parallel-fewest-step, a rollout fails once its trajectory outgrows the window.
-- Not measured here: a trained model as the agent (`dsa_jax.sampling.agent_adapter` plugs the sampler in).
+- Not measured here: a trained model as the agent (`dsa_jax.agent.sampler_adapter` plugs the sampler in).
 """
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(doc)

@@ -10,7 +10,11 @@ directory or hub id (`--hf_path`, through the HF cache; `--local_files_only` rea
 tiny model with the byte tokenizer. The checkpoint's tokenizer (`tokenizer.json`) encodes the prompts and
 decodes the output; without one, prompts are byte tokens and the output is printed as ids. Temperature 0 is
 greedy decoding. Prompts: --prompt (repeatable) or --prompts_file (one a line). The first call compiles; the
-reported throughput is from a second, timed call.
+reported throughput is the median of --repeats timed calls.
+
+--speculative also decodes with the MTP block as a one-token draft (`dsa_jax.sampling.speculative`; the
+checkpoint's MTP layer is loaded) and prints, measured in the same run, tokens/s of plain and speculative
+decoding, the draft acceptance rate, tokens per verification step and whether the tokens equal plain decoding's.
 """
 
 import pathlib
@@ -18,15 +22,16 @@ import sys
 import time
 
 import jax
-from absl import flags
+from absl import app, flags
 
 import dsa_jax
 from dsa_jax.checkpoint import hub
+from dsa_jax.checkpoint.hf_config import read_config
 from dsa_jax.data.tokenizer import ByteTokenizer, check_vocab_fits, from_checkpoint
 from dsa_jax.model import functional
 from dsa_jax.model.config import tiny
 from dsa_jax.rl.rollout import completion_text
-from dsa_jax.sampling import SamplingConfig, generate, left_pad
+from dsa_jax.sampling import SamplingConfig, generate, left_pad, speculative
 from experiments import cli
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "A training run directory: generate with its HF export <run_dir>/hf.")
@@ -42,6 +47,10 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "Top-k (None: K_max caps the set)."
 _K_MAX = flags.DEFINE_integer("k_max", 64, "Width of the recorded kept set.")
 _ATTENTION = flags.DEFINE_enum("attention", "sparse", ["sparse", "dense"], "DSA or dense attention.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_SPECULATIVE = flags.DEFINE_bool("speculative", False, "Also decode with MTP drafts: plain vs speculative tokens/s "
+                                 "and the acceptance rate (module docstring).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per decoder (after the compiling one); the median counts.",
+                                lower_bound=1)
 
 
 def _checkpoint_dir() -> pathlib.Path | None:
@@ -63,9 +72,12 @@ def _model():
   path = _checkpoint_dir()
   if path is None:
     tokenizer = ByteTokenizer()
-    cfg = tiny().replace(vocab_size=tokenizer.vocab_size, num_mtp_layers=0)
+    cfg = tiny().replace(vocab_size=tokenizer.vocab_size, num_mtp_layers=int(_SPECULATIVE.value))
     return cfg, functional.init(cfg, 0), tokenizer, True
-  cfg, params = dsa_jax.load_hf(path, include_mtp=False)
+  if _SPECULATIVE.value and not read_config(path).num_mtp_layers:
+    sys.exit(f"generate: --speculative needs the MTP layer, but {path} has none (config.json "
+             "num_nextn_predict_layers=0); allowed: a checkpoint with num_nextn_predict_layers=1.")
+  cfg, params = dsa_jax.load_hf(path, include_mtp=_SPECULATIVE.value)
   tokenizer = from_checkpoint(path)
   return cfg, params, tokenizer or ByteTokenizer(), tokenizer is not None
 
@@ -84,16 +96,33 @@ def main(argv):
                             top_k=_TOP_K.value, k_max=_K_MAX.value, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                             attention=_ATTENTION.value)
   rng = jax.random.key(_SEED.value)
-  jax.block_until_ready(generate(cfg, params, ids, lengths, rng, sampling))  # compile
-  start = time.perf_counter()
-  out = jax.block_until_ready(generate(cfg, params, ids, lengths, rng, sampling))
-  seconds = time.perf_counter() - start
+  out, seconds = _timed(lambda: generate(cfg, params, ids, lengths, rng, sampling))
   for text, tokens, mask in zip(texts, jax.device_get(out.tokens), jax.device_get(out.mask)):
     # Without the checkpoint's tokenizer (the HF test fixture ships none) the ids are all we can show.
     shown = completion_text(tokenizer, tokens, mask) if known else [int(t) for t, m in zip(tokens, mask) if m]
     print(f"{text!r} -> {shown!r}")
   n = int(out.mask.sum())
-  print(f"{n} tokens in {seconds:.3f}s: {n / seconds:.1f} tokens/s (batch {len(texts)}, {jax.devices()[0].platform})")
+  device = f"batch {len(texts)}, {jax.devices()[0].platform}, median of {_REPEATS.value}"
+  print(f"plain: {n} tokens in {seconds:.3f}s: {n / seconds:.1f} tokens/s ({device})")
+  if _SPECULATIVE.value:
+    spec, spec_seconds = _timed(lambda: speculative.generate(cfg, params, ids, lengths, rng, sampling))
+    spec_n = int(spec.mask.sum())
+    same = bool((spec.tokens == out.tokens).all() & (spec.mask == out.mask).all())
+    print(f"speculative: {spec_n} tokens in {spec_seconds:.3f}s: {spec_n / spec_seconds:.1f} tokens/s ({device}); "
+          f"speed-up {seconds / n * spec_n / spec_seconds:.2f}x; acceptance {float(spec.acceptance_rate):.3f} "
+          f"({int(spec.accepted.sum())}/{int(spec.drafts.sum())} drafts, {int(spec.steps)} verification steps); "
+          f"tokens {'equal' if same else 'differ from'} plain decoding's")
+
+
+def _timed(call):
+  """(output, median seconds of --repeats calls) after one compiling call."""
+  jax.block_until_ready(call())
+  times = []
+  for _ in range(_REPEATS.value):
+    start = time.perf_counter()
+    out = jax.block_until_ready(call())
+    times.append(time.perf_counter() - start)
+  return out, sorted(times)[len(times) // 2]
 
 
 if __name__ == "__main__":

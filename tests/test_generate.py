@@ -51,6 +51,11 @@ def test_run_directory_without_export_is_one_line(tmp_path):
   assert code != 0 and "export_hf" in err and "Traceback" not in err, err[-2000:]
 
 
+def test_speculative_without_an_mtp_layer_is_one_line(run_dir):
+  code, out, err = _generate(f"--run_dir={run_dir}", "--speculative")
+  assert code != 0 and "num_nextn_predict_layers=0" in err and "Traceback" not in err, err[-2000:]
+
+
 def test_hub_id_from_a_local_cache(tmp_path):
   snapshot = tmp_path / "models--dsa-test--tiny" / "snapshots" / REVISION
   shutil.copytree(FIXTURES / "hf_deepseek_v32_tiny", snapshot, ignore=shutil.ignore_patterns("fp8", "golden.npz"))
@@ -60,3 +65,10 @@ def test_hub_id_from_a_local_cache(tmp_path):
                              "--temperature=0", env={"HF_HUB_OFFLINE": "1"})
   assert code == 0, err[-2000:]
   assert "'Hello' -> [" in out, out  # the fixture ships no tokenizer: ids
+
+
+def test_speculative_reports_both_decoders_and_the_acceptance_rate():
+  code, out, err = _generate("--speculative", "--temperature=0", "--repeats=1", "--prompt=sort:4132=")
+  assert code == 0, err[-2000:]
+  assert "plain: 6 tokens in " in out and "speculative: 6 tokens in " in out, out
+  assert "acceptance " in out and "tokens equal plain decoding's" in out, out

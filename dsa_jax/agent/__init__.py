@@ -2,3 +2,7 @@
 
 `sampler_adapter` drives rollouts with the model's sampler; every other module imports without JAX.
 """
+
+from dsa_jax import submodules
+
+__getattr__ = submodules(__name__)  # dsa_jax.agent.<module> after a plain `import dsa_jax`

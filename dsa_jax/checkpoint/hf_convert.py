@@ -107,31 +107,40 @@ def mapping(cfg: ModelConfig, path: tuple) -> Mapping:
   raise KeyError(f"no HF mapping for state path {name!r}")
 
 
-def _dequantize(ckpt: safetensors_io.SafetensorsDir, key: str, block: tuple[int, int],
+def _dequantize(ckpt: safetensors_io.SafetensorsDir, key: str, axes: list[np.ndarray], block: tuple[int, int],
                 allow_non_finite: bool) -> np.ndarray:
-  """Tensor `key` as float32, times the scale of its tile where it has one (`_validate` checked the tiling)."""
-  value = np.asarray(ckpt.read(key), np.float32)
+  """The elements of tensor `key` at the outer product of `axes` as float32, each times the scale of its tile
+  where the tensor has scales (`_validate` checked the tiling); reads only those elements and tiles."""
+  value = ckpt.read(key, axes).astype(np.float32)
   if key + SCALE_SUFFIX in ckpt:
-    scale = np.asarray(ckpt.read(key + SCALE_SUFFIX), np.float32)
-    rows, cols = value.shape
-    value = value * scale[np.arange(rows)[:, None] // block[0], np.arange(cols) // block[1]]
+    tiles = [np.unique(a // b, return_inverse=True) for a, b in zip(axes, block)]
+    scale = ckpt.read(key + SCALE_SUFFIX, [t for t, _ in tiles]).astype(np.float32)
+    value = value * scale[np.ix_(*(where for _, where in tiles))]
   bad = value.size - np.count_nonzero(np.isfinite(value))
   if bad and not allow_non_finite:
+    part = "" if value.size == np.prod(ckpt.shape(key)) else " in one device's slice"
     raise CheckpointError(f"{ckpt.file(key)}: tensor {key!r} has {bad} non-finite values (NaN or Inf) of "
-                          f"{value.size}; pass allow_non_finite=True to load it as it is.")
+                          f"{value.size}{part}; pass allow_non_finite=True to load it as it is.")
   return value
 
 
-def _reader(ckpt, m: Mapping, shape: tuple[int, ...], block, allow_non_finite) -> Callable[[tuple], np.ndarray]:
-  """A callback index -> the slice of our leaf, reading only the HF tensors that slice needs."""
+def _flat(axes: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+  """Row-major positions, within `shape` flattened, of the outer product of `axes` (ascending like them)."""
+  return np.ravel_multi_index(np.ix_(*axes), shape).ravel()
+
+
+def _reader(ckpt, m: Mapping, shape: tuple[int, ...], in_dims: int, block,
+            allow_non_finite) -> Callable[[tuple], np.ndarray]:
+  """A callback index -> the slice of our leaf, reading only the HF elements (and scale tiles) that slice holds."""
   def read(index: tuple) -> np.ndarray:
-    if m.kind == "experts":
-      chosen = range(m.num_experts)[index[0]]
-      stacked = np.stack([_dequantize(ckpt, m.hf_key.format(e=e), block, allow_non_finite).T for e in chosen])
-      return stacked[(slice(None),) + tuple(index[1:])]
-    value = _dequantize(ckpt, m.hf_key, block, allow_non_finite)
-    value = value.T.reshape(shape) if m.kind == "linear" else value.reshape(shape)
-    return value[index]
+    axes = [np.arange(n)[i] for n, i in zip(shape, index)]
+    if m.kind == "copy":
+      return _dequantize(ckpt, m.hf_key, axes, block, allow_non_finite)
+    if m.kind == "experts":  # ours [E, in, out], HF's [out, in] per expert
+      return np.stack([_dequantize(ckpt, m.hf_key.format(e=e), axes[:0:-1], block, allow_non_finite).T
+                       for e in axes[0]])
+    rows, cols = _flat(axes[in_dims:], shape[in_dims:]), _flat(axes[:in_dims], shape[:in_dims])
+    return _dequantize(ckpt, m.hf_key, [rows, cols], block, allow_non_finite).T.reshape([a.size for a in axes])
   return read
 
 
@@ -229,7 +238,7 @@ def load_hf(path: str | pathlib.Path, dtype=jnp.float32, *, include_mtp: bool | 
   for p, var in leaves.items():
     leaf = var.get_value()
     sharding = shardings(p, leaf) if shardings else default
-    read = _reader(ckpt, mapping(cfg, p), leaf.shape, block, allow_non_finite)
+    read = _reader(ckpt, mapping(cfg, p), leaf.shape, IN_DIMS.get(str(p[-1]), 1), block, allow_non_finite)
     var.set_value(jax.make_array_from_callback(leaf.shape, sharding,
                                                lambda idx, read=read, dt=leaf.dtype: read(idx).astype(dt)))
   return cfg, nnx.from_flat_state([(p, v) for p, v in leaves.items()])

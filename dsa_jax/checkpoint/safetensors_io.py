@@ -206,8 +206,16 @@ class SafetensorsDir:
   def file(self, key: str) -> pathlib.Path:
     return self._where[key].path
 
-  def read(self, key: str) -> np.ndarray:
-    return self._where[key].tensor(key)
+  def read(self, key: str, axes: list[np.ndarray] | None = None) -> np.ndarray:
+    """A copy of tensor `key`, or of its elements at the outer product of `axes` (one ascending index array per
+    dim). The loader takes bytes from the memory map only through here, and only those it asks for."""
+    tensor = self._where[key].tensor(key)
+    if axes is None:
+      return np.array(tensor)
+    box = tuple(slice(a[0], a[-1] + 1) if a.size else slice(0, 0) for a in axes)
+    if all(a.size == s.stop - s.start for a, s in zip(axes, box)):
+      return np.array(tensor[box])
+    return np.asarray(tensor[box][np.ix_(*(a - s.start for a, s in zip(axes, box)))])
 
 
 def write_file(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> None:

@@ -6,6 +6,11 @@ Packing is Grain's concat-then-split: documents are concatenated and cut at `seq
 document), which the model's attention and indexer use to keep documents apart. The iterator is a Grain
 `DatasetIterator`: `get_state()` / `set_state()` make it part of a checkpoint.
 
+With a length curriculum (`RetrievalConfig.lengths`) rows are built one by one instead (`_CurriculumRow`): row r
+belongs to step r // host_batch_size + 1, so its retrieval examples take that step's length; with probability
+`rate` a row holds seq_len // length whole examples (each a document: its own segment), and text documents
+fill the rest of every row.
+
 On several hosts each process reads only its shard of the documents (a disjoint slice of one seeded
 shuffle) and packs them into its own rows of the global batch (`DataConfig.shard`); its iterator state is
 then its own, saved per process (`training.checkpointing`).
@@ -13,6 +18,7 @@ then its own, saved per process (`training.checkpointing`).
 
 import dataclasses
 import pathlib
+import sys
 
 import grain
 import jax
@@ -51,6 +57,22 @@ class DataConfig:
                        "allowed: both, or neither (this process's jax.process_index()/process_count()).")
     if self.shard_count is not None:
       self._check_shard(self.shard_index, self.shard_count)
+    self._check_retrieval_lengths()
+
+  def _check_retrieval_lengths(self) -> None:
+    retr, need = self.retrieval, self.retrieval.min_length()
+    what = f"{retr.num_pairs} needles and a {retr.hops}-hop question"
+    short = [n for n in retr.lengths if n < need]
+    if short:
+      raise ValueError(f"DataConfig.retrieval.lengths={retr.lengths} is invalid: {short[0]} tokens cannot hold {what}; "
+                       f"allowed: at least {need} tokens each (one per byte: RetrievalConfig.min_length).")
+    if retr.rate > 0 and not retr.lengths and self.seq_len < need:
+      raise ValueError(f"DataConfig.seq_len={self.seq_len} is invalid with retrieval.rate={retr.rate}: a row cannot "
+                       f"hold {what}; allowed: at least {need} tokens, or retrieval.rate=0.")
+    too_long = [n for n in self.retrieval.lengths if n > self.seq_len]
+    if too_long:
+      raise ValueError(f"DataConfig.retrieval.lengths={self.retrieval.lengths} is invalid: {too_long} exceed seq_len="
+                       f"{self.seq_len}; allowed: example lengths <= seq_len (several short ones share a row).")
 
   def _check_shard(self, index: int, count: int) -> None:
     if not (isinstance(count, int) and count > 0 and self.batch_size % count == 0 and 0 <= index < count):
@@ -87,9 +109,18 @@ def documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
   return train, held_out
 
 
+def _document_ids(tokenizer: Tokenizer, doc: str, rng: np.random.Generator, limit: int) -> list[int]:
+  """A document's token ids: a long one cut to a random window of characters (`corpus.clip`), then of `limit`
+  tokens."""
+  ids = tokenizer.encode(corpus.clip(doc, limit, rng))
+  if len(ids) > limit:
+    start = int(rng.integers(len(ids) - limit))
+    ids = ids[start:start + limit]
+  return ids
+
+
 class _ToTokens(grain.transforms.MapWithIndex):
-  """Document i -> {"tokens", "loss_mask"}; with probability `rate` a retrieval example built on it. A long
-  document is cut to a random window of characters (`corpus.clip`), then of `max_doc_tokens` tokens."""
+  """Document i -> {"tokens", "loss_mask"}; with probability `rate` a retrieval example built on it."""
 
   def __init__(self, cfg: DataConfig, tokenizer: Tokenizer):
     self.cfg, self.tokenizer = cfg, tokenizer
@@ -97,14 +128,40 @@ class _ToTokens(grain.transforms.MapWithIndex):
   def map_with_index(self, index: int, doc: str) -> dict[str, np.ndarray]:
     shard, count = self.cfg.shard  # the index in the one-host stream keeps every host's draws apart
     rng = np.random.default_rng([self.cfg.seed, index * count + shard])
-    ids = self.tokenizer.encode(corpus.clip(doc, self.cfg.max_doc_tokens, rng))
-    if len(ids) > self.cfg.max_doc_tokens:
-      start = int(rng.integers(len(ids) - self.cfg.max_doc_tokens))
-      ids = ids[start:start + self.cfg.max_doc_tokens]
+    ids = _document_ids(self.tokenizer, doc, rng, self.cfg.max_doc_tokens)
     if rng.random() < self.cfg.retrieval.rate:
       ids = make_example(rng, ids, self.cfg.seq_len - 1, self.tokenizer, self.cfg.retrieval).ids.tolist()
     tokens = np.asarray([self.tokenizer.bos_id] + ids, np.int32)
     return {"tokens": tokens, "loss_mask": np.ones_like(tokens)}
+
+
+class _CurriculumRow(grain.transforms.MapWithIndex):
+  """Row i of this host's stream -> one packed row (module docstring): retrieval examples of its step's
+  curriculum length with probability `rate`, then text documents to the end."""
+
+  def __init__(self, cfg: DataConfig, docs: list[str], tokenizer: Tokenizer):
+    self.cfg, self.docs, self.tokenizer = cfg, docs, tokenizer
+
+  def _document(self, rng: np.random.Generator, limit: int) -> list[int]:
+    """A random document's window of at most `limit` tokens (only what the row can hold is tokenized)."""
+    doc = self.docs[int(rng.integers(len(self.docs)))]
+    return _document_ids(self.tokenizer, doc, rng, min(limit, self.cfg.max_doc_tokens))
+
+  def map_with_index(self, index: int, _) -> dict[str, np.ndarray]:
+    cfg, bos = self.cfg, self.tokenizer.bos_id
+    shard, count = cfg.shard
+    rng = np.random.default_rng([cfg.seed, index * count + shard])
+    pieces = []
+    if rng.random() < cfg.retrieval.rate:
+      length = cfg.retrieval.length_at(index // cfg.host_batch_size + 1, cfg.seq_len)
+      pieces = [[bos] + make_example(rng, self._document(rng, length), length - 1, self.tokenizer,
+                                     cfg.retrieval).ids.tolist() for _ in range(cfg.seq_len // length)]
+    while (free := cfg.seq_len - sum(map(len, pieces))) > 0:
+      pieces.append([bos] + self._document(rng, free - 1 if free > 1 else 1))
+    tokens = np.concatenate([np.asarray(p, np.int32) for p in pieces])[:cfg.seq_len]
+    segment_ids = np.concatenate([np.full(len(p), i + 1, np.int32) for i, p in enumerate(pieces)])[:cfg.seq_len]
+    positions = np.concatenate([np.arange(len(p), dtype=np.int32) for p in pieces])[:cfg.seq_len]
+    return {"ids": tokens, "loss_mask": np.ones_like(tokens), "segment_ids": segment_ids, "positions": positions}
 
 
 def _to_batch(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -124,6 +181,10 @@ def host_documents(cfg: DataConfig, docs: list[str]) -> grain.MapDataset:
 def train_dataset(cfg: DataConfig, docs: list[str], tokenizer: Tokenizer) -> grain.IterDataset:
   """An endless, shuffled, packed and batched dataset of this host's documents: batches of
   [host_batch_size, seq_len] int32 arrays."""
+  if cfg.retrieval.lengths:
+    rows = grain.MapDataset.range(sys.maxsize).map_with_index(_CurriculumRow(cfg, list(host_documents(cfg, docs)),
+                                                                             tokenizer))
+    return rows.to_iter_dataset().batch(cfg.host_batch_size, drop_remainder=True)
   ds = host_documents(cfg, docs).repeat(None).map_with_index(_ToTokens(cfg, tokenizer))
   packed = grain.experimental.ConcatThenSplitIterDataset(
       ds.to_iter_dataset(), length_struct={"tokens": cfg.seq_len, "loss_mask": cfg.seq_len})

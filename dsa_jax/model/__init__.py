@@ -13,12 +13,14 @@ operands, top-k indices, indexer inputs, decode cache) and, in MoE layers, `MoEA
 a field is None where it does not apply.
 """
 
+from dsa_jax import submodules
 from dsa_jax.model.config import IndexerConfig, MLAConfig, ModelConfig, MoEConfig, RopeConfig, preset
 from dsa_jax.model.functional import abstract_state, apply, count_params, forward, init
 from dsa_jax.model.indexer import IndexerInputs
 from dsa_jax.model.kv_cache import KVCache, LayerCache, init_cache
 from dsa_jax.model.mla import AttentionAux, AttentionOptions, MQAOperands, TokenLayout
 from dsa_jax.model.moe import ExpertDispatch, MoEAux
+from dsa_jax.model.paged_cache import PageAllocator, PagedKVCache, init_paged_cache
 from dsa_jax.model.transformer import LayerAux, ModelOutput
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "ModelOutput",
     "MoEAux",
     "MoEConfig",
+    "PageAllocator",
+    "PagedKVCache",
     "RopeConfig",
     "TokenLayout",
     "abstract_state",
@@ -44,5 +48,8 @@ __all__ = [
     "forward",
     "init",
     "init_cache",
+    "init_paged_cache",
     "preset",
 ]
+
+__getattr__ = submodules(__name__)  # dsa_jax.model.<module> after a plain `import dsa_jax`

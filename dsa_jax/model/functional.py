@@ -14,6 +14,7 @@ from flax import nnx
 
 from dsa_jax.model.config import ModelConfig
 from dsa_jax.model.kv_cache import KVCache
+from dsa_jax.model.paged_cache import PagedKVCache
 from dsa_jax.model.mla import AttentionAux, AttentionOptions, TokenLayout
 from dsa_jax.model.moe import ExpertDispatch
 from dsa_jax.model.transformer import DeepseekV32, ModelOutput
@@ -44,14 +45,15 @@ def count_params(state: nnx.State) -> int:
 def apply(cfg: ModelConfig, state: nnx.State, input_ids: jax.Array, *, attention: str = "sparse",
           mla_mode: str | None = None, implementation: str | None = None, positions: jax.Array | None = None,
           segment_ids: jax.Array | None = None, forced_experts: dict[int, jax.Array] | None = None,
-          with_mtp: bool = False, indexer_fp8: bool = False, cache: KVCache | None = None,
+          with_mtp: bool = False, indexer_fp8: bool = False, cache: KVCache | PagedKVCache | None = None,
           expert_dispatch: ExpertDispatch | None = None, next_ids: jax.Array | None = None, remat: str = "none",
           with_logits: bool = True, q_chunk: int = 0,
           aux_reducer: Callable[[AttentionAux, TokenLayout], Any] | None = None,
           mqa_operands: bool = False) -> ModelOutput:
   """Runs the model: input_ids [B, T] -> ModelOutput (logits, per-layer hidden states and aux).
 
-  `cache` (`kv_cache.init_cache`) appends the tokens to a decode cache; see `DeepseekV32.__call__`.
+  `cache` (`kv_cache.init_cache`, or the paged pool of `paged_cache.init_paged_cache` with `positions`) appends
+  the tokens to a decode cache; see `DeepseekV32.__call__`.
   `expert_dispatch` runs the routed experts elsewhere (`dsa_jax.sharding.expert_parallel`); None: on this device.
   `next_ids` feeds the MTP block the next token of each position when the sequence is permuted.
   `remat` ("none" | "layer" | "layer_save_dots") rematerialises each layer in the backward pass;

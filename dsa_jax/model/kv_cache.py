@@ -48,6 +48,12 @@ class KVCache:
   def length(self) -> jax.Array:
     return self.layers[0].length
 
+  def layer(self, i: int) -> LayerCache:
+    return self.layers[i]
+
+  def with_layers(self, layers: tuple[LayerCache, ...]) -> "KVCache":
+    return dataclasses.replace(self, layers=layers)
+
   def with_keys(self, positions: jax.Array, segment_ids: jax.Array) -> "KVCache":
     """Records the positions/segment ids [B, T] of the T tokens about to be written at `length`."""
     start = (0, self.length)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from dsa_jax.model import rope
+from dsa_jax.model import paged_cache, rope
 from dsa_jax.model.config import IndexerConfig, MLAConfig
 from dsa_jax.model.indexer import Indexer, IndexerInputs, select
 from dsa_jax.model.kv_cache import LayerCache
@@ -157,11 +157,12 @@ class MLA(nnx.Module):
     return c, rope.apply_interleaved(kv[..., self.cfg.kv_lora_rank:], layout.cos, layout.sin)
 
   def __call__(self, x: jax.Array, layout: TokenLayout, options: AttentionOptions,
-               cache: LayerCache | None = None) -> tuple[jax.Array, AttentionAux]:
+               cache: LayerCache | paged_cache.PagedLayer | None = None) -> tuple[jax.Array, AttentionAux]:
     """x [B, T, D] (normed) -> (out [B, T, D], AttentionAux: top-k indices and indexer inputs when DSA runs).
 
     With `cache` (decoding, `kv_cache`): the T new latent entries and indexer keys are appended, the queries
     attend over every cached slot (layout.kv_* describe the cache), and AttentionAux.cache is the updated cache.
+    A `paged_cache.PagedLayer` decodes through the page pool instead (`_paged`).
     """
     x = x.astype(self.dtype)
     q_latent = self.query_latent(x)
@@ -174,12 +175,14 @@ class MLA(nnx.Module):
       inputs = self.indexer.project(jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent), layout.cos,
                                     layout.sin)
       indexer = IndexerInputs(q=inputs.q, k=constrain(inputs.k, KV_ENTRY_AXES), w=inputs.w)
+    if options.kind == "sparse" and indexer is None:
+      raise ValueError("attention='sparse' needs an indexer, but this model has none (a dense DeepSeek-V3 "
+                       "config); allowed: attention='dense'.")
+    if isinstance(cache, paged_cache.PagedLayer):
+      return self._paged(q_latent, c, k_rope, indexer, layout, options, cache)
     if cache is not None:
       c, k_rope, indexer, cache = self._read_through(cache, c, k_rope, indexer)
     if options.kind == "sparse":
-      if indexer is None:
-        raise ValueError("attention='sparse' needs an indexer, but this model has none (a dense DeepSeek-V3 "
-                         "config); allowed: attention='dense'.")
       topk_indices = checkpoint_name(select(
           indexer, self.topk, q_positions=layout.q_positions, kv_positions=layout.kv_positions,
           q_segment_ids=layout.q_segment_ids, kv_segment_ids=layout.kv_segment_ids,
@@ -193,8 +196,7 @@ class MLA(nnx.Module):
   def _attend(self, q_latent, c, k_rope, layout, options, aux: AttentionAux) -> tuple[jax.Array, AttentionAux]:
     """The per-query part: query heads, attention core, output projection -> (out [B, T, D], aux with lse)."""
     q_nope, q_rope = self.queries(q_latent, layout)
-    w_uk = self._w(self.wkv_b)[..., :self.cfg.qk_nope_head_dim]  # [C, N, P]
-    w_uv = self._w(self.wkv_b)[..., self.cfg.qk_nope_head_dim:]  # [C, N, V]
+    w_uk, w_uv = self._absorbed()
     mqa = None
     if options.resolved_mode == "mha":
       out, lse = self._mha(q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options)
@@ -204,6 +206,26 @@ class MLA(nnx.Module):
       out, lse, mqa = self._mqa(q_nope, q_rope, c, k_rope, w_uk, w_uv, layout, options, aux.topk_indices)
     lse = checkpoint_name(lse, ATTENTION_LSE)
     return jnp.einsum("btnv,nvd->btd", out, self._w(self.wo)), dataclasses.replace(aux, lse=lse, mqa=mqa)
+
+  def _absorbed(self) -> tuple[jax.Array, jax.Array]:
+    """W_UK [C, N, P] and W_UV [C, N, V]: the halves of wkv_b that MQA mode absorbs into queries and outputs."""
+    return self._w(self.wkv_b)[..., :self.cfg.qk_nope_head_dim], self._w(self.wkv_b)[..., self.cfg.qk_nope_head_dim:]
+
+  def _paged(self, q_latent, c, k_rope, indexer: IndexerInputs | None, layout: TokenLayout, options: AttentionOptions,
+             cache: paged_cache.PagedLayer) -> tuple[jax.Array, AttentionAux]:
+    """Decoding through the page pool: write the T new entries at layout.q_positions, then attend in MQA mode
+    (whatever `options.mode`: the pool holds latent entries) with the decode kernels (`paged_cache.attend`).
+    aux.topk_indices are logical positions, -1 padded to the indexer's top-k."""
+    cache = cache.write(layout.q_positions, c, k_rope, None if indexer is None else indexer.k)
+    q_nope, q_rope = self.queries(q_latent, layout)
+    w_uk, w_uv = self._absorbed()
+    q = self._mqa_operands(q_nope, q_rope, c, k_rope, w_uk).q
+    out_latent, lse, topk_indices = paged_cache.attend(
+        cache, q, indexer, layout.q_positions, kind=options.kind, topk=self.topk, scale=self.softmax_scale,
+        implementation=options.implementation)
+    out = jnp.einsum("btnc,cnv->btnv", out_latent, w_uv)
+    aux = AttentionAux(lse=lse, topk_indices=topk_indices, indexer=indexer, cache=cache)
+    return jnp.einsum("btnv,nvd->btd", out, self._w(self.wo)), aux
 
   def _chunked(self, q_latent, c, k_rope, layout, options, aux: AttentionAux) -> tuple[jax.Array, Any]:
     """`_attend` (and the reducer) over query chunks, each rematerialised -> (out, reduced aux summed)."""

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsa_jax.model.config import MoEConfig
-from dsa_jax.model.layers import MLP, RouterBias, over_token_chunks, param, token_chunk
+from dsa_jax.model.layers import MLP, RouterBias, constrain, over_token_chunks, param, token_chunk
 from pallas_kernels.moe_gmm import api as gmm_api
 
 
@@ -81,13 +81,19 @@ def routed_experts(tokens: jax.Array, experts: jax.Array, gate_weights: jax.Arra
   grouped matmuls, gate-weighted scatter-add back in float32 -> [M, D] in the tokens' dtype (as HF sums the
   experts' outputs in the hidden dtype; a float32 [T, D] would be 3.5 GiB more to keep at 128K tokens)."""
   m, k = experts.shape
+  # Sorting by expert mixes every token with every other: under GSPMD the tokens are gathered whole (replicated)
+  # here, on purpose, so that the scatter-adds back into [M, D] (forward, and the gather's transpose in the
+  # backward) are computed replicated and then sliced, instead of GSPMD's "involuntary full rematerialization"
+  # from a D-sharded scatter to the token-sharded residual stream. Identity without a mesh.
+  tokens = constrain(tokens, (None, None))
   flat = experts.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   token_of = order // k
   group_sizes = jnp.bincount(flat, length=weights[0].shape[0]).astype(jnp.int32)
   out = swiglu_experts(tokens[token_of], weights, group_sizes, implementation)
   out = out.astype(jnp.float32) * gate_weights.reshape(-1)[order][:, None]
-  return jnp.zeros((m, tokens.shape[-1]), jnp.float32).at[token_of].add(out).astype(tokens.dtype)
+  summed = jnp.zeros((m, tokens.shape[-1]), jnp.float32).at[token_of].add(out)
+  return constrain(summed, (None, None)).astype(tokens.dtype)
 
 
 def chunked_routed_experts(tokens: jax.Array, experts: jax.Array, gate_weights: jax.Array,
@@ -119,7 +125,8 @@ class MoE(nnx.Module):
     """x [B, T, D] -> (y [B, T, D], MoEAux)."""
     b, t, d = x.shape
     tokens = x.reshape(b * t, d)
-    scores = jax.nn.sigmoid(jnp.einsum("md,de->me", tokens.astype(jnp.float32), self.router[...]))
+    router = constrain(self.router[...], (None, None))  # [D, E] float32, small: whole on every device
+    scores = jax.nn.sigmoid(jnp.einsum("md,de->me", tokens.astype(jnp.float32), router))
     if forced_experts is None:
       experts = route(scores, self.bias[...], self.cfg)
     else:

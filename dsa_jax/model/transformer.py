@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsa_jax.model import rope
+from dsa_jax.model import paged_cache, rope
 from dsa_jax.model.config import ModelConfig
 from dsa_jax.model.kv_cache import KVCache, LayerCache
+from dsa_jax.model.paged_cache import PagedKVCache, PagedLayer
 from dsa_jax.model.layers import ATTENTION_LSE, CHUNKED_OUTPUT, MLP, TOPK_INDICES, RMSNorm, constrain, param
 from dsa_jax.model.mla import MLA, AttentionAux, AttentionOptions, TokenLayout
 from dsa_jax.model.moe import ExpertDispatch, MoE, MoEAux
@@ -52,7 +53,7 @@ class ModelOutput:
   hidden_states: tuple[jax.Array, ...]  # per layer [B, T, D], before the final norm
   layer_aux: tuple[LayerAux, ...]  # per decoder layer
   mtp_logits: jax.Array | None = None  # [B, T, V]: position i predicts token i + 2
-  cache: KVCache | None = None  # the updated decode cache when one was passed in
+  cache: KVCache | PagedKVCache | None = None  # the updated decode cache when one was passed in
   mtp_aux: LayerAux | None = None  # the MTP block's (like a layer's): its indexer's KL and its router's load
   # with_logits=False: the LM head's input (final norm output) [B, T, D], the MTP block's, and the head [D, V],
   # all in the compute dtype: logits = head_input @ lm_head.
@@ -107,7 +108,7 @@ class Block(nnx.Module):
       self.ffn = MLP(d, cfg.dense_hidden, rngs=rngs, dtype=cfg.dtype, param_dtype=pdt, std=INIT_STD)
 
   def __call__(self, x: jax.Array, layout: TokenLayout, options: AttentionOptions,
-               forced_experts: jax.Array | None = None, cache: LayerCache | None = None,
+               forced_experts: jax.Array | None = None, cache: LayerCache | PagedLayer | None = None,
                expert_dispatch: ExpertDispatch | None = None) -> tuple[jax.Array, LayerAux]:
     attn_out, attn_aux = self.attn(self.attn_norm(x), layout, options, cache)
     x = x + attn_out.astype(x.dtype)
@@ -133,11 +134,14 @@ class MTP(nnx.Module):
     self.dtype = cfg.dtype
 
   def __call__(self, hidden: jax.Array, next_embeds: jax.Array, layout: TokenLayout, options: AttentionOptions,
-               expert_dispatch: ExpertDispatch | None = None) -> tuple[jax.Array, LayerAux]:
+               expert_dispatch: ExpertDispatch | None = None,
+               cache: LayerCache | None = None) -> tuple[jax.Array, LayerAux]:
+    """-> (the head's input [B, T, D], aux). `cache`: the block's own decode cache (speculative decoding), as a
+    decoder layer's; the updated cache comes back in aux.attention.cache."""
     joined = jnp.concatenate([self.enorm(next_embeds), self.hnorm(hidden)], axis=-1).astype(self.dtype)
     joined = constrain(joined, ACT_BTD)  # [B, T, 2D] sharded as the residual stream (else GSPMD replicates it)
     x = constrain(jnp.einsum("bte,ed->btd", joined, self.eh_proj[...].astype(self.dtype)), ACT_BTD)
-    x, aux = self.block(x, layout, options, expert_dispatch=expert_dispatch)
+    x, aux = self.block(x, layout, options, cache=cache, expert_dispatch=expert_dispatch)
     return self.head_norm(x), aux
 
 
@@ -169,12 +173,14 @@ class DeepseekV32(nnx.Module):
   def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, options: AttentionOptions = AttentionOptions(),
                forced_experts: dict[int, jax.Array] | None = None, with_mtp: bool = False,
-               cache: KVCache | None = None, expert_dispatch: ExpertDispatch | None = None,
+               cache: KVCache | PagedKVCache | None = None, expert_dispatch: ExpertDispatch | None = None,
                next_ids: jax.Array | None = None, remat: str = "none", with_logits: bool = True) -> ModelOutput:
     """input_ids [B, T] -> ModelOutput. forced_experts maps a MoE layer index to its [B, T, k] choices.
 
     With `cache` the T tokens are appended to it (prefill or one decode step) and attend to everything
-    cached; the updated cache comes back in ModelOutput.cache (`kv_cache`).
+    cached; the updated cache comes back in ModelOutput.cache (`kv_cache`). A `PagedKVCache` (`paged_cache`)
+    needs `positions`: the logical position of each token in its sequence, where it is written and up to which
+    it attends; segment ids are unused (one sequence per batch row).
     expert_dispatch replaces the single-device expert computation (`dsa_jax.sharding.expert_parallel`).
     next_ids [B, T]: the token after each position in document order, the MTP block's input (default: the
     ids shifted along the array, wrong once the sequence is permuted for context parallelism).
@@ -182,11 +188,16 @@ class DeepseekV32(nnx.Module):
     Bad inputs raise ValueError (`check_inputs`; values are checked only outside jit).
     """
     check_inputs(self.cfg, input_ids, positions, next_ids)
+    if isinstance(cache, PagedKVCache):
+      if positions is None:
+        raise ValueError("a PagedKVCache needs positions; allowed: positions [B, T], each token's position in its "
+                         "sequence.")
+      paged_cache.check_positions(cache, positions)
     b, t = input_ids.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if positions is None else positions
     segment_ids = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
     layout = self.layout(positions, segment_ids)
-    if cache is not None:
+    if isinstance(cache, KVCache):
       cache = cache.with_keys(positions, segment_ids)
       layout = dataclasses.replace(layout, kv_positions=cache.positions, kv_segment_ids=cache.segment_ids)
     # The table is gathered whole before the lookup (ZeRO-3: weights are all-gathered before use), so the rows
@@ -198,11 +209,11 @@ class DeepseekV32(nnx.Module):
     run_block = _remat(lambda block, x, layout, forced, layer_cache: block(x, layout, options, forced, layer_cache,
                                                                             expert_dispatch), remat)
     for i, block in enumerate(self.layers):
-      x, layer_aux = run_block(block, x, layout, forced_experts.get(i), None if cache is None else cache.layers[i])
+      x, layer_aux = run_block(block, x, layout, forced_experts.get(i), None if cache is None else cache.layer(i))
       hidden.append(x)
       aux.append(layer_aux)
     if cache is not None:
-      cache = dataclasses.replace(cache, layers=tuple(a.attention.cache for a in aux))
+      cache = cache.with_layers(tuple(a.attention.cache for a in aux))
     mtp_hidden = mtp_aux = None
     if with_mtp:
       if self.mtp is None:

@@ -19,6 +19,7 @@ Keep Sampling Mask: compute logp and old_logp with `kept_log_softmax` over the s
 set, ref_logp with `token_log_softmax` (full softmax). Rewards: `get_task`, `register_task`, `Task`.
 """
 
+from dsa_jax import submodules
 from dsa_jax.rl.advantages import group_advantages
 from dsa_jax.rl.grpo_loss import grpo_loss, k3_kl, off_policy_sequence_mask
 from dsa_jax.rl.rewards import DigitTask, Task, digit_reward, get_task, register_task, task_names
@@ -47,3 +48,5 @@ __all__ = [
     "token_log_softmax",
     "top_k_top_p_kept_ids",
 ]
+
+__getattr__ = submodules(__name__)  # dsa_jax.rl.<module> after a plain `import dsa_jax`

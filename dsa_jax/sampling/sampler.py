@@ -98,7 +98,7 @@ def _moe_experts(cfg: ModelConfig, out) -> dict[int, jax.Array]:
   return {i: out.layer_aux[i].moe.experts for i in range(cfg.num_layers) if cfg.is_moe_layer(i)}
 
 
-def _draw(rng, logits_bv, sampling: SamplingConfig):
+def draw(rng, logits_bv, sampling: SamplingConfig):
   """One token per row from the truncated distribution -> (token, log μ(token), kept ids [B, K]); greedy (a
   kept set of the argmax alone) at temperature 0."""
   greedy = sampling.temperature == 0
@@ -154,7 +154,7 @@ def _generate(cfg: ModelConfig, params: nnx.State, prompt_tokens: jax.Array, pro
 
   def body(c):
     rng, step_rng = jax.random.split(c["rng"])
-    token, logp, kept = _draw(step_rng, c["logits"], sampling)
+    token, logp, kept = draw(step_rng, c["logits"], sampling)
     live = ~c["done"]
     token = jnp.where(live, token, sampling.pad_id)
     out = run(token[:, None], positions=(prompt_lengths + c["i"])[:, None],

@@ -40,6 +40,12 @@ def _local_experts(recv_x, recv_e, weights, num_local, implementation):
   return jnp.zeros_like(out).at[order].set(out)
 
 
+def capacity(m: int, k: int, num_dest: int, capacity_factor: float | None) -> int:
+  """Slots per destination in one device's send buffer of m tokens x k experts: every assignment (dropless) or
+  capacity_factor x the mean share."""
+  return m * k if capacity_factor is None else max(1, math.ceil(capacity_factor * m * k / num_dest))
+
+
 def _dispatch_body(tokens, experts, gate_w, w_gate, w_up, w_down, *, num_dest, capacity_factor, implementation):
   """Per device: tokens [m, D], experts/gate_w [m, k], local expert weights [E/n, D, F/t] -> ([m, D], dropped)."""
   m, k = experts.shape
@@ -48,9 +54,9 @@ def _dispatch_body(tokens, experts, gate_w, w_gate, w_up, w_down, *, num_dest, c
   order = jnp.argsort(flat, stable=True)
   token_of = order // k
   sorted_e = flat[order]
-  capacity = m * k if capacity_factor is None else max(1, math.ceil(capacity_factor * m * k / num_dest))
-  slot, kept = _slots(sorted_e // num_local, num_dest, capacity)
-  rows = num_dest * capacity
+  slots = capacity(m, k, num_dest, capacity_factor)
+  slot, kept = _slots(sorted_e // num_local, num_dest, slots)
+  rows = num_dest * slots
   send_x = jnp.zeros((rows, tokens.shape[-1]), tokens.dtype).at[slot].set(tokens[token_of], mode="drop")
   send_e = jnp.full((rows,), num_local, jnp.int32).at[slot].set(sorted_e % num_local, mode="drop")
   recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0, tiled=True)

@@ -47,20 +47,27 @@ def lm_loss(cfg: ModelConfig, state: TrainState, batch: dict, attention: str,
   return losses.lm_loss(out, batch["ids"], batch["loss_mask"], batch["segment_ids"])
 
 
-def _unpacked(ids: np.ndarray) -> dict:
+def unpacked(ids: np.ndarray) -> dict:
   """A batch of whole documents, one per row: positions 0.. and one segment."""
   positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
   return {"ids": jnp.asarray(ids, jnp.int32), "positions": jnp.asarray(positions),
           "segment_ids": jnp.zeros(ids.shape, jnp.int32)}
 
 
+def selected_mass(cfg: ModelConfig, mqa, lse: jax.Array, idx: jax.Array) -> jax.Array:
+  """sum_{s in idx[b, t]} p[b, t, s] -> [B, T]: the share of the head-averaged dense attention p that falls on the
+  selected keys. mqa: the layer's MQA operands (q [B, T, N, C+R], kv [B, S, C+R]); lse [B, T, N] the dense
+  log-sum-exp of the same queries; idx [B, T, K] selected key indices, -1 padded."""
+  kv = jax.vmap(lambda kv_b, i_b: kv_b[jnp.maximum(i_b, 0)])(mqa.kv, idx)  # [B, T, K, C+R]
+  logits = jnp.einsum("btnc,btkc->btnk", mqa.q, kv, preferred_element_type=jnp.float32)
+  probs = jnp.exp(logits * cfg.softmax_scale - lse[..., None]).mean(axis=2)  # [B, T, K]
+  return jnp.where(idx >= 0, probs, 0.0).sum(-1)
+
+
 def _topk_mass(cfg: ModelConfig, aux: AttentionAux, layout: dict, implementation: str | None) -> jax.Array:
   """Mean over queries of sum_{s in top-k(t)} p[t, s], p the head-averaged dense attention of one layer."""
   idx = select(aux.indexer, cfg.indexer.topk, implementation=implementation, **layout)  # [B, T, K]
-  kv = jax.vmap(lambda kv_b, i_b: kv_b[jnp.maximum(i_b, 0)])(aux.mqa.kv, idx)  # [B, T, K, C+R]
-  logits = jnp.einsum("btnc,btkc->btnk", aux.mqa.q, kv, preferred_element_type=jnp.float32)
-  probs = jnp.exp(logits * cfg.softmax_scale - aux.lse[..., None]).mean(axis=2)  # [B, T, K]
-  return jnp.where(idx >= 0, probs, 0.0).sum(-1).mean()
+  return selected_mass(cfg, aux.mqa, aux.lse, idx).mean()
 
 
 def indexer_metrics(cfg: ModelConfig, state: TrainState, batch: dict,
@@ -103,7 +110,7 @@ def evaluate(cfg: ModelConfig, state: TrainState, batches: list[dict], examples:
   if cfg.indexer is not None:
     metrics = [tick(indexer_metrics(cfg, state, b, implementation)) for b in batches]
     result.update({k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]})
-  result.update(retrieval.accuracy(lambda ids: tick(logits(cfg, state, _unpacked(ids), attention, implementation)),
+  result.update(retrieval.accuracy(lambda ids: tick(logits(cfg, state, unpacked(ids), attention, implementation)),
                                    examples, batch_size))
   progress.close()
   return result

@@ -16,6 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.vocab_size = 512  # the byte tokenizer's ids (256 bytes + specials) fit; an embedding of 32768 would idle
   config.loss.mtp_weight = 0.0  # as in the recorded run (docs/reports/dsa_parity.md); > 0 also trains the MTP indexer
   config.data.update({"seq_len": 8192, "batch_size": 1})
+  # The recorded run's retrieval mix (train_tiny's short lookups would teach nothing at 8K):
+  config.data.retrieval.update({"rate": 0.25, "num_pairs": 2, "digits": 3, "max_depth": 0.5, "lengths": (),
+                                "length_steps": ()})
   config.optimizer.update({"lr_main": 1e-3, "lr_indexer": 1e-3, "lr_indexer_warmup": 1e-3})
   # A run of a few hundred steps: gamma 1e-3 (DeepSeek-V3's) moved the routing biases too slowly and the
   # experts collapsed onto 4 of 32 in the first GPU run; 1e-2 lets the balance act within the run.

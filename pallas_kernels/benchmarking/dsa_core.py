@@ -91,8 +91,7 @@ def run(cfg: dict) -> list[dict]:
                speedup_vs_dense=dense_s / ours_s, speedup_vs_xla=xla_s / ours_s, rel_err_last256=err(ours),
                dsa_kernels_fp8_indexer_s=fp8_s, fp8_indexer_speedup_vs_dense=dense_s / fp8_s,
                fp8_indexer_rel_err_last256=err(fp8), sparse_mla_part_s=sparse_mla_s)
-    print(row, flush=True)
-    rows.append(row)
+    timing.emit(rows, row)
   return rows
 
 

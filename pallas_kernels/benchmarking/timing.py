@@ -6,6 +6,20 @@ from collections.abc import Callable
 
 import jax
 
+# Every row any section has emitted in this process, in order, and a hook run after each (`bench_kernels` rewrites
+# its JSON record there, so that a section that fails or a run stopped by a time limit keeps what it measured).
+EMITTED: list[dict] = []
+on_emit: Callable[[], None] | None = None
+
+
+def emit(rows: list[dict], row: dict) -> None:
+  """Appends a measured row to `rows` and to EMITTED, prints it, then runs `on_emit`."""
+  rows.append(row)
+  EMITTED.append(row)
+  print(row, flush=True)
+  if on_emit is not None:
+    on_emit()
+
 
 def time_fn(fn: Callable, *args, warmup: int = 2, iters: int = 5) -> float:
   """Median wall seconds of `fn(*args)` after `warmup` calls; the outputs are consumed (blocked on)."""

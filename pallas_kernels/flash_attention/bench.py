@@ -81,8 +81,7 @@ def run(cfg: dict) -> list[dict]:
           continue
         for op, fn, factor in zip(("fwd", "fwd+bwd"), _functions(impl, hk), (1.0, 3.5)):
           seconds = timing.time_fn(fn, *args, warmup=1, iters=3)
-          rows.append(dict(base, op=op, ms=seconds * 1e3, tflops=timing.tflops(factor * flops, seconds)))
-          print(rows[-1], flush=True)
+          timing.emit(rows, dict(base, op=op, ms=seconds * 1e3, tflops=timing.tflops(factor * flops, seconds)))
   return rows
 
 

@@ -5,7 +5,7 @@ the top-k selection (DeepSeek-V3.2's indexer at decoding time; interface: the de
 split over keys) into a [Q, S] float32 buffer, masked by position, then the exact pruned top-k of
 `topk.api.topk_indices(implementation="pallas")`. The buffer costs 4 bytes written and read per key against
 the 132 bytes of an FP8 key read. None picks "pallas" on a GPU for shapes the kernel takes, else "xla".
-Forward only: indices are discrete. Today's figure: none measured yet (benchmarks/index_decode.md).
+Forward only: indices are discrete. Today's figure: none measured yet (benchmarks/decode.md).
 """
 
 import jax
@@ -18,11 +18,10 @@ from pallas_kernels.topk import api as topk_api
 AVAILABLE = ("xla", "pallas")
 
 
-def _kernel_supports(q: jax.Array, idx_k: jax.Array, page_size: int) -> bool:
+def _kernel_supports(q: jax.Array, idx_k: jax.Array, idx_scale: jax.Array | None, page_size: int) -> bool:
   """The kernel takes bf16 or e4m3 q and keys of one dtype, H % 64 == 0 and its page sizes."""
-  pages_ok = page_size % 8 == 0 and (kernel.TILE % page_size == 0 or page_size % kernel.TILE == 0)
   return (q.dtype == idx_k.dtype and q.dtype in (jnp.bfloat16, jnp.float8_e4m3fn) and q.shape[-1] % 64 == 0
-          and pages_ok)
+          and kernel.page_size_ok(page_size, idx_scale is not None))
 
 
 def _check(q, q_scale, weights, idx_k, idx_scale, block_table, lengths, k, page_size):
@@ -44,14 +43,15 @@ def _check(q, q_scale, weights, idx_k, idx_scale, block_table, lengths, k, page_
                      "k >= 1 and a page size that divides the pool rows.")
 
 
-def _implementation(implementation, q, idx_k, page_size) -> str:
+def _implementation(implementation, q, idx_k, idx_scale, page_size) -> str:
   """The implementation to run; an explicit "pallas" for inputs the kernel does not take is an error."""
-  supported = _kernel_supports(q, idx_k, page_size)
+  supported = _kernel_supports(q, idx_k, idx_scale, page_size)
   chosen = resolve_implementation(implementation, AVAILABLE, supported)
   if chosen == "pallas" and not supported:
     raise ValueError(f"index_decode(implementation='pallas'): q {q.dtype} {q.shape}, idx_k {idx_k.dtype}, "
                      f"page_size={page_size}; allowed: q and idx_k both bfloat16 or both float8_e4m3fn, H a "
-                     f"multiple of 64, page_size a multiple of 8 dividing {kernel.TILE} or a multiple of it.")
+                     f"multiple of 64, page_size a multiple of 8 (of 32 with key scales) dividing {kernel.TILE} or a multiple "
+                     "of it.")
   return chosen
 
 
@@ -65,7 +65,7 @@ def _pallas_scores(q, q_scale, weights, idx_k, idx_scale, block_table, lengths, 
   w = jnp.pad(w, ((0, 0), (0, pad)))
   pages = reference.visible_pages(block_table, lengths, page_size, idx_k.shape[0] // page_size)
   num_keys = block_table.shape[1] * page_size
-  scores = kernel.index_decode_scores(q, w, idx_k, idx_scale, kernel.tile_rows(pages, page_size), lengths,
+  scores = kernel.index_decode_scores(q, w, idx_k, idx_scale, kernel.tile_rows(pages, page_size, idx_scale is not None), lengths,
                                       page_size=page_size)[:, :num_keys]
   return jnp.where(jnp.arange(num_keys) < lengths[:, None], scores, -jnp.inf)
 
@@ -84,7 +84,7 @@ def index_decode_topk(q: jax.Array, q_scale: jax.Array | None, weights: jax.Arra
   "pallas" path under `plgpu.force_gpu_interpret_mode`.
   """
   _check(q, q_scale, weights, idx_k, idx_scale, block_table, lengths, k, page_size)
-  if _implementation(implementation, q, idx_k, page_size) == "xla":
+  if _implementation(implementation, q, idx_k, idx_scale, page_size) == "xla":
     return reference.index_decode_topk(q, q_scale, weights, idx_k, idx_scale, block_table, lengths, k=k,
                                        page_size=page_size)
   scores = _pallas_scores(q, q_scale, weights, idx_k, idx_scale, block_table, lengths, page_size)
@@ -97,7 +97,7 @@ def index_decode_scores(q: jax.Array, q_scale: jax.Array | None, weights: jax.Ar
   """The scores alone, as `index_decode_topk` computes them -> float32 [Q, max_pages * page_size], -inf where
   p >= lengths[q]."""
   _check(q, q_scale, weights, idx_k, idx_scale, block_table, lengths, 1, page_size)
-  if _implementation(implementation, q, idx_k, page_size) == "xla":
+  if _implementation(implementation, q, idx_k, idx_scale, page_size) == "xla":
     return reference.index_decode_scores(q, q_scale, weights, idx_k, idx_scale, block_table, lengths,
                                          page_size=page_size)
   return _pallas_scores(q, q_scale, weights, idx_k, idx_scale, block_table, lengths, page_size)

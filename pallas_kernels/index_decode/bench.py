@@ -1,5 +1,5 @@
 """Benchmark section "index_decode": the indexer of one decode step, scores over a paged key cache + top-2048, at
-V3.2 shapes (GPU; benchmarks/index_decode.md).
+V3.2 shapes (GPU; benchmarks/decode.md).
 
   python -m experiments.bench_kernels --sections=index_decode --seq_lens=4096,16384,32768,65536,131072
 
@@ -98,8 +98,7 @@ def run(cfg: dict) -> list[dict]:
       if not timing.fits(f"index_decode at S={S}, Q={rows}", rows * S * (DIM + 4 + 2 * DIM + 32)):
         continue
       row = _row(S, rows, peak)
-      print(row, flush=True)
-      out.append(row)
+      timing.emit(out, row)
   return out
 
 

@@ -17,8 +17,9 @@ another float32 rounding order than the reference's.
 
 Output: float32 [Q, tiles * 64] with every visible key's score; the rest (past lengths[q] in its last tile, and
 tiles beyond it) are not written: the caller masks by position. Limits: H a multiple of 64, I padded to a
-multiple of 64 by the caller (`api.py`), page_size a multiple of 8 dividing 64 or a multiple of 64, q and keys of
-one dtype (bf16, or e4m3 on both sides). Today's figure: none measured yet (benchmarks/index_decode.md).
+multiple of 64 by the caller (`api.py`), page_size a multiple of 8 (32 with key scales, `page_size_ok`) dividing 64
+or a multiple of 64, q and keys of
+one dtype (bf16, or e4m3 on both sides). Today's figure: none measured yet (benchmarks/decode.md).
 """
 
 import functools
@@ -40,19 +41,27 @@ SMEM_PER_SM = 227 * 1024  # what the CTAs of one SM may share (228 KiB less 1 Ki
 MAX_CTAS_PER_SM = 4
 
 
-def copies_per_tile(page_size: int) -> int:
+def page_size_ok(page_size: int, scales: bool) -> bool:
+  """Whether the kernel takes pages of `page_size` keys. Every TMA copy must land on a 128-byte-aligned address of
+  shared memory: a copy of key scales (float32, one per key of a page) is page_size x 4 bytes, so pages with
+  scales need a multiple of 32 keys (pages of 16 crashed an H100 with CUDA_ERROR_MISALIGNED_ADDRESS; interpret
+  mode does not check alignment)."""
+  return page_size % (32 if scales else 8) == 0 and (TILE % page_size == 0 or page_size % TILE == 0)
+
+
+def copies_per_tile(page_size: int, scales: bool) -> int:
   """TMA copies per 64-key tile: one per page when pages are shorter than a tile."""
-  if page_size % 8 or not (TILE % page_size == 0 or page_size % TILE == 0):
-    raise ValueError(f"page_size={page_size} is not supported by the index_decode kernel; allowed: a multiple of 8 "
-                     f"that divides {TILE}, or a multiple of {TILE}.")
+  if not page_size_ok(page_size, scales):
+    raise ValueError(f"page_size={page_size} is not supported by the index_decode kernel; allowed: a multiple of "
+                     f"{32 if scales else 8} that divides {TILE}, or a multiple of {TILE}.")
   return max(1, TILE // page_size)
 
 
-def tile_rows(pages: jax.Array, page_size: int) -> jax.Array:
+def tile_rows(pages: jax.Array, page_size: int, scales: bool) -> jax.Array:
   """pages [Q, max_pages] (the pool page of every logical page, `reference.visible_pages`) -> int32
   [Q, tiles * copies]: the first pool row of each copy of each 64-key tile; each copy stays inside one page (a
   partial last tile repeats the last copy)."""
-  copies = copies_per_tile(page_size)
+  copies = copies_per_tile(page_size, scales)
   offsets = jnp.arange(0, page_size, min(page_size, TILE))  # copy starts inside a page
   starts = (pages[:, :, None] * page_size + offsets).reshape(pages.shape[0], -1)
   return jnp.pad(starts, ((0, 0), (0, -starts.shape[1] % copies)), mode="edge").astype(jnp.int32)
@@ -80,7 +89,7 @@ def index_decode_scores(q: jax.Array, w: jax.Array, idx_k: jax.Array, idx_scale:
 
   splits: key splits per row (None: `default_splits`)."""
   num_rows, heads, dim = q.shape
-  copies = copies_per_tile(page_size)
+  copies = copies_per_tile(page_size, idx_scale is not None)
   tiles = starts.shape[1] // copies
   if heads % HEAD_ALIGN or dim % 64 or q.dtype != idx_k.dtype or q.dtype not in (jnp.bfloat16, jnp.float8_e4m3fn):
     raise ValueError(f"index_decode kernel: q [Q, I, H] = {q.shape} {q.dtype} with keys {idx_k.dtype}; allowed: "

@@ -89,8 +89,7 @@ def _measure(section: str, T: int, passes: dict, flops: dict, extra=None, **fiel
       if impl == "pallas" and ("xla", pass_) in outputs:
         row["rel_err"] = _rel_err(outputs[impl, pass_], outputs["xla", pass_])
       row.update((extra and extra(impl, pass_, outputs[impl, pass_])) or {})
-      print(row, flush=True)
-      rows.append(row)
+      timing.emit(rows, row)
   return rows
 
 

@@ -112,8 +112,7 @@ def run(cfg: dict) -> list[dict]:
                             lambda **a: api.index_scores_fp8(**a, implementation="xla"),
                             dict(q8=q8, q_scale=q_scale, w=w), dict(k8=k8, k_scale=k_scale), vis))
     row["cudnn_dense_mla_s"] = baselines.cudnn_dense_mla_layer_seconds(T)
-    print(row, flush=True)
-    rows.append(row)
+    timing.emit(rows, row)
   return rows
 
 

@@ -1,4 +1,4 @@
-"""Benchmark section "mla_decode" (run on the GPU by `experiments/bench_kernels.py`; table: benchmarks/mla_decode.md).
+"""Benchmark section "mla_decode" (run on the GPU by `experiments/bench_kernels.py`; table: benchmarks/decode.md).
 
 Per context position T (`seq_lens`) and batch B in BATCHES, one decode step of one layer at V3.2 shapes: 128 heads
 of 576-dim absorbed queries (latent 512 + rope 64), every sequence T positions long in its own pages (64 rows, in

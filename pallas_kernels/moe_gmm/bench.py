@@ -32,12 +32,6 @@ CASES = (("256x4096", 4096, EXPERTS), ("256x16384", 16384, EXPERTS), ("ep8_local
 PROJECTIONS = (("up", HIDDEN, EXPERT_HIDDEN), ("down", EXPERT_HIDDEN, HIDDEN))
 
 
-def _emit(rows: list[dict], row: dict) -> None:
-  """Appends and prints a measured row (a time-out still leaves the rows printed so far)."""
-  rows.append(row)
-  print(row, flush=True)
-
-
 def _group_sizes(seed: int, tokens: int, local_experts: int) -> jax.Array:
   """Rows per expert of the first `local_experts` experts when `tokens` tokens pick ACTIVE of EXPERTS."""
   scores = jax.random.uniform(jax.random.key(seed), (tokens, EXPERTS))
@@ -81,7 +75,7 @@ def _gmm_rows(rows: list[dict], base: dict, flops: float, x, w, dy, gs) -> None:
       f = jax.jit(fn)
       seconds = timing.time_fn(f, *args)
       want, n = _reference_rows(args[0], w_ref, gs)
-      _emit(rows, dict(base, pass_=pass_, impl=impl, ms=seconds * 1e3, tflops=timing.tflops(flops, seconds),
+      timing.emit(rows, dict(base, pass_=pass_, impl=impl, ms=seconds * 1e3, tflops=timing.tflops(flops, seconds),
                        rel_err=_rel_err(f(*args)[:n], want)))
 
 
@@ -93,7 +87,7 @@ def _rows_for(rows: list[dict], case: str, name: str, d: int, f: int, gs: jax.Ar
   _gmm_rows(rows, base, flops, x, w, dy, gs)
   wgrad = jax.jit(lambda x, dy, gs: kernel.tgmm(x, dy, gs))
   seconds = timing.time_fn(wgrad, x, dy, gs)
-  _emit(rows, dict(base, pass_="wgrad", impl="pallas", ms=seconds * 1e3, tflops=timing.tflops(flops, seconds)))
+  timing.emit(rows, dict(base, pass_="wgrad", impl="pallas", ms=seconds * 1e3, tflops=timing.tflops(flops, seconds)))
   if not with_xla:
     return
   # lax.ragged_dot on 1/8 of the rows (same experts and weights).
@@ -103,7 +97,7 @@ def _rows_for(rows: list[dict], case: str, name: str, d: int, f: int, gs: jax.Ar
   xla = jax.jit(lambda x, w, gs: api.grouped_matmul(x, w, gs, implementation="xla"))
   if timing.fits_memory(f"lax.ragged_dot, {case} {name} on {small} rows", xla, x[:small], w, small_gs):
     seconds = timing.time_fn(xla, x[:small], w, small_gs)
-    _emit(rows, dict(base, m=small, pass_="fwd", impl="lax.ragged_dot", ms=seconds * 1e3,
+    timing.emit(rows, dict(base, m=small, pass_="fwd", impl="lax.ragged_dot", ms=seconds * 1e3,
                      tflops=timing.tflops(flops / 8, seconds)))
 
 
@@ -206,7 +200,7 @@ def _sweep(rows: list[dict], case: str, name: str, d: int, f: int, gs: jax.Array
         default_ms = row.get("ms")
       if default_ms is not None and "ms" in row:
         row["vs_default"] = default_ms / row["ms"]
-      _emit(rows, row)
+      timing.emit(rows, row)
 
 
 def _summary(rows: list[dict]) -> None:

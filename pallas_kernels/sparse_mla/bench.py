@@ -58,12 +58,6 @@ def rel_err(got, want) -> float:
   return float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
 
 
-def _emit(rows: list[dict], row: dict) -> None:
-  """Appends and prints a measured row (a time-out still leaves the rows printed so far)."""
-  rows.append(row)
-  print(row, flush=True)
-
-
 @functools.cache
 def _fns() -> dict:
   """Jitted functions, made once so that every section shares the compiled ones. The indices are an argument,
@@ -120,11 +114,11 @@ def _kernel_rows(rows: list[dict], base: dict, q, kv, idx, do, dlse, want, flops
   out, lse = fns["fwd_pallas"](q, kv, idx)
   seconds = timing.time_fn(fns["fwd_pallas"], q, kv, idx)
   o, l = _subset(out, lse)
-  _emit(rows, dict(base, op="fwd", impl="pallas", ms=seconds * 1e3, tflops=timing.tflops(flops, seconds),
+  timing.emit(rows, dict(base, op="fwd", impl="pallas", ms=seconds * 1e3, tflops=timing.tflops(flops, seconds),
                    out_rel_err=rel_err(o, want["out"]), lse_rel_err=rel_err(l, want["lse"])))
   args = (q, kv, idx, out, lse, do, dlse)
   seconds = timing.time_fn(fns["bwd_pallas"], *args, iters=3)
-  _emit(rows, dict(base, op="bwd", impl="pallas", ms=seconds * 1e3, tflops=timing.tflops(BWD_FLOPS * flops, seconds),
+  timing.emit(rows, dict(base, op="bwd", impl="pallas", ms=seconds * 1e3, tflops=timing.tflops(BWD_FLOPS * flops, seconds),
                    **_bwd_errors(fns["bwd_pallas"], *args, want)))
   return out, lse
 
@@ -148,30 +142,34 @@ def _xla_rows(rows: list[dict], base: dict, q, kv, idx, out, lse, do, dlse, want
     seconds = timing.time_fn(fns["fwd_xla"], q, kv, idx)
     q_sub, idx_sub = _subset(q, idx)
     o, l = fns["fwd_xla"](q_sub, kv, idx_sub)
-    _emit(rows, dict(base, op="fwd", impl="xla", ms=seconds * 1e3, tflops=timing.tflops(flops, seconds),
+    timing.emit(rows, dict(base, op="fwd", impl="xla", ms=seconds * 1e3, tflops=timing.tflops(flops, seconds),
                      out_rel_err=rel_err(o, want["out"]), lse_rel_err=rel_err(l, want["lse"])))
   autodiff_fits = timing.fits_memory(f"XLA autodiff, {shape}", fns["autodiff"], q, kv, idx, do, dlse)
   for impl in ("pallas", "xla") if autodiff_fits else ("pallas",):
     seconds = timing.time_fn(fns[f"grad_{impl}"], q, kv, idx, iters=3)
-    _emit(rows, dict(base, op="fwd+bwd", impl=impl, ms=seconds * 1e3,
+    timing.emit(rows, dict(base, op="fwd+bwd", impl=impl, ms=seconds * 1e3,
                      tflops=timing.tflops(FWD_BWD_FLOPS * flops, seconds)))
   args = (q, kv, idx, out, lse, do, dlse)
   seconds = timing.time_fn(fns["bwd_chunked"], *args, iters=3)
-  _emit(rows, dict(base, op="bwd", impl="chunked", ms=seconds * 1e3,
+  timing.emit(rows, dict(base, op="bwd", impl="chunked", ms=seconds * 1e3,
                    tflops=timing.tflops(BWD_FLOPS * flops, seconds), **_bwd_errors(fns["bwd_chunked"], *args, want)))
-  if autodiff_fits:
+  # The backward alone holds the forward's residuals as arguments: more than the fused autodiff above needs (it ran
+  # an 80 GB H100 out of memory at T = 8K while the fused one fit), so it is checked on its own.
+  residuals = jax.eval_shape(fns["autodiff_vjp"], q, kv, idx)
+  if autodiff_fits and timing.fits_memory(f"XLA autodiff's backward alone, {shape}", fns["apply_vjp"], residuals, do,
+                                          dlse):
     vjp = fns["autodiff_vjp"](q, kv, idx)
     seconds = timing.time_fn(fns["apply_vjp"], vjp, do, dlse, iters=3)
     del vjp
     autodiff = lambda q, kv, idx, out, lse, do, dlse: fns["autodiff"](q, kv, idx, do, dlse)
-    _emit(rows, dict(base, op="bwd", impl="xla_autodiff", ms=seconds * 1e3,
+    timing.emit(rows, dict(base, op="bwd", impl="xla_autodiff", ms=seconds * 1e3,
                      tflops=timing.tflops(BWD_FLOPS * flops, seconds), **_bwd_errors(autodiff, *args, want)))
 
 
 def run(cfg: dict) -> list[dict]:
   """Section "sparse_mla": the kernels against the XLA baselines."""
   rows = []
-  _emit(rows, dict(section="sparse_mla", op="xla_bf16_matmul_8192", tflops=baselines.matmul_tflops()))
+  timing.emit(rows, dict(section="sparse_mla", op="xla_bf16_matmul_8192", tflops=baselines.matmul_tflops()))
   for T, heads in [(T, HEADS) for T in cfg["seq_lens"]] + [(cfg["seq_lens"][0], 64)]:  # noqa: N806
     (q, kv, idx, do, dlse), want, flops, base = _setup(T, heads, "sparse_mla")
     out, lse = _kernel_rows(rows, dict(base, indices="random"), q, kv, idx, do, dlse, want, flops)
@@ -223,7 +221,7 @@ def _parity_mla_rows(rows, base, q, kv, idx) -> None:
       q, kv, idx, out, lse, do, dlse, scale=P_SCALE, v_dim=P_LATENT))
   args = (q, kv, idx, out.astype(q.dtype), lse, do.astype(q.dtype), dlse)
   dq, dkv = jax.block_until_ready(fn(*args))
-  _emit(rows, dict(base, op="sparse_mla_bwd", ms=timing.time_fn(fn, *args) * 1e3, dq_err=rel_err(dq, want_dq),
+  timing.emit(rows, dict(base, op="sparse_mla_bwd", ms=timing.time_fn(fn, *args) * 1e3, dq_err=rel_err(dq, want_dq),
                    dkv_err=rel_err(dkv, want_dkv)))
 
 
@@ -244,7 +242,7 @@ def _parity_kl_rows(rows, base, q, kv, idx, idx_args, vis) -> None:
   got_kl, got = jax.block_until_ready(step(idx_args, fixed))
   row = dict(base, op="sparse_kl fwd+bwd", ms=timing.time_fn(step, idx_args, fixed) * 1e3,
              kl_err=rel_err(got_kl, want_kl))
-  _emit(rows, dict(row, **{f"{n}_err": rel_err(g, w) for n, g, w in zip(("d_iq", "d_ik", "d_w"), got, want_grads)}))
+  timing.emit(rows, dict(row, **{f"{n}_err": rel_err(g, w) for n, g, w in zip(("d_iq", "d_ik", "d_w"), got, want_grads)}))
 
 
 def _parity_indexer_rows(rows, base, idx_args, vis) -> None:
@@ -256,14 +254,14 @@ def _parity_indexer_rows(rows, base, idx_args, vis) -> None:
   fn = jax.jit(lambda iq, ik, w: indexer_api.index_scores(iq, ik, w, **vis, implementation="pallas"))
   got = jax.block_until_ready(fn(iq, ik, w))
   err = float(jnp.max(jnp.where(finite, jnp.abs(got - want), 0.0)) / jnp.max(jnp.where(finite, jnp.abs(want), 0.0)))
-  _emit(rows, dict(base, op="index_scores", ms=timing.time_fn(fn, iq, ik, w) * 1e3, rel_err=err,
+  timing.emit(rows, dict(base, op="index_scores", ms=timing.time_fn(fn, iq, ik, w) * 1e3, rel_err=err,
                    mask_ok=bool(jnp.array_equal(finite, jnp.isfinite(got)))))
   topk = jax.jit(lambda iq, ik, w, impl: indexer_api.index_topk(iq, ik, w, topk=P_TOPK, **vis, implementation=impl),
                  static_argnums=3)
   got, ref = topk(iq, ik, w, "pallas"), topk(iq, ik, w, "xla")
   scores = indexer_reference.index_scores(iq, ik, w, **vis)
   mass = lambda i: jnp.where(i >= 0, jnp.take_along_axis(scores, jnp.maximum(i, 0), -1), 0.0).sum(-1)
-  _emit(rows, dict(base, op="index_topk", ms=timing.time_fn(topk, iq, ik, w, "pallas") * 1e3,
+  timing.emit(rows, dict(base, op="index_topk", ms=timing.time_fn(topk, iq, ik, w, "pallas") * 1e3,
                    same_rows=float(jnp.mean(jnp.all(got == ref, axis=-1))),
                    mass_rel_err=float(jnp.max(jnp.abs(mass(got) - mass(ref)) / jnp.maximum(jnp.abs(mass(ref)), 1e-6)))))
 

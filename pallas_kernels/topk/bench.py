@@ -100,8 +100,7 @@ def run(cfg: dict) -> list[dict]:
     if not timing.fits(f"topk at T={T}", 8 * 4 * ROWS * T + T * (HEADS * DIM * 2 + 1024) + 8 * 2**30):
       continue
     row = dict(section="topk", T=T, rows=min(ROWS, T), k=TOPK, **_selection_rows(T), **_index_topk_rows(T, rate))
-    print(row, flush=True)
-    out.append(row)
+    timing.emit(out, row)
   return out
 
 

@@ -1,6 +1,8 @@
 """HF checkpoint import/export: round trips, FP8 dequantisation, sharded directories, clear key errors."""
 
+import collections
 import json
+import math
 import shutil
 import time
 
@@ -9,9 +11,11 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import dsa_jax
-from dsa_jax.checkpoint import CheckpointError, hf_convert, safetensors_io
+from dsa_jax.checkpoint import CheckpointError, hf_config, hf_convert, safetensors_io
 from dsa_jax.model import config, functional
 from tests.conftest import FIXTURES
 
@@ -94,6 +98,53 @@ def test_streaming_respects_target_sharding():
   assert all(x.sharding == sharding for x in jax.tree.leaves(state))
 
 
+SPLITS = {  # per leaf rank, over a (2, 4) mesh; "inner" splits dims that HF stores interleaved (N x H rows)
+    "outer": {1: P(("a", "b")), 2: P("a", "b"), 3: P("a", "b", None)},
+    "inner": {1: P(("b", "a")), 2: P("b", "a"), 3: P(None, "a", "b")},
+}
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_each_device_reads_only_its_slice(monkeypatch, split):
+  """8 devices, FP8 weights: every read of a weight tensor is exactly one shard's elements (and the loaded values
+  equal the single-device load), for copies, linears (one and two input dims) and stacked experts."""
+  path = TINY / "fp8"
+  mesh = jax.make_mesh((2, 4), ("a", "b"))
+  cfg = hf_config.read_config(path, "float32")
+  ckpt = safetensors_io.SafetensorsDir(path)
+  expected = collections.defaultdict(list)
+
+  def shardings(leaf_path, leaf):
+    sharding = NamedSharding(mesh, SPLITS[split][leaf.ndim])
+    shard = sharding.shard_shape(leaf.shape)
+    m = hf_convert.mapping(cfg, leaf_path)
+    for key in m.hf_keys():
+      itemsize = safetensors_io.DTYPES[ckpt.dtype(key)](0).itemsize
+      if m.kind == "experts":  # each device reads its experts' slices
+        devices = len(jax.devices()) * shard[0] // leaf.shape[0]
+        expected[key] += [math.prod(shard[1:]) * itemsize] * devices
+      else:
+        expected[key] += [math.prod(shard) * itemsize] * len(jax.devices())
+    return sharding
+
+  reads = collections.defaultdict(list)
+  read = safetensors_io.SafetensorsDir.read
+
+  def counting_read(self, key, axes=None):
+    value = read(self, key, axes)
+    reads[key].append(value.nbytes)
+    return value
+
+  monkeypatch.setattr(safetensors_io.SafetensorsDir, "read", counting_read)
+  _, state = dsa_jax.load_hf(path, shardings=shardings)
+  weights = {key: sorted(reads[key]) for key in expected}
+  assert weights == {key: sorted(sizes) for key, sizes in expected.items()}
+  assert all(n < math.prod(ckpt.shape(k)) for k, sizes in weights.items() for n in sizes)  # every tensor is split
+  monkeypatch.undo()
+  _, whole = dsa_jax.load_hf(path)
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, state), jax.tree.map(np.asarray, whole))
+
+
 def rewrite(path, change):
   """Rewrites path/model.safetensors after `change(tensors)` edits its dict of numpy arrays."""
   f = safetensors_io.SafetensorsFile(path / "model.safetensors")
@@ -140,6 +191,11 @@ def test_non_finite_weights_are_reported_unless_allowed(tmp_path):
   path = rewrite(copy_fixture(tmp_path), poison)
   assert load_error(path) == (f"{path / 'model.safetensors'}: tensor 'lm_head.weight' has 2 non-finite values "
                               "(NaN or Inf) of 32768; pass allow_non_finite=True to load it as it is.")
+  rows = NamedSharding(jax.make_mesh((8,), ("a",)), P(None, "a"))  # lm_head [D, V]: HF rows split 8 ways
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  assert load_error(path, shardings=lambda p, _: rows if p == ("lm_head",) else one).endswith(
+      "has 2 non-finite values (NaN or Inf) of 4096 in one device's slice; pass allow_non_finite=True to load it "
+      "as it is.")
   _, state = dsa_jax.load_hf(path, allow_non_finite=True)
   assert np.isnan(state["lm_head"].get_value()[5, 3]) and np.isinf(state["lm_head"].get_value()[0, 0])
 

@@ -6,9 +6,14 @@ the kernel returns (also those summed over queries, such as dkv) depend on the s
 reference can compute them from those rows.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+
+from dsa_jax.model import mla
 
 BF16_ROUNDING = 2.0**-8  # unit roundoff: rounding x to bf16 (8 significant bits) errs by at most 2^-8 |x|
 F32_ROUNDING = 2.0**-24  # the same for float32 (24 significant bits)
@@ -53,3 +58,14 @@ def assert_close_to_scale(got, want, rel: float, what: str) -> None:
   """max |got - want| <= rel * max |want|: for sums of bf16-rounded terms of both signs, where small entries are
   differences of large ones and no elementwise relative bound holds."""
   assert_within(got, want, rel * float(np.max(np.abs(np.asarray(want, np.float32)))), what)
+
+
+@contextlib.contextmanager
+def replayed_topk(topk_per_layer):
+  """Inside: every sparse layer attends to the given top-k [B, T, K] instead of its indexer's selection (layer i
+  to the i-th; the model is traced once, layers in order). Lets two runs whose selections would flip at near-ties
+  compare their continuous parts."""
+  chosen = iter(topk_per_layer)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(mla, "select", lambda *args, **kwargs: next(chosen))
+    yield

@@ -2,7 +2,8 @@
 collection (nothing compiled), so CPU CI lists them as skips.
 
 Run it on a GPU machine with `JAX_PLATFORMS=cuda python -m pytest -q tests/gpu` (tests/conftest.py defaults
-JAX_PLATFORMS to cpu, so without it the suite would skip on the GPU machine too).
+JAX_PLATFORMS to cpu, so without it the suite would skip on the GPU machine too); `-m "not slow"` leaves out the
+model tests at production shapes, `-m slow` runs only them.
 """
 
 import pathlib
@@ -23,3 +24,8 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if HERE in pathlib.Path(str(item.path)).resolve().parents:
       item.add_marker(skip)
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: a GPU test of production shapes (over ~60 s); `-m 'not slow'` leaves "
+                          "them out, `-m slow` runs only them.")

@@ -1,5 +1,5 @@
 """Indexer decode on the GPU: `index_decode_topk` (the split-K scores kernel + the pruned select) by default,
-against the reference; at small shapes (shuffled pages, pages of 16 and 64, MTP's two rows per sequence, fewer
+against the reference; at small shapes (shuffled pages, pages of 32 and 64, MTP's two rows per sequence, fewer
 than k visible keys, an empty row) and at V3.2's (64 x 128 index heads, k = 2048, 32K keys, 128 rows). Integer
 inputs make every score exact whatever the summation order, so selection and scores are compared exactly, ties
 included; normal inputs compare the scores within a rounding bound."""
@@ -18,7 +18,7 @@ from tests.pallas_kernels.test_index_decode import paged_inputs
 
 def test_default_is_the_kernel():
   args = paged_inputs(0, (64,))
-  assert resolve_implementation(None, api.AVAILABLE, api._kernel_supports(args["q"], args["idx_k"], 64)) == "pallas"
+  assert resolve_implementation(None, api.AVAILABLE, api._kernel_supports(args["q"], args["idx_k"], args["idx_scale"], 64)) == "pallas"
 
 
 def assert_exact(args, k, page_size):
@@ -30,7 +30,7 @@ def assert_exact(args, k, page_size):
 
 @pytest.mark.parametrize("fp8", [True, False])
 @pytest.mark.parametrize("lengths, rows_per_seq, page_size, k", [
-    ((1000, 300, 0), 2, 64, 512), ((700, 5), 1, 16, 128), ((4096,), 1, 128, 2048)])
+    ((1000, 300, 0), 2, 64, 512), ((700, 5), 1, 32, 128), ((4096,), 1, 128, 2048)])
 def test_small_exact(lengths, rows_per_seq, page_size, k, fp8):
   assert_exact(paged_inputs(1, lengths, heads=8, page_size=page_size, fp8=fp8, rows_per_seq=rows_per_seq), k,
                page_size)

@@ -1,13 +1,16 @@
 """Functional identities of the model: MHA = MQA, DSA = dense while T <= top-k, documents stay apart,
 Keep Routing replays choices verbatim."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import dsa_jax
-from dsa_jax.model import config, functional
+from dsa_jax.model import AttentionOptions, config, functional
 
 
 def tiny(**changes):
@@ -95,10 +98,28 @@ class EquivalenceTest(chex.TestCase):
     with self.assertRaisesRegex(ValueError, "attention='sparse' needs an indexer"):
       functional.forward(cfg, params, self.ids, attention="sparse")
 
-  def test_mtp_logits(self):
-    out = functional.apply(self.cfg, self.params, self.ids, with_mtp=True)
-    chex.assert_shape(out.mtp_logits, (2, 20, self.cfg.vocab_size))
-    chex.assert_tree_all_finite(out.mtp_logits)
+  def test_mtp_logits_equal_the_mtp_layer_applied_by_hand(self):
+    """Spec: the MTP layer joins RMSNorm(embedding of token i + 1) and RMSNorm(last hidden state) (enorm, hnorm;
+    the official and vLLM order), projects them with eh_proj, runs its block, and predicts token i + 2 through
+    head_norm and the shared head. Norm weights are random so that swapping them shows."""
+    cfg, params = self.cfg, jax.tree.map(lambda x: x, self.params)
+    keys = iter(jax.random.split(jax.random.key(4), 3))
+    for name in ("enorm", "hnorm", "head_norm"):
+      weight = params["mtp"][name]["weight"]
+      weight.set_value(1 + 0.5 * jax.random.normal(next(keys), weight.get_value().shape))
+    out = functional.apply(cfg, params, self.ids, with_mtp=True)
+    value = lambda *path: np.asarray(functools.reduce(lambda s, k: s[k], path, params).get_value(), np.float64)
+    norm = lambda x, w: x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + cfg.rms_norm_eps) * w
+    ids = np.asarray(self.ids)
+    next_ids = np.concatenate([ids[:, 1:], ids[:, -1:]], axis=1)  # token i + 1; the last position repeats
+    joined = np.concatenate([norm(value("embed")[next_ids], value("mtp", "enorm", "weight")),
+                             norm(np.asarray(out.hidden_states[-1], np.float64), value("mtp", "hnorm", "weight"))], -1)
+    model = nnx.merge(functional.graphdef(cfg), params)
+    block_out, _ = model.mtp.block(jnp.asarray(joined @ value("mtp", "eh_proj"), jnp.float32),
+                                   model.layout(jnp.broadcast_to(jnp.arange(20), (2, 20)), jnp.zeros((2, 20), int)),
+                                   AttentionOptions())
+    want = norm(np.asarray(block_out, np.float64), value("mtp", "head_norm", "weight")) @ value("lm_head")
+    np.testing.assert_allclose(out.mtp_logits, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
   def test_bad_attention_kind(self):
     with self.assertRaisesRegex(ValueError, r"attention='full' is invalid; allowed: \('dense', 'sparse'\)"):

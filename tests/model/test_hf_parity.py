@@ -1,6 +1,7 @@
 """Our model against golden outputs of HuggingFace's DeepseekV32ForCausalLM (an implementation we did not write).
 
-Logits and every layer's hidden state within 1e-4 of the golden values relative to their max magnitude;
+Logits and every layer's hidden state (where the fixture holds them: not the FP8 one, a skipped test says so)
+within 1e-4 of the golden values relative to their max magnitude;
 every layer's top-k selection identical.
 """
 
@@ -20,6 +21,9 @@ FIXTURE_DIRS = {
 }
 
 
+WITH_HIDDEN_STATES = ("tiny", "alt")  # golden.npz files holding every layer's hidden state (fixtures/README.md)
+
+
 def relative_error(ours, golden) -> float:
   return float(np.abs(np.asarray(ours) - golden).max() / np.abs(golden).max())
 
@@ -36,11 +40,18 @@ class HFParityTest(chex.TestCase, parameterized.TestCase):
     out = run(params, golden["input_ids"])
     chex.assert_shape(out.logits, golden["logits"].shape)
     self.assertLess(relative_error(out.logits, golden["logits"]), 1e-4)
+    hidden = [f"hidden_layer{i}" for i in range(cfg.num_layers)] if name in WITH_HIDDEN_STATES else []
+    self.assertEqual(sorted(k for k in golden if k.startswith("hidden_layer")), hidden)
+    for i, key in enumerate(hidden):
+      self.assertLess(relative_error(out.hidden_states[i], golden[key]), 1e-4, f"layer {i}")
     for i in range(cfg.num_layers):
-      if f"hidden_layer{i}" in golden:
-        self.assertLess(relative_error(out.hidden_states[i], golden[f"hidden_layer{i}"]), 1e-4, f"layer {i}")
       np.testing.assert_array_equal(out.layer_aux[i].attention.topk_indices, golden[f"topk_indices_layer{i}"],
                                     err_msg=f"top-k of layer {i}")
+
+  def test_fp8_hidden_states(self):
+    self.skipTest("not checked: tests/fixtures/hf_deepseek_v32_tiny/fp8/golden.npz holds HF's logits and top-k "
+                  "only (no hidden states), and regenerating it needs torch; the FP8 logits and every layer's top-k "
+                  "are checked in test_matches_hf")
 
   def test_public_forward(self):
     cfg, params = dsa_jax.load_hf(FIXTURE_DIRS["tiny"])

@@ -93,9 +93,12 @@ class Fp8PallasTest(parameterized.TestCase):
   @parameterized.named_parameters(
       # sequences' lengths, rows per sequence, page size, k
       ("pages_of_64_mtp", (150, 40), 2, 64, 64),  # a partial last page; the second sequence sees fewer than k
-      ("pages_of_16", (100, 9, 0), 1, 16, 32),  # 4 pages per tile; an empty row (all -1)
+      ("pages_of_32", (100, 9, 0), 1, 32, 32),  # 2 pages per tile; an empty row (all -1)
   )
   def test_equals_reference(self, lengths, rows_per_seq, page_size, k):
+    self.check_equals_reference(lengths, rows_per_seq, page_size, k)
+
+  def check_equals_reference(self, lengths, rows_per_seq, page_size, k):
     args = paged_inputs(2, lengths, page_size=page_size, fp8=self.fp8, rows_per_seq=rows_per_seq)
     got_indices, got_scores = run_pallas(args, k, page_size)
     want_indices, want_scores = reference.index_decode_topk(**args, k=k, page_size=page_size)
@@ -112,13 +115,17 @@ class Fp8PallasTest(parameterized.TestCase):
     pad = lambda x: jnp.pad(x, ((0, 0), (0, kernel.HEAD_ALIGN - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
     with no_races(), plgpu.force_gpu_interpret_mode(INTERPRET):
       got = kernel.index_decode_scores(pad(args["q"]), pad(w), args["idx_k"], args["idx_scale"],
-                                       kernel.tile_rows(pages, 64), args["lengths"], page_size=64, splits=2)
+                                       kernel.tile_rows(pages, 64, args["idx_scale"] is not None), args["lengths"], page_size=64, splits=2)
     want = reference.index_decode_scores(**args, page_size=64)
     chex.assert_trees_all_close(got[:, :520], want[:, :520], rtol=1e-5, atol=1e-5)
 
 
 class Bf16PallasTest(Fp8PallasTest):
   fp8 = False
+
+  def test_pages_of_16(self):
+    """Without key scales the kernel takes pages of 8 keys and more (4 pages per tile here)."""
+    self.check_equals_reference((100, 9, 0), 1, 16, 32)
 
 
 class ErrorsTest(absltest.TestCase):
@@ -129,6 +136,15 @@ class ErrorsTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "both bfloat16 or both float8_e4m3fn"):
       api.index_decode_topk(**args, k=8, page_size=64, implementation="pallas")
     self.assertEqual(api.index_decode_topk(**args, k=8, page_size=64, implementation="xla")[0].shape, (1, 8))
+
+  def test_fp8_pages_under_32_keys_are_refused_by_the_kernel(self):
+    """A TMA copy of a page's float32 key scales must fill whole 128-byte units of shared memory."""
+    args = paged_inputs(4, (64,), page_size=16)
+    with self.assertRaisesRegex(ValueError, r"page_size=16; allowed: .*a multiple of 8 \(of 32 with key scales\)"):
+      api.index_decode_topk(**args, k=8, page_size=16, implementation="pallas")
+    self.assertFalse(api._kernel_supports(args["q"], args["idx_k"], args["idx_scale"], 16))
+    self.assertTrue(api._kernel_supports(args["q"], args["idx_k"], None, 16))
+    self.assertTrue(api._kernel_supports(args["q"], args["idx_k"], args["idx_scale"], 32))
 
   def test_shapes_are_checked(self):
     args = paged_inputs(4, (64,))

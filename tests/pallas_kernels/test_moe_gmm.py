@@ -1,7 +1,7 @@
 """Grouped matmul for routed experts: one contract for every implementation of `api.grouped_matmul` (forward and
 gradients against a dense float32 computation on fresh random inputs with fixed seeds), run for XLA and for the
-Pallas kernels in GPU interpret mode; our scheduled kernel and its tile schedule; cross-lowering for an H200 at
-DeepSeek shapes."""
+Pallas kernels in GPU interpret mode (race detection on, no race allowed); our scheduled kernel and its tile
+schedule; cross-lowering for an H200 at DeepSeek shapes."""
 
 import types
 from unittest import mock
@@ -10,11 +10,10 @@ import chex
 import jax
 import jax.numpy as jnp
 from absl.testing import absltest, parameterized
-from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # race-detector state (private)
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.moe_gmm import api, bench, kernel, kernel_scheduled, reference
-from tests.pallas_kernels.mosaic_checks import SMEM_PER_BLOCK, lower_for_h200
+from tests.pallas_kernels.mosaic_checks import INTERPRET, SMEM_PER_BLOCK, lower_for_h200, no_races
 
 
 def _fake_gpu_devices(core_count):
@@ -83,8 +82,8 @@ class TestPallasInterpret(GroupedMatmulContract):
   IMPLEMENTATION = "pallas"
 
   def call(self, fn):
-    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)), _fake_gpu_devices(2):
-      return fn()
+    with no_races(min_kernels=3), plgpu.force_gpu_interpret_mode(INTERPRET), _fake_gpu_devices(2):
+      return fn()  # the forward, dgrad and wgrad kernels
 
 
 del GroupedMatmulContract  # the contract runs through its subclasses only
@@ -101,10 +100,8 @@ class ScheduledKernelTest(parameterized.TestCase):
     if transpose_w:
       w = jnp.swapaxes(w, 1, 2)
     tiles = dict(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2)
-    gpu_callbacks.reset_gpu_interpret_mode_state()
-    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
+    with no_races(), plgpu.force_gpu_interpret_mode(INTERPRET):
       got = kernel_scheduled.gmm(x, w, gs, transpose_w=transpose_w, **tiles, num_sms=3)
-    self.assertFalse(gpu_callbacks.get_races().races_found)
     want = reference.grouped_matmul(x, jnp.swapaxes(w, 1, 2) if transpose_w else w, gs)
     chex.assert_trees_all_close(_f32(got), _f32(want), atol=0.25, rtol=1e-2)
 
@@ -140,14 +137,17 @@ class ScheduledKernelTest(parameterized.TestCase):
 
 
 class LoweringTest(absltest.TestCase):
-  """Cross-lowering for an H200 at DeepSeek shapes: every kernel is persistent (one CTA per SM of the H200) and
-  fits its shared memory."""
+  """Cross-lowering for an H200 at DeepSeek shapes: every kernel is persistent (one CTA per SM of the H200), fits its
+  shared memory, loads its tiles by TMA and multiplies them with bf16 wgmma."""
 
   def assert_persistent(self, kernels, count):
     self.assertLen(kernels, count)
     for lowered in kernels:
       self.assertEqual(lowered.grid, (132, 1, 1))
       self.assertLessEqual(lowered.smem_bytes, SMEM_PER_BLOCK)
+      self.assertGreater(lowered.count("nvvm.cp.async.bulk.tensor.shared.cluster.global"), 0)
+      wgmma = lowered.count("wgmma.mma_async.sync.aligned")
+      self.assertEqual((wgmma > 0, lowered.count(".f32.bf16.bf16")), (True, wgmma))  # all bf16 in, f32 accumulate
 
   def test_scheduled_kernel(self):
     """The down projection's forward (2048 -> 7168) and the up projection's dgrad, 256 experts."""

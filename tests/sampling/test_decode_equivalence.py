@@ -21,16 +21,17 @@ def _params():
   return functional.init(CFG, seed=3)
 
 
-def _cached_logits(params, attention, mla_mode):
-  """Prefill the left-padded prompts, then feed the rest one token per step -> logits [B, total, V]."""
-  b, width = len(SEQS), max(PROMPT_LENS)
-  total = width + max(len(s) - p for s, p in zip(SEQS, PROMPT_LENS))
-  prompts, lengths = left_pad([s[:p] for s, p in zip(SEQS, PROMPT_LENS)], width, 0)
-  rest = jnp.asarray([s[p:] + [0] * (total - width - len(s) + p) for s, p in zip(SEQS, PROMPT_LENS)], jnp.int32)
+def cached_logits(cfg, params, seqs, prompt_lens, attention, mla_mode=None):
+  """Prefill the left-padded prompts, then feed the rest one token per step (the sampler's layout) -> (logits
+  [B, total, V], prompt lengths, prompt width)."""
+  b, width = len(seqs), max(prompt_lens)
+  total = width + max(len(s) - p for s, p in zip(seqs, prompt_lens))
+  prompts, lengths = left_pad([s[:p] for s, p in zip(seqs, prompt_lens)], width, 0)
+  rest = jnp.asarray([s[p:] + [0] * (total - width - len(s) + p) for s, p in zip(seqs, prompt_lens)], jnp.int32)
   positions, segments = train_layout(lengths, width, total)
-  run = jax.jit(lambda ids, pos, seg, cache: functional.apply(CFG, params, ids, attention=attention, mla_mode=mla_mode,
+  run = jax.jit(lambda ids, pos, seg, cache: functional.apply(cfg, params, ids, attention=attention, mla_mode=mla_mode,
                                                               positions=pos, segment_ids=seg, cache=cache))
-  out = run(prompts, positions[:, :width], segments[:, :width], kv_cache.init_cache(CFG, b, total))
+  out = run(prompts, positions[:, :width], segments[:, :width], kv_cache.init_cache(cfg, b, total))
   logits, cache = [out.logits], out.cache
   for j in range(total - width):
     out = run(rest[:, j:j + 1], positions[:, width + j:width + j + 1], segments[:, width + j:width + j + 1], cache)
@@ -42,7 +43,7 @@ def _cached_logits(params, attention, mla_mode):
 @pytest.mark.parametrize("attention,mla_mode", [("sparse", None), ("dense", "mqa"), ("dense", "mha")])
 def test_decode_equals_full_forward(attention, mla_mode):
   params = _params()
-  cached, lengths, width = _cached_logits(params, attention, mla_mode)
+  cached, lengths, width = cached_logits(CFG, params, SEQS, PROMPT_LENS, attention, mla_mode)
   for b, seq in enumerate(SEQS):
     full = functional.forward(CFG, params, jnp.asarray([seq]), attention=attention, mla_mode=mla_mode)[0]
     start = width - int(lengths[b])

@@ -10,14 +10,23 @@ from dsa_jax.sharding import context_parallel
 from dsa_jax.training import losses, moe_balance
 
 
-def test_lm_loss_skips_document_boundaries_and_masked_targets():
-  logits = jnp.log(jnp.asarray([[[0.5, 0.5], [0.25, 0.75], [0.5, 0.5], [0.5, 0.5]]]))
-  ids = jnp.asarray([[0, 1, 0, 1]])
-  segments = jnp.asarray([[1, 1, 2, 2]])  # target 2 belongs to the next document
-  mask = jnp.asarray([[1, 1, 1, 0]])  # target 3 is masked
-  np.testing.assert_allclose(losses.lm_loss(logits, ids, mask, segments), -np.log(0.5), rtol=1e-6)
-  np.testing.assert_allclose(losses.lm_loss(logits, ids, jnp.ones_like(mask), segments),
-                             -(np.log(0.5) + np.log(0.5)) / 2, rtol=1e-6)
+# Each position's next-token probabilities, all different, so every (position, target) pair that counts changes
+# the loss; the logits are their logs plus a per-position offset that log-softmax must remove.
+PROBS = np.asarray([[0.1, 0.2, 0.7], [0.3, 0.6, 0.1], [0.5, 0.25, 0.25], [0.05, 0.15, 0.8], [0.4, 0.45, 0.15],
+                    [0.6, 0.3, 0.1]])
+
+
+@pytest.mark.parametrize("shift, counted", [
+    (1, [(0, 1), (1, 0), (4, 0)]),  # 2 -> 3 crosses into document 2; target 4 is masked; 5 has no target
+    (2, [(0, 0), (3, 0)]),  # 1 -> 3 and 2 -> 4 cross documents; 4 and 5 have no target
+])
+def test_lm_loss_counts_exactly_the_unmasked_targets_of_the_same_document(shift, counted):
+  logits = jnp.asarray(np.log(PROBS) + np.arange(6)[:, None], jnp.float32)[None]
+  ids = jnp.asarray([[2, 1, 0, 2, 1, 0]])
+  segments = jnp.asarray([[1, 1, 1, 2, 2, 2]])
+  mask = jnp.asarray([[1, 1, 1, 1, 0, 1]])  # masks the token at position 4 as a target
+  want = -np.mean([np.log(PROBS[t, v]) for t, v in counted])  # (t, ids[t + shift]) pairs, listed by hand
+  np.testing.assert_allclose(losses.lm_loss(logits, ids, mask, segments, shift), want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("shift", [1, 2])

@@ -1,0 +1,31 @@
+"""experiments/bench_kernels' section loop: every emitted row reaches the record at once, and a section that fails
+keeps the rows it measured before it failed."""
+
+from experiments import bench_kernels
+from pallas_kernels.benchmarking import timing
+
+
+def test_a_failing_section_keeps_its_rows_and_the_next_one_runs():
+  written = []
+
+  def failing(cfg):
+    rows = []
+    timing.emit(rows, dict(section="a", T=cfg["seq_lens"][0]))
+    timing.emit(rows, dict(section="a", T=2))
+    raise MemoryError("out of memory at the baseline")
+
+  def fine(cfg):
+    del cfg
+    rows = []
+    timing.emit(rows, dict(section="b", T=3))
+    return rows
+
+  rows = bench_kernels.run_sections(["a", "b"], {"a": failing, "b": fine}, dict(seq_lens=[1]),
+                                    lambda measured: written.append(list(measured)))
+  assert rows == [dict(section="a", T=1), dict(section="a", T=2),
+                  dict(section="a", status="failed", error="MemoryError: out of memory at the baseline"),
+                  dict(section="b", T=3)]
+  # On disk after each row (a time limit loses nothing printed), then after each section.
+  assert written[0] == [dict(section="a", T=1)] and written[1] == rows[:2]
+  assert written[-1] == rows
+  assert timing.on_emit is None

@@ -23,12 +23,15 @@ off: no thread both reads and writes one SMEM region with ordinary accesses, and
 Decoding (`mla_decode`) runs this kernel too: the batch's query rows as tokens over the cache's page pool, whose
 latent and rope parts are separate arrays (`kv_rope=`), each row's keys split into parts (`splits=`, split-K).
 
-FP8 variant (`kv_scale=`, the FP8 decode cache; NOT DONE, not selected by `mla_decode`): the gather warpgroup
-copies e4m3 latent rows (half the bytes) into a staging buffer and the rows' per-tile scales transposed to
-[tiles, block_k]; each compute warpgroup dequantises the tiles of its value half (e4m3 x scale in float32, rounded
-to bf16) into one bf16 buffer per half, wg 1 signals wg 0 (`deq_ready`) before QK^T, and the staged block is
-released after QK^T. Open: at V3.2 shapes it needs 233552 bytes of SMEM (1104 over the limit), and GPU interpret
-mode deadlocks or reports an idx race (docs/kernel_notes.md, "MLA decode").
+FP8 variant (`kv_scale=`, the FP8 decode cache; not yet selected by `mla_decode`): the gather warpgroup copies
+e4m3 latent rows (half the bytes) into a staging buffer and the rows' per-tile scales transposed to [tiles, block_k];
+each compute warpgroup dequantises the tiles of its value half (e4m3 x scale in float32, rounded to bf16) into one
+bf16 buffer per half, wg 1 signals wg 0 (`deq_ready`) before QK^T, and the staged block is released after QK^T.
+Q's rope chunk comes by TMA through the P buffer (free until the first P) into wg 0's registers as wgmma's A
+operand, so the rope part must be block_k wide: 225360 bytes of SMEM at V3.2 shapes (the SMEM Q buffer would put it
+1104 bytes over). Checked on CPU only (interpret mode, cross-lowering); never run on a GPU, so wg 0's 16 more
+registers against ptxas's 232 are unchecked. GPU interpret mode hangs on a 2-core CPU unless XLA's concurrency-
+optimised CPU scheduler is off (tests/pallas_kernels/test_mla_decode.py, `FP8KernelTest`).
 
 Limits: bf16; v_dim a multiple of 128 up to 512 and a rope part of 64 to 256 columns (`supports`). There is no
 room for a second gather warpgroup: ptxas caps 512 threads at 128 registers each, and wg 0 and wg 1 need more.
@@ -73,10 +76,11 @@ class Config:
 def supports(dk: int, v_dim: int, dtype, fp8_cache: bool = False) -> bool:
   """Whether the kernel handles these entry widths and dtype (the API's automatic choice asks this).
   `fp8_cache` (kv_scale given): each compute warpgroup dequantises whole FP8 tiles of its value half, so v_dim must
-  be a multiple of 2 * FP8_TILE."""
+  be a multiple of 2 * FP8_TILE, and Q's rope chunk passes through the P buffer, so the rope part must be as wide as
+  a key block (the default Config's)."""
   half, rope = v_dim // 2, dk - v_dim
   return (jnp.dtype(dtype) == jnp.bfloat16 and not v_dim % 128 and half <= 256 and not rope % 64 and 0 < rope <= 256
-          and not (fp8_cache and half % FP8_TILE))
+          and not (fp8_cache and (half % FP8_TILE or rope != Config().block_k)))
 
 
 def column_chunks(dk: int, v_dim: int) -> tuple[tuple[int, int], ...]:
@@ -113,7 +117,7 @@ def _body(q_ref, kv_refs, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, id
 
   def key_chunk(i, slot):
     """Key chunk i of block `slot` as wgmma reads it (FP8 cache: the value halves are dequantised, one buffer)."""
-    return kv_smem[i].at[0 if fp8 and i < 2 else slot]
+    return kv_smem[i] if fp8 and i < 2 else kv_smem[i].at[slot]
 
   def dequantise(h, slot):
     """FP8 cache: value half h of block `slot`, tile by tile: e4m3 x its key's scale (float32), rounded to bf16,
@@ -123,7 +127,7 @@ def _body(q_ref, kv_refs, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, id
       x = plgpu.load(staging.at[slot, :, pl.ds(tile * FP8_TILE, FP8_TILE)], (), layout=plgpu.Layout.WGMMA_8BIT)
       s = plgpu.load(scale_smem.at[slot, tile], (), layout=plgpu.Layout.WGMMA_8BIT.reduce(1))
       x = x.astype(jnp.float32) * lax.broadcast_in_dim(s, x.shape, [0])
-      kv_smem[h][0, :, pl.ds(t * FP8_TILE, FP8_TILE)] = x.astype(dtype)
+      kv_smem[h][:, pl.ds(t * FP8_TILE, FP8_TILE)] = x.astype(dtype)
     plgpu.commit_smem()
 
   def pv(acc, alpha, v_smem):
@@ -149,14 +153,23 @@ def _body(q_ref, kv_refs, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, id
   @pl.when(wg == 0)
   def _scores_and_left_half():
     plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
-    for (off, width), smem in zip(chunks, q_smem):
+    # FP8: Q's rope chunk comes through the P buffer (free until the first P) into registers, wgmma's A operand.
+    # GPU interpret mode's wgmma takes refs only: there the rope chunk goes from registers into a third Q buffer.
+    q_chunks = (*q_smem[:2], p_smem) if fp8 else q_smem
+    for (off, width), smem in zip(chunks, q_chunks):
       plgpu.copy_gmem_to_smem(q_ref.at[b, tq, pl.ds(h0, HEAD_TILE), pl.ds(off, width)], smem, q_bar)
     plgpu.barrier_wait(q_bar)
+    if fp8:
+      q_chunks = (*q_smem[:2], plgpu.load(p_smem, (), layout=plgpu.Layout.WGMMA))
+      if interpret:
+        q_smem[2][...] = q_chunks[2]
+        q_chunks = q_smem
+      plgpu.commit_smem()  # (its warpgroup barrier) every thread has read the rope chunk before P overwrites it
     log2_scale = scale * math.log2(math.e)
 
     def qk(slot):
       def scores(s_ref):
-        for i, q_chunk in enumerate(q_smem):
+        for i, q_chunk in enumerate(q_chunks):
           plgpu.wgmma(s_ref, q_chunk, key_chunk(i, slot).transpose((1, 0)))
         return s_ref[...]
       return pl.run_scoped(scores, plgpu.ACC((HEAD_TILE, bk), jnp.float32))
@@ -195,10 +208,12 @@ def _body(q_ref, kv_refs, idx_ref, out_ref, lse_ref, q_smem, kv_smem, p_smem, id
       if not fp8:
         return softmax_and_pv(j, slot, qk(slot), None, *carry)
       # FP8: dequantise the left half, wait for wg 1's right half, QK^T, then the staged block (and its indices)
-      # can be refilled.
+      # can be refilled. The indices are read first: read after QK^T, interpret mode's race detector reports that
+      # read against the gather's refill of the slot although kv_free orders them (not understood).
+      idx = load_idx(slot)
       dequantise(0, slot)
       plgpu.barrier_wait(deq_ready)
-      s, idx = qk(slot), load_idx(slot)
+      s = qk(slot)
       plgpu.barrier_arrive(kv_free.at[slot])
       return softmax_and_pv(j, slot, s, idx, *carry)
 
@@ -365,11 +380,11 @@ def sparse_mla_fwd(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: fl
                      f"{dk - v_dim}) and indices [{bsz}, {t * splits}, K].")
   fp8 = kv_scale is not None
   if fp8 and (kv_rope is None or kv.dtype != jnp.float8_e4m3fn or kv_scale.shape != (*kv.shape[:2], v_dim // FP8_TILE)
-              or not supports(dk, v_dim, q.dtype, fp8_cache=True)):
+              or not supports(dk, v_dim, q.dtype, fp8_cache=True) or dk - v_dim != config.block_k):
     raise ValueError(f"kernel_fwd.sparse_mla_fwd: kv {kv.dtype}{kv.shape} with kv_scale {kv_scale.shape} and kv_rope "
                      f"{None if kv_rope is None else kv_rope.shape}: the FP8 variant needs kv float8_e4m3fn, kv_rope, "
                      f"kv_scale [{kv.shape[0]}, {kv.shape[1]}, {v_dim // FP8_TILE}] and v_dim a multiple of "
-                     f"{2 * FP8_TILE}.")
+                     f"{2 * FP8_TILE} and a rope part of block_k = {config.block_k} columns.")
   # (part, column in the part) where each column chunk starts
   sources = tuple((0, off) if len(parts) == 1 or off < v_dim else (1, off - v_dim) for off, _ in chunks)
   n_pad = -n % HEAD_TILE
@@ -386,7 +401,7 @@ def sparse_mla_fwd(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: fl
   if fp8:
     # value halves dequantised into one buffer each; the FP8 latent staged per block, its scales [G, block_k]
     # (interpret mode copies a row's [G, 1] scales into their column, so kv_scale goes in as [B, S, G, 1])
-    kv_buffers = (*((plgpu.SMEM((1, bk, w), dtype, transforms=_TRANSFORMS), None) for _, w in chunks[:2]),
+    kv_buffers = (*((smem((bk, w)), None) for _, w in chunks[:2]),
                   _kv_buffer(stages, bk, chunks[2][1], dtype, emulated))
     fp8_scratch = (_kv_buffer(stages, bk, v_dim, kv.dtype, emulated, transforms=_FP8_TRANSFORMS),
                    plgpu.SMEM((stages, v_dim // FP8_TILE, bk), jnp.float32), plgpu.Barrier())
@@ -405,7 +420,7 @@ def sparse_mla_fwd(q: jax.Array, kv: jax.Array, indices: jax.Array, *, scale: fl
       out_type=(jax.ShapeDtypeStruct((bsz, t * splits, n + n_pad, v_dim), dtype),
                 jax.ShapeDtypeStruct((bsz, t * splits, n + n_pad), jnp.float32)),
       scratch_types=(
-          tuple(smem((HEAD_TILE, w)) for _, w in chunks),
+          tuple(smem((HEAD_TILE, w)) for _, w in (chunks[:2] if fp8 and not emulated else chunks)),
           kv_buffers,
           smem((HEAD_TILE, bk)),
           plgpu.SMEM((stages, bk), jnp.int32),

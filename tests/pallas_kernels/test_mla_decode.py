@@ -4,6 +4,9 @@ bf16 cache), run for XLA and for the Pallas kernel in GPU interpret mode; the me
 of the kernel for an H200 at V3.2 shapes; the benchmark module."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -14,7 +17,8 @@ from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # race-detector 
 
 from pallas_kernels.lightning_indexer.reference import quantize_e4m3
 from pallas_kernels.mla_decode import api, bench, reference, split_k
-from tests.pallas_kernels.mosaic_checks import SMEM_PER_BLOCK, lower_for_h200
+from pallas_kernels.sparse_mla import kernel_fwd
+from tests.pallas_kernels.mosaic_checks import INTERPRET, SMEM_PER_BLOCK, lower_for_h200, no_races
 
 SCALE = 0.1
 PAGE = 16
@@ -222,6 +226,60 @@ class LoweringTest(parameterized.TestCase):
     table, lengths = jax.ShapeDtypeStruct((1, 2048), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)
     (launch,) = lower_for_h200(fn, q, kv_nope, None, kv_rope, table, lengths).launches
     self.assertEqual(launch.grid, (66 * 2, 1, 1))
+
+
+def check_fp8_kernel_in_interpret_mode():
+  """kernel_fwd's FP8 variant (kv_scale=) in GPU interpret mode against the float32 reference: C = 256 (two 128-value
+  tiles per value half), 16 heads, 10% -1 indices, split-K in 2 parts of 3 key blocks (a stage refilled),
+  race detection on. Run by `FP8KernelTest` in a subprocess (see there)."""
+  rows, q_rows, heads, k, c, splits = 300, 2, 16, 384, 256, 2
+  kv_nope, kv_rope = make_cache(20, rows, c)
+  c8, s = to_fp8(kv_nope)
+  q, idx = make_query(21, q_rows, heads, c + 64), make_indices(22, q_rows, k, rows)
+  with no_races():
+    out, lse = kernel_fwd.sparse_mla_fwd(q[None], c8[None], split_k.split_indices(idx, splits)[None], scale=SCALE,
+                                         v_dim=c, kv_rope=kv_rope[None], kv_scale=s[None], splits=splits,
+                                         interpret=INTERPRET)
+    out, lse = jax.block_until_ready((out, lse))
+  out, lse = split_k.merge(out[0].reshape(q_rows, splits, heads, c), lse[0].reshape(q_rows, splits, heads))
+  want_out, want_lse = reference.sparse_mla_decode(_f32(q), c8, s, kv_rope, idx, scale=SCALE)
+  # out: as `MLADecodeContract.assert_matches` (2^-6 max|v|); dequantising rounds each e4m3 x scale to bf16 too
+  # (2^-9 relative), inside that margin. lse: float32 sums of 320 products with the same dequantised values.
+  chex.assert_trees_all_close(out, want_out, atol=2**-6 * float(jnp.max(jnp.abs(reference.dequantize(c8, s)))), rtol=0)
+  chex.assert_trees_all_close(lse, want_lse, atol=1e-3, rtol=1e-3)
+
+
+class FP8KernelTest(parameterized.TestCase):
+  """kernel_fwd's FP8 variant directly (mla_decode does not route FP8 caches to it yet)."""
+
+  def test_interpret_matches_reference_without_races(self):
+    """In a subprocess with XLA's concurrency-optimised CPU scheduler off: GPU interpret mode runs each warpgroup
+    as an XLA CPU program on its own Python thread, but that scheduler dispatches a program's independent thunks
+    to XLA's shared intra-op pool (2 threads on a 2-core machine), where barrier-wait callbacks of two warpgroups
+    can hold every pool thread while the arrival they wait for queues behind them: the variant hangs there. A
+    GPU runs the three warpgroups concurrently; the flag only makes each program run in order on its own thread.
+    XLA reads XLA_FLAGS once per process, hence the subprocess."""
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                                      + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip())
+    code = "from tests.pallas_kernels.test_mla_decode import check_fp8_kernel_in_interpret_mode as c; c()"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+
+  @parameterized.named_parameters(("batch1_split16", 1, 16), ("batch128", 128, 1))
+  def test_lowers_within_smem_at_v32_shapes(self, q_rows, splits):
+    """128 heads, C = 512 + R = 64, K = 2048 of a 128K-row pool: Q's rope chunk passes through the P buffer
+    (8 KiB saved) so that the plan fits (225360 bytes lowered in Dec 2026)."""
+    s = jax.ShapeDtypeStruct
+    fn = functools.partial(kernel_fwd.sparse_mla_fwd, scale=0.135, v_dim=512, splits=splits)
+    (launch,) = lower_for_h200(
+        lambda q, kv, idx, rope, sc: fn(q, kv, idx, kv_rope=rope, kv_scale=sc),
+        s((1, q_rows, 128, 576), jnp.bfloat16), s((1, 131072, 512), jnp.float8_e4m3fn),
+        s((1, q_rows * splits, 2048), jnp.int32), s((1, 131072, 64), jnp.bfloat16),
+        s((1, 131072, 4), jnp.float32)).launches
+    self.assertLessEqual(launch.smem_bytes, SMEM_PER_BLOCK)
+    self.assertEqual(launch.grid, (q_rows * splits * 2, 1, 1))
+    self.assertGreater(launch.count("nvvm.cp.async.shared.global"), 0)
 
 
 class BenchTest(absltest.TestCase):

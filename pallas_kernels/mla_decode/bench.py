@@ -4,7 +4,7 @@ Per context position T (`seq_lens`) and batch B in BATCHES, one decode step of o
 of 576-dim absorbed queries (latent 512 + rope 64), every sequence T positions long in its own pages (64 rows, in
 shuffled order in the pool). Sparse: K = min(2048, T) selected positions per row, uniform, mapped to pool rows.
 Dense: every position through the block table. Each kernel row beside the XLA reference path (`implementation=
-"xla"`) timed in the same run, on the bf16 cache and (XLA only: the kernel reads bf16 rows) the FP8 cache.
+"xla"`) timed in the same run, on the bf16 cache and on the FP8 cache (the kernel's FP8 variant).
 
 bytes moved = Q * keys * entry bytes (bf16 cache 1152 = 576 x 2; FP8 656 = 512 + 16 + 128) + q (Q * N * 576 x 2)
 + out (Q * N * 512 x 2): every selected row counted once per query row (the second 64-head tile re-reads it from
@@ -72,8 +72,8 @@ def _rel_err(out, want) -> float:
 def _rows_for(rows: list[dict], base: dict, q, cache, table, lengths, sparse_rows) -> None:
   peak = baselines.peak_hbm()
   (kv_nope, kv_rope), (c8, s) = cache
-  for mode, impl, fp8 in (("sparse", "pallas", False), ("sparse", "xla", False), ("sparse", "xla", True),
-                          ("dense", "pallas", False), ("dense", "xla", False), ("dense", "xla", True)):
+  for mode, impl, fp8 in ((mode, impl, fp8) for mode in ("sparse", "dense") for fp8 in (False, True)
+                          for impl in ("pallas", "xla")):
     nope, scale_ = (c8, s) if fp8 else (kv_nope, None)
     where = (sparse_rows,) if mode == "sparse" else (table, lengths)
     args = (q, nope, scale_, kv_rope, *where)

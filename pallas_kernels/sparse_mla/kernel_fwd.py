@@ -23,7 +23,7 @@ off: no thread both reads and writes one SMEM region with ordinary accesses, and
 Decoding (`mla_decode`) runs this kernel too: the batch's query rows as tokens over the cache's page pool, whose
 latent and rope parts are separate arrays (`kv_rope=`), each row's keys split into parts (`splits=`, split-K).
 
-FP8 variant (`kv_scale=`, the FP8 decode cache; not yet selected by `mla_decode`): the gather warpgroup copies
+FP8 variant (`kv_scale=`, the FP8 decode cache, which `mla_decode` runs through it): the gather warpgroup copies
 e4m3 latent rows (half the bytes) into a staging buffer and the rows' per-tile scales transposed to [tiles, block_k];
 each compute warpgroup dequantises the tiles of its value half (e4m3 x scale in float32, rounded to bf16) into one
 bf16 buffer per half, wg 1 signals wg 0 (`deq_ready`) before QK^T, and the staged block is released after QK^T.

@@ -17,7 +17,6 @@ from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # race-detector 
 
 from pallas_kernels.lightning_indexer.reference import quantize_e4m3
 from pallas_kernels.mla_decode import api, bench, reference, split_k
-from pallas_kernels.sparse_mla import kernel_fwd
 from tests.pallas_kernels.mosaic_checks import INTERPRET, SMEM_PER_BLOCK, lower_for_h200, no_races
 
 SCALE = 0.1
@@ -197,7 +196,7 @@ class ArgumentsTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"num_splits=0; allowed"):
       api.sparse_mla_decode(q, kv_nope, None, kv_rope, idx, scale=SCALE, num_splits=0)
     with self.assertRaisesRegex(ValueError, r"mla_decode.kernel: .* not supported; allowed: a bf16 cache"):
-      api.sparse_mla_decode(q, c8, s, kv_rope, idx, scale=SCALE, implementation="pallas")
+      api.sparse_mla_decode(q, c8, s, kv_rope, idx, scale=SCALE, implementation="pallas")  # FP8 with C = 128
 
 
 def _v32_shapes(q_rows: int, pool_rows: int = 131072, k: int = 2048):
@@ -229,28 +228,26 @@ class LoweringTest(parameterized.TestCase):
 
 
 def check_fp8_kernel_in_interpret_mode():
-  """kernel_fwd's FP8 variant (kv_scale=) in GPU interpret mode against the float32 reference: C = 256 (two 128-value
-  tiles per value half), 16 heads, 10% -1 indices, split-K in 2 parts of 3 key blocks (a stage refilled),
-  race detection on. Run by `FP8KernelTest` in a subprocess (see there)."""
-  rows, q_rows, heads, k, c, splits = 300, 2, 16, 384, 256, 2
+  """`api.sparse_mla_decode` on an FP8 cache with "pallas" (kernel_fwd's FP8 variant) in GPU interpret mode against
+  the float32 reference: C = 256 (two 128-value tiles per value half), 16 heads, 10% -1 indices, split-K in 2 parts
+  of 3 key blocks (a stage refilled), race detection on. Run by `FP8KernelTest` in a subprocess (see there)."""
+  rows, q_rows, heads, k, c = 300, 2, 16, 384, 256
   kv_nope, kv_rope = make_cache(20, rows, c)
   c8, s = to_fp8(kv_nope)
   q, idx = make_query(21, q_rows, heads, c + 64), make_indices(22, q_rows, k, rows)
   with no_races():
-    out, lse = kernel_fwd.sparse_mla_fwd(q[None], c8[None], split_k.split_indices(idx, splits)[None], scale=SCALE,
-                                         v_dim=c, kv_rope=kv_rope[None], kv_scale=s[None], splits=splits,
-                                         interpret=INTERPRET)
-    out, lse = jax.block_until_ready((out, lse))
-  out, lse = split_k.merge(out[0].reshape(q_rows, splits, heads, c), lse[0].reshape(q_rows, splits, heads))
+    out, lse = jax.block_until_ready(api.sparse_mla_decode(q, c8, s, kv_rope, idx, scale=SCALE, num_splits=2,
+                                                           implementation="pallas", interpret=True))
   want_out, want_lse = reference.sparse_mla_decode(_f32(q), c8, s, kv_rope, idx, scale=SCALE)
   # out: as `MLADecodeContract.assert_matches` (2^-6 max|v|); dequantising rounds each e4m3 x scale to bf16 too
   # (2^-9 relative), inside that margin. lse: float32 sums of 320 products with the same dequantised values.
-  chex.assert_trees_all_close(out, want_out, atol=2**-6 * float(jnp.max(jnp.abs(reference.dequantize(c8, s)))), rtol=0)
+  chex.assert_trees_all_close(_f32(out), want_out, atol=2**-6 * float(jnp.max(jnp.abs(reference.dequantize(c8, s)))),
+                              rtol=0)
   chex.assert_trees_all_close(lse, want_lse, atol=1e-3, rtol=1e-3)
 
 
 class FP8KernelTest(parameterized.TestCase):
-  """kernel_fwd's FP8 variant directly (mla_decode does not route FP8 caches to it yet)."""
+  """The FP8 cache through the kernel (kernel_fwd's FP8 variant): interpret mode and cross-lowering."""
 
   def test_interpret_matches_reference_without_races(self):
     """In a subprocess with XLA's concurrency-optimised CPU scheduler off: GPU interpret mode runs each warpgroup
@@ -266,17 +263,15 @@ class FP8KernelTest(parameterized.TestCase):
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     self.assertEqual(done.returncode, 0, done.stderr[-3000:])
 
-  @parameterized.named_parameters(("batch1_split16", 1, 16), ("batch128", 128, 1))
+  @parameterized.named_parameters(("batch1", 1, 16), ("batch128", 128, 1))
   def test_lowers_within_smem_at_v32_shapes(self, q_rows, splits):
     """128 heads, C = 512 + R = 64, K = 2048 of a 128K-row pool: Q's rope chunk passes through the P buffer
     (8 KiB saved) so that the plan fits (225360 bytes lowered in Dec 2026)."""
-    s = jax.ShapeDtypeStruct
-    fn = functools.partial(kernel_fwd.sparse_mla_fwd, scale=0.135, v_dim=512, splits=splits)
-    (launch,) = lower_for_h200(
-        lambda q, kv, idx, rope, sc: fn(q, kv, idx, kv_rope=rope, kv_scale=sc),
-        s((1, q_rows, 128, 576), jnp.bfloat16), s((1, 131072, 512), jnp.float8_e4m3fn),
-        s((1, q_rows * splits, 2048), jnp.int32), s((1, 131072, 64), jnp.bfloat16),
-        s((1, 131072, 4), jnp.float32)).launches
+    q, kv_nope, _, kv_rope, idx = _v32_shapes(q_rows)
+    c8, scales = (jax.ShapeDtypeStruct(kv_nope.shape, jnp.float8_e4m3fn),
+                  jax.ShapeDtypeStruct((kv_nope.shape[0], 4), jnp.float32))
+    fn = functools.partial(api.sparse_mla_decode, scale=0.135, implementation="pallas")
+    (launch,) = lower_for_h200(fn, q, c8, scales, kv_rope, idx).launches
     self.assertLessEqual(launch.smem_bytes, SMEM_PER_BLOCK)
     self.assertEqual(launch.grid, (q_rows * splits * 2, 1, 1))
     self.assertGreater(launch.count("nvvm.cp.async.shared.global"), 0)

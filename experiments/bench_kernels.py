@@ -17,7 +17,7 @@ import jax
 from absl import flags
 
 from experiments import cli, records
-from pallas_kernels.benchmarking import timing
+from pallas_kernels.benchmarking import sections as sections_lib
 
 # Modules that define SECTIONS, in the order their sections run.
 BENCH_MODULES = (
@@ -60,31 +60,6 @@ def _table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def run_sections(names: list[str], available: dict, cfg: dict, write) -> list[dict]:
-  """Runs the sections in turn -> their rows. `write(rows so far)` runs after every row a section emits
-  (`timing.emit`) and after each section, so that a run stopped by a time limit leaves what it measured; a section
-  that raises keeps the rows it emitted, gets a "failed" row, and the next one runs."""
-  rows, start = [], 0
-
-  def on_emit():
-    write(rows + timing.EMITTED[start:])
-
-  timing.on_emit = on_emit
-  try:
-    for name in names:
-      start = len(timing.EMITTED)
-      try:
-        rows += available[name](cfg)
-      except Exception as e:  # noqa: BLE001 (a section that fails, e.g. out of memory, must not lose the others)
-        print(f"[bench_kernels] section {name!r} failed: {type(e).__name__}: {str(e)[:500]}", flush=True)
-        rows += timing.EMITTED[start:]
-        rows.append(dict(section=name, status="failed", error=f"{type(e).__name__}: {str(e)[:500]}"))
-      write(rows)
-  finally:
-    timing.on_emit = None
-  return rows
-
-
 def main(argv):
   del argv
   available = sections()
@@ -105,7 +80,7 @@ def main(argv):
     nonlocal path
     path = records.write(_OUT_DIR.value, "bench_kernels", {**record, "rows": measured})
 
-  rows = run_sections(names, available, cfg, write)
+  rows = sections_lib.run_sections(names, available, cfg, write)
   for section in dict.fromkeys(row.get("section") for row in rows):
     print(f"\n## {section}\n" + _table([r for r in rows if r.get("section") == section]))
   print(f"\nwrote {path}")

@@ -1,4 +1,4 @@
-"""experiments/bench_decode on CPU: the composed decode steps agree where they must, the byte counts, the cost
+"""experiments/bench_decode (its measurements in `benchmarking.decode_layer`) on CPU: the composed decode steps agree where they must, the byte counts, the cost
 curves (marginal prefill cost, decode cost per token) and the figure redrawn from a record."""
 
 import json
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import bench_decode
+from pallas_kernels.benchmarking import decode_layer as bench_decode
 from tests.conftest import REPO
 
 

@@ -1,8 +1,7 @@
-"""experiments/bench_kernels' section loop: every emitted row reaches the record at once, and a section that fails
+"""The section loop of experiments/bench_kernels (`benchmarking.sections.run_sections`): every emitted row reaches the record at once, and a section that fails
 keeps the rows it measured before it failed."""
 
-from experiments import bench_kernels
-from pallas_kernels.benchmarking import timing
+from pallas_kernels.benchmarking import sections, timing
 
 
 def test_a_failing_section_keeps_its_rows_and_the_next_one_runs():
@@ -20,8 +19,8 @@ def test_a_failing_section_keeps_its_rows_and_the_next_one_runs():
     timing.emit(rows, dict(section="b", T=3))
     return rows
 
-  rows = bench_kernels.run_sections(["a", "b"], {"a": failing, "b": fine}, dict(seq_lens=[1]),
-                                    lambda measured: written.append(list(measured)))
+  rows = sections.run_sections(["a", "b"], {"a": failing, "b": fine}, dict(seq_lens=[1]),
+                               lambda measured: written.append(list(measured)))
   assert rows == [dict(section="a", T=1), dict(section="a", T=2),
                   dict(section="a", status="failed", error="MemoryError: out of memory at the baseline"),
                   dict(section="b", T=3)]

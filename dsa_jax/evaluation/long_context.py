@@ -34,7 +34,7 @@ from dsa_jax.model.config import ModelConfig
 from dsa_jax.model.indexer import IndexerInputs, select
 from dsa_jax.training import evaluation, losses
 from dsa_jax.training.state import model_state
-from dsa_jax.validation import check_field
+from dsa_jax.validation import check_field, check_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +61,7 @@ class GridConfig:
     check_field(all(0.0 <= d <= 1.0 for d in self.depths), "GridConfig.depths", self.depths, "fractions in [0, 1]")
     check_field(max(self.pairs) >= min(self.hops), "GridConfig.pairs", self.pairs,
                 f"a pair count >= the fewest hops, {min(self.hops)} (a lookup of h hops reads h needles)")
-    for name in ("examples", "batch_size"):
-      check_field(getattr(self, name) > 0, f"GridConfig.{name}", getattr(self, name), "a positive integer")
+    check_positive(self, "examples", "batch_size", "digits", "key_letters")
 
   def cells(self, length: int) -> list[tuple[float, int, int]]:
     """(depth, pairs, hops) of the cells at one length."""

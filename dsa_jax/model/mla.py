@@ -209,7 +209,8 @@ class MLA(nnx.Module):
 
   def _absorbed(self) -> tuple[jax.Array, jax.Array]:
     """W_UK [C, N, P] and W_UV [C, N, V]: the halves of wkv_b that MQA mode absorbs into queries and outputs."""
-    return self._w(self.wkv_b)[..., :self.cfg.qk_nope_head_dim], self._w(self.wkv_b)[..., self.cfg.qk_nope_head_dim:]
+    wkv_b = self._w(self.wkv_b)
+    return wkv_b[..., :self.cfg.qk_nope_head_dim], wkv_b[..., self.cfg.qk_nope_head_dim:]
 
   def _paged(self, q_latent, c, k_rope, indexer: IndexerInputs | None, layout: TokenLayout, options: AttentionOptions,
              cache: paged_cache.PagedLayer) -> tuple[jax.Array, AttentionAux]:

@@ -44,6 +44,7 @@ from dsa_jax.validation import check_field, is_concrete
 from pallas_kernels.index_decode import api as index_decode_api
 from pallas_kernels.lightning_indexer.reference import quantize_e4m3
 from pallas_kernels.mla_decode import api as mla_decode_api
+from pallas_kernels.mla_decode import reference as mla_decode_reference
 
 KV_DTYPES = ("float8_e4m3fn", "bfloat16", "float32")
 TILE = 128  # latent values per float32 scale (FlashMLA's tile)
@@ -96,8 +97,8 @@ class PagedLayer:
   def write(self, positions: jax.Array, c: jax.Array, k_rope: jax.Array, index_k: jax.Array | None) -> "PagedLayer":
     """Quantises and writes entries c [B, T, C], k_rope [B, T, R], index_k [B, T, H] at logical positions [B, T];
     writes through an unmapped page (-1) are dropped."""
-    return dataclasses.replace(self, pool=_write(self.pool, physical_rows(self.block_table, positions,
-                                                                          self.page_size), c, k_rope, index_k))
+    rows = mla_decode_reference.pool_rows(self.block_table, positions, self.page_size)
+    return dataclasses.replace(self, pool=_write(self.pool, rows, c, k_rope, index_k))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +127,7 @@ class PagedKVCache:
   def write(self, layer_entries, positions: jax.Array, block_table: jax.Array) -> "PagedKVCache":
     """Writes each layer's (entries [B, T, C + R], index keys [B, T, H] | None) (`entries`) at logical positions
     [B, T] of the sequences of `block_table` [B, max_pages] (a prefill's rows, not necessarily the batch's)."""
-    rows = physical_rows(block_table, positions, self.page_size)
+    rows = mla_decode_reference.pool_rows(block_table, positions, self.page_size)
     c_dim = self.layers[0].kv_nope.shape[-1]
     return dataclasses.replace(self, layers=tuple(
         _write(pool, rows, kv[..., :c_dim], kv[..., c_dim:], index_k)
@@ -159,15 +160,6 @@ def init_paged_cache(cfg: ModelConfig, *, batch: int, num_pages: int, max_pages:
         idx_scale=jnp.zeros(shape, jnp.float32) if fp8 and h is not None else None)
 
   return PagedKVCache(tuple(pool() for _ in range(cfg.num_layers)), jnp.full((batch, max_pages), -1, jnp.int32))
-
-
-def physical_rows(block_table: jax.Array, positions: jax.Array, page_size: int) -> jax.Array:
-  """Logical positions [B, T] (-1: none) -> pool rows [B, T]; -1 where the position or its page is missing or the
-  position lies beyond the table."""
-  page_index = positions // page_size
-  inside = (positions >= 0) & (page_index < block_table.shape[1])
-  pages = jnp.take_along_axis(block_table, jnp.where(inside, page_index, 0), axis=1)
-  return jnp.where(inside & (pages >= 0), pages * page_size + positions % page_size, -1)
 
 
 def _write(pool: PagePool, rows: jax.Array, c, k_rope, index_k) -> PagePool:
@@ -224,7 +216,7 @@ def attend(layer: PagedLayer, q: jax.Array, indexer: IndexerInputs | None, q_pos
     selected, _ = index_decode_api.index_decode_topk(
         iq, None, indexer.w.reshape(b * t, -1), pool.rows("idx_k"), pool.rows("idx_scale"), table, lengths, k=topk,
         page_size=layer.page_size, implementation=implementation)
-    rows = physical_rows(table, selected, layer.page_size)
+    rows = mla_decode_reference.pool_rows(table, selected, layer.page_size)
     out, lse = mla_decode_api.sparse_mla_decode(q.reshape(b * t, n, -1), *kv, rows, scale=scale,
                                                 implementation=implementation)
     selected = selected.reshape(b, t, -1)

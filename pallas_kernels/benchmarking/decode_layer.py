@@ -32,6 +32,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.benchmarking import baselines, dsa_core, timing
+from pallas_kernels.index_decode import api as index_decode
+from pallas_kernels.mla_decode import api as mla_decode
+from pallas_kernels.mla_decode import reference as mla_decode_reference
 
 I, H, K, N, C, R = 64, 128, 2048, 128, 512, 64  # V3.2: index heads x dim, top-k, heads, latent, RoPE dims
 PAGE = 64
@@ -88,30 +91,20 @@ def _scale():
 
 def sparse_step(x: DecodeInputs, implementation: str = "pallas"):
   """Indexer scores + top-2048 over the cache, then sparse MLA over the selected entries -> [B, N, C]."""
-  from pallas_kernels.index_decode import api as index_decode
-  from pallas_kernels.mla_decode import api as mla_decode
   positions, _ = index_decode.index_decode_topk(x.iq, x.iq_scale, x.iw, x.ik, x.ik_scale, x.block_table, x.lengths,
                                                 k=K, page_size=PAGE, implementation=implementation)
-  rows = physical_rows(positions, x.block_table)
+  rows = mla_decode_reference.pool_rows(x.block_table, positions, PAGE)
   return mla_decode.sparse_mla_decode(x.q, x.kv_nope, x.kv_scale, x.kv_rope, rows, scale=_scale(),
                                       implementation=implementation)[0]
 
 
-def physical_rows(positions: jax.Array, block_table: jax.Array) -> jax.Array:
-  """Logical positions [Q, K] (-1 invalid) -> rows of the flattened page pool (-1 kept)."""
-  page = jnp.take_along_axis(block_table, jnp.maximum(positions, 0) // PAGE, axis=1)
-  return jnp.where(positions >= 0, page * PAGE + positions % PAGE, -1)
-
-
 def dense_step(x: DecodeInputs, implementation: str = "pallas"):
   """Absorbed-MQA attention over every cached entry -> [B, N, C]."""
-  from pallas_kernels.mla_decode import api as mla_decode
   return mla_decode.dense_mla_decode(x.q, x.kv_nope, x.kv_scale, x.kv_rope, x.block_table, x.lengths,
                                      scale=_scale(), page_size=PAGE, implementation=implementation)[0]
 
 
 def index_step(x: DecodeInputs, implementation: str = "pallas"):
-  from pallas_kernels.index_decode import api as index_decode
   return index_decode.index_decode_topk(x.iq, x.iq_scale, x.iw, x.ik, x.ik_scale, x.block_table, x.lengths,
                                         k=K, page_size=PAGE, implementation=implementation)[0]
 

@@ -46,12 +46,21 @@ def sparse_mla_decode(q: jax.Array, kv_nope: jax.Array, kv_scale: jax.Array | No
   return jnp.einsum("qnk,qkc->qnc", probs, c), lse
 
 
+def pool_rows(block_table: jax.Array, positions: jax.Array, page_size: int) -> jax.Array:
+  """Logical positions [Q, P] (-1: none) through block_table [Q, max_pages] -> pool rows [Q, P] int32; -1 where the
+  position is -1, lies beyond the table or sits on an unmapped page (-1 in the table)."""
+  page_index = positions // page_size
+  inside = (positions >= 0) & (page_index < block_table.shape[1])
+  pages = jnp.take_along_axis(block_table, jnp.where(inside, page_index, 0), axis=1)
+  return jnp.where(inside & (pages >= 0), pages * page_size + positions % page_size, -1).astype(jnp.int32)
+
+
 def dense_rows(block_table: jax.Array, lengths: jax.Array, *, page_size: int) -> jax.Array:
   """block_table [Q, max_pages], lengths [Q] -> pool rows [Q, max_pages * page_size] of the logical positions in
   order, -1 at positions >= lengths[q]."""
-  positions = jnp.arange(block_table.shape[-1] * page_size, dtype=jnp.int32)
-  rows = block_table[:, positions // page_size] * page_size + positions % page_size
-  return jnp.where(positions[None, :] < lengths[:, None], rows, -1).astype(jnp.int32)
+  positions = jnp.arange(block_table.shape[-1] * page_size, dtype=jnp.int32)[None, :]
+  visible = jnp.where(positions < lengths[:, None], positions, -1)
+  return pool_rows(block_table, visible, page_size)
 
 
 def dense_mla_decode(q: jax.Array, kv_nope: jax.Array, kv_scale: jax.Array | None, kv_rope: jax.Array,

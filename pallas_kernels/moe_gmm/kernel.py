@@ -60,6 +60,11 @@ def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
   return jnp.pad(x, widths)
 
 
+# The kernels' TMA copies tile rows by 8 (bf16 tiles of (8, 64)): a row count over 8 must be a multiple of it, so
+# the rows are padded with zeros, which belong to no group (they lie past sum(group_sizes)).
+ROW_MULTIPLE = 8
+
+
 def _grid_block_n(n: int, block_n: int) -> int:
   """Largest panel width (in tiles) of the planar-snake schedule that divides the N tiles."""
   tiles = n // block_n
@@ -89,7 +94,7 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_w: bool
         max_concurrent_steps=tiles.max_concurrent_steps, grid_block_n=_grid_block_n(n, tiles.block_n))
     return out[:m, :f]  # rows past sum(group_sizes) are zeros already
   out = ragged_dot_mgpu.ragged_dot(
-      x, w.astype(x.dtype), group_sizes=group_sizes.astype(jnp.int32), block_m=tiles.block_m,
+      _pad_axis(x, 0, ROW_MULTIPLE), w.astype(x.dtype), group_sizes=group_sizes.astype(jnp.int32), block_m=tiles.block_m,
       block_n=tiles.block_n, block_k=tiles.block_k, max_concurrent_steps=tiles.max_concurrent_steps,
       grid_block_n=_grid_block_n(n, tiles.block_n), transpose_rhs=transpose_w)
   return _zero_unassigned_rows(out[:m, :f], group_sizes)
@@ -98,8 +103,8 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_w: bool
 def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *, tiles: Tiles = Tiles()) -> jax.Array:
   """x [M, D], dy [M, F] -> [E, D, F]: per group e, x[rows of e].T @ dy[rows of e] (the weight gradient)."""
   d, f = x.shape[1], dy.shape[1]
-  x = _pad_axis(x, 1, tiles.wgrad_block_m)
-  dy = _pad_axis(dy.astype(x.dtype), 1, tiles.wgrad_block_n)
+  x = _pad_axis(_pad_axis(x, 1, tiles.wgrad_block_m), 0, ROW_MULTIPLE)
+  dy = _pad_axis(_pad_axis(dy.astype(x.dtype), 1, tiles.wgrad_block_n), 0, ROW_MULTIPLE)
   out = transposed_ragged_dot_mgpu.transposed_ragged_dot(
       x, dy, group_sizes=group_sizes.astype(jnp.int32), block_m=tiles.wgrad_block_m,
       block_n=tiles.wgrad_block_n, block_k=tiles.wgrad_block_k,

@@ -13,7 +13,7 @@ group index asc) is that order.
 
 g = the power of two nearest sqrt(S / k) balances the two selections (S = 128K, k = 2048: g = 8, two rows of
 16K instead of one of 128K); rows with S < 4k are selected directly. Both selections run on uint32 keys in the
-float total order (`radix.sortable_keys`, -0.0 < +0.0 as in `lax.top_k`): by the Mosaic GPU kernel
+float total order (`radix.sortable_keys`, -0.0 < +0.0 as in the reference): by the Mosaic GPU kernel
 `kernel_compact` (threshold and compaction of a row held in SMEM) for rows of at most `kernel_select.MAX_KEYS`
 keys, by the XLA radix select (`radix.topk_positions`) for longer ones. No sorts. The `implementation="pallas"`
 of `api.topk_indices`; today's figure (1024 x 128K, k = 2048): about 12x `lax.top_k`, benchmarks/topk.md.

@@ -4,7 +4,7 @@ The building blocks of the pruned select (`pruned.py`) wherever its Mosaic GPU k
 than `kernel_select.MAX_KEYS`, and the compaction in GPU interpret mode (`kernel_compact`). Same contract as
 `reference.topk_indices` (exact, ties to the lower index, -1 for slots beyond the visible count, ascending):
 1. `sortable_keys`: each float32 score becomes a uint32 key whose unsigned order is the float total order
-   (-0.0 < +0.0, as `lax.top_k`).
+   (-0.0 < +0.0, as the reference).
 2. `kth_largest`: the k-th largest key v per row, one bit per pass: each pass counts the keys at or above
    prefix | 2^shift and keeps the bit while the count still reaches k.
 3. `select`: keys > v are selected; of the keys == v, the `k - #(> v)` lowest indices (found by the same

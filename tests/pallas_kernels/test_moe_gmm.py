@@ -170,6 +170,17 @@ class LoweringTest(absltest.TestCase):
       with _fake_gpu_devices(132):
         self.assert_persistent(lower_for_h200(jax.value_and_grad(loss, argnums=(0, 1)), x, w, gs).launches, 3)
 
+  def test_rows_not_a_multiple_of_eight(self):
+    """The TMA copies tile rows by 8: M = 100 and 1001 rows lower for jax's kernels (4 experts) and ours (64). Interpret
+    mode does not check this; on the GPU it failed (`kernel.ROW_MULTIPLE`)."""
+    loss = lambda x, w, gs: jnp.sum(api.grouped_matmul(x, w, gs, implementation="pallas").astype(jnp.float32))
+    for m, experts in ((100, 4), (100, 64), (1001, 64)):
+      x = jax.ShapeDtypeStruct((m, 64), jnp.bfloat16)
+      w = jax.ShapeDtypeStruct((experts, 64, 128), jnp.bfloat16)
+      gs = jax.ShapeDtypeStruct((experts,), jnp.int32)
+      with _fake_gpu_devices(132):
+        self.assertLen(lower_for_h200(jax.value_and_grad(loss, argnums=(0, 1)), x, w, gs).launches, 3)
+
 
 class BenchTest(absltest.TestCase):
 

@@ -4,7 +4,16 @@ import os
 import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # tests/sharding: 8 devices
+if os.environ["JAX_PLATFORMS"] == "cpu":
+  # tests/sharding: 8 devices. LLVM without optimisation: most of the suite's time is compiling small programs that
+  # run once, and this cuts its CPU time by about a fifth. Float results may differ in their last bits from an
+  # optimised build (one tolerance that was tighter than its summation-order error had to be derived properly).
+  # Subprocesses (experiments, notebooks) inherit it.
+  flags = os.environ.get("XLA_FLAGS", "")
+  for flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
+    if flag.split("=")[0] not in flags:
+      flags += " " + flag
+  os.environ["XLA_FLAGS"] = flags.strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -36,3 +45,17 @@ def install_wheel(out: pathlib.Path) -> pathlib.Path:
 def installed_package(tmp_path_factory) -> pathlib.Path:
   """`dsa_jax` and `pallas_kernels` as `pip install` puts them: put the returned directory on PYTHONPATH."""
   return install_wheel(tmp_path_factory.mktemp("package"))
+
+
+# The suite's longest tests (over ~35 s each on 2 cores), started first: with `-n 2` the workers then finish
+# together instead of one running a long test alone at the end. Order only; nothing is skipped.
+LONGEST_FIRST = ("tests/test_bench_train_step.py", "tests/test_notebooks.py", "tests/training/test_long_rows.py",
+                 "tests/training/test_checkpointing.py", "tests/test_long_context_study.py",
+                 "tests/pallas_kernels/test_indexer_kl.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+  where = lambda item: rank.get(pathlib.Path(str(item.path)).relative_to(REPO).as_posix(), len(rank))
+  items.sort(key=where)  # stable: the original order within each file and among the others

@@ -1,7 +1,7 @@
 """Lightning indexer on the GPU: `index_scores` (bf16 kernel; its backward is the reference's vjp),
 `index_scores_fp8` and `index_topk` (scores kernel + pruned select, causal key-prefix stages, bf16 and FP8) by
 default, against the float32 reference; at small shapes and at V3.2's (64 x 128 index heads, K = 2048,
-T = S = 32K on sampled rows). Integer inputs make every score exact whatever the summation order, so selection is
+T = S = 32K and 128K on sampled rows). Integer inputs make every score exact whatever the summation order, so selection is
 compared exactly, ties included."""
 
 import jax
@@ -105,13 +105,16 @@ def test_index_topk_small(lengths, causal_prefix, fp8):
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-def test_v32_production(fp8):
-  """T = S = 32K in 3 documents, 64 x 128 index heads, k = 2048, the default row blocks and causal stages: the
-  scores (bf16) on sampled rows within their bound, the selection exact."""
-  T = 32768  # noqa: N806
-  lengths = (16384, 12000, 4384)
+@pytest.mark.parametrize("lengths", [
+    (16384, 12000, 4384),  # T = 32K in 3 documents
+    pytest.param((131072,), marks=pytest.mark.slow),  # T = 128K, one document: every causal key-prefix stage
+], ids=["32K", "128K"])
+def test_v32_production(lengths, fp8):
+  """V3.2's 64 x 128 index heads, k = 2048, the default row blocks and causal stages: the scores (bf16) on sampled
+  rows within their bound, the selection exact."""
+  T = sum(lengths)  # noqa: N806
   vis = packed(lengths)
-  rows = sample_rows(T, include=(1, 2047, 2048, 16384, 16385, 28384))
+  rows = sample_rows(T, include=(1, 2047, 2048, *np.cumsum(lengths)[:-1], *(np.cumsum(lengths)[:-1] + 1), T - 1))
   q, k, w = integer_inputs(2, 1, T, T, 64, 128)
   idx = jax.jit(lambda q, k, w: api.index_topk(q, k, w, topk=2048, **vis, fp8=fp8))(q, k, w)
   assert_topk_exact(idx, q, k, w, vis, 2048, rows)

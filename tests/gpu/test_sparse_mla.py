@@ -1,6 +1,7 @@
 """Sparse MLA on the GPU: the default path (the Mosaic GPU forward with its cp.async row gather, the backward kernel
 with TMA reduce-adds into dkv) and `deterministic=True` (the chunked XLA backward), against the float32 reference:
-out, lse, dq, dkv, at small shapes and at V3.2's (128 heads, 576 / 512, K = 2048, T = S = 32K on sampled rows)."""
+out, lse, dq, dkv, at small shapes and at V3.2's (128 heads, 576 / 512, K = 2048, T = S = 32K on sampled rows; the last
+2048 queries of a 128K-token row)."""
 
 import jax
 import jax.numpy as jnp
@@ -105,3 +106,18 @@ def test_v32_production(option):
   q = jax.random.normal(ks[0], (1, T, 128, 576), jnp.bfloat16)
   kv = jax.random.normal(ks[1], (1, T, 576), jnp.bfloat16)
   check(q, kv, causal_indices(6, T, K), 512, OPTIONS[option], rows=sample_rows(T, include=(1, 2, K - 2, K - 1)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", OPTIONS)
+def test_v32_128k_keys(option):
+  """The last 2048 queries of a 131072-token row (each selects K = 2048 of the keys at or before its position, with
+  repeats and 5% invalid slots): row gathers and dkv reduce-adds over the whole 128K-key latent cache."""
+  T, S, K = 2048, 131072, 2048  # noqa: N806
+  ks = jax.random.split(jax.random.key(7), 4)
+  q = jax.random.normal(ks[0], (1, T, 128, 576), jnp.bfloat16)
+  kv = jax.random.normal(ks[1], (1, S, 576), jnp.bfloat16)
+  positions = jnp.arange(S - T, S)[:, None]
+  idx = jnp.floor(jax.random.uniform(ks[2], (T, K)) * (positions + 1)).astype(jnp.int32)
+  idx = jnp.where(jax.random.uniform(ks[3], (T, K)) < 0.05, -1, idx)[None]
+  check(q, kv, idx, 512, OPTIONS[option], rows=sample_rows(T))

@@ -38,7 +38,8 @@ def _expected_accounting(tokens, lengths, prompt_lengths, n, eos_id):
   ids, _ = _prompts()
   seq = jnp.concatenate([ids, jnp.asarray(tokens)], axis=1)
   positions, segments = train_layout(prompt_lengths, WIDTH, seq.shape[1])
-  out = functional.apply(CFG, _params(), seq, positions=positions, segment_ids=segments, with_mtp=True)
+  out = jax.jit(functools.partial(functional.apply, CFG, with_mtp=True))(_params(), seq, positions=positions,
+                                                                       segment_ids=segments)
   draft = np.asarray(out.mtp_logits.argmax(-1))
   drafts, accepted = [], []
   for b in range(len(tokens)):
@@ -84,7 +85,7 @@ def _assert_logits_of_plain_path(logits, counts, plain, prompts):
   width = max(len(seq) for seq in seqs)
   ids, lengths = left_pad(seqs, width, 0)
   positions, segments = train_layout(lengths, width, width)
-  full = functional.forward(CFG, _params(), ids, positions=positions, segment_ids=segments)
+  full = jax.jit(functools.partial(functional.forward, CFG))(_params(), ids, positions=positions, segment_ids=segments)
   np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(full[:, -1]), atol=2e-5, rtol=2e-5)
 
 

@@ -46,16 +46,3 @@ def installed_package(tmp_path_factory) -> pathlib.Path:
   """`dsa_jax` and `pallas_kernels` as `pip install` puts them: put the returned directory on PYTHONPATH."""
   return install_wheel(tmp_path_factory.mktemp("package"))
 
-
-# The suite's longest tests (over ~35 s each on 2 cores), started first: with `-n 2` the workers then finish
-# together instead of one running a long test alone at the end. Order only; nothing is skipped.
-LONGEST_FIRST = ("tests/test_bench_train_step.py", "tests/test_notebooks.py", "tests/training/test_long_rows.py",
-                 "tests/training/test_checkpointing.py", "tests/test_long_context_study.py",
-                 "tests/pallas_kernels/test_indexer_kl.py")
-
-
-def pytest_collection_modifyitems(config, items):
-  del config
-  rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
-  where = lambda item: rank.get(pathlib.Path(str(item.path)).relative_to(REPO).as_posix(), len(rank))
-  items.sort(key=where)  # stable: the original order within each file and among the others

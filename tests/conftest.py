@@ -45,4 +45,3 @@ def install_wheel(out: pathlib.Path) -> pathlib.Path:
 def installed_package(tmp_path_factory) -> pathlib.Path:
   """`dsa_jax` and `pallas_kernels` as `pip install` puts them: put the returned directory on PYTHONPATH."""
   return install_wheel(tmp_path_factory.mktemp("package"))
-

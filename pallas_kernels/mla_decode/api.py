@@ -5,8 +5,9 @@ sparse_mla_decode: each query row against its K selected pool rows. dense_mla_de
 decoding, 2 for MTP verification); heads N of the absorbed query (any N; the kernel pads to 64-head tiles).
 
 "pallas": `kernel` (the sparse MLA forward kernel over pool rows, split-K, XLA merge); None picks it on a GPU for a
-bf16 or FP8 cache of its widths (`kernel.supports`), else "xla": the float32 reference (`reference`), over the same split-K parts and
-merge when the gathered rows of all parts at once would exceed XLA_SPLIT_BYTES (dense decoding at long contexts).
+bf16 or FP8 cache of its widths (`kernel.supports`), else "xla": the float32 reference (`reference`), over the same
+split-K parts and merge when the gathered rows of all parts at once would exceed XLA_SPLIT_BYTES (dense decoding at
+long contexts).
 num_splits=None: `split_k.default_num_splits` for the kernel, the memory rule above for XLA.
 """
 

@@ -8,9 +8,9 @@ Dense: every position through the block table. Each kernel row beside the XLA re
 
 bytes moved = Q * keys * entry bytes (bf16 cache 1152 = 576 x 2; FP8 656 = 512 + 16 + 128) + q (Q * N * 576 x 2)
 + out (Q * N * 512 x 2): every selected row counted once per query row (the second 64-head tile re-reads it from
-L2), indices and the split-K partials not counted. GB/s = bytes / time; % of peak against `baselines.PEAK_HBM`, the vendor's
-figure for the device kind (None when unknown). out_rel_err: max |out - ref| / max |ref| on the first ERR_ROWS rows
-against the float32 reference.
+L2), indices and the split-K partials not counted. GB/s = bytes / time; % of peak against `baselines.PEAK_HBM`, the
+vendor's figure for the device kind (None when unknown). out_rel_err: max |out - ref| / max |ref| on the first
+ERR_ROWS rows against the float32 reference.
 """
 
 import functools

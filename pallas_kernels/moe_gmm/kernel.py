@@ -25,6 +25,9 @@ from pallas_kernels.moe_gmm import kernel_scheduled
 # Kernels of the forward and dgrad: "auto" picks "scheduled" from SCHEDULED_MIN_GROUPS groups, else "bundled".
 GMM_KERNELS = ("auto", "bundled", "scheduled")
 SCHEDULED_MIN_GROUPS = 64
+# The kernels' TMA copies tile rows by 8 (bf16 tiles of (8, 64)): a row count over 8 must be a multiple of it, so
+# the rows are padded with zeros, which belong to no group (they lie past sum(group_sizes)).
+ROW_MULTIPLE = 8
 
 
 def resolve_gmm_kernel(gmm_kernel: str, num_groups: int) -> str:
@@ -60,11 +63,6 @@ def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
   return jnp.pad(x, widths)
 
 
-# The kernels' TMA copies tile rows by 8 (bf16 tiles of (8, 64)): a row count over 8 must be a multiple of it, so
-# the rows are padded with zeros, which belong to no group (they lie past sum(group_sizes)).
-ROW_MULTIPLE = 8
-
-
 def _grid_block_n(n: int, block_n: int) -> int:
   """Largest panel width (in tiles) of the planar-snake schedule that divides the N tiles."""
   tiles = n // block_n
@@ -94,9 +92,10 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_w: bool
         max_concurrent_steps=tiles.max_concurrent_steps, grid_block_n=_grid_block_n(n, tiles.block_n))
     return out[:m, :f]  # rows past sum(group_sizes) are zeros already
   out = ragged_dot_mgpu.ragged_dot(
-      _pad_axis(x, 0, ROW_MULTIPLE), w.astype(x.dtype), group_sizes=group_sizes.astype(jnp.int32), block_m=tiles.block_m,
-      block_n=tiles.block_n, block_k=tiles.block_k, max_concurrent_steps=tiles.max_concurrent_steps,
-      grid_block_n=_grid_block_n(n, tiles.block_n), transpose_rhs=transpose_w)
+      _pad_axis(x, 0, ROW_MULTIPLE), w.astype(x.dtype), group_sizes=group_sizes.astype(jnp.int32),
+      block_m=tiles.block_m, block_n=tiles.block_n, block_k=tiles.block_k,
+      max_concurrent_steps=tiles.max_concurrent_steps, grid_block_n=_grid_block_n(n, tiles.block_n),
+      transpose_rhs=transpose_w)
   return _zero_unassigned_rows(out[:m, :f], group_sizes)
 
 

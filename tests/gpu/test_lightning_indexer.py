@@ -1,8 +1,8 @@
 """Lightning indexer on the GPU: `index_scores` (bf16 kernel; its backward is the reference's vjp),
 `index_scores_fp8` and `index_topk` (scores kernel + pruned select, causal key-prefix stages, bf16 and FP8) by
 default, against the float32 reference; at small shapes and at V3.2's (64 x 128 index heads, K = 2048,
-T = S = 32K and 128K on sampled rows). Integer inputs make every score exact whatever the summation order, so selection is
-compared exactly, ties included."""
+T = S = 32K and 128K on sampled rows). Integer inputs make every score exact whatever the summation order, so
+selection is compared exactly, ties included."""
 
 import jax
 import jax.numpy as jnp

@@ -1,5 +1,5 @@
-"""The section loop of experiments/bench_kernels (`benchmarking.sections.run_sections`): every emitted row reaches the record at once, and a section that fails
-keeps the rows it measured before it failed."""
+"""The section loop of experiments/bench_kernels (`benchmarking.sections.run_sections`): every emitted row reaches
+the record at once, and a section that fails keeps the rows it measured before it failed."""
 
 from pallas_kernels.benchmarking import sections, timing
 

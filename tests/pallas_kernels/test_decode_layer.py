@@ -1,5 +1,6 @@
-"""experiments/bench_decode (its measurements in `benchmarking.decode_layer`) on CPU: the composed decode steps agree where they must, the byte counts, the cost
-curves (marginal prefill cost, decode cost per token) and the figure redrawn from a record."""
+"""experiments/bench_decode (its measurements in `benchmarking.decode_layer`) on CPU: the composed decode steps agree
+where they must, the byte counts, the cost curves (marginal prefill cost, decode cost per token) and the figure
+redrawn from a record."""
 
 import json
 import os
@@ -37,8 +38,8 @@ def test_decode_bytes_at_v3_2_shapes():
 
 def test_cost_curves():
   prefill = [dict(section="prefill", T=t, dsa_s=2e-6 * t, cudnn_dense_s=1e-10 * t * t) for t in (1000, 3000)]
-  decode = [dict(section="decode", cache="fp8", batch=b, position=p, sparse_per_token_s=1e-5, dense_per_token_s=p * 1e-8)
-            for b in (1, 4) for p in (1000, 2000)]
+  decode = [dict(section="decode", cache="fp8", batch=b, position=p, sparse_per_token_s=1e-5,
+                 dense_per_token_s=p * 1e-8) for b in (1, 4) for p in (1000, 2000)]
   curves = bench_decode.cost_curves(dict(rows=prefill + decode), usd_per_gpu_hour=3600.0)  # 1 USD per GPU second
   usd = lambda s: s * 61 * 1e6
   xs, ys = curves["prefill, dense (cuDNN)"]

@@ -117,7 +117,8 @@ class Fp8PallasTest(parameterized.TestCase):
     pad = lambda x: jnp.pad(x, ((0, 0), (0, kernel.HEAD_ALIGN - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
     with no_races(), plgpu.force_gpu_interpret_mode(INTERPRET):
       got = kernel.index_decode_scores(pad(args["q"]), pad(w), args["idx_k"], args["idx_scale"],
-                                       kernel.tile_rows(pages, 64, args["idx_scale"] is not None), args["lengths"], page_size=64, splits=2)
+                                       kernel.tile_rows(pages, 64, args["idx_scale"] is not None), args["lengths"],
+                                       page_size=64, splits=2)
     want = reference.index_decode_scores(**args, page_size=64)
     chex.assert_trees_all_close(got[:, :520], want[:, :520], rtol=1e-5, atol=1e-5)
 
